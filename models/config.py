@@ -1,0 +1,111 @@
+"""Model configuration: one dataclass, a few named presets.
+
+Every field carries its documentation in `metadata["help"]`; the README's config reference and
+`pretrain config --docs` are generated from it, so it is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormScheme = Literal["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
+NormType = Literal["rmsnorm", "layernorm"]
+
+
+def doc(default, help: str, **kwargs):
+    """A dataclass field with its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = doc(
+        None,
+        "Named base shape (tiny, 130m, 250m, 350m, 1b); keys given next to it override the preset's values.",
+    )
+    vocab_size: int = doc(2048, "Vocabulary size; must be >= the tokenizer's and divisible by parallel.tp.")
+    d_model: int = doc(128, "Hidden size.")
+    n_layers: int = doc(8, "Number of transformer blocks (L).")
+    n_heads: int = doc(4, "Attention (query) heads; must divide d_model and be divisible by parallel.tp.")
+    n_kv_heads: int | None = doc(
+        None, "Key/value heads for grouped-query attention (null = n_heads); must divide n_heads."
+    )
+    ffn_hidden: int = doc(384, "SwiGLU inner size.")
+    max_seq_len: int = doc(1024, "Longest sequence the RoPE cache is built for; must be >= data.seq_len.")
+    rope_theta: float = doc(10000.0, "RoPE base frequency.")
+    norm_scheme: NormScheme = doc(
+        "pre_ln",
+        "Where the norms go: pre_ln, lns (LayerNorm Scaling, 1/sqrt(l)), ln_free, post_ln, mix_ln, peri_ln, "
+        "deepnorm, dyt. See models/norms.py for the formulas.",
+    )
+    norm_type: NormType = doc("rmsnorm", "Norm used by the scheme: rmsnorm or layernorm (bias-free). Unused by ln_free and dyt.")
+    norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
+    mix_ln_post_fraction: float = doc(
+        0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
+    )
+    dyt_alpha_init: float = doc(0.5, "dyt only: initial value of the learnable scalar alpha in gamma*tanh(alpha*x).")
+    tie_embeddings: bool = doc(False, "Share the input embedding matrix with the output head.")
+    init_std: float = doc(0.02, "Std of the normal init of every linear and embedding weight (before scheme gains).")
+
+    def __post_init__(self) -> None:
+        check_choices(self, prefix="model.")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_kv_heads: {self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model.d_model/n_heads: head dim {self.d_model // self.n_heads} must be even for RoPE")
+        if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
+            raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
+        if self.init_std <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.init_std and model.norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+
+# Shapes of the Curse of Depth paper (vocab 32000, RMSNorm eps 1e-6), plus a CPU-sized `tiny`.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=2048, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=384, max_seq_len=1024),
+    "130m": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden=2048),
+    "250m": dict(vocab_size=32000, d_model=768, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=2560),
+    "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=2736),
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_hidden=5461),
+}
+
+
+def check_choices(obj, prefix: str = "") -> None:
+    """Raise a one-line ValueError for any `Literal` field whose value is not one of its choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def literal_choices(tp) -> tuple | None:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) annotation, else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(tp) else ())
+    return None

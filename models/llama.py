@@ -1,0 +1,165 @@
+"""Llama-like decoder: RoPE, SwiGLU, grouped-query attention, optional tied embeddings, no biases.
+
+Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, Q = H / K queries per kv head,
+E head dim, V vocab. Under tensor parallelism H, K, the MLP width and V are this rank's shares; the math
+below is the same, the layers come from models/parallel.py.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.norms import NORM_SCHEMES, BlockParts
+from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
+
+
+def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [max_seq_len, E] in the rotate-half layout of Hugging Face's Llama."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, T, E]; cos, sin: [T, E]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, parts: BlockParts, tp: TensorParallel | None = None):
+        super().__init__()
+        tp_size = 1 if tp is None else tp.size
+        for what, n in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads)):
+            if n % tp_size:
+                raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp_size}; choose a tp that divides it")
+        self.head_dim = cfg.head_dim
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
+        self.n_kv_local = cfg.n_kv_heads // tp_size
+        self.gqa = self.q_per_kv > 1
+        # Fused q/k/v, grouped per kv head: rows are [K, Q + 2, E] = (q_1..q_Q, k, v) for each kv head, so a
+        # contiguous TP split hands each rank whole groups (Megatron's layout).
+        self.qkv = column_linear(cfg.d_model, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, tp)
+        self.o = row_linear(cfg.n_heads * cfg.head_dim, cfg.d_model, tp)
+        row_gain = torch.ones(cfg.n_kv_heads, self.q_per_kv + 2, cfg.head_dim, 1)
+        row_gain[:, -1] = parts.init_gain_value
+        self.qkv.weight.init_gain = row_gain.reshape(-1, 1)
+        self.o.weight.init_gain = parts.init_gain_attn_out
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, E]
+        k = qkv[:, :, :, self.q_per_kv].transpose(1, 2)  # [B, K, T, E]
+        v = qkv[:, :, :, self.q_per_kv + 1].transpose(1, 2)  # [B, K, T, E]
+        cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)  # [B, H, T, E]
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one column-parallel matmul."""
+
+    def __init__(self, cfg: ModelConfig, parts: BlockParts, tp: TensorParallel | None = None):
+        super().__init__()
+        self.gate_up = column_linear(cfg.d_model, 2 * cfg.ffn_hidden, tp, groups=2)  # rows: [gate; up]
+        self.down = row_linear(cfg.ffn_hidden, cfg.d_model, tp)
+        self.gate_up.weight.init_gain = parts.init_gain_mlp_in
+        self.down.weight.init_gain = parts.init_gain_mlp_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One transformer block; which norms sit where is given by `parts` (see models/norms.py)."""
+
+    def __init__(self, cfg: ModelConfig, parts: BlockParts, tp: TensorParallel | None = None):
+        super().__init__()
+        self.attn_norm, self.attn_out_norm, self.attn_post_norm = parts.attn_norm(), parts.attn_out_norm(), parts.attn_post_norm()
+        self.mlp_norm, self.mlp_out_norm, self.mlp_post_norm = parts.mlp_norm(), parts.mlp_out_norm(), parts.mlp_post_norm()
+        self.attn = Attention(cfg, parts, tp)
+        self.mlp = MLP(cfg, parts, tp)
+        self.residual_alpha = parts.residual_alpha
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin))
+        h = self.attn_post_norm(torch.add(a, x, alpha=self.residual_alpha))  # alpha * x + a
+        m = self.mlp_out_norm(self.mlp(self.mlp_norm(h)))
+        return self.mlp_post_norm(torch.add(m, h, alpha=self.residual_alpha))
+
+
+class Llama(nn.Module):
+    """tokens [B, T] -> logits [B, T, V] (vocab-sharded under TP), or the mean loss when labels are given."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        scheme = NORM_SCHEMES[cfg.norm_scheme]
+        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        self.blocks = nn.ModuleList(Block(cfg, scheme.block(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
+        self.final_norm = scheme.final_norm(cfg)
+        self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
+        cos, sin = rope_cache(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, cfg.init_std, seed)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(tokens)  # [B, T, D]
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin)
+        logits = self.logits(self.final_norm(x))  # [B, T, V]
+        return logits if labels is None else cross_entropy(logits, labels, self.tp)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the full (unsharded) model."""
+        n = sum(_full_numel(p) for p in self.parameters())
+        if exclude_embeddings:
+            n -= _full_numel(self.tok_emb.weight)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus attention scores (PaLM appendix B)."""
+        c = self.cfg
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * c.n_layers * c.d_model * seq_len
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    split = getattr(p, "tp_split", None)
+    return p.numel() if split is None else int(torch.Size(split.full_shape).numel())
+
+
+def stable_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> None:
+    """Normal(0, std * gain) for every linear/embedding weight, ones (or the scheme's constants) for norms.
+
+    Each weight's full (TP = 1) tensor is drawn from a generator seeded by (seed, its name), then this
+    rank's shard is kept: the same seed gives the same model at any TP or PP layout. `prefix` is the
+    weight's name in the whole Llama when `module` is one part of it (a pipeline stage's layer).
+    """
+    for name, p in module.named_parameters():
+        split = getattr(p, "tp_split", None)
+        if split is None or p.is_meta:
+            continue
+        gen = torch.Generator().manual_seed(stable_seed(seed, prefix + name))
+        full = torch.randn(split.full_shape, generator=gen) * (std * getattr(p, "init_gain", 1.0))
+        p.copy_(split.shard(full))
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and not any(hasattr(p, "tp_split") for p in m.parameters(recurse=False)):
+            m.reset_parameters()

@@ -1,0 +1,201 @@
+"""The tensor-parallel seam.
+
+`tp=None` (the default, and what a notebook gets): plain `nn.Linear` / `nn.Embedding` and
+`F.cross_entropy`, no torch.distributed anywhere. With a `TensorParallel` the same constructors return
+megatron-core's `ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` and the loss goes
+through `vocab_parallel_cross_entropy` (which reads the TP group from megatron's `parallel_state`, so that
+must be initialized, as `pretrain/engine.py` does).
+
+Every weight made here carries a `TPSplit` describing how its full (TP = 1) tensor maps onto this rank's
+shard. Weight init (models/llama.py) and the TP <-> full state-dict conversion below both use it, so a
+model built from the same seed is the same model at any TP size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """A tensor-parallel group and this process's place in it."""
+
+    group: object  # torch.distributed.ProcessGroup
+    size: int
+    rank: int
+
+    @classmethod
+    def from_parallel_state(cls) -> "TensorParallel | None":
+        """The TP group of megatron's initialized `parallel_state`, or None when TP = 1."""
+        from megatron.core import parallel_state
+
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        if size == 1:
+            return None
+        return cls(parallel_state.get_tensor_model_parallel_group(), size, parallel_state.get_tensor_model_parallel_rank())
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """How a full tensor of `full_shape` is split over `size` ranks along `dim`.
+
+    The full tensor is viewed as `groups` equal chunks along `dim` (e.g. the [gate; up] halves of the fused
+    SwiGLU input projection); every chunk is split into `size` pieces and rank r keeps piece r of each chunk,
+    so each rank holds matching gate and up columns.
+    """
+
+    full_shape: tuple[int, ...]
+    dim: int = 0
+    groups: int = 1
+    size: int = 1
+    rank: int = 0
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return full
+        chunks = full.chunk(self.groups, dim=self.dim)
+        return torch.cat([c.chunk(self.size, dim=self.dim)[self.rank] for c in chunks], dim=self.dim)
+
+    def merge(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `shard` given every rank's shard in rank order."""
+        if self.size == 1:
+            return shards[0]
+        per_rank = [s.chunk(self.groups, dim=self.dim) for s in shards]
+        return torch.cat([torch.cat([p[g] for p in per_rank], dim=self.dim) for g in range(self.groups)], dim=self.dim)
+
+
+def _tp_size(tp: TensorParallel | None) -> int:
+    return 1 if tp is None else tp.size
+
+
+def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: TensorParallel | None, groups: int = 1):
+    weight.tp_split = TPSplit(tuple(full_shape), dim, groups, _tp_size(tp), 0 if tp is None else tp.rank)
+    return weight
+
+
+def _divide(n: int, tp: TensorParallel | None, what: str) -> int:
+    size = _tp_size(tp)
+    if n % size:
+        raise ValueError(f"{what}={n} is not divisible by parallel.tp={size}; choose a tp that divides it")
+    return n // size
+
+
+def _megatron_config(tp: TensorParallel):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    # Weights are created uninitialized and filled by models.llama.init_weights (same values at any TP).
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp.size, use_cpu_initialization=True, perform_initialization=False,
+    )
+
+
+def _quiet_megatron():
+    # megatron-core warns at import when Transformer Engine / Apex are absent; we use neither.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import megatron.core.tensor_parallel as mtp  # noqa: F401
+    return mtp
+
+
+def _no_init(w):
+    return w
+
+
+def _single_output(cls):
+    """A megatron layer that returns only its output and keeps no `_extra_state` in its state dict."""
+
+    class Layer(cls):
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def forward(self, x):
+            out, _bias = super().forward(x)
+            return out
+
+    Layer.__name__ = Layer.__qualname__ = cls.__name__
+    return Layer
+
+
+def column_linear(in_features: int, out_features: int, tp: TensorParallel | None, groups: int = 1) -> nn.Module:
+    """y = x W^T with W's output rows split across TP ranks; `groups` as in `TPSplit`."""
+    if tp is None:
+        layer = nn.Linear(in_features, out_features, bias=False)
+    else:
+        mtp = _quiet_megatron()
+        _divide(out_features // groups, tp, "output features per group")
+        layer = _single_output(mtp.ColumnParallelLinear)(
+            in_features, out_features, config=_megatron_config(tp), init_method=_no_init, bias=False,
+            gather_output=False, tp_group=tp.group,
+        )
+    _mark(layer.weight, (out_features, in_features), 0, tp, groups)
+    return layer
+
+
+def row_linear(in_features: int, out_features: int, tp: TensorParallel | None) -> nn.Module:
+    """y = x W^T with W's input columns split across TP ranks; the output is summed over the group."""
+    if tp is None:
+        layer = nn.Linear(in_features, out_features, bias=False)
+    else:
+        mtp = _quiet_megatron()
+        layer = _single_output(mtp.RowParallelLinear)(
+            in_features, out_features, config=_megatron_config(tp), init_method=_no_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp.group,
+        )
+    _mark(layer.weight, (out_features, in_features), 1, tp)
+    return layer
+
+
+def vocab_embedding(vocab_size: int, dim: int, tp: TensorParallel | None) -> nn.Module:
+    if tp is None:
+        layer = nn.Embedding(vocab_size, dim)
+    else:
+        mtp = _quiet_megatron()
+        _divide(vocab_size, tp, "model.vocab_size")
+        layer = mtp.VocabParallelEmbedding(
+            vocab_size, dim, init_method=_no_init, config=_megatron_config(tp), tp_group=tp.group
+        )
+    _mark(layer.weight, (vocab_size, dim), 0, tp)
+    return layer
+
+
+def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
+    """Logits from the (vocab-parallel) input embedding matrix; vocab-sharded under TP."""
+    if tp is not None:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        # Identity forward, all-reduce of the input gradient backward (as Megatron's parallel_lm_logits).
+        x = copy_to_tensor_model_parallel_region(x, group=tp.group)
+    return F.linear(x, embedding_weight)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel | None,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over labels != ignore_index; logits may be vocab-sharded under TP."""
+    if tp is None:
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    mask = labels != ignore_index
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0))
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A full (TP = 1) state dict cut down to the shards `model` (built at any TP) holds."""
+    splits = tp_splits(model)
+    return {k: (splits[k].shard(v) if k in splits else v) for k, v in full.items()}
+
+
+def merge_state_dicts(per_rank: list[dict[str, torch.Tensor]], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (TP = 1) state dict from every TP rank's state dict, in rank order."""
+    splits = tp_splits(model)
+    return {k: (splits[k].merge([sd[k] for sd in per_rank]) if k in splits else v) for k, v in per_rank[0].items()}
+
+
+def tp_splits(model: nn.Module) -> dict[str, TPSplit]:
+    return {name: p.tp_split for name, p in model.named_parameters() if hasattr(p, "tp_split")}
