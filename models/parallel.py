@@ -75,6 +75,12 @@ def _tp_size(tp: TensorParallel | None) -> int:
 
 def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: TensorParallel | None, groups: int = 1):
     weight.tp_split = TPSplit(tuple(full_shape), dim, groups, _tp_size(tp), 0 if tp is None else tp.rank)
+    if tp is not None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        # megatron sets these only when it initializes the weight itself (we init in models.llama); DeepSpeed's
+        # gradient-norm code reads them to count sharded weights on every rank and replicated ones once.
+        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
     return weight
 
 

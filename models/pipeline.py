@@ -1,0 +1,98 @@
+"""The Llama parts as DeepSpeed `LayerSpec`s, for `PipelineModule` (pipeline parallelism).
+
+Layer list: [embedding, block 1, ..., block L, final norm, head]. With tied embeddings the first and the last
+entries are one `TiedLayerSpec` ("embed"), so DeepSpeed keeps the copies on the first and last stage in sync.
+Each part initializes its weights under its name in the whole `Llama` (`init_weights(prefix=...)`), so a
+pipelined model from seed s holds exactly the weights of `Llama(cfg, seed=s)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.llama import Block, init_weights, rope_cache
+from models.norms import NORM_SCHEMES
+from models.parallel import TensorParallel, column_linear, cross_entropy, tied_logits, vocab_embedding
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
+        super().__init__()
+        self.tp = tp
+        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        init_weights(self, cfg.init_std, seed)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(tokens)
+
+    @property
+    def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties
+        return self.tok_emb.weight
+
+
+def tied_head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    return tied_logits(x, embedding.tok_emb.weight, embedding.tp)
+
+
+class BlockPipe(Block):
+    """A Block that carries its own RoPE tables, since a pipeline layer sees only the activations."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel | None, seed: int):
+        super().__init__(cfg, NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer), tp)
+        cos, sin = rope_cache(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, cfg.init_std, seed, prefix=f"blocks.{layer - 1}.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, self.rope_cos, self.rope_sin)
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.final_norm = NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(x)
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
+        super().__init__()
+        self.head = column_linear(cfg.d_model, cfg.vocab_size, tp)
+        init_weights(self, cfg.init_std, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class PipelineLoss:
+    """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP)."""
+
+    def __init__(self, tp: TensorParallel | None):
+        self.tp = tp
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, labels, self.tp)
+
+
+def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", EmbeddingPipe, cfg, tp, seed, tied_weight_attr="weight")
+        last = TiedLayerSpec("embed", EmbeddingPipe, cfg, tp, seed, forward_fn=tied_head_forward, tied_weight_attr="weight")
+    else:
+        first, last = LayerSpec(EmbeddingPipe, cfg, tp, seed), LayerSpec(HeadPipe, cfg, tp, seed)
+    blocks = [LayerSpec(BlockPipe, cfg, l, tp, seed) for l in range(1, cfg.n_layers + 1)]
+    return [first, *blocks, LayerSpec(FinalNormPipe, cfg), last]
+
+
+def full_name_prefix(cfg: ModelConfig, layer_index: int) -> str:
+    """Prefix that turns a key of pipeline layer `layer_index` into its name in the full `Llama` state dict.
+
+    The non-block parts name their submodules as `Llama` does (tok_emb, final_norm, head)."""
+    return f"blocks.{layer_index - 1}." if 1 <= layer_index <= cfg.n_layers else ""

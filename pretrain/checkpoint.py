@@ -1,0 +1,186 @@
+"""Checkpoints: DeepSpeed's own files plus what makes a resume exact, and an atomic `latest`.
+
+    run.dir/checkpoints/
+      step_00000100/            DeepSpeed tag folder (model, optimizer and scheduler states per rank)
+        rng/rank_00000.pt       torch RNG states of each rank
+        config.yaml             the resolved experiment config (export-hf / analyze-depth read it)
+        trainer_state.json      step, consumed samples/tokens; written last: its presence marks a complete save
+      latest                    the tag of the newest complete checkpoint, replaced atomically
+
+`latest` is written by rank 0 only after a barrier that every rank reaches once its files are on disk,
+so a crash or kill -9 during a save leaves the previous checkpoint as `latest`; such a partial folder is
+removed by the next successful save. Old checkpoints beyond `checkpoint.keep` are pruned only after
+`latest` points to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ExperimentConfig, load_config, save_config
+from pretrain.errors import UserError
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict, rank: int) -> str:
+    """Save on every rank; returns the checkpoint folder. `latest` moves only once all ranks are done."""
+    tag = tag_for(step)
+    folder = os.path.join(root, tag)
+    if rank == 0 and os.path.isdir(folder):
+        shutil.rmtree(folder)  # a partial folder from an interrupted save of this same step
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+    torch.save(rng_state(), os.path.join(folder, "rng", f"rank_{rank:05d}.pt"))
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        save_config(cfg, os.path.join(folder, "config.yaml"))
+        write_atomic(os.path.join(folder, STATE_FILE), json.dumps({"step": step, **trainer_state}, indent=1))
+        write_atomic(os.path.join(root, "latest"), tag + "\n")
+        prune(root, keep=cfg.checkpoint.keep, protect=tag)
+    dist.barrier()
+    return folder
+
+
+def complete_tags(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if TAG_RE.match(t) and os.path.isfile(os.path.join(root, t, STATE_FILE)))
+
+
+def prune(root: str, keep: int, protect: str) -> None:
+    """Delete incomplete folders and all but the newest `keep` complete checkpoints (never `protect`)."""
+    complete = complete_tags(root)
+    doomed = [t for t in os.listdir(root) if TAG_RE.match(t) and t not in complete and t != protect]
+    if keep > 0:
+        doomed += [t for t in complete[:-keep] if t != protect]
+    for t in doomed:
+        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+
+def resolve_resume(resume: str | None, root: str) -> str | None:
+    """The checkpoint folder to resume from: None (fresh), `auto` (latest in the run, if any) or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            return None
+        folder = os.path.join(root, open(latest).read().strip())
+    else:
+        folder = resume
+    check_checkpoint(folder)
+    return folder
+
+
+def check_checkpoint(folder: str) -> None:
+    if not os.path.isdir(folder):
+        raise UserError(f"checkpoint {folder} does not exist; pass a checkpoints/step_XXXXXXXX folder of a run")
+    if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+        raise UserError(
+            f"checkpoint {folder} is incomplete (no {STATE_FILE}: its save was interrupted); "
+            "resume from the folder named in checkpoints/latest instead"
+        )
+
+
+def read_state(folder: str) -> dict:
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load(engine, folder: str, rank: int) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    check_checkpoint(folder)
+    root, tag = os.path.split(os.path.normpath(folder))
+    try:
+        path, _ = engine.load_checkpoint(root, tag=tag)
+    except (RuntimeError, KeyError, FileNotFoundError, AssertionError) as e:
+        raise UserError(
+            f"cannot load checkpoint {folder}: {str(e).splitlines()[0][:300]}; it must come from a run with the same "
+            "model and parallel layout"
+        ) from None
+    if path is None:
+        raise UserError(f"cannot load checkpoint {folder}: DeepSpeed found no model states for this rank's layout")
+    rng_file = os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_state(folder)
+
+
+def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
+    """The full (TP = 1, unpipelined) model state dict of a training checkpoint, any TP/PP layout; no
+    torch.distributed needed. Reads DeepSpeed's files directly."""
+    from models import Llama
+    from models.parallel import merge_state_dicts
+    from models.pipeline import full_name_prefix
+
+    check_checkpoint(folder)
+    cfg = load_config(os.path.join(folder, "config.yaml"))
+    tp = cfg.parallel.tp
+    files = os.listdir(folder)
+    per_rank: list[dict] = [{} for _ in range(tp)]
+    layer_files = sorted(f for f in files if f.startswith("layer_") and f.endswith("-model_states.pt"))
+    if layer_files:  # pipeline-parallel layout: one file per (layer, tp rank)
+        for f in layer_files:
+            m = re.match(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$", f)
+            if m is None:
+                continue
+            layer, tp_rank = int(m.group(1)), int(m.group(2) or 0)
+            prefix = full_name_prefix(cfg.model, layer)
+            sd = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False)
+            per_rank[tp_rank].update({prefix + k: v for k, v in sd.items()})
+    else:
+        for r in range(tp):
+            path = os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt")
+            if not os.path.isfile(path):
+                raise UserError(f"checkpoint {folder} has no {os.path.basename(path)}; is it a complete training checkpoint?")
+            per_rank[r] = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    if cfg.model.tie_embeddings:
+        for sd in per_rank:
+            sd.pop("head.weight", None)
+    with torch.device("meta"):
+        reference = Llama(cfg.model)
+    if tp > 1:
+        for p in reference.parameters():
+            if hasattr(p, "tp_split"):
+                p.tp_split = type(p.tp_split)(p.tp_split.full_shape, p.tp_split.dim, p.tp_split.groups, tp, 0)
+    full = merge_state_dicts(per_rank, reference) if tp > 1 else per_rank[0]
+    return cfg, {k: v.float() for k, v in full.items()}

@@ -1,0 +1,284 @@
+"""Experiment configuration: typed dataclasses loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["model.norm_scheme=lns", "train.lr=3e-4"])
+
+Unknown keys, wrong types and bad values raise `UserError` with one line naming the key and the valid
+choices. Every field is documented once, in its `doc(...)` help string; `pretrain config --docs` and the
+README's reference table are generated from those strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from models.config import PRESETS, ModelConfig, check_choices, doc, literal_choices
+from pretrain.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: str = doc("runs/tiny", "Run folder: config.yaml, metrics.jsonl, layer_stats.jsonl, tb/, checkpoints/.")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = doc(1, "Tensor-parallel size (megatron-core layers); must divide heads, kv heads and vocab.")
+    pp: int = doc(1, "Pipeline-parallel stages (DeepSpeed PipelineModule); data parallel = world / (tp * pp).")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage: 0-2 without pipeline parallelism, 0-1 with it.")
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError("parallel.tp and parallel.pp must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc(300, "Optimizer steps to train for.")
+    global_batch_size: int = doc(16, "Sequences per optimizer step, over all data-parallel ranks and micro-steps.")
+    micro_batch_size: int = doc(16, "Sequences per forward/backward on one rank; accumulation fills the rest.")
+    lr: float = doc(1e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = doc(0.1, "Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = doc(30, "Linear warm-up steps from 0 to lr.")
+    weight_decay: float = doc(0.0, "AdamW weight decay (decoupled).")
+    decay_norms_and_embeddings: bool = doc(False, "Also apply weight decay to norm gains and embeddings.")
+    betas: list = doc([0.9, 0.95], "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this (0 = off).")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "fp32 anywhere; bf16 (mixed, fp32 master weights) on GPU.")
+    seed: int = doc(0, "Seed of the weight init, data order and dropout-free RNG state.")
+    resume: str | None = doc(None, "null: fresh run; auto: continue from run.dir/checkpoints/latest if any; or a checkpoint path.")
+    max_bad_steps: int = doc(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient.")
+    compile: bool = doc(False, "torch.compile the model (fast path on GPU).")
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], warmup_steps and grad_clip >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class DataConfig:
+    paths: list = doc(
+        ["bundled:tinyshakespeare"],
+        "Prepared data folders (`pretrain data prepare`), or bundled:tinyshakespeare (prepared on first use).",
+    )
+    weights: list | None = doc(None, "Blending weights, one per path (null = proportional to their sizes).")
+    seq_len: int = doc(256, "Tokens per training sample; must be <= model.max_seq_len.")
+    cache_dir: str | None = doc(None, "Where bundled corpora are prepared (null: $PRETRAIN_CACHE or ~/.cache/pretrain).")
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ValueError("data.paths: give at least one prepared data folder")
+        if self.weights is not None and len(self.weights) != len(self.paths):
+            raise ValueError(f"data.weights: {len(self.weights)} weights for {len(self.paths)} paths")
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len: must be >= 1, got {self.seq_len}")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = doc(100, "Validation loss and perplexity every N steps and at the end (0 = never).")
+    batches: int = doc(8, "Micro-batches of the validation split per evaluation.")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = doc(100, "Save every N steps (0 = only at the end).")
+    keep: int = doc(3, "Keep the last K checkpoints (0 = keep all).")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = doc(10, "Log line and metrics.jsonl entry every N steps.")
+    tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tb.")
+    progress_bar: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto shows it in an interactive terminal.")
+
+
+@dataclass
+class DiagnosticsConfig:
+    interval: int = doc(0, "Per-layer activation variance and gradient norms every N steps (0 = off).")
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    deepspeed: dict = doc({}, "Extra DeepSpeed config keys, merged over the generated DeepSpeed config.")
+
+    def __post_init__(self):
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The experiment in YAML file `path` (None: all defaults) with `key.sub=value` overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b=value` (value parsed as YAML: numbers, booleans, null, lists) in the nested dict `raw`."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} is not of the form section.key=value (e.g. model.norm_scheme=lns)")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+    node[leaf] = parsed
+
+
+def from_dict(raw: dict) -> ExperimentConfig:
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise UserError(_unknown_key_message(sorted(unknown)[0], "", SECTIONS))
+    try:
+        kwargs = {}
+        for name, section_type in typing.get_type_hints(ExperimentConfig).items():
+            value = raw.get(name, {})
+            if name == "deepspeed":
+                kwargs[name] = _check_type(value, dict, "deepspeed")
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"{name}: expected a mapping of keys, got {type(value).__name__}")
+            if name == "model":
+                value = _with_preset(value)
+            kwargs[name] = _build(section_type, value, name + ".")
+        return ExperimentConfig(**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _with_preset(model: dict) -> dict:
+    preset = model.get("preset")
+    if preset is None:
+        return model
+    if preset not in PRESETS:
+        raise UserError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **model}
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise UserError(_unknown_key_message(key, prefix, fields))
+    kwargs = {key: _check_type(value, hints[key], prefix + key) for key, value in values.items()}
+    obj = cls(**kwargs)
+    check_choices(obj, prefix)
+    return obj
+
+
+def _check_type(value: Any, tp, key: str) -> Any:
+    """Return `value` (ints widened to float where a float is expected) or raise a one-line UserError."""
+    choices = literal_choices(tp)
+    if choices is not None:
+        if value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key_message(key: str, prefix: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    return f"unknown config key {prefix}{key}; {hint}valid keys: {', '.join(prefix + k for k in valid)}"
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: ExperimentConfig, path: str) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(dump_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def config_reference() -> str:
+    """Markdown table of every config key, its default and its documentation."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, section_type in typing.get_type_hints(ExperimentConfig).items():
+        if section == "deepspeed":
+            f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == "deepspeed")
+            rows.append(f"| `deepspeed` | `{{}}` | {f.metadata['help']} |")
+            continue
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{section}.{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,149 @@
+"""Process-group and topology set-up: one place that reads the launcher's environment.
+
+Supported launchers: none (a single process), `torchrun` / `deepspeed` / `pretrain train --nproc-per-node`
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and SLURM's `srun` (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, SLURM_JOB_NODELIST). megatron-core's `parallel_state` and DeepSpeed's pipeline topology are
+built from the same sizes and their (tp, pp, dp) coordinates are checked to agree on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.errors import UserError
+
+
+def use_cpu_accelerator_without_gpu() -> None:
+    """DeepSpeed picks its accelerator at import; on a machine without CUDA it must be told to use the CPU.
+    Also silences megatron-core's import-time warnings about Transformer Engine / Apex, which we don't use."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def launcher_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from whichever launcher started us."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing and int(env["WORLD_SIZE"]) > 1:
+            raise UserError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun, deepspeed or srun")
+        return {
+            "RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()),
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise UserError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not; start the job with sbatch/srun")
+        return {
+            "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            # One port per job, so two jobs sharing a node don't collide.
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+        }
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
+def first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        raise UserError(f"cannot expand SLURM nodelist {nodelist!r} with scontrol; set MASTER_ADDR explicitly") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int, pp: int) -> Topology:
+    """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel_state for (tp, pp)."""
+    use_cpu_accelerator_without_gpu()
+    import deepspeed
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    env = launcher_env()
+    os.environ.update(env)
+    rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if world % (tp * pp):
+        raise UserError(
+            f"world size {world} is not divisible by parallel.tp * parallel.pp = {tp * pp}; "
+            f"launch a multiple of {tp * pp} processes or change parallel.tp/pp"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    topo = Topology(
+        rank=rank, world_size=world, local_rank=local_rank, tp=tp, pp=pp, dp=world // (tp * pp),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+    check_topology_agrees(topo)
+    return topo
+
+
+def deepspeed_topology(topo: Topology):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
+
+
+def check_topology_agrees(topo: Topology) -> None:
+    """megatron's parallel_state and DeepSpeed's topology must give this rank the same coordinates."""
+    coord = deepspeed_topology(topo).get_coord(topo.rank)
+    if (coord.model, coord.pipe, coord.data) != (topo.tp_rank, topo.pp_rank, topo.dp_rank):
+        raise RuntimeError(
+            f"rank {topo.rank}: megatron (tp, pp, dp) = {(topo.tp_rank, topo.pp_rank, topo.dp_rank)} but "
+            f"DeepSpeed = {(coord.model, coord.pipe, coord.data)}"
+        )
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,198 @@
+"""The DeepSpeed engine: generated DeepSpeed config, model (plain or pipelined), AdamW and its schedule.
+
+Users never keep a DeepSpeed JSON: `deepspeed_config` derives it from the experiment config and merges
+`deepspeed:` keys from the YAML over it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from models import Llama
+from models.parallel import TensorParallel
+from pretrain.config import ExperimentConfig
+from pretrain.distributed import Topology, deepspeed_topology
+from pretrain.errors import UserError
+
+
+def gradient_accumulation_steps(cfg: ExperimentConfig, topo: Topology) -> int:
+    per_step = cfg.train.micro_batch_size * topo.dp
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * data-parallel size = {cfg.train.micro_batch_size} * {topo.dp}"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def check_parallel_support(cfg: ExperimentConfig, topo: Topology) -> None:
+    zero, pp = cfg.parallel.zero_stage, cfg.parallel.pp
+    if pp > 1 and zero > 1:
+        raise UserError(f"parallel.zero_stage={zero} does not work with pipeline parallelism (DeepSpeed); use 0 or 1")
+    if zero == 3:
+        raise UserError(
+            "parallel.zero_stage=3 is not supported: its parameter partitioning conflicts with the megatron-core "
+            "tensor-parallel layers and the per-layer diagnostics; use zero_stage 0-2"
+        )
+    if cfg.train.precision == "bf16" and topo.device.type != "cuda":
+        raise UserError("train.precision=bf16 needs a CUDA GPU; on CPU use train.precision=fp32")
+
+
+def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, topo),
+        # ZeRO 1-2 clip and skip non-finite steps themselves; at stage 0 GuardedAdamW does both.
+        "gradient_clipping": t.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,  # our own log lines
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"use_node_local_storage": False},
+    }
+    if cfg.parallel.pp > 1:
+        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+    return merge(ds, cfg.deepspeed)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that, like DeepSpeed's ZeRO optimizers, measures the global gradient norm, skips the update
+    when it is not finite (setting `overflow`, which makes the engine skip the scheduler step and count it)
+    and clips. Used at ZeRO stage 0, where DeepSpeed calls the client optimizer directly."""
+
+    def __init__(self, param_groups, clip: float, model_parallel_group, replicated_owner: bool, **kwargs):
+        super().__init__(param_groups, **kwargs)
+        self.clip, self.mp_group, self.replicated_owner = clip, model_parallel_group, replicated_owner
+        self.overflow = False
+        self._global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        owned = [
+            p.grad for g in self.param_groups for p in g["params"]
+            if p.grad is not None and (self.replicated_owner or getattr(p, "tensor_model_parallel", False))
+        ]
+        sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+        for grad in owned:
+            sq += grad.double().pow(2).sum()
+        if self.mp_group is not None and dist.get_world_size(self.mp_group) > 1:
+            dist.all_reduce(sq, group=self.mp_group)  # TP shards and PP stages; replicated params once
+        norm = sq.sqrt().item()
+        self._global_grad_norm = norm
+        self.overflow = not math.isfinite(norm)
+        if self.overflow:
+            return None
+        if self.clip > 0 and norm > self.clip:
+            torch._foreach_mul_(grads, self.clip / (norm + 1e-6))
+        return super().step(closure)
+
+
+def param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
+    """Weight decay on matrices only, unless train.decay_norms_and_embeddings: norm gains, scalars and the
+    embedding matrix are not decayed (as in GPT-NeoX / OLMo)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            matrix = p.ndim >= 2 and "tok_emb" not in name
+            (decay if matrix or cfg.train.decay_norms_and_embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(cfg: ExperimentConfig):
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at train.steps."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class Built:
+    engine: object  # deepspeed.DeepSpeedEngine or deepspeed.PipelineEngine
+    model: torch.nn.Module  # the module whose parameters train (Llama or PipelineModule)
+    pipelined: bool
+    gas: int
+
+
+def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
+    import deepspeed
+    from megatron.core import parallel_state
+
+    check_parallel_support(cfg, topo)
+    tp = TensorParallel.from_parallel_state()
+    seed = cfg.train.seed
+    try:
+        if cfg.parallel.pp > 1:
+            from deepspeed.pipe import PipelineModule
+
+            from models.pipeline import PipelineLoss, layer_specs
+
+            if cfg.parallel.pp > cfg.model.n_layers:
+                raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
+            model = PipelineModule(
+                layers=layer_specs(cfg.model, tp, seed), loss_fn=PipelineLoss(tp), topology=deepspeed_topology(topo),
+                partition_method="type:BlockPipe", activation_checkpoint_interval=0,
+            )
+        else:
+            model = Llama(cfg.model, tp, seed=seed)
+    except ValueError as e:  # divisibility of heads / vocab by tp
+        raise UserError(str(e)) from None
+    model.to(topo.device)
+    ds_cfg = deepspeed_config(cfg, topo)
+    t = cfg.train
+    opt_kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    if topo.device.type == "cuda":
+        opt_kwargs["fused"] = True
+    if cfg.parallel.zero_stage == 0 and t.precision == "fp32":
+        optimizer = GuardedAdamW(
+            param_groups(model, cfg), clip=t.grad_clip, model_parallel_group=parallel_state.get_model_parallel_group(),
+            replicated_owner=topo.tp_rank == 0, **opt_kwargs,
+        )
+    else:
+        if cfg.parallel.zero_stage == 0:
+            ds_cfg["gradient_clipping"] = t.grad_clip
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), **opt_kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+        mpu=None if cfg.parallel.pp > 1 else parallel_state_mpu(),
+    )
+    return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"])
+
+
+def parallel_state_mpu():
+    """megatron's parallel_state under the method names DeepSpeed's `mpu` argument expects."""
+    from megatron.core import parallel_state as ps
+
+    class MPU:
+        get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+        get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+        get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+        get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+        get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+        get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+
+    return MPU()

@@ -1,0 +1,98 @@
+"""Where training numbers go (rank 0 only): metrics.jsonl, TensorBoard, a log line, a progress bar.
+
+metrics.jsonl holds one JSON object per logged step:
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "step_time", "skipped_steps", ...}
+and validation entries {"step", "val_loss", "val_ppl"}. TensorBoard (run.dir/tb) gets the same scalars
+as train/<name> and val/<name>.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def truncate_jsonl(path: str, after_step: int) -> None:
+    """Drop entries logged after `after_step` (a run resumed from an earlier checkpoint re-logs them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: str,
+                 enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_jsonl(self.path, start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
+        if progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict, prefix: str) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def say(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def log_line(r: dict, total_steps: int, eta_s: float) -> str:
+    mfu = f" | mfu {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(0, eta_s)))
+    return (
+        f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad_norm {r['grad_norm']:.3f}"
+        f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | eta {eta}"
+    )

@@ -1,0 +1,201 @@
+"""The training loop, top to bottom: set up, (resume), step, log, evaluate, checkpoint, stop.
+
+Exit codes: 0 done; 2 bad input (`UserError`); 3 stopped after train.max_bad_steps consecutive non-finite
+steps; 75 stopped on SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume with train.resume=auto).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint
+from pretrain.config import ExperimentConfig, save_config
+from pretrain.distributed import Topology, init_distributed, shutdown
+from pretrain.engine import Built, build_engine
+from pretrain.errors import UserError
+from pretrain.metrics import MetricsWriter, log_line, peak_flops
+
+EXIT_OK = 0
+EXIT_UNSTABLE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — the SLURM scripts requeue on it
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: ExperimentConfig) -> int:
+    check_resume_target(cfg)
+    topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
+    try:
+        return _train(cfg, topo)
+    finally:
+        shutdown()
+
+
+def _train(cfg: ExperimentConfig, topo: Topology) -> int:
+    from pretrain.data_setup import build_train_loader, build_val_batches
+
+    rank0 = topo.rank == 0
+    ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, ckpt_root)
+    if rank0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    torch.manual_seed(cfg.train.seed)
+
+    built = build_engine(cfg, topo)
+    state = checkpoint.load(built.engine, resume_from, topo.rank) if resume_from else {"step": 0}
+    step = state["step"]
+    samples_per_step = cfg.train.global_batch_size
+    tokens_per_step = samples_per_step * cfg.data.seq_len
+    train_iter = build_train_loader(cfg, topo, consumed_samples=step * samples_per_step)
+    val_batches = build_val_batches(cfg, topo) if cfg.eval.interval > 0 else None
+
+    out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
+    if rank0:
+        n = sum(p.numel() for p in built.model.parameters())
+        out.say(
+            f"training {cfg.model.norm_scheme} ({cfg.model.preset or 'custom'}) on {topo.world_size} rank(s) "
+            f"[tp={topo.tp} pp={topo.pp} dp={topo.dp}, grad accum {built.gas}], {n:,} parameters on rank 0, "
+            f"{'resuming from ' + resume_from if resume_from else 'fresh start'}; "
+            f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run.dir, 'tb')}"
+        )
+    flops_per_token = _flops_per_token(cfg)
+    peak = peak_flops(topo.device)
+    stop = StopSignal()
+    bad_in_a_row, skipped_total = 0, state.get("skipped_steps", 0)
+    window_time, window_steps = 0.0, 0
+    exit_code = EXIT_OK
+
+    while step < cfg.train.steps:
+        lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
+        t0 = time.perf_counter()
+        loss = train_step(built, train_iter, topo)
+        step += 1
+        step_time = time.perf_counter() - t0
+        applied = built.engine.was_step_applied() and math.isfinite(loss)
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        skipped_total += 0 if applied else 1
+        window_time, window_steps = window_time + step_time, window_steps + 1
+        if not applied and rank0:
+            out.say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped ({bad_in_a_row} in a row)")
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            if rank0:
+                out.say(
+                    f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; stopping. "
+                    "Lower train.lr, raise train.warmup_steps or check the data; resume from the last checkpoint"
+                )
+            exit_code = EXIT_UNSTABLE
+            break
+        if step % cfg.logging.interval == 0 or step == cfg.train.steps:
+            tokens_per_s = window_steps * tokens_per_step / window_time
+            record = {
+                "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
+                "tokens_per_s": tokens_per_s, "consumed_tokens": step * tokens_per_step, "step_time": step_time,
+                "skipped_steps": skipped_total,
+            }
+            if peak:
+                record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
+            out.write(record, "train")
+            out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
+            window_time, window_steps = 0.0, 0
+        out.advance(step, loss)
+        if val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
+            val_loss = evaluate(built, val_batches, topo)
+            out.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
+            out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
+        preempted = stop.any_rank(topo.device)
+        periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+        if periodic or preempted or step == cfg.train.steps:
+            trainer_state = {"consumed_samples": step * samples_per_step, "consumed_tokens": step * tokens_per_step,
+                             "skipped_steps": skipped_total}
+            folder = checkpoint.save(built.engine, cfg, ckpt_root, step, trainer_state, topo.rank)
+            out.say(f"step {step:>6} | saved {folder}")
+        if preempted:
+            out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
+            exit_code = EXIT_PREEMPTED
+            break
+    out.close()
+    return exit_code
+
+
+def train_step(built: Built, train_iter, topo: Topology) -> float:
+    """One optimizer step over the global batch; returns its mean loss (same value on every rank)."""
+    engine = built.engine
+    if built.pipelined:
+        return float(engine.train_batch(data_iter=train_iter))
+    total = torch.zeros((), device=topo.device)
+    for _ in range(built.gas):
+        tokens, labels = next(train_iter)
+        loss = engine(tokens.to(topo.device), labels.to(topo.device))
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return _mean_over_data_parallel(total / built.gas)
+
+
+@torch.no_grad()
+def evaluate(built: Built, val_batches: list, topo: Topology) -> float:
+    engine = built.engine
+    engine.eval()
+    try:
+        if built.pipelined:
+            return float(engine.eval_batch(data_iter=iter(val_batches), num_micro_batches=len(val_batches)))
+        total = torch.zeros((), device=topo.device)
+        for tokens, labels in val_batches:
+            total += engine(tokens.to(topo.device), labels.to(topo.device)).float()
+        return _mean_over_data_parallel(total / len(val_batches))
+    finally:
+        engine.train()
+
+
+def _mean_over_data_parallel(x: torch.Tensor) -> float:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+        x = x / dist.get_world_size(group)
+    return float(x)
+
+
+def _grad_norm(built: Built) -> float:
+    norm = built.engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _flops_per_token(cfg: ExperimentConfig) -> float:
+    from models import Llama
+
+    with torch.device("meta"):
+        return Llama(cfg.model).flops_per_token(cfg.data.seq_len)
+
+
+def check_resume_target(cfg: ExperimentConfig) -> None:
+    """Fail before any process starts when train.resume names a checkpoint that cannot be used."""
+    if cfg.train.resume not in (None, "auto"):
+        checkpoint.check_checkpoint(cfg.train.resume)
+    if cfg.train.resume is None and os.path.isfile(os.path.join(cfg.run.dir, "checkpoints", "latest")):
+        raise UserError(
+            f"{cfg.run.dir} already holds checkpoints; pass train.resume=auto to continue it or choose another run.dir"
+        )
