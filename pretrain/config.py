@@ -57,6 +57,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = doc("fp32", "fp32 anywhere; bf16 (mixed, fp32 master weights) on GPU.")
     seed: int = doc(0, "Seed of the weight init, data order and dropout-free RNG state.")
     resume: str | None = doc(None, "null: fresh run; auto: continue from run.dir/checkpoints/latest if any; or a checkpoint path.")
+    stop_at_step: int | None = doc(
+        None, "Save and exit (code 0) once this step is done; the lr schedule still runs to train.steps."
+    )
     max_bad_steps: int = doc(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient.")
     compile: bool = doc(False, "torch.compile the model (fast path on GPU).")
 
@@ -110,7 +113,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = doc(10, "Log line and metrics.jsonl entry every N steps.")
     tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tb.")
-    progress_bar: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto shows it in an interactive terminal.")
+    progress_bar: bool | None = doc(None, "Progress bar: true, false, or null to show it only in an interactive terminal.")
 
 
 @dataclass

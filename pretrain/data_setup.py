@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from pretrain.config import ExperimentConfig
+from pretrain.data.bundled import resolve_data_path
+from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_batches
 from pretrain.distributed import Topology
 
 
 def resolve_paths(cfg: ExperimentConfig, topo: Topology) -> list[str]:
-    """Prepared folders for data.paths; bundled corpora are prepared once per node (local rank 0 first)."""
-    from pretrain.data.bundled import resolve_data_path
-
+    """Prepared folders for data.paths; a bundled corpus is prepared by local rank 0 while the others wait."""
     if topo.local_rank == 0:
         paths = [resolve_data_path(p, cfg.data.cache_dir) for p in cfg.data.paths]
     dist.barrier()
@@ -20,34 +20,27 @@ def resolve_paths(cfg: ExperimentConfig, topo: Topology) -> list[str]:
     return paths
 
 
-def build_dataset(cfg: ExperimentConfig, topo: Topology, split: str):
-    from pretrain.data.loader import BlendedDataset, TokenDataset, check_seq_len, check_vocab
-
-    paths = resolve_paths(cfg, topo)
-    parts = [TokenDataset(p, split, cfg.data.seq_len) for p in paths]
+def build_dataset(cfg: ExperimentConfig, paths: list[str], split: str):
+    parts = [TokenDataset(p, cfg.data.seq_len, split) for p in paths]
     for part in parts:
         check_vocab(part, cfg.model.vocab_size)
         check_seq_len(part, cfg.data.seq_len)
-    if len(parts) == 1:
+    if len(parts) == 1 and cfg.data.weights is None:
         return parts[0]
-    return BlendedDataset(parts, cfg.data.weights, seed=cfg.train.seed)
+    return BlendedDataset(parts, cfg.data.weights)
 
 
-def build_train_loader(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
-    """Iterator of (tokens, labels) micro-batches for this data-parallel rank, from `consumed_samples` on."""
-    from pretrain.data.loader import PretrainLoader
-
-    return iter(PretrainLoader(
-        build_dataset(cfg, topo, "train"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
+def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
+    """(train iterator from `consumed_samples` on, list of validation micro-batches or None) for this DP rank."""
+    paths = resolve_paths(cfg, topo)
+    train = DataLoader(
+        build_dataset(cfg, paths, "train"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
         dp_size=topo.dp, seed=cfg.train.seed, consumed_samples=consumed_samples,
-    ))
-
-
-def build_val_batches(cfg: ExperimentConfig, topo: Topology) -> list:
-    """The first eval.batches micro-batches of this rank's share of the validation split (fixed order)."""
-    from pretrain.data.loader import validation_batches
-
-    return validation_batches(
-        build_dataset(cfg, topo, "val"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
-        dp_size=topo.dp, num_batches=cfg.eval.batches,
     )
+    val = None
+    if cfg.eval.interval > 0:
+        val = list(validation_batches(
+            build_dataset(cfg, paths, "val"), micro_batch_size=cfg.train.micro_batch_size,
+            num_batches=cfg.eval.batches, dp_rank=topo.dp_rank, dp_size=topo.dp,
+        ))
+    return train, val

@@ -83,9 +83,12 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # Count each weight once: TP-replicated ones (norms) on TP rank 0 only, and pipeline-tied ones (tied
+        # embeddings) on their owning stage only (DeepSpeed marks the other copies ds_pipe_replicated).
         owned = [
             p.grad for g in self.param_groups for p in g["params"]
-            if p.grad is not None and (self.replicated_owner or getattr(p, "tensor_model_parallel", False))
+            if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+            and (self.replicated_owner or getattr(p, "tensor_model_parallel", False))
         ]
         sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
         for grad in owned:

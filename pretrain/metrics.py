@@ -40,7 +40,7 @@ def truncate_jsonl(path: str, after_step: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: str,
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool | None,
                  enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -53,7 +53,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
-        if progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty()):
+        if progress_bar or (progress_bar is None and sys.stderr.isatty()):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

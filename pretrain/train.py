@@ -53,7 +53,7 @@ def train(cfg: ExperimentConfig) -> int:
 
 
 def _train(cfg: ExperimentConfig, topo: Topology) -> int:
-    from pretrain.data_setup import build_train_loader, build_val_batches
+    from pretrain.data_setup import build_loaders
 
     rank0 = topo.rank == 0
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
@@ -68,8 +68,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
     step = state["step"]
     samples_per_step = cfg.train.global_batch_size
     tokens_per_step = samples_per_step * cfg.data.seq_len
-    train_iter = build_train_loader(cfg, topo, consumed_samples=step * samples_per_step)
-    val_batches = build_val_batches(cfg, topo) if cfg.eval.interval > 0 else None
+    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=step * samples_per_step)
 
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
     if rank0:
@@ -87,7 +86,10 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
     window_time, window_steps = 0.0, 0
     exit_code = EXIT_OK
 
-    while step < cfg.train.steps:
+    last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    if step >= last_step:
+        out.say(f"nothing to do: the run is already at step {step} (train.steps={cfg.train.steps})")
+    while step < last_step:
         lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
         t0 = time.perf_counter()
         loss = train_step(built, train_iter, topo)
@@ -107,7 +109,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
                 )
             exit_code = EXIT_UNSTABLE
             break
-        if step % cfg.logging.interval == 0 or step == cfg.train.steps:
+        if step % cfg.logging.interval == 0 or step == last_step:
             tokens_per_s = window_steps * tokens_per_step / window_time
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
@@ -126,7 +128,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
             out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
         preempted = stop.any_rank(topo.device)
         periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
-        if periodic or preempted or step == cfg.train.steps:
+        if periodic or preempted or step == last_step:
             trainer_state = {"consumed_samples": step * samples_per_step, "consumed_tokens": step * tokens_per_step,
                              "skipped_steps": skipped_total}
             folder = checkpoint.save(built.engine, cfg, ckpt_root, step, trainer_state, topo.rank)
