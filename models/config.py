@@ -67,8 +67,9 @@ class ModelConfig:
             raise ValueError(f"model.d_model/n_heads: head dim {self.d_model // self.n_heads} must be even for RoPE")
         if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
             raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
-        if self.init_std <= 0 or self.norm_eps <= 0:
-            raise ValueError("model.init_std and model.norm_eps must be positive")
+        for name in ("init_std", "norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

@@ -103,6 +103,11 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0):
         super().__init__()
         self.cfg, self.tp = cfg, tp
+        tp_size = 1 if tp is None else tp.size
+        for what, n in (("model.vocab_size", cfg.vocab_size), ("model.n_heads", cfg.n_heads),
+                        ("model.n_kv_heads", cfg.n_kv_heads), ("model.ffn_hidden", cfg.ffn_hidden)):
+            if n % tp_size:  # checked before any (megatron) layer is built
+                raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp_size}; choose a tp that divides it")
         scheme = NORM_SCHEMES[cfg.norm_scheme]
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.blocks = nn.ModuleList(Block(cfg, scheme.block(cfg, l), tp) for l in range(1, cfg.n_layers + 1))

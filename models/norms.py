@@ -33,6 +33,10 @@ from torch import nn
 from models.config import ModelConfig
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (as Llama does), times a learnable gain and a fixed `output_scale`."""
 
@@ -42,7 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.dim,), eps=self.eps).type_as(x) * self.weight
+        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.weight
         return y * self.output_scale if self.output_scale != 1.0 else y
 
     def reset_parameters(self) -> None:
@@ -56,7 +60,7 @@ class LayerNorm(RMSNorm):
     """Bias-free LayerNorm (the project uses no biases), fp32 statistics, fixed `output_scale`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), (self.dim,), eps=self.eps).type_as(x) * self.weight
+        y = F.layer_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.weight
         return y * self.output_scale if self.output_scale != 1.0 else y
 
 

@@ -113,11 +113,15 @@ def _no_init(w):
 
 
 def _single_output(cls):
-    """A megatron layer that returns only its output and keeps no `_extra_state` in its state dict."""
+    """A megatron layer that returns only its output and keeps no `_extra_state` in its state dict.
+
+    Only `get_extra_state` is reset: megatron registers a load_state_dict pre-hook that adds
+    `<prefix>_extra_state` to every state dict loaded into the layer, and megatron's own (no-op)
+    `set_extra_state` must stay to consume it, or every strict load into a TP model fails.
+    """
 
     class Layer(cls):
         get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
 
         def forward(self, x):
             out, _bias = super().forward(x)
@@ -187,7 +191,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     mask = labels != ignore_index
-    per_token = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~mask, 0))
+    # megatron's kernel subtracts the max and exponentiates in place: never hand it the caller's tensor.
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0))
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -49,12 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.set_defaults(func=cmd_export_hf)
 
-    try:
-        from pretrain.data.cli import register as register_data
-    except ImportError:  # the data package is optional at import time only while it is being written
-        register_data = None
-    if register_data is not None:
-        register_data(sub)
+    from pretrain.data.cli import register as register_data
+
+    register_data(sub)
     for extra in ("pretrain.bench", "pretrain.diagnostics_cli"):
         try:
             module = __import__(extra, fromlist=["register"])

@@ -58,17 +58,17 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
     rank0 = topo.rank == 0
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     resume_from = checkpoint.resolve_resume(cfg.train.resume, ckpt_root)
+    step = checkpoint.read_state(resume_from)["step"] if resume_from else 0
+    samples_per_step = cfg.train.global_batch_size
+    tokens_per_step = samples_per_step * cfg.data.seq_len
+    # Everything that can reject the user's input (data, parallel layout) runs before the run folder is touched.
+    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=step * samples_per_step)
+    torch.manual_seed(cfg.train.seed)
+    built = build_engine(cfg, topo)
+    state = checkpoint.load(built.engine, resume_from, topo.rank) if resume_from else {"step": 0}
     if rank0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-    torch.manual_seed(cfg.train.seed)
-
-    built = build_engine(cfg, topo)
-    state = checkpoint.load(built.engine, resume_from, topo.rank) if resume_from else {"step": 0}
-    step = state["step"]
-    samples_per_step = cfg.train.global_batch_size
-    tokens_per_step = samples_per_step * cfg.data.seq_len
-    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=step * samples_per_step)
 
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
     if rank0:
@@ -101,15 +101,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
         window_time, window_steps = window_time + step_time, window_steps + 1
         if not applied and rank0:
             out.say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped ({bad_in_a_row} in a row)")
-        if bad_in_a_row >= cfg.train.max_bad_steps:
-            if rank0:
-                out.say(
-                    f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; stopping. "
-                    "Lower train.lr, raise train.warmup_steps or check the data; resume from the last checkpoint"
-                )
-            exit_code = EXIT_UNSTABLE
-            break
-        if step % cfg.logging.interval == 0 or step == last_step:
+        if step % cfg.logging.interval == 0 or step == last_step or not applied:
             tokens_per_s = window_steps * tokens_per_step / window_time
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
@@ -121,6 +113,14 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
             out.write(record, "train")
             out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
             window_time, window_steps = 0.0, 0
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            if rank0:
+                out.say(
+                    f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; stopping. "
+                    "Lower train.lr, raise train.warmup_steps or check the data; resume from the last checkpoint"
+                )
+            exit_code = EXIT_UNSTABLE
+            break
         out.advance(step, loss)
         if val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
             val_loss = evaluate(built, val_batches, topo)

@@ -1,0 +1,116 @@
+"""Bundled corpora: text that ships in the package, with the recipe that turns it into a prepared folder.
+
+`bundled:tinyshakespeare` trains its tokenizer and prepares the corpus on first use (about a second) into
+`$PRETRAIN_CACHE` (default `~/.cache/pretrain`), in a folder keyed by a hash of the recipe, the corpus
+bytes, the folder format and the sentencepiece version; later calls reuse it. Ranks that build it at the
+same time each write a private staging folder and rename it into place; the losers use the winner's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from pretrain.data.prepare import FORMAT_VERSION, OutputExists, prepare_dataset, read_meta
+from pretrain.data.tokenizer import train_tokenizer
+from pretrain.errors import UserError
+
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a bundled corpus becomes tokens; every field goes into the cache key."""
+
+    file: str
+    vocab_size: int = 2048
+    model_type: str = "bpe"
+    sample_by: str = "paragraph"
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+# vocab 2048 = the `tiny` preset's model.vocab_size; paragraphs (blank-line separated speeches) are documents.
+RECIPES: dict[str, Recipe] = {
+    "tinyshakespeare": Recipe(file="tinyshakespeare.txt"),
+}
+
+
+def corpus_path(spec: str) -> str:
+    """The text file of `bundled:NAME`."""
+    return str(CORPORA_DIR / _recipe(spec).file)
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where bundled corpora are prepared: `cache_dir`, else $PRETRAIN_CACHE, else ~/.cache/pretrain."""
+    return Path(cache_dir or os.environ.get("PRETRAIN_CACHE") or "~/.cache/pretrain").expanduser()
+
+
+def resolve_data_path(spec: str, cache_dir: str | None = None) -> str:
+    """A prepared folder for `spec`: `bundled:NAME` is built on first use; anything else must be a complete folder."""
+    if not spec.startswith(PREFIX):
+        read_meta(spec)  # one-line UserError for a missing or interrupted folder
+        return str(Path(spec).expanduser().absolute())
+    name = spec[len(PREFIX):]
+    recipe = _recipe(spec)
+    text = CORPORA_DIR / recipe.file
+    key = hashlib.sha256(
+        json.dumps(
+            {"recipe": asdict(recipe), "corpus_sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
+             "format_version": FORMAT_VERSION, "sentencepiece": spm.__version__},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    root = cache_root(cache_dir)
+    data_dir, tok_dir = root / f"{name}-{key}", root / f"{name}-{key}-tokenizer"
+    try:
+        read_meta(data_dir)
+        return str(data_dir)
+    except UserError:
+        pass
+    if data_dir.exists():
+        raise UserError(
+            f"{data_dir} is an incomplete bundled-data cache (from an interrupted run); delete it and re-run"
+        )
+    try:
+        train_tokenizer([str(text)], recipe.vocab_size, str(tok_dir), recipe.model_type, seed=recipe.seed)
+    except OutputExists:
+        pass  # built earlier or by another rank; training is deterministic, so it is the same model
+    with _quiet_datasets():
+        try:
+            prepare_dataset(
+                str(text), str(tok_dir), str(data_dir), sample_by=recipe.sample_by,
+                val_fraction=recipe.val_fraction, seed=recipe.seed,
+            )
+        except OutputExists:
+            pass  # another rank published first
+    read_meta(data_dir)
+    return str(data_dir)
+
+
+@contextmanager
+def _quiet_datasets():
+    """No datasets progress bars while a training run builds its default data in passing."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _recipe(spec: str) -> Recipe:
+    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    if name not in RECIPES:
+        raise UserError(f"{spec}: no such bundled corpus; choose one of {', '.join(PREFIX + n for n in RECIPES)}")
+    return RECIPES[name]

@@ -1,0 +1,128 @@
+"""`pretrain tokenizer train`, `pretrain data prepare` and `pretrain data info`.
+
+`register(subparsers)` adds the commands to the main parser; each sets `func(args) -> int` (exit code).
+Problems the user can fix raise UserError, which `pretrain/cli.py` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pretrain.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `tokenizer` and `data` command groups."""
+    tok = subparsers.add_parser("tokenizer", help="Train a sentencepiece tokenizer.")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
+    p = tok_sub.add_parser(
+        "train", help="Train a byte-fallback BPE/unigram model on text files.",
+        description="Train a byte-fallback sentencepiece model (pad=0 unk=1 bos=2 eos=3) into DIR/tokenizer.model.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="Text files (a sentence per line), .jsonl/.json/.parquet files, or folders of them.")
+    p.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                   help="Vocabulary size, the 4 specials and 256 byte pieces included.")
+    p.add_argument("--out", required=True, metavar="DIR", help="Output folder (tokenizer.model, tokenizer_meta.json).")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="Algorithm (default: bpe).")
+    p.add_argument("--text-field", default="text", help="Text field of .jsonl/.json/.parquet inputs (default: text).")
+    p.add_argument("--max-sentences", type=int, default=5_000_000, help="Train on at most this many lines (default: 5M).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the line sampling (default: 0).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing tokenizer in --out.")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = subparsers.add_parser("data", help="Prepare and inspect token datasets.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    p = data_sub.add_parser(
+        "prepare", help="Tokenize a dataset into a memory-mapped folder.",
+        description="Tokenize SPEC (local files or folder, bundled:NAME, or a hub dataset) into DIR: "
+        "train.bin, val.bin, tokenizer.model, meta.json.",
+    )
+    p.add_argument("--source", required=True, metavar="SPEC",
+                   help="A .txt/.jsonl/.json/.parquet/.csv file or folder, bundled:tinyshakespeare, or a hub dataset name.")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="A sentencepiece .model file or a folder holding one.")
+    p.add_argument("--out", required=True, metavar="DIR", help="Output folder; written atomically.")
+    p.add_argument("--text-field", default="text", help="Field holding the text (default: text; .txt files give 'text').")
+    p.add_argument("--num-proc", type=int, default=None, metavar="N",
+                   help="Tokenizer processes (default: one per core for inputs of a few thousand documents or more).")
+    p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                   help="Fraction of documents held out for validation (default: 0.05).")
+    p.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="paragraph",
+                   help="For .txt files, what one document is (default: paragraph).")
+    p.add_argument("--streaming", action="store_true", help="Stream the source instead of caching it whole (large hub datasets).")
+    p.add_argument("--split", default="train", help="Split of a hub dataset (default: train).")
+    p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="Stop after the first N documents.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the train/val assignment (default: 0).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data_sub.add_parser("info", help="Print the metadata of a prepared folder.")
+    p.add_argument("path", metavar="DIR", help="A prepared folder, or bundled:NAME (built if needed).")
+    p.set_defaults(func=cmd_data_info)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+
+    path = train_tokenizer(
+        args.input, args.vocab_size, args.out, args.model_type, text_field=args.text_field,
+        max_sentences=args.max_sentences, seed=args.seed, overwrite=args.overwrite,
+    )
+    tok = Tokenizer.load(path)
+    ids = f"pad={tok.pad_id} unk={tok.unk_id} bos={tok.bos_id} eos={tok.eos_id}"
+    print(f"tokenizer: {path} (vocab {tok.vocab_size}, {ids}, sha256 {tok.sha256[:12]})")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pretrain.data.prepare import prepare_dataset, read_meta
+
+    out = prepare_dataset(
+        args.source, args.tokenizer, args.out, text_field=args.text_field, val_fraction=args.val_fraction,
+        num_proc=args.num_proc, seed=args.seed, sample_by=args.sample_by, streaming=args.streaming,
+        split=args.split, subset=args.subset, max_documents=args.max_docs, overwrite=args.overwrite,
+    )
+    print(f"prepared: {out} ({summary(read_meta(out))})")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from pretrain.data.bundled import resolve_data_path
+    from pretrain.data.prepare import read_meta
+
+    path = resolve_data_path(args.path)
+    print(f"{path}: {summary(read_meta(path))}")
+    print(json.dumps(read_meta(path), indent=2))
+    return 0
+
+
+def summary(meta: dict) -> str:
+    """One line: token and document counts per split, dtype, vocab."""
+    s = meta["splits"]
+    return (
+        f"train {s['train']['num_tokens']:,} tokens / {s['train']['num_documents']:,} docs, "
+        f"val {s['val']['num_tokens']:,} tokens / {s['val']['num_documents']:,} docs, "
+        f"{meta['dtype']}, vocab {meta['vocab_size']}"
+    )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m pretrain.data.cli ...`) until `pretrain/cli.py` wires `register` in."""
+    import sys
+
+    from pretrain.errors import EXIT_USER_ERROR
+
+    parser = argparse.ArgumentParser(prog="pretrain")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

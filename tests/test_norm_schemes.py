@@ -1,0 +1,323 @@
+"""Every norm scheme computes its formula (models/norms.py), checked against hand-written math.
+
+The reference below writes RMSNorm, LayerNorm and DyT out explicitly and uses only the block's own
+attention and MLP as the branch functions F, so a norm in the wrong place, a missing 1/sqrt(l), a wrong
+residual weight or a wrong final norm changes the result. l = 1..L counts blocks from the input.
+
+Models run in float64. RMSNorm/LayerNorm compute their statistics in float32 (models/norms.py), so schemes
+that use them are compared to 1e-6; ln_free and dyt have no float32 step and are compared to 1e-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from models.llama import Llama
+
+SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spinning on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+# d 8, 2 query heads over 1 kv head (GQA), 4 layers: mix_ln has floor(0.25 * 4) = 1 Post-LN block.
+TINY = dict(vocab_size=32, d_model=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=16)
+FINAL_NORM = {  # what sits between the last block and the head
+    "pre_ln": "norm", "lns": "norm", "mix_ln": "norm", "peri_ln": "norm",
+    "dyt": "dyt",
+    "ln_free": None, "post_ln": None, "deepnorm": None,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The formulas, written out
+
+
+def rms_norm(x, w, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def layer_norm(x, w, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w
+
+
+def dyt(x, alpha, w):
+    return w * torch.tanh(alpha * x)
+
+
+def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Block l (1-based) of `cfg.norm_scheme`, with the block's attention and MLP as F."""
+    L, eps = cfg.n_layers, cfg.norm_eps
+    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
+
+    def attn(y):
+        return block.attn(y, cos, sin)
+
+    mlp = block.mlp
+    scheme = cfg.norm_scheme
+    if scheme == "mix_ln":
+        scheme = "post_ln" if l <= math.floor(0.25 * L) else "pre_ln"
+
+    if scheme == "pre_ln":
+        h = x + attn(N(x, block.attn_norm.weight, eps))
+        return h + mlp(N(h, block.mlp_norm.weight, eps))
+    if scheme == "lns":
+        s = 1.0 / math.sqrt(l)
+        h = x + attn(N(x, block.attn_norm.weight, eps) * s)
+        return h + mlp(N(h, block.mlp_norm.weight, eps) * s)
+    if scheme == "ln_free":
+        h = x + attn(x)
+        return h + mlp(h)
+    if scheme == "post_ln":
+        h = N(x + attn(x), block.attn_post_norm.weight, eps)
+        return N(h + mlp(h), block.mlp_post_norm.weight, eps)
+    if scheme == "peri_ln":
+        h = x + N(attn(N(x, block.attn_norm.weight, eps)), block.attn_out_norm.weight, eps)
+        return h + N(mlp(N(h, block.mlp_norm.weight, eps)), block.mlp_out_norm.weight, eps)
+    if scheme == "deepnorm":
+        a = (2 * L) ** 0.25
+        h = N(a * x + attn(x), block.attn_post_norm.weight, eps)
+        return N(a * h + mlp(h), block.mlp_post_norm.weight, eps)
+    if scheme == "dyt":
+        h = x + attn(dyt(x, block.attn_norm.alpha, block.attn_norm.weight))
+        return h + mlp(dyt(h, block.mlp_norm.alpha, block.mlp_norm.weight))
+    raise AssertionError(f"no formula for {scheme}")
+
+
+def final_formula(cfg: ModelConfig, model, x: torch.Tensor) -> torch.Tensor:
+    kind = FINAL_NORM[cfg.norm_scheme]
+    if kind is None:
+        return x
+    if kind == "dyt":
+        return dyt(x, model.final_norm.alpha, model.final_norm.weight)
+    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
+    return N(x, model.final_norm.weight, cfg.norm_eps)  # never depth-scaled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tol(cfg: ModelConfig) -> float:
+    return 1e-10
+
+
+def make_model(scheme: str, norm_type: str = "rmsnorm", seed: int = 0, **overrides) -> tuple[ModelConfig, Llama]:
+    """A float64 model whose norm gains and DyT alphas are moved off their init (so that they matter)."""
+    cfg = ModelConfig(**{**TINY, "norm_scheme": scheme, "norm_type": norm_type, **overrides})
+    model = Llama(cfg, seed=seed).double()
+    gen = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".alpha"):
+                p.copy_(0.3 + 0.6 * torch.rand(p.shape, generator=gen, dtype=p.dtype))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return cfg, model
+
+
+def residual_input(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
+    # Not mean-centred, so RMSNorm and LayerNorm give different results.
+    gen = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(2, 7, cfg.d_model, generator=gen, dtype=torch.float64) + 0.5
+
+
+def assert_close(actual, expected, atol, what=""):
+    err = (actual - expected).abs().max().item()
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:g}"
+
+
+CASES = [(s, "rmsnorm") for s in SCHEMES] + [("pre_ln", "layernorm"), ("peri_ln", "layernorm")]
+CASE_IDS = [s if t == "rmsnorm" else f"{s}-{t}" for s, t in CASES]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("scheme,norm_type", CASES, ids=CASE_IDS)
+def test_every_block_matches_formula(scheme, norm_type):
+    cfg, model = make_model(scheme, norm_type)
+    x = residual_input(cfg)
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks, start=1):
+            got = block(x, model.rope_cos, model.rope_sin)
+            want = block_formula(cfg, block, l, x, model.rope_cos, model.rope_sin)
+            assert_close(got, want, tol(cfg), f"{scheme}/{norm_type} block {l}")
+            # Not vacuous: the branches changed the stream well beyond the tolerance.
+            assert (got - x).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scheme,norm_type", CASES, ids=CASE_IDS)
+def test_whole_model_matches_formula(scheme, norm_type):
+    """Embedding, the blocks in order, the scheme's final norm (or none) and the head."""
+    cfg, model = make_model(scheme, norm_type, tie_embeddings=(scheme == "peri_ln"))
+    tokens = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(tokens)
+        x = model.tok_emb.weight[tokens]
+        for l, block in enumerate(model.blocks, start=1):
+            x = block_formula(cfg, block, l, x, model.rope_cos, model.rope_sin)
+        head = model.tok_emb.weight if cfg.tie_embeddings else model.head.weight
+        want = final_formula(cfg, model, x) @ head.T
+    assert_close(got, want, tol(cfg), f"{scheme}/{norm_type} logits")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_final_norm(scheme):
+    cfg, model = make_model(scheme)
+    kind = FINAL_NORM[scheme]
+    n_params = sum(p.numel() for p in model.final_norm.parameters())
+    assert n_params == {None: 0, "norm": cfg.d_model, "dyt": cfg.d_model + 1}[kind]
+    x = residual_input(cfg)
+    with torch.no_grad():
+        got = model.final_norm(x)
+    assert_close(got, final_formula(cfg, model, x), tol(cfg), f"{scheme} final norm")
+    if kind is None:
+        assert torch.equal(got, x)
+
+
+def test_lns_scales_block_norms_by_inverse_sqrt_depth():
+    """lns is pre_ln with both norm outputs of block l times 1/sqrt(l); the final norm is not scaled.
+
+    The reference LNS implementation gates its scaling on an environment-variable comparison that has been
+    false since April 2025; this pins the formula so that our scaling cannot silently switch off.
+    """
+    _, pre = make_model("pre_ln")
+    cfg, lns = make_model("lns")
+    lns.load_state_dict(pre.state_dict())  # same weights, norm gains included
+    x = residual_input(cfg)
+    with torch.no_grad():
+        for l in range(1, cfg.n_layers + 1):
+            for part in ("attn_norm", "mlp_norm"):
+                a = getattr(lns.blocks[l - 1], part)(x)
+                b = getattr(pre.blocks[l - 1], part)(x)
+                torch.testing.assert_close(a, b / math.sqrt(l), rtol=1e-15, atol=0)
+        # Block 4: exactly half (a power of two, so no rounding); block 1: unchanged.
+        assert torch.equal(lns.blocks[3].attn_norm(x), 0.5 * pre.blocks[3].attn_norm(x))
+        assert torch.equal(lns.blocks[3].mlp_norm(x), 0.5 * pre.blocks[3].mlp_norm(x))
+        assert torch.equal(lns.blocks[0](x, lns.rope_cos, lns.rope_sin), pre.blocks[0](x, pre.rope_cos, pre.rope_sin))
+        assert torch.equal(lns.final_norm(x), pre.final_norm(x))
+        # ... and the scaling is active: from block 2 on the two models differ.
+        assert not torch.allclose(lns.blocks[1](x, lns.rope_cos, lns.rope_sin), pre.blocks[1](x, pre.rope_cos, pre.rope_sin))
+        tokens = torch.arange(8).view(1, 8)
+        assert (lns(tokens) - pre(tokens)).abs().max() > 1e-6
+
+
+def test_ln_free_has_no_norm_at_all():
+    cfg, model = make_model("ln_free")
+    names = [n for n, _ in model.named_parameters()]
+    weights = ("attn.qkv.weight", "attn.o.weight", "mlp.gate_up.weight", "mlp.down.weight")
+    allowed = {"tok_emb.weight", "head.weight"} | {f"blocks.{i}.{w}" for i in range(cfg.n_layers) for w in weights}
+    assert set(names) <= allowed, f"ln_free has norm parameters: {sorted(set(names) - allowed)}"
+    assert len(names) == len(allowed)
+    for block in model.blocks:
+        for part in ("attn_norm", "attn_out_norm", "attn_post_norm", "mlp_norm", "mlp_out_norm", "mlp_post_norm"):
+            assert isinstance(getattr(block, part), torch.nn.Identity)
+    assert isinstance(model.final_norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("n_layers,n_post", [(3, 0), (4, 1), (8, 2), (12, 3)])
+def test_mix_ln_post_ln_blocks(n_layers, n_post):
+    cfg = ModelConfig(**{**TINY, "n_layers": n_layers, "norm_scheme": "mix_ln"})
+    with torch.device("meta"):
+        model = Llama(cfg)
+    post = [any(True for _ in b.attn_post_norm.parameters()) for b in model.blocks]
+    pre = [any(True for _ in b.attn_norm.parameters()) for b in model.blocks]
+    assert post == [l <= n_post for l in range(1, n_layers + 1)]
+    assert pre == [not p for p in post]
+
+
+def _std(t: torch.Tensor) -> float:
+    return t.double().std().item()
+
+
+@pytest.mark.parametrize("scheme", ["pre_ln", "deepnorm", "ln_free"])
+def test_init_gains(scheme):
+    """deepnorm: beta = (8L)^(-1/4) on value, attention-output and MLP weights; q, k stay at init_std.
+    ln_free: 1/sqrt(2L) on the two output projections. pre_ln: no gains."""
+    cfg = ModelConfig(
+        vocab_size=64, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=1024, max_seq_len=16,
+        norm_scheme=scheme, init_std=0.02,
+    )
+    model = Llama(cfg, seed=5)
+    L, s = cfg.n_layers, cfg.init_std
+    beta = (8 * L) ** -0.25 if scheme == "deepnorm" else 1.0
+    out_gain = beta if scheme == "deepnorm" else (1 / math.sqrt(2 * L) if scheme == "ln_free" else 1.0)
+    q_per_kv = cfg.n_heads // cfg.n_kv_heads
+    # Pool the four blocks so the estimates are tight (>= 500k samples each, std error < 0.2%).
+    qkv = torch.stack([b.attn.qkv.weight.view(cfg.n_kv_heads, q_per_kv + 2, cfg.head_dim, cfg.d_model) for b in model.blocks])
+    expected = {
+        "q": (qkv[:, :, :q_per_kv], s),
+        "k": (qkv[:, :, q_per_kv], s),
+        "v": (qkv[:, :, q_per_kv + 1], s * beta),
+        "o": (torch.stack([b.attn.o.weight for b in model.blocks]), s * out_gain),
+        "gate_up": (torch.stack([b.mlp.gate_up.weight for b in model.blocks]), s * beta),
+        "down": (torch.stack([b.mlp.down.weight for b in model.blocks]), s * out_gain),
+        "tok_emb": (model.tok_emb.weight, s),
+        "head": (model.head.weight, s),
+    }
+    for name, (w, want) in expected.items():
+        rel_tol = 0.05 if name in ("tok_emb", "head") else 0.02  # the embeddings have only 32k samples
+        got = _std(w)
+        assert abs(got / want - 1) < rel_tol, f"{scheme} {name}: std {got:.5f}, expected {want:.5f}"
+        assert abs(w.double().mean().item()) < 0.05 * want, f"{scheme} {name}: mean not ~0"
+
+
+def test_dyt_alpha_is_a_learnable_scalar_initialized_from_config():
+    for alpha_init in (None, 0.8):
+        extra = {} if alpha_init is None else {"dyt_alpha_init": alpha_init}
+        cfg = ModelConfig(**{**TINY, "norm_scheme": "dyt", **extra})
+        model = Llama(cfg, seed=0)
+        alphas = {n: p for n, p in model.named_parameters() if n.endswith("alpha")}
+        assert len(alphas) == 2 * cfg.n_layers + 1  # two per block and the final DyT
+        for n, p in alphas.items():
+            assert p.numel() == 1 and p.requires_grad, n
+            assert p.item() == pytest.approx(0.5 if alpha_init is None else alpha_init), n
+    tokens = torch.randint(cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    assert all(p.grad is not None and p.grad.abs().item() > 0 for p in alphas.values())
+
+
+def test_dyt_has_no_rms_or_layernorm():
+    cfg, model = make_model("dyt")
+    x = residual_input(cfg)
+    for block in model.blocks:
+        assert sorted(n for n, _ in block.attn_norm.named_parameters()) == ["alpha", "weight"]
+        assert isinstance(block.attn_post_norm, torch.nn.Identity) and isinstance(block.attn_out_norm, torch.nn.Identity)
+    # DyT is bounded by |gamma| whatever the input scale, unlike a norm it does not rescale small inputs up.
+    with torch.no_grad():
+        y = model.blocks[0].attn_norm(1e-3 * x)
+    assert y.abs().max() < 1e-2
+
+
+def test_layernorm_differs_from_rmsnorm():
+    """norm_type=layernorm subtracts the mean: with unit gains its output has zero mean, RMSNorm's does not."""
+    cfg = ModelConfig(**{**TINY, "norm_type": "layernorm"})
+    ln, rms = Llama(cfg).double(), Llama(ModelConfig(**TINY)).double()
+    x = residual_input(cfg)
+    with torch.no_grad():
+        a, b = rms.blocks[0].attn_norm(x), ln.blocks[0].attn_norm(x)
+    assert b.mean(-1).abs().max() < 1e-6
+    assert a.mean(-1).abs().mean() > 0.1
+    assert_close(b.pow(2).mean(-1), torch.ones(()), 1e-5, "LayerNorm output variance")
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_norms_keep_float64_precision(norm_type):
+    cfg, model = make_model("pre_ln", norm_type)
+    x = residual_input(cfg)
+    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[norm_type]
+    with torch.no_grad():
+        got = model.blocks[0].attn_norm(x)
+    assert_close(got, N(x, model.blocks[0].attn_norm.weight, cfg.norm_eps), 1e-12, f"float64 {norm_type}")
