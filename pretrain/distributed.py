@@ -60,7 +60,8 @@ def launcher_env() -> dict[str, str]:
             "RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
             "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()),
         }
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only inside an srun step: a batch script or salloc shell also has SLURM_PROCID=0 and the job's SLURM_NTASKS.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise UserError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not; start the job with sbatch/srun")
@@ -103,8 +104,9 @@ def init_distributed(tp: int, pp: int) -> Topology:
             f"launch a multiple of {tp * pp} processes or change parallel.tp/pp"
         )
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = local_rank % torch.cuda.device_count()  # srun --gpus-per-task may leave one visible GPU per task
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from models import Llama
+from models.llama import Block
 from models.parallel import TensorParallel
 from pretrain.config import ExperimentConfig
 from pretrain.distributed import Topology, deepspeed_topology
@@ -164,6 +165,12 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     except ValueError as e:  # divisibility of heads / vocab by tp
         raise UserError(str(e)) from None
     model.to(topo.device)
+    if cfg.train.compile:
+        # Compile block by block (nn.Module.compile keeps parameter names, so checkpoints and hooks see the same
+        # module tree); the blocks are where the time goes, and the pipeline engine sees the same layers.
+        for module in model.modules():
+            if isinstance(module, Block):
+                module.compile(dynamic=False)
     ds_cfg = deepspeed_config(cfg, topo)
     t = cfg.train
     opt_kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
