@@ -25,6 +25,10 @@ def use_cpu_accelerator_without_gpu() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    # Advice aimed at CUDA clusters / deprecations inside megatron-core and DeepSpeed, not actionable by users.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
 
 
 @dataclass(frozen=True)
