@@ -55,9 +55,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, E]
-        k = qkv[:, :, :, self.q_per_kv].transpose(1, 2)  # [B, K, T, E]
-        v = qkv[:, :, :, self.q_per_kv + 1].transpose(1, 2)  # [B, K, T, E]
+        # split (not indexing): its backward is one concatenation instead of three zero-filled qkv-sized buffers
+        q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
+        q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, E]
+        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # [B, K, T, E]
         cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)  # [B, H, T, E]
