@@ -1,9 +1,21 @@
 import os
 import warnings
 
+import pytest
+import torch
+
 # Tests run on CPU: DeepSpeed must not look for CUDA, and the gloo backend does the collectives.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models: one intra-op thread is fastest, and avoids OpenMP spinning on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

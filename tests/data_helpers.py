@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import json
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.errors import EXIT_USER_ERROR, UserError
 
 WORDS = [
     "the", "king", "queen", "crown", "sword", "night", "day", "love", "hate", "death", "life", "rose", "thorn",
@@ -90,17 +87,10 @@ def big_vocab_model(model_file: str, out_file: Path, extra: int = 66000) -> Path
 
 
 def run_cli(argv: list[str]) -> int:
-    """Parse and run like `pretrain ...` will: UserError -> `error: ...` on stderr, exit code 2."""
-    from pretrain.data.cli import register
+    """`pretrain ARGV` in this process (the real CLI: parsing, UserError -> one line and exit 2)."""
+    from pretrain.cli import main
 
-    parser = argparse.ArgumentParser(prog="pretrain")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return main(argv)
 
 
 def split_docs(tokens: np.ndarray, eos: int) -> list[list[int]]:

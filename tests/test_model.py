@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spinning on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_scheme_list_is_complete():

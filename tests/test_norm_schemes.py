@@ -21,13 +21,7 @@ from models.llama import Llama
 SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spinning on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")
 # d 8, 2 query heads over 1 kv head (GQA), 4 layers: mix_ln has floor(0.25 * 4) = 1 Post-LN block.
 TINY = dict(vocab_size=32, d_model=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=16)
 FINAL_NORM = {  # what sits between the last block and the head

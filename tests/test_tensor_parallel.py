@@ -40,13 +40,7 @@ INDIVISIBLE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spinning on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_config(**overrides) -> ModelConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from pretrain.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,23 +105,3 @@ def summary(meta: dict) -> str:
         f"val {s['val']['num_tokens']:,} tokens / {s['val']['num_documents']:,} docs, "
         f"{meta['dtype']}, vocab {meta['vocab_size']}"
     )
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m pretrain.data.cli ...`) until `pretrain/cli.py` wires `register` in."""
-    import sys
-
-    from pretrain.errors import EXIT_USER_ERROR
-
-    parser = argparse.ArgumentParser(prog="pretrain")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
