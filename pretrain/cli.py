@@ -52,12 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.data.cli import register as register_data
 
     register_data(sub)
-    for extra in ("pretrain.bench", "pretrain.diagnostics_cli"):
-        try:
-            module = __import__(extra, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    from pretrain import bench, diagnostics_cli
+
+    bench.register(sub)
+    diagnostics_cli.register(sub)
     return parser
 
 

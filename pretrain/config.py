@@ -118,7 +118,15 @@ class LoggingConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    interval: int = doc(0, "Per-layer activation variance and gradient norms every N steps (0 = off).")
+    interval: int = doc(
+        0,
+        "Per-layer residual variance/RMS, branch-to-residual ratios, angular distance and gradient norms every N "
+        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/diagnostics.py.",
+    )
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise ValueError(f"diagnostics.interval: must be >= 0 (0 = off), got {self.interval}")
 
 
 @dataclass

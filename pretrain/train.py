@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint
+from pretrain import checkpoint, diagnostics
 from pretrain.config import ExperimentConfig, save_config
 from pretrain.distributed import Topology, init_distributed, shutdown
 from pretrain.engine import Built, build_engine
@@ -45,14 +45,15 @@ class StopSignal:
 
 def train(cfg: ExperimentConfig) -> int:
     check_resume_target(cfg)
+    stop = StopSignal()  # from the start: a preemption signal during set-up must not kill the process
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
-        return _train(cfg, topo)
+        return _train(cfg, topo, stop)
     finally:
         shutdown()
 
 
-def _train(cfg: ExperimentConfig, topo: Topology) -> int:
+def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
     from pretrain.data_setup import build_loaders
 
     rank0 = topo.rank == 0
@@ -71,6 +72,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
+    layer_stats = diagnostics.setup(cfg, built, topo, out.tb, start_step=step)  # no-op when diagnostics.interval=0
     if rank0:
         n = sum(p.numel() for p in built.model.parameters())
         out.say(
@@ -81,7 +83,6 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
         )
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(topo.device)
-    stop = StopSignal()
     bad_in_a_row, skipped_total = 0, state.get("skipped_steps", 0)
     window_time, window_steps = 0.0, 0
     exit_code = EXIT_OK
@@ -92,8 +93,10 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
     while step < last_step:
         lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
         t0 = time.perf_counter()
+        layer_stats.begin_step(step + 1)
         loss = train_step(built, train_iter, topo)
         step += 1
+        layer_stats.end_step(step)  # layer_stats.jsonl on measured steps (pretrain/diagnostics.py)
         step_time = time.perf_counter() - t0
         applied = built.engine.was_step_applied() and math.isfinite(loss)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
@@ -137,6 +140,7 @@ def _train(cfg: ExperimentConfig, topo: Topology) -> int:
             out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
             exit_code = EXIT_PREEMPTED
             break
+    layer_stats.close()
     out.close()
     return exit_code
 

@@ -1,0 +1,124 @@
+"""Step-time overhead of the per-layer diagnostics (pretrain/diagnostics.py) on the tiny preset, in-process.
+
+    python benchmarks/bench_diagnostics.py [--rounds 12] [--steps 5] [--config configs/tiny.yaml]
+
+Three variants of the training loop's step (`pretrain.train.train_step`, the DeepSpeed engine `pretrain train`
+builds, the config's batch and sequence length, random tokens):
+
+    baseline  no diagnostics code at all (engine never wrapped, no calls)
+    off       diagnostics.interval=0: the loop's `begin_step` / `end_step` calls on the no-op object
+    every     diagnostics.interval=1: hooks, gradient norms, layer_stats.jsonl and TensorBoard every step
+
+The machine may be shared, so the variants are interleaved round by round (baseline, off, every, then rotated)
+and each one's median step time is compared. Prints off/baseline (target ~1.00) and every/baseline (target
+<= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pretrain.distributed import use_cpu_accelerator_without_gpu
+
+use_cpu_accelerator_without_gpu()
+
+import torch
+
+
+def random_batches(cfg, device):
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    while True:
+        batch = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"))
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="interleaved rounds (each times --steps steps per variant)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine OpenMP spin-waits make 2+ threads erratic)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.norm_scheme=lns")
+    args = parser.parse_args()
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pretrain import diagnostics
+    from pretrain.config import load_config
+    from pretrain.distributed import init_distributed, shutdown
+    from pretrain.engine import build_engine
+    from pretrain.train import train_step
+
+    torch.set_num_threads(args.threads)
+    topo = init_distributed(1, 1)
+    tmp = tempfile.mkdtemp(prefix="bench-diagnostics-")
+    try:
+        variants = {}
+        for name, interval in (("baseline", None), ("off", 0), ("every", 1)):
+            cfg = load_config(args.config, [*args.overrides, f"run.dir={os.path.join(tmp, name)}",
+                                            f"diagnostics.interval={interval or 0}"])
+            os.makedirs(cfg.run.dir)
+            torch.manual_seed(cfg.train.seed)
+            built = build_engine(cfg, topo)
+            diag = None
+            if interval is not None:
+                tb = SummaryWriter(os.path.join(cfg.run.dir, "tb")) if interval else None
+                diag = diagnostics.setup(cfg, built, topo, tb)
+            variants[name] = {"built": built, "diag": diag, "data": random_batches(cfg, topo.device), "step": 0,
+                              "times": []}
+        print(f"tiny preset ({cfg.model.norm_scheme}): micro-batch {cfg.train.micro_batch_size} x seq_len "
+              f"{cfg.data.seq_len}, grad accum {variants['baseline']['built'].gas}, torch threads "
+              f"{torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps per variant")
+
+        def run(v, n, record):
+            for _ in range(n):
+                v["step"] += 1
+                t0 = time.perf_counter()
+                if v["diag"] is None:
+                    train_step(v["built"], v["data"], topo)
+                else:
+                    v["diag"].begin_step(v["step"])
+                    train_step(v["built"], v["data"], topo)
+                    v["diag"].end_step(v["step"])
+                if record:
+                    v["times"].append(time.perf_counter() - t0)
+
+        for v in variants.values():
+            run(v, args.warmup, record=False)
+        names = list(variants)
+        for r in range(args.rounds):
+            order = names[r % 3:] + names[: r % 3]  # rotate, so no variant always follows the same one
+            for name in order:
+                run(variants[name], args.steps, record=True)
+        med = {name: statistics.median(v["times"]) for name, v in variants.items()}
+        for name in names:
+            print(f"  {name:<9} median step {1000 * med[name]:7.1f} ms  ({len(variants[name]['times'])} steps)")
+        print(f"off / baseline   = {med['off'] / med['baseline']:.3f}   (diagnostics.interval=0)")
+        print(f"every / baseline = {med['every'] / med['baseline']:.3f}   (diagnostics.interval=1, target <= 1.05)")
+        for v in variants.values():
+            if v["diag"] is not None:
+                v["diag"].close()
+        with open(os.path.join(tmp, "every", diagnostics.FILE)) as f:
+            lines = sum(1 for _ in f)
+        assert lines == variants["every"]["step"], "every step should have written one layer_stats.jsonl line"
+    finally:
+        shutdown()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

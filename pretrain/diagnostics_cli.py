@@ -1,0 +1,35 @@
+"""The diagnostics subcommands of `pretrain`: `plot` (pretrain/plot.py) and `analyze-depth` (pretrain/analyze.py)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plot", help="plot variance and gradient norm against depth, and loss, of run folders")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders trained with diagnostics.interval > 0")
+    p.add_argument("--out", required=True, help="image file to write, e.g. depth.png (format from the extension)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="measured steps to draw (default: each run's last measured step)")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("analyze-depth", help="per-layer angular distance and skip-one-block loss of a checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoints/step_XXXXXXXX folder, a checkpoints/ folder or a run folder (its latest)")
+    p.add_argument("--data", required=True, help="a prepared data folder or bundled:tinyshakespeare")
+    p.add_argument("--out", required=True, help="output directory (must not exist): depth.json and depth.png")
+    p.add_argument("--batches", type=int, default=4, help="validation micro-batches to evaluate (default 4)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: the run's train.micro_batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
+    p.add_argument("--split", default="val", help="data split to evaluate (default val)")
+    p.set_defaults(func=_analyze_depth)
+
+
+def _plot(args) -> int:
+    from pretrain.plot import cmd_plot
+
+    return cmd_plot(args)
+
+
+def _analyze_depth(args) -> int:
+    from pretrain.analyze import cmd_analyze_depth
+
+    return cmd_analyze_depth(args)
