@@ -10,7 +10,7 @@ residual weights, LayerNorm, DyT, no final norm) is refused with a one-line `Val
 
 Layout of our weights (see models/llama.py):
     blocks.{i}.attn.qkv.weight     rows [n_kv_heads, q_per_kv + 2, head_dim] = (q_1..q_Q, k, v) per kv head
-    blocks.{i}.mlp.gate_up.weight  rows [gate; up]
+    blocks.{i}.mlp.gate.weight, blocks.{i}.mlp.up.weight
 Query head h of HF uses kv head h // q_per_kv, which is our grouping read in row order.
 
 Import (HF -> ours) gives a `pre_ln` model by default. `norm_scheme="lns"` (any exportable scheme) instead
@@ -278,11 +278,10 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> d
         o = sd[p + "attn.o.weight"].detach()
         _check_shape(p + "attn.o.weight", o, (D, cfg.n_heads * E))
         out[h + "self_attn.o_proj.weight"] = o.clone()
-        gate_up = sd[p + "mlp.gate_up.weight"].detach()
-        _check_shape(p + "mlp.gate_up.weight", gate_up, (2 * cfg.ffn_hidden, D))
-        gate, up = gate_up.chunk(2, dim=0)
-        out[h + "mlp.gate_proj.weight"] = gate.clone()
-        out[h + "mlp.up_proj.weight"] = up.clone()
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj")):
+            w = sd[p + f"mlp.{ours}.weight"].detach()
+            _check_shape(p + f"mlp.{ours}.weight", w, (cfg.ffn_hidden, D))
+            out[h + f"mlp.{theirs}.weight"] = w.clone()
         down = sd[p + "mlp.down.weight"].detach()
         _check_shape(p + "mlp.down.weight", down, (D, cfg.ffn_hidden))
         out[h + "mlp.down_proj.weight"] = down.clone()
@@ -343,9 +342,8 @@ def from_hf_state_dict(
         v = get(h + "self_attn.v_proj.weight", (K * E, D)).reshape(K, 1, E, D)
         out[p + "attn.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(K * (Q + 2) * E, D)
         out[p + "attn.o.weight"] = get(h + "self_attn.o_proj.weight", (D, cfg.n_heads * E)).clone()
-        gate = get(h + "mlp.gate_proj.weight", (cfg.ffn_hidden, D))
-        up = get(h + "mlp.up_proj.weight", (cfg.ffn_hidden, D))
-        out[p + "mlp.gate_up.weight"] = torch.cat([gate, up], dim=0)
+        out[p + "mlp.gate.weight"] = get(h + "mlp.gate_proj.weight", (cfg.ffn_hidden, D)).clone()
+        out[p + "mlp.up.weight"] = get(h + "mlp.up_proj.weight", (cfg.ffn_hidden, D)).clone()
         out[p + "mlp.down.weight"] = get(h + "mlp.down_proj.weight", (D, cfg.ffn_hidden)).clone()
         for ours, theirs in _BLOCK_NORMS.items():
             out[p + ours + ".weight"] = norm_weight(h + theirs + ".weight", p + ours + ".weight")

@@ -42,39 +42,27 @@ class TensorParallel:
 
 @dataclass(frozen=True)
 class TPSplit:
-    """How a full tensor of `full_shape` is split over `size` ranks along `dim`.
-
-    The full tensor is viewed as `groups` equal chunks along `dim` (e.g. the [gate; up] halves of the fused
-    SwiGLU input projection); every chunk is split into `size` pieces and rank r keeps piece r of each chunk,
-    so each rank holds matching gate and up columns.
-    """
+    """How a full tensor of `full_shape` is split over `size` ranks along `dim` (rank r keeps piece r)."""
 
     full_shape: tuple[int, ...]
     dim: int = 0
-    groups: int = 1
     size: int = 1
     rank: int = 0
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return full
-        chunks = full.chunk(self.groups, dim=self.dim)
-        return torch.cat([c.chunk(self.size, dim=self.dim)[self.rank] for c in chunks], dim=self.dim)
+        return full if self.size == 1 else full.chunk(self.size, dim=self.dim)[self.rank]
 
     def merge(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of `shard` given every rank's shard in rank order."""
-        if self.size == 1:
-            return shards[0]
-        per_rank = [s.chunk(self.groups, dim=self.dim) for s in shards]
-        return torch.cat([torch.cat([p[g] for p in per_rank], dim=self.dim) for g in range(self.groups)], dim=self.dim)
+        return shards[0] if self.size == 1 else torch.cat(shards, dim=self.dim)
 
 
 def _tp_size(tp: TensorParallel | None) -> int:
     return 1 if tp is None else tp.size
 
 
-def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: TensorParallel | None, groups: int = 1):
-    weight.tp_split = TPSplit(tuple(full_shape), dim, groups, _tp_size(tp), 0 if tp is None else tp.rank)
+def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: TensorParallel | None):
+    weight.tp_split = TPSplit(tuple(full_shape), dim, _tp_size(tp), 0 if tp is None else tp.rank)
     if tp is not None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -131,18 +119,18 @@ def _single_output(cls):
     return Layer
 
 
-def column_linear(in_features: int, out_features: int, tp: TensorParallel | None, groups: int = 1) -> nn.Module:
-    """y = x W^T with W's output rows split across TP ranks; `groups` as in `TPSplit`."""
+def column_linear(in_features: int, out_features: int, tp: TensorParallel | None) -> nn.Module:
+    """y = x W^T with W's output rows split across TP ranks."""
     if tp is None:
         layer = nn.Linear(in_features, out_features, bias=False)
     else:
         mtp = _quiet_megatron()
-        _divide(out_features // groups, tp, "output features per group")
+        _divide(out_features, tp, "output features")
         layer = _single_output(mtp.ColumnParallelLinear)(
             in_features, out_features, config=_megatron_config(tp), init_method=_no_init, bias=False,
             gather_output=False, tp_group=tp.group,
         )
-    _mark(layer.weight, (out_features, in_features), 0, tp, groups)
+    _mark(layer.weight, (out_features, in_features), 0, tp)
     return layer
 
 

@@ -181,6 +181,6 @@ def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Ten
     if tp > 1:
         for p in reference.parameters():
             if hasattr(p, "tp_split"):
-                p.tp_split = type(p.tp_split)(p.tp_split.full_shape, p.tp_split.dim, p.tp_split.groups, tp, 0)
+                p.tp_split = type(p.tp_split)(p.tp_split.full_shape, p.tp_split.dim, tp, 0)
     full = merge_state_dicts(per_rank, reference) if tp > 1 else per_rank[0]
     return cfg, {k: v.float() for k, v in full.items()}

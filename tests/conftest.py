@@ -19,3 +19,9 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One PRETRAIN_CACHE for the end-to-end runs: the bundled corpus is prepared once per test session."""
+    return str(tmp_path_factory.mktemp("pretrain_cache"))

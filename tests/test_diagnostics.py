@@ -179,14 +179,9 @@ STEPS = ["train.steps=2", "diagnostics.interval=1"]  # gbs 8, mbs 4: two micro-b
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     run = str(tmp_path_factory.mktemp("single"))
-    run_train(run, *STEPS, cache_dir=cache)
+    run_train(run, *STEPS, cache_dir=data_cache)
     return run
 
 
@@ -206,7 +201,7 @@ def assert_global_norm_is_the_engines(run_dir: str):
         assert r["grad_norm_global"] == pytest.approx(engine[r["step"]], rel=1e-5)
 
 
-def test_logged_step_matches_hand_computation(reference, cache):
+def test_logged_step_matches_hand_computation(reference, data_cache):
     """Step 1's logged numbers are the init weights' statistics on the first micro-batch, and the gradient
     norms of the mean loss over the step's two micro-batches, computed by hand in fp64."""
     from pretrain.config import load_config
@@ -214,7 +209,7 @@ def test_logged_step_matches_hand_computation(reference, cache):
 
     cfg = load_config(os.path.join(reference, "config.yaml"))
     model = Llama(cfg.model, seed=cfg.train.seed).double()
-    loader = DataLoader(open_dataset(cfg.data.paths, cfg.data.seq_len, "train", cache_dir=cache),
+    loader = DataLoader(open_dataset(cfg.data.paths, cfg.data.seq_len, "train", cache_dir=data_cache),
                         micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed)
     (t1, l1), (t2, l2) = next(loader), next(loader)
     logged = layer_stats(reference)[0]
@@ -247,16 +242,16 @@ def test_logged_step_matches_hand_computation(reference, cache):
     [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2)],
     ids=["tp2", "pp2", "dp2-zero2"],
 )
-def test_parallel_layouts_log_the_single_process_stats(tmp_path, cache, reference, layout, nproc):
-    run_train(str(tmp_path), *STEPS, *layout, nproc=nproc, cache_dir=cache)
+def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, reference, layout, nproc):
+    run_train(str(tmp_path), *STEPS, *layout, nproc=nproc, cache_dir=data_cache)
     assert_same_stats(layer_stats(str(tmp_path)), layer_stats(reference))
     assert_global_norm_is_the_engines(str(tmp_path))
 
 
-def test_tied_embeddings_under_pipeline_counted_once(tmp_path, cache):
+def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", *STEPS]
-    run_train(str(tmp_path / "single"), *tied, cache_dir=cache)
-    run_train(str(tmp_path / "pp2"), *tied, "parallel.pp=2", nproc=2, cache_dir=cache)
+    run_train(str(tmp_path / "single"), *tied, cache_dir=data_cache)
+    run_train(str(tmp_path / "pp2"), *tied, "parallel.pp=2", nproc=2, cache_dir=data_cache)
     want, got = layer_stats(str(tmp_path / "single")), layer_stats(str(tmp_path / "pp2"))
     assert want[0]["grad_norm_head"] is None and want[0]["grad_norm_embedding"] > 0
     assert_same_stats(got, want)

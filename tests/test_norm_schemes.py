@@ -211,7 +211,7 @@ def test_lns_scales_block_norms_by_inverse_sqrt_depth():
 def test_ln_free_has_no_norm_at_all():
     cfg, model = make_model("ln_free")
     names = [n for n, _ in model.named_parameters()]
-    weights = ("attn.qkv.weight", "attn.o.weight", "mlp.gate_up.weight", "mlp.down.weight")
+    weights = ("attn.qkv.weight", "attn.o.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight")
     allowed = {"tok_emb.weight", "head.weight"} | {f"blocks.{i}.{w}" for i in range(cfg.n_layers) for w in weights}
     assert set(names) <= allowed, f"ln_free has norm parameters: {sorted(set(names) - allowed)}"
     assert len(names) == len(allowed)
@@ -256,7 +256,8 @@ def test_init_gains(scheme):
         "k": (qkv[:, :, q_per_kv], s),
         "v": (qkv[:, :, q_per_kv + 1], s * beta),
         "o": (torch.stack([b.attn.o.weight for b in model.blocks]), s * out_gain),
-        "gate_up": (torch.stack([b.mlp.gate_up.weight for b in model.blocks]), s * beta),
+        "gate": (torch.stack([b.mlp.gate.weight for b in model.blocks]), s * beta),
+        "up": (torch.stack([b.mlp.up.weight for b in model.blocks]), s * beta),
         "down": (torch.stack([b.mlp.down.weight for b in model.blocks]), s * out_gain),
         "tok_emb": (model.tok_emb.weight, s),
         "head": (model.head.weight, s),

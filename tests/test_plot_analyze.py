@@ -15,28 +15,23 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache):
+def runs(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("runs")
     trained, lns, off = str(root / "pre_ln"), str(root / "lns"), str(root / "off")
-    run_train(trained, "train.steps=40", "diagnostics.interval=10", "train.lr=3e-3", cache_dir=cache)
+    run_train(trained, "train.steps=40", "diagnostics.interval=10", "train.lr=3e-3", cache_dir=data_cache)
     lns_args = ["train.steps=10", "diagnostics.interval=2", "model.norm_scheme=lns", "checkpoint.interval=5"]
-    run_train(lns, *lns_args, cache_dir=cache)
+    run_train(lns, *lns_args, cache_dir=data_cache)
     with open(os.path.join(lns, "layer_stats.jsonl")) as f:
         before_resume = f.read()
     # resume from step 5 although steps 6-10 were measured: those entries are dropped and measured again
-    run_train(lns, *lns_args, f"train.resume={os.path.join(lns, 'checkpoints', 'step_00000005')}", cache_dir=cache)
-    run_train(off, "train.steps=2", "model.norm_scheme=ln_free", cache_dir=cache)  # diagnostics.interval=0
+    run_train(lns, *lns_args, f"train.resume={os.path.join(lns, 'checkpoints', 'step_00000005')}", cache_dir=data_cache)
+    run_train(off, "train.steps=2", "model.norm_scheme=ln_free", cache_dir=data_cache)  # diagnostics.interval=0
     return {"trained": trained, "lns": lns, "off": off, "lns_before_resume": before_resume}
 
 
 @pytest.fixture
-def env_cache(monkeypatch, cache):
-    monkeypatch.setenv("PRETRAIN_CACHE", cache)
+def env_cache(monkeypatch, data_cache):
+    monkeypatch.setenv("PRETRAIN_CACHE", data_cache)
 
 
 def is_png(path: str) -> bool:

@@ -87,7 +87,8 @@ def _tp_worker(cases: dict[str, dict], indivisible: dict[str, dict]) -> dict:
         merged = merge_state_dicts(gather_objects(own), model)
         layer_types = {
             "qkv": isinstance(model.blocks[0].attn.qkv, tensor_parallel.ColumnParallelLinear),
-            "gate_up": isinstance(model.blocks[0].mlp.gate_up, tensor_parallel.ColumnParallelLinear),
+            "gate": isinstance(model.blocks[0].mlp.gate, tensor_parallel.ColumnParallelLinear),
+            "up": isinstance(model.blocks[0].mlp.up, tensor_parallel.ColumnParallelLinear),
             "o": isinstance(model.blocks[0].attn.o, tensor_parallel.RowParallelLinear),
             "down": isinstance(model.blocks[0].mlp.down, tensor_parallel.RowParallelLinear),
             "tok_emb": isinstance(model.tok_emb, tensor_parallel.VocabParallelEmbedding),

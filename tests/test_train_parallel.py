@@ -11,14 +11,9 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     run = str(tmp_path_factory.mktemp("single"))
-    run_train(run, f"train.steps={STEPS}", cache_dir=cache)
+    run_train(run, f"train.steps={STEPS}", cache_dir=data_cache)
     return train_losses(run)
 
 
@@ -32,8 +27,8 @@ def reference(tmp_path_factory, cache):
     ],
     ids=["tp2", "pp2", "dp2-zero1", "tp2xpp2"],
 )
-def test_loss_matches_single_process(tmp_path, cache, reference, layout, nproc):
-    run_train(str(tmp_path), f"train.steps={STEPS}", *layout, nproc=nproc, cache_dir=cache)
+def test_loss_matches_single_process(tmp_path, data_cache, reference, layout, nproc):
+    run_train(str(tmp_path), f"train.steps={STEPS}", *layout, nproc=nproc, cache_dir=data_cache)
     losses = train_losses(str(tmp_path))
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1]  # it trains
@@ -41,11 +36,11 @@ def test_loss_matches_single_process(tmp_path, cache, reference, layout, nproc):
         assert losses[step] == pytest.approx(ref, rel=1e-4), f"step {step}: {losses[step]} vs single-process {ref}"
 
 
-def test_tied_embeddings_pipeline_and_zero2_match_single_process(tmp_path, cache):
+def test_tied_embeddings_pipeline_and_zero2_match_single_process(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", f"train.steps={STEPS}"]
-    run_train(str(tmp_path / "single"), *tied, cache_dir=cache)
-    run_train(str(tmp_path / "pp2"), *tied, "parallel.pp=2", nproc=2, cache_dir=cache)
-    run_train(str(tmp_path / "zero2"), *tied, "parallel.zero_stage=2", nproc=2, cache_dir=cache)
+    run_train(str(tmp_path / "single"), *tied, cache_dir=data_cache)
+    run_train(str(tmp_path / "pp2"), *tied, "parallel.pp=2", nproc=2, cache_dir=data_cache)
+    run_train(str(tmp_path / "zero2"), *tied, "parallel.zero_stage=2", nproc=2, cache_dir=data_cache)
     ref = train_losses(str(tmp_path / "single"))
     for name in ("pp2", "zero2"):
         got = train_losses(str(tmp_path / name))

@@ -16,19 +16,14 @@ from train_helpers import REPO, latest, metrics, run_train, train_cmd, train_env
 from pretrain.config import load_config
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def test_resume_is_bitwise_identical(tmp_path, cache):
+def test_resume_is_bitwise_identical(tmp_path, data_cache):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     common = ["train.steps=20", "checkpoint.interval=5", "eval.interval=10"]
-    run_train(full, *common, cache_dir=cache)
-    run_train(split, *common, "train.stop_at_step=10", cache_dir=cache)
+    run_train(full, *common, cache_dir=data_cache)
+    run_train(split, *common, "train.stop_at_step=10", cache_dir=data_cache)
     assert latest(split) == "step_00000010"
     assert max(train_losses(split)) == 10
-    run_train(split, *common, "train.resume=auto", cache_dir=cache)
+    run_train(split, *common, "train.resume=auto", cache_dir=data_cache)
     a, b = train_losses(full), train_losses(split)
     assert sorted(b) == list(range(1, 21)), "each step logged exactly once across the two invocations"
     assert a == b  # bitwise: same floats
@@ -37,10 +32,10 @@ def test_resume_is_bitwise_identical(tmp_path, cache):
     assert val_a == val_b and len(val_a) == 2
 
 
-def test_run_folder_contents(tmp_path, cache):
+def test_run_folder_contents(tmp_path, data_cache):
     run = str(tmp_path)
     run_train(run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2", "eval.interval=3",
-              "model.norm_scheme=lns", cache_dir=cache)
+              "model.norm_scheme=lns", cache_dir=data_cache)
     cfg = load_config(os.path.join(run, "config.yaml"))
     assert cfg.model.norm_scheme == "lns" and cfg.train.steps == 6 and cfg.run.dir == run
     records = metrics(run)
@@ -68,9 +63,9 @@ def test_run_folder_contents(tmp_path, cache):
     assert [e.step for e in acc.Scalars("val/val_loss")] == [3, 6]
 
 
-def test_sigterm_finishes_step_saves_and_exits_75(tmp_path, cache):
+def test_sigterm_finishes_step_saves_and_exits_75(tmp_path, data_cache):
     run = str(tmp_path)
-    proc = subprocess.Popen(train_cmd(run, "train.steps=500"), cwd=REPO, env=train_env(cache),
+    proc = subprocess.Popen(train_cmd(run, "train.steps=500"), cwd=REPO, env=train_env(data_cache),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     path = os.path.join(run, "metrics.jsonl")
     deadline = time.time() + 180
@@ -85,44 +80,44 @@ def test_sigterm_finishes_step_saves_and_exits_75(tmp_path, cache):
     saved = int(latest(run).split("_")[1])
     assert 3 <= saved < 500
     assert max(train_losses(run)) == saved  # the step in flight was finished, logged and saved
-    run_train(run, "train.steps=500", "train.resume=auto", f"train.stop_at_step={saved + 2}", cache_dir=cache)
+    run_train(run, "train.steps=500", "train.resume=auto", f"train.stop_at_step={saved + 2}", cache_dir=data_cache)
     assert sorted(train_losses(run)) == list(range(1, saved + 3))
 
 
-def test_kill_during_save_keeps_previous_latest(tmp_path, cache):
+def test_kill_during_save_keeps_previous_latest(tmp_path, data_cache):
     run = str(tmp_path)
     script = [os.path.join(REPO, "tests", "scripts", "killed_during_save.py")]
-    env = {**train_env(cache), "KILL_AT_STEP": "4"}
+    env = {**train_env(data_cache), "KILL_AT_STEP": "4"}
     proc = subprocess.run(train_cmd(run, "train.steps=6", "checkpoint.interval=2", script=script), cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert latest(run) == "step_00000002"
     assert os.path.isdir(os.path.join(run, "checkpoints", "step_00000004"))  # the half-written save
     # resuming the half-written folder directly is refused with one line; `auto` uses `latest`
-    bad = run_train(run, "train.steps=6", f"train.resume={run}/checkpoints/step_00000004", cache_dir=cache, expect=2)
+    bad = run_train(run, "train.steps=6", f"train.resume={run}/checkpoints/step_00000004", cache_dir=data_cache, expect=2)
     assert "incomplete" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    run_train(run, "train.steps=6", "checkpoint.interval=2", "train.resume=auto", cache_dir=cache)
+    run_train(run, "train.steps=6", "checkpoint.interval=2", "train.resume=auto", cache_dir=data_cache)
     assert latest(run) == "step_00000006"
     assert os.path.isfile(os.path.join(run, "checkpoints", "step_00000004", "trainer_state.json"))
     assert sorted(train_losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_cache):
     # An absurd learning rate drives the weights to inf within a couple of steps; the updates are then skipped
     # and counted, and max_bad_steps in a row stop the run with exit code 3 and a clear message.
     run = str(tmp_path)
     proc = run_train(run, "train.steps=40", "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
-                     "train.max_bad_steps=3", cache_dir=cache, expect=3)
+                     "train.max_bad_steps=3", cache_dir=data_cache, expect=3)
     assert "consecutive steps with a non-finite loss or gradient" in proc.stdout
     assert "update skipped" in proc.stdout
     last = [m for m in metrics(run) if "loss" in m][-1]
     assert last["skipped_steps"] >= 3
 
 
-def test_existing_run_without_resume_is_refused(tmp_path, cache):
+def test_existing_run_without_resume_is_refused(tmp_path, data_cache):
     run = str(tmp_path)
-    run_train(run, "train.steps=2", cache_dir=cache)
-    proc = run_train(run, "train.steps=2", cache_dir=cache, expect=2)
+    run_train(run, "train.steps=2", cache_dir=data_cache)
+    proc = run_train(run, "train.steps=2", cache_dir=data_cache, expect=2)
     assert proc.stderr.startswith("error: ") and "train.resume=auto" in proc.stderr
 
 
@@ -141,9 +136,9 @@ def test_existing_run_without_resume_is_refused(tmp_path, cache):
         (["parallel.tp=2"], "world size 1 is not divisible"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, cache, overrides, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, data_cache, overrides, message):
     run = str(tmp_path / "run")
-    proc = run_train(run, *overrides, cache_dir=cache, expect=2, timeout=120)
+    proc = run_train(run, *overrides, cache_dir=data_cache, expect=2, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not os.path.exists(run)  # nothing half-written
