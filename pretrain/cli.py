@@ -66,10 +66,17 @@ def cmd_train(args) -> int:
     if args.nproc_per_node:
         if args.nproc_per_node < 1:
             raise UserError("--nproc-per-node must be >= 1")
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
-        torchrun(["--nproc-per-node", str(args.nproc_per_node), "--master-port", str(_free_port()), "-m", "pretrain",
-                  "train", args.config, *args.overrides])
+        try:
+            torchrun(["--nproc-per-node", str(args.nproc_per_node), "--master-port", str(_free_port()), "-m",
+                      "pretrain", "train", args.config, *args.overrides])
+        except ChildFailedError as e:
+            # Pass the ranks' own exit code on (2 bad input, 3 unstable, 75 preempted): the requeue logic
+            # and scripts read it; each rank has already printed its own one-line error.
+            _rank, failure = e.get_first_failure()
+            return failure.exitcode if failure.exitcode > 0 else 1
         return 0
     from pretrain.distributed import use_cpu_accelerator_without_gpu
 

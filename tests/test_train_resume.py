@@ -175,3 +175,11 @@ def test_python_dash_m_and_console_script_agree():
     b = subprocess.run([os.path.join(os.path.dirname(sys.executable), "pretrain"), "config", "configs/tiny.yaml"],
                        cwd=REPO, capture_output=True, text=True, check=True)
     assert a.stdout == b.stdout and "norm_scheme: pre_ln" in a.stdout
+
+
+def test_spawned_ranks_pass_their_exit_code_on(tmp_path, data_cache):
+    # --nproc-per-node runs torchrun; a rank's UserError must still end the command with exit 2, not 1.
+    run = str(tmp_path / "run")
+    proc = run_train(run, "model.vocab_size=1000", nproc=2, cache_dir=data_cache, expect=2, timeout=180)
+    assert "error: the tokenizer's vocab (2048" in proc.stderr
+    assert not os.path.exists(run)
