@@ -4,7 +4,9 @@
       step_00000100/            DeepSpeed tag folder (model, optimizer and scheduler states per rank)
         rng/rank_00000.pt       torch RNG states of each rank
         config.yaml             the resolved experiment config (export-hf / analyze-depth read it)
-        trainer_state.json      step, consumed samples/tokens; written last: its presence marks a complete save
+        param_names.json        each pipeline stage's parameter names in optimizer order (for resharding)
+        trainer_state.json      step, consumed samples/tokens, data fingerprint, the layout (tp, pp, dp,
+                                zero_stage, precision, world size); written last: its presence marks a complete save
       latest                    the tag of the newest complete checkpoint, replaced atomically
 
 `latest` is written by rank 0 only after a barrier that every rank reaches once its files are on disk,
@@ -60,20 +62,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict, rank: int) -> str:
+def layout_of(cfg: ExperimentConfig, topo) -> dict:
+    """What a checkpoint's files depend on: resuming on another layout goes through pretrain/full_state.py."""
+    return {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "world_size": topo.world_size,
+            "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
+
+
+def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict, topo) -> str:
     """Save on every rank; returns the checkpoint folder. `latest` moves only once all ranks are done."""
+    from pretrain.full_state import optimizer_param_names, write_param_names
+
+    rank = topo.rank
     tag = tag_for(step)
     folder = os.path.join(root, tag)
     if rank == 0 and os.path.isdir(folder):
         shutil.rmtree(folder)  # a partial folder from an interrupted save of this same step
-    dist.barrier()
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    names = [None] * topo.world_size
+    dist.all_gather_object(names, (topo.pp_rank, optimizer_param_names(built.model, cfg)))
+    built.engine.save_checkpoint(root, tag=tag, save_latest=False)
     os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(folder, "rng", f"rank_{rank:05d}.pt"))
     dist.barrier()  # every rank's files are written
     if rank == 0:
         save_config(cfg, os.path.join(folder, "config.yaml"))
-        write_atomic(os.path.join(folder, STATE_FILE), json.dumps({"step": step, **trainer_state}, indent=1))
+        write_param_names(folder, dict(names))
+        state = {"step": step, **trainer_state, "layout": layout_of(cfg, topo)}
+        write_atomic(os.path.join(folder, STATE_FILE), json.dumps(state, indent=1))
         write_atomic(os.path.join(root, "latest"), tag + "\n")
         prune(root, keep=cfg.checkpoint.keep, protect=tag)
     dist.barrier()
@@ -126,23 +140,53 @@ def read_state(folder: str) -> dict:
         return json.load(f)
 
 
+def read_layout(folder: str, cfg: ExperimentConfig | None = None) -> dict:
+    """The layout a checkpoint was saved on (for checkpoints of earlier versions: from its config and files)."""
+    state = read_state(folder)
+    if "layout" in state:
+        return state["layout"]
+    cfg = cfg or load_config(os.path.join(folder, "config.yaml"), stored=True)
+    from pretrain import compat
+
+    dp = int(compat.load_file(compat.model_states_path(folder, 0))["dp_world_size"])
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    return {"tp": tp, "pp": pp, "dp": dp, "world_size": tp * pp * dp, "zero_stage": cfg.parallel.zero_stage,
+            "precision": cfg.train.precision}
+
+
+def find_checkpoint(path: str) -> str:
+    """A step folder, or a checkpoints/ root (its `latest`), or a run folder (its checkpoints/latest)."""
+    for root in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            return os.path.join(root, open(latest).read().strip())
+    return path
+
+
 def load(engine, folder: str, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    """Restore model, optimizer, scheduler and this rank's RNG with DeepSpeed (same layout as the save);
+    returns the trainer state. Another layout: pretrain/full_state.py."""
     check_checkpoint(folder)
     root, tag = os.path.split(os.path.normpath(folder))
     try:
         path, _ = engine.load_checkpoint(root, tag=tag)
-    except (RuntimeError, KeyError, FileNotFoundError, AssertionError) as e:
+    except (RuntimeError, KeyError, FileNotFoundError, AssertionError, ValueError) as e:
         raise UserError(
             f"cannot load checkpoint {folder}: {str(e).splitlines()[0][:300]}; it must come from a run with the same "
-            "model and parallel layout"
+            "model"
         ) from None
     if path is None:
         raise UserError(f"cannot load checkpoint {folder}: DeepSpeed found no model states for this rank's layout")
+    load_rng(folder, rank)
+    return read_state(folder)
+
+
+def load_rng(folder: str, rank: int) -> None:
+    """This rank's RNG state, where the checkpoint has one for this rank (a larger world starts the rest from the
+    seed; training is dropout-free, so nothing draws from it between steps)."""
     rng_file = os.path.join(folder, "rng", f"rank_{rank:05d}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_state(folder)
 
 
 def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
@@ -153,7 +197,7 @@ def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Ten
     from models.pipeline import full_name_prefix
 
     check_checkpoint(folder)
-    cfg = load_config(os.path.join(folder, "config.yaml"))
+    cfg = load_config(os.path.join(folder, "config.yaml"), stored=True)
     tp = cfg.parallel.tp
     files = os.listdir(folder)
     per_rank: list[dict] = [{} for _ in range(tp)]

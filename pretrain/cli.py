@@ -61,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from pretrain.config import load_config
+    from pretrain.distributed import use_cpu_accelerator_without_gpu
 
-    cfg = load_config(args.config, args.overrides)  # validate before spawning anything
+    cfg = load_config(args.config, args.overrides)
+    use_cpu_accelerator_without_gpu()
+    from pretrain.train import preflight, train
+
+    preflight(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
     if args.nproc_per_node:
         if args.nproc_per_node < 1:
             raise UserError("--nproc-per-node must be >= 1")
@@ -78,11 +83,6 @@ def cmd_train(args) -> int:
             _rank, failure = e.get_first_failure()
             return failure.exitcode if failure.exitcode > 0 else 1
         return 0
-    from pretrain.distributed import use_cpu_accelerator_without_gpu
-
-    use_cpu_accelerator_without_gpu()
-    from pretrain.train import train
-
     return train(cfg)
 
 
@@ -134,12 +134,9 @@ def cmd_export_hf(args) -> int:
 
 
 def _checkpoint_folder(path: str) -> str:
-    """A step folder, or a checkpoints/ root (its `latest`), or a run folder (its checkpoints/latest)."""
-    for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            return os.path.join(root, open(latest).read().strip())
-    return path
+    from pretrain.checkpoint import find_checkpoint
+
+    return find_checkpoint(path)
 
 
 if __name__ == "__main__":

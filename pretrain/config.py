@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -26,6 +27,10 @@ from pretrain.errors import UserError
 @dataclass
 class RunConfig:
     dir: str = doc("runs/tiny", "Run folder: config.yaml, metrics.jsonl, layer_stats.jsonl, tb/, checkpoints/.")
+
+    def __post_init__(self):
+        if not isinstance(self.dir, str) or not self.dir.strip():
+            raise ValueError(f"run.dir: {self.dir!r} is not a folder path; give the run folder, e.g. run.dir=runs/mine")
 
 
 @dataclass
@@ -57,6 +62,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = doc("fp32", "fp32 anywhere; bf16 (mixed, fp32 master weights) on GPU.")
     seed: int = doc(0, "Seed of the weight init, data order and dropout-free RNG state.")
     resume: str | None = doc(None, "null: fresh run; auto: continue from run.dir/checkpoints/latest if any; or a checkpoint path.")
+    init_from: str | None = doc(
+        None,
+        "Start a fresh run (step 0, new optimizer and schedule) from the model weights of a checkpoint (step, "
+        "checkpoints/ or run folder, any TP/PP layout) or a Hugging Face Llama directory; model keys the config "
+        "does not give come from it.",
+    )
     stop_at_step: int | None = doc(
         None, "Save and exit (code 0) once this step is done; the lr schedule still runs to train.steps."
     )
@@ -65,17 +76,33 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+            _at_least(self, "train.", name, 1)
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], warmup_steps and grad_clip >= 0")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas}")
+        _number(self, "train.", "lr", low=0.0, low_ok=False)
+        _number(self, "train.", "min_lr_ratio", low=0.0, high=1.0)
+        _at_least(self, "train.", "warmup_steps", 0)
+        _number(self, "train.", "weight_decay", low=0.0)
+        _number(self, "train.", "eps", low=0.0, low_ok=False)
+        _number(self, "train.", "grad_clip", low=0.0, hint="0 turns clipping off")
+        if (
+            not isinstance(self.betas, list) or len(self.betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
+            raise ValueError(f"train.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas}")
+        _at_least(self, "train.", "seed", 0)
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError(
+                f"train.stop_at_step: must be >= 1 (the step to save and exit after), or null to train to "
+                f"train.steps; got {self.stop_at_step}"
+            )
+        for name, what in (("resume", "null, auto or a checkpoint path"), ("init_from", "null or a checkpoint path")):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"train.{name}: empty; give {what}")
 
 
 @dataclass
@@ -91,16 +118,38 @@ class DataConfig:
     def __post_init__(self):
         if not self.paths:
             raise ValueError("data.paths: give at least one prepared data folder")
-        if self.weights is not None and len(self.weights) != len(self.paths):
-            raise ValueError(f"data.weights: {len(self.weights)} weights for {len(self.paths)} paths")
-        if self.seq_len < 1:
-            raise ValueError(f"data.seq_len: must be >= 1, got {self.seq_len}")
+        for i, path in enumerate(self.paths, start=1):
+            if not isinstance(path, str) or not path.strip():
+                raise ValueError(
+                    f"data.paths: entry {i} is {path!r}, not a folder path; give prepared data folders, "
+                    "e.g. data.paths=[data/mine] or [bundled:tinyshakespeare]"
+                )
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ValueError(
+                    f"data.weights: {len(self.weights)} weights for {len(self.paths)} paths; give one per path "
+                    "or null (proportional to their sizes)"
+                )
+            for i, w in enumerate(self.weights, start=1):
+                if not (_is_number(w) and math.isfinite(w) and w > 0):
+                    raise ValueError(
+                        f"data.weights: entry {i} is {w!r}; blend weights must be positive finite numbers, one per path"
+                    )
+        _at_least(self, "data.", "seq_len", 1)
 
 
 @dataclass
 class EvalConfig:
     interval: int = doc(100, "Validation loss and perplexity every N steps and at the end (0 = never).")
-    batches: int = doc(8, "Micro-batches of the validation split per evaluation.")
+    tokens: int = doc(
+        1_048_576,
+        "Validation token budget, clipped to the val split: its first tokens // data.seq_len samples, the same "
+        "ones for every micro-batch, data-parallel size and TP/PP layout.",
+    )
+
+    def __post_init__(self):
+        _at_least(self, "eval.", "interval", 0, hint="0 = never")
+        _at_least(self, "eval.", "tokens", 1)
 
 
 @dataclass
@@ -108,12 +157,19 @@ class CheckpointConfig:
     interval: int = doc(100, "Save every N steps (0 = only at the end).")
     keep: int = doc(3, "Keep the last K checkpoints (0 = keep all).")
 
+    def __post_init__(self):
+        _at_least(self, "checkpoint.", "interval", 0, hint="0 = only at the end")
+        _at_least(self, "checkpoint.", "keep", 0, hint="0 = keep all")
+
 
 @dataclass
 class LoggingConfig:
     interval: int = doc(10, "Log line and metrics.jsonl entry every N steps.")
     tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tb.")
     progress_bar: bool | None = doc(None, "Progress bar: true, false, or null to show it only in an interactive terminal.")
+
+    def __post_init__(self):
+        _at_least(self, "logging.", "interval", 1, hint="a log line every N steps")
 
 
 @dataclass
@@ -145,13 +201,88 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.eval.interval > 0 and self.eval.tokens < self.data.seq_len:
+            raise ValueError(
+                f"eval.tokens={self.eval.tokens} is less than one validation sample (data.seq_len={self.data.seq_len} "
+                f"tokens); raise eval.tokens to at least {self.data.seq_len} or set eval.interval=0"
+            )
+        check_deepspeed_section(self.deepspeed)
+
+
+# DeepSpeed keys the generated config (pretrain/engine.py `deepspeed_config`) takes from normlab's own keys:
+# giving them in `deepspeed:` would silently override ours (or fight with them), so they are refused.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "set train.global_batch_size instead",
+    "train_micro_batch_size_per_gpu": "set train.micro_batch_size instead",
+    "gradient_accumulation_steps": (
+        "set train.global_batch_size and train.micro_batch_size instead (accumulation = global / (micro * data parallel))"
+    ),
+    "gradient_clipping": "set train.grad_clip instead",
+    "zero_optimization.stage": "set parallel.zero_stage instead",
+    "bf16.enabled": "set train.precision instead",
+    "fp16": "set train.precision instead (fp32 or bf16)",
+    "amp": "set train.precision instead (fp32 or bf16)",
+    "optimizer": "set train.lr, train.betas, train.eps and train.weight_decay instead (normlab builds AdamW itself)",
+    "scheduler": "set train.lr, train.warmup_steps and train.min_lr_ratio instead (normlab builds the schedule itself)",
+}
+# Sections of the generated config that must stay mappings (merged key by key).
+DEEPSPEED_SECTIONS = {"zero_optimization": "parallel.zero_stage", "bf16": "train.precision"}
+
+
+def check_deepspeed_section(ds: dict) -> None:
+    """Raise a one-line ValueError for a `deepspeed:` key that normlab's own keys own."""
+    for section, owner in DEEPSPEED_SECTIONS.items():
+        if section in ds and not isinstance(ds[section], dict):
+            raise ValueError(
+                f"deepspeed.{section}: expected a mapping of DeepSpeed keys, got {ds[section]!r}; set {owner} instead"
+            )
+    for dotted, fix in DEEPSPEED_OWNED.items():
+        section, _, key = dotted.partition(".")
+        if (key and isinstance(ds.get(section), dict) and key in ds[section]) or (not key and section in ds):
+            raise ValueError(f"deepspeed.{dotted}: {fix}")
+    if "zero_allow_untested_optimizer" in ds and ds["zero_allow_untested_optimizer"] is not True:
+        raise ValueError(
+            "deepspeed.zero_allow_untested_optimizer: normlab's own AdamW needs it true at ZeRO 1-2; remove the key"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _at_least(obj, prefix: str, name: str, low: int, hint: str = "") -> None:
+    value = getattr(obj, name)
+    if value < low:
+        raise ValueError(f"{prefix}{name}: must be >= {low}{f' ({hint})' if hint else ''}, got {value}")
+
+
+def _number(obj, prefix: str, name: str, low: float, high: float | None = None, low_ok: bool = True,
+            hint: str = "") -> None:
+    """A finite number in [low, high] (low excluded unless `low_ok`), else a one-line ValueError."""
+    value = getattr(obj, name)
+    if not math.isfinite(value) or (value < low if low_ok else value <= low) or (high is not None and value > high):
+        rule = f"in [{low:g}, {high:g}]" if high is not None else f"{'>=' if low_ok else '>'} {low:g}"
+        raise ValueError(f"{prefix}{name}: must be a finite number {rule}{f' ({hint})' if hint else ''}, got {value}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
 
+# Keys earlier versions had: a user's file naming one gets the fix; a config stored in an old checkpoint loads.
+REMOVED_KEYS = {
+    "eval.batches": "the validation set is a token budget now: use eval.tokens (the same samples on every layout)",
+}
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """The experiment in YAML file `path` (None: all defaults) with `key.sub=value` overrides applied."""
+
+def given_keys(cfg: ExperimentConfig) -> frozenset[str]:
+    """Dotted keys the YAML file or the overrides set (a preset counts as setting its model keys)."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), stored: bool = False) -> ExperimentConfig:
+    """The experiment in YAML file `path` (None: all defaults) with `key.sub=value` overrides applied.
+
+    `stored`: the file is a config normlab wrote (a run's or a checkpoint's), so keys of earlier versions
+    (REMOVED_KEYS) are dropped instead of refused."""
     raw: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -165,7 +296,22 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Experimen
             raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw)
+    _drop_removed_keys(raw, refuse=not stored)
+    cfg = from_dict(raw)
+    given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
+    if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
+        given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
+    cfg._given = frozenset(given)
+    return cfg
+
+
+def _drop_removed_keys(raw: dict, refuse: bool) -> None:
+    for dotted, fix in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            if refuse:
+                raise UserError(f"{dotted} was removed: {fix}")
+            del raw[section][key]
 
 
 def apply_override(raw: dict, item: str) -> None:

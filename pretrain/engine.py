@@ -106,18 +106,48 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
-    """Weight decay on matrices only, unless train.decay_norms_and_embeddings: norm gains, scalars and the
-    embedding matrix are not decayed (as in GPT-NeoX / OLMo)."""
+def split_decay(model: torch.nn.Module, cfg: ExperimentConfig) -> tuple[list, list]:
+    """(name, parameter) pairs with and without weight decay: matrices only, unless
+    train.decay_norms_and_embeddings; norm gains, scalars and the embedding matrix are not decayed (as in
+    GPT-NeoX / OLMo)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             matrix = p.ndim >= 2 and "tok_emb" not in name
-            (decay if matrix or cfg.train.decay_norms_and_embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+            (decay if matrix or cfg.train.decay_norms_and_embeddings else no_decay).append((name, p))
+    return decay, no_decay
+
+
+def param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
+    decay, no_decay = split_decay(model, cfg)
+    groups = [{"params": [p for _, p in decay], "weight_decay": cfg.train.weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
     return groups
+
+
+def apply_optimizer_settings(built: "Built", cfg: ExperimentConfig, schedule_position: int) -> None:
+    """The config's optimizer hyper-parameters and lr schedule, at `schedule_position` scheduler steps.
+
+    After `engine.load_checkpoint` the optimizer and scheduler hold the values they were saved with (the saved
+    learning rate would win over a changed train.lr); this makes every train.* optimizer key take effect."""
+    from pretrain import compat
+
+    t = cfg.train
+    optimizer = compat.wrapped_optimizer(built.engine)
+    for i, group in enumerate(optimizer.param_groups):  # [decay, no-decay] as param_groups builds them
+        group.update(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay if i == 0 else 0.0, initial_lr=t.lr)
+    if cfg.parallel.zero_stage > 0 or t.precision == "bf16":
+        compat.set_zero_clip(built.engine, t.grad_clip)
+    scheduler = built.engine.lr_scheduler
+    factor = lr_lambda(cfg)
+    state = scheduler.state_dict()
+    lrs = [t.lr * factor(schedule_position)] * len(optimizer.param_groups)
+    state.update(base_lrs=[t.lr] * len(lrs), last_epoch=schedule_position, _last_lr=lrs)
+    scheduler.load_state_dict(state)
+    scheduler.lr_lambdas = [factor] * len(lrs)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 def lr_lambda(cfg: ExperimentConfig):

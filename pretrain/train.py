@@ -14,11 +14,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, diagnostics
-from pretrain.config import ExperimentConfig, save_config
+from pretrain import checkpoint, diagnostics, full_state, resume
+from pretrain.config import ExperimentConfig, load_config, save_config
 from pretrain.distributed import Topology, init_distributed, shutdown
-from pretrain.engine import Built, build_engine
+from pretrain.engine import Built, apply_optimizer_settings, build_engine
 from pretrain.errors import UserError
+from pretrain.init_from import load_weights, resolve_model
+from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsWriter, log_line, peak_flops
 
 EXIT_OK = 0
@@ -44,7 +46,7 @@ class StopSignal:
 
 
 def train(cfg: ExperimentConfig) -> int:
-    check_resume_target(cfg)
+    cfg = preflight(cfg)
     stop = StopSignal()  # from the start: a preemption signal during set-up must not kill the process
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
@@ -53,20 +55,48 @@ def train(cfg: ExperimentConfig) -> int:
         shutdown()
 
 
+def preflight(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What can be checked before any process starts: the resume target, the model keys taken from it or from
+    train.init_from, and the config changes a resume refuses. Returns the resolved config."""
+    check_resume_target(cfg)
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, os.path.join(cfg.run.dir, "checkpoints"))
+    cfg = resolve_model(cfg, resume_from)
+    if resume_from:
+        old = load_config(os.path.join(resume_from, "config.yaml"), stored=True)
+        layout = checkpoint.read_layout(resume_from, old)
+        resume.plan_resume(old, cfg, checkpoint.read_state(resume_from), layout, layout, data_fingerprint=None)
+    return cfg
+
+
 def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
     from pretrain.data_setup import build_loaders
 
     rank0 = topo.rank == 0
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     resume_from = checkpoint.resolve_resume(cfg.train.resume, ckpt_root)
-    step = checkpoint.read_state(resume_from)["step"] if resume_from else 0
-    samples_per_step = cfg.train.global_batch_size
-    tokens_per_step = samples_per_step * cfg.data.seq_len
+    saved = checkpoint.read_state(resume_from) if resume_from else {"step": 0, "consumed_samples": 0}
+    step, consumed_samples = saved["step"], saved["consumed_samples"]
     # Everything that can reject the user's input (data, parallel layout) runs before the run folder is touched.
-    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=step * samples_per_step)
+    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=consumed_samples)
+    fingerprint = train_iter.state_dict()["fingerprint"]
+    plan = None
+    if resume_from:
+        old = load_config(os.path.join(resume_from, "config.yaml"), stored=True)
+        plan = resume.plan_resume(old, cfg, saved, checkpoint.read_layout(resume_from, old),
+                                  checkpoint.layout_of(cfg, topo), fingerprint)
     torch.manual_seed(cfg.train.seed)
     built = build_engine(cfg, topo)
-    state = checkpoint.load(built.engine, resume_from, topo.rank) if resume_from else {"step": 0}
+    if plan is not None and plan.same_layout:
+        checkpoint.load(built.engine, resume_from, topo.rank)
+        apply_optimizer_settings(built, cfg, built.engine.lr_scheduler.last_epoch)
+    elif plan is not None:
+        state = full_state.read(resume_from, plan.old_layout)
+        full_state.apply(built, cfg, state)
+        checkpoint.load_rng(resume_from, topo.rank)
+        apply_optimizer_settings(built, cfg, state.scheduler_step)
+        del state
+    elif cfg.train.init_from:
+        full_state.apply_weights(built, cfg, load_weights(cfg))
     if rank0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -74,16 +104,20 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
     layer_stats = diagnostics.setup(cfg, built, topo, out.tb, start_step=step)  # no-op when diagnostics.interval=0
     if rank0:
+        for line in plan.log_lines() if plan else []:
+            out.say(line)
         n = sum(p.numel() for p in built.model.parameters())
+        start = f"resuming from {resume_from}" if resume_from else (
+            f"starting from the weights of {cfg.train.init_from}" if cfg.train.init_from else "fresh start")
         out.say(
             f"training {cfg.model.norm_scheme} ({cfg.model.preset or 'custom'}) on {topo.world_size} rank(s) "
             f"[tp={topo.tp} pp={topo.pp} dp={topo.dp}, grad accum {built.gas}], {n:,} parameters on rank 0, "
-            f"{'resuming from ' + resume_from if resume_from else 'fresh start'}; "
+            f"{start}; "
             f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run.dir, 'tb')}"
         )
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(topo.device)
-    bad_in_a_row, skipped_total = 0, state.get("skipped_steps", 0)
+    bad_in_a_row, skipped_total = 0, saved.get("skipped_steps", 0)
     window_time, window_steps = 0.0, 0
     exit_code = EXIT_OK
 
@@ -96,6 +130,7 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
         layer_stats.begin_step(step + 1)
         loss = train_step(built, train_iter, topo)
         step += 1
+        consumed_samples += cfg.train.global_batch_size
         layer_stats.end_step(step)  # layer_stats.jsonl on measured steps (pretrain/diagnostics.py)
         step_time = time.perf_counter() - t0
         applied = built.engine.was_step_applied() and math.isfinite(loss)
@@ -105,10 +140,10 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
         if not applied and rank0:
             out.say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped ({bad_in_a_row} in a row)")
         if step % cfg.logging.interval == 0 or step == last_step or not applied:
-            tokens_per_s = window_steps * tokens_per_step / window_time
+            tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
-                "tokens_per_s": tokens_per_s, "consumed_tokens": step * tokens_per_step, "step_time": step_time,
+                "tokens_per_s": tokens_per_s, "consumed_tokens": consumed_samples * cfg.data.seq_len, "step_time": step_time,
                 "skipped_steps": skipped_total,
             }
             if peak:
@@ -132,9 +167,9 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
         preempted = stop.any_rank(topo.device)
         periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
         if periodic or preempted or step == last_step:
-            trainer_state = {"consumed_samples": step * samples_per_step, "consumed_tokens": step * tokens_per_step,
-                             "skipped_steps": skipped_total}
-            folder = checkpoint.save(built.engine, cfg, ckpt_root, step, trainer_state, topo.rank)
+            trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
+                             "skipped_steps": skipped_total, "data_fingerprint": fingerprint}
+            folder = checkpoint.save(built, cfg, ckpt_root, step, trainer_state, topo)
             out.say(f"step {step:>6} | saved {folder}")
         if preempted:
             out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
@@ -158,21 +193,6 @@ def train_step(built: Built, train_iter, topo: Topology) -> float:
         engine.step()
         total += loss.detach().float()
     return _mean_over_data_parallel(total / built.gas)
-
-
-@torch.no_grad()
-def evaluate(built: Built, val_batches: list, topo: Topology) -> float:
-    engine = built.engine
-    engine.eval()
-    try:
-        if built.pipelined:
-            return float(engine.eval_batch(data_iter=iter(val_batches), num_micro_batches=len(val_batches)))
-        total = torch.zeros((), device=topo.device)
-        for tokens, labels in val_batches:
-            total += engine(tokens.to(topo.device), labels.to(topo.device)).float()
-        return _mean_over_data_parallel(total / len(val_batches))
-    finally:
-        engine.train()
 
 
 def _mean_over_data_parallel(x: torch.Tensor) -> float:

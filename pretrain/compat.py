@@ -1,0 +1,292 @@
+"""Every use of DeepSpeed, megatron-core, torch and TensorBoard internals, in one place.
+
+Public APIs are used everywhere else; what follows reaches into private attributes or on-disk formats that a
+new release may change. Importing this module checks that the installed versions are inside the ranges the
+test suite ran against (TESTED below, the same ranges `setup.cfg` pins) and says how to fix it otherwise;
+`NORMLAB_ALLOW_UNTESTED=1` turns that error into a warning, for trying a new release.
+
+What is here:
+  * DeepSpeed checkpoint files: names and contents of the model-state and (ZeRO / bf16) optimizer-state files,
+    read by `pretrain/full_state.py` to resume on another layout.
+  * DeepSpeed engine internals: the optimizer that holds the Adam state behind a ZeRO / bf16 wrapper, the
+    fp32 master fragments each rank owns (`_hp_mapping`), ZeRO's own gradient-clipping value, and the hook
+    before every optimizer step (`_take_model_step`) the per-layer gradient norms need.
+  * torch: the compiled forward that `nn.Module.compile` installs (`_compiled_call_impl`).
+  * TensorBoard: writing many scalars as one event (the writer's file writer and Summary proto).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from pretrain.errors import UserError
+
+# package -> (lowest tested version, first untested version); setup.cfg pins the same ranges.
+TESTED = {
+    "deepspeed": ("0.19", "0.20"),
+    "megatron-core": ("0.16", "0.17"),
+    "torch": ("2.8", "3"),
+    "tensorboard": ("2.15", "3"),
+}
+
+
+def _parse(version: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_versions() -> None:
+    bad = []
+    for package, (low, high) in TESTED.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue  # setup.cfg requires it; pip reports that
+        if not _parse(low) <= _parse(installed) < _parse(high):
+            bad.append(f"{package} {installed} (tested: >={low},<{high})")
+    if not bad:
+        return
+    message = (
+        f"untested versions: {'; '.join(bad)}; install the tested ones (pip install -e . pins them) or set "
+        "NORMLAB_ALLOW_UNTESTED=1 to try anyway (pretrain/compat.py lists what may break)"
+    )
+    if os.environ.get("NORMLAB_ALLOW_UNTESTED") == "1":
+        warnings.warn(message, stacklevel=2)
+    else:
+        raise UserError(message)
+
+
+check_versions()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed checkpoint files
+#
+#   mp_rank_XX_model_states.pt          one per model-parallel rank XX = pp_rank * tp + tp_rank (DeepSpeed's
+#                                       rank inside one data-parallel replica): 'module' (None under pipeline
+#                                       parallelism), 'optimizer' (the torch optimizer state dict at ZeRO 0
+#                                       without bf16, else None), 'lr_scheduler', 'global_steps',
+#                                       'global_samples', 'skipped_steps', 'dp_world_size', 'mp_world_size'
+#   layer_LL-model_TT-model_states.pt   pipeline layer LL's weights on tensor-parallel rank TT
+#   [bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt
+#                                       ZeRO 1-2 and the bf16 optimizer: data-parallel rank D's partition of the
+#                                       fp32 master weights and Adam moments, as one flat tensor per param group,
+#                                       with 'param_slice_mappings' (param name -> (start, numel) in it)
+# ----------------------------------------------------------------------------------------------------------
+
+MODEL_STATES = "mp_rank_{mp:02d}_model_states.pt"
+OPTIM_STATES_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def load_file(path: str) -> dict:
+    # mmap: a rank that needs a few tensors of a large file does not read all of it
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def model_states_path(folder: str, mp_rank: int) -> str:
+    return os.path.join(folder, MODEL_STATES.format(mp=mp_rank))
+
+
+def optimizer_partition_paths(folder: str, mp_rank: int) -> list[str]:
+    """The ZeRO / bf16 optimizer files of one model-parallel rank, in data-parallel rank order ([] at ZeRO 0)."""
+    found = {}
+    for name in os.listdir(folder):
+        m = OPTIM_STATES_RE.match(name)
+        if m and int(m.group(2)) == mp_rank:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    if found and sorted(found) != list(range(len(found))):
+        raise UserError(f"checkpoint {folder} lacks optimizer files of some data-parallel ranks; it is incomplete")
+    return [found[d] for d in sorted(found)]
+
+
+@dataclass
+class ParamState:
+    """One parameter's training state as a flat fp32 tensor per entry (its model-parallel shard)."""
+
+    master: torch.Tensor | None  # fp32 master weights (None: take the model states' weights)
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+
+def read_plain_optimizer(model_states: dict, names: list[list[str]]) -> tuple[dict[str, ParamState], int | None]:
+    """Adam state of a torch optimizer saved in the model-states file (ZeRO 0, fp32): its state is keyed by the
+    parameter's index over the param groups, `names` gives those parameters' names in the same order."""
+    opt = model_states.get("optimizer")
+    if not opt or "state" not in opt:
+        raise UserError("checkpoint: the model-states file holds no optimizer state; it cannot be resharded")
+    flat_names = [n for group in names for n in group]
+    indices = [i for g in opt["param_groups"] for i in g["params"]]
+    if len(indices) != len(flat_names):
+        raise UserError(
+            f"checkpoint: its optimizer has {len(indices)} parameters but its recorded names list {len(flat_names)}"
+        )
+    out, step = {}, None
+    for index, name in zip(indices, flat_names):
+        state = opt["state"].get(index)
+        if not state:  # never stepped (every step so far skipped): zero moments
+            continue
+        out[name] = ParamState(None, state["exp_avg"].float().flatten(), state["exp_avg_sq"].float().flatten())
+        step = int(state["step"])
+    return out, step
+
+
+def read_optimizer_partitions(paths: list[str]) -> tuple[dict[str, ParamState], int | None]:
+    """Master weights and Adam moments of every parameter of one model-parallel rank from its ZeRO / bf16 optimizer
+    partitions (one file per data-parallel rank): each parameter's fragments concatenated in rank order."""
+    pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    step = None
+    for path in paths:
+        sd = load_file(path)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]
+        states = base["state"]
+        for group, (flat, mapping) in enumerate(zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"])):
+            state = states.get(group) if isinstance(states, dict) else states[group]
+            for name, frag in mapping.items():
+                sl = slice(frag.start, frag.start + frag.numel)
+                if state:
+                    moments = (state["exp_avg"][sl], state["exp_avg_sq"][sl])
+                else:
+                    moments = (torch.zeros(frag.numel), torch.zeros(frag.numel))
+                pieces.setdefault(name, []).append((flat[sl], *moments))
+            if state and "step" in state:
+                step = int(state["step"])
+    out = {}
+    for name, frags in pieces.items():
+        master, avg, avg_sq = (torch.cat([f[i].float() for f in frags]) for i in range(3))
+        out[name] = ParamState(master, avg, avg_sq)
+    return out, step
+
+
+def scheduler_position(model_states: dict) -> int:
+    """How many scheduler steps the run had taken (LambdaLR's last_epoch)."""
+    return int(model_states["lr_scheduler"]["last_epoch"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed engine internals
+# ----------------------------------------------------------------------------------------------------------
+
+
+def wrapped_optimizer(engine):
+    """The torch optimizer whose `state` holds the Adam moments: behind ZeRO's / bf16's wrapper, or the client
+    optimizer itself at ZeRO 0 in fp32."""
+    opt = engine.optimizer
+    return opt.optimizer if is_partitioned(engine) else opt
+
+
+def is_partitioned(engine) -> bool:
+    """Whether the optimizer keeps flat fp32 partitions (ZeRO 1-2, bf16) rather than per-parameter state."""
+    return any(getattr(p, "_hp_mapping", None) is not None for p in engine.module.parameters())
+
+
+def set_param_state(engine, param: torch.nn.Parameter, master: torch.Tensor, exp_avg: torch.Tensor,
+                    exp_avg_sq: torch.Tensor, step: int) -> None:
+    """Give one parameter (this rank's shard) its fp32 master weights, Adam moments and step, whatever the
+    optimizer: a plain one (per-parameter state) or a partitioned one (this rank's fragment of the flat fp32
+    partition, located by DeepSpeed's `_hp_mapping`)."""
+    with torch.no_grad():
+        param.data.copy_(master.view_as(param))
+        mapping = getattr(param, "_hp_mapping", None)
+        if not is_partitioned(engine):
+            opt = engine.optimizer
+            opt.state[param] = {
+                "step": _step_tensor(step, param, _group_of(opt, param)),
+                "exp_avg": exp_avg.view_as(param).to(param.dtype).clone(),
+                "exp_avg_sq": exp_avg_sq.view_as(param).to(param.dtype).clone(),
+            }
+            return
+        if mapping is None:
+            return  # none of this parameter lies in this rank's partition
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        mapping.hp_fragment.copy_(master.flatten().narrow(0, lp.start, lp.numel))
+        state = _partition_state(engine, mapping.param_group_index, step)
+        for key, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            state[key].narrow(0, hp.start, hp.numel).copy_(value.flatten().narrow(0, lp.start, lp.numel))
+
+
+def _partition_state(engine, group_index: int, step: int) -> dict:
+    base = engine.optimizer.optimizer
+    (flat,) = base.param_groups[group_index]["params"]
+    state = base.state[flat]
+    if "exp_avg" not in state:  # torch's Adam creates its state lazily, at the first step
+        state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+    state["step"] = _step_tensor(step, flat, base.param_groups[group_index])
+    return state
+
+
+def _group_of(opt, param) -> dict:
+    return next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+
+
+def _step_tensor(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
+    # torch's Adam keeps `step` on the CPU unless the fused or capturable kernels run
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
+
+
+def relink_partitions(engine) -> None:
+    """After filling a partitioned optimizer's state by hand, let DeepSpeed re-point its per-parameter views
+    (what `safe_get_full_optimizer_state` reads) at the new tensors."""
+    link = getattr(engine.optimizer, "_link_all_hp_params", None)
+    if link is not None:
+        link()
+
+
+def set_zero_clip(engine, clip: float) -> None:
+    """ZeRO / bf16 optimizers restore the clipping value saved in the checkpoint; the config's must win."""
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = clip
+
+
+def set_engine_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:
+    engine.global_steps, engine.global_samples, engine.skipped_steps = global_steps, global_samples, skipped_steps
+
+
+def wrap_model_step(engine, before) -> None:
+    """Call `before()` right before each optimizer step: the accumulated, data-parallel-averaged gradients are
+    complete there in both engines (inside `engine.step()` and the PipelineEngine's schedule)."""
+    original = getattr(engine, "_take_model_step", None)
+    if original is None:
+        raise RuntimeError("this DeepSpeed engine has no _take_model_step; per-layer gradient norms need it")
+
+    def take_model_step(*args, **kwargs):
+        before()
+        return original(*args, **kwargs)
+
+    engine._take_model_step = take_model_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch and TensorBoard
+# ----------------------------------------------------------------------------------------------------------
+
+
+def suspend_compiled(module: torch.nn.Module):
+    """Make a `module.compile()`d module run eagerly (hooks added after compiling run); returns what to restore."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    if compiled is not None:
+        module._compiled_call_impl = None
+    return compiled
+
+
+def restore_compiled(module: torch.nn.Module, compiled) -> None:
+    if compiled is not None:
+        module._compiled_call_impl = compiled
+
+
+def add_scalars(tb, scalars: list[tuple[str, float]], step: int) -> None:
+    """Many scalars as ONE TensorBoard event (what add_scalar writes, ~50 times cheaper than 50 events)."""
+    writer = getattr(tb, "_get_file_writer", None)
+    if writer is None:
+        for tag, v in scalars:
+            tb.add_scalar(tag, v, step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    writer().add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars]), step)
