@@ -1,7 +1,7 @@
 # Two entry points (see README): `make quickstart` trains the tiny model, `make test` runs the tests.
 # Both create .venv and install what they need on first use. torch is installed first, pinned by
-# TORCH_SPEC (CPU build here); on a CUDA cluster e.g.
-#   make install TORCH_SPEC="torch==2.8.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# TORCH_SPEC (the CPU build here; PyPI's is the CUDA build on a Linux GPU cluster). Another CUDA build, e.g.
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu130
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

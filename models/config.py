@@ -7,6 +7,7 @@ Every field carries its documentation in `metadata["help"]`; the README's config
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -67,9 +68,10 @@ class ModelConfig:
             raise ValueError(f"model.d_model/n_heads: head dim {self.d_model // self.n_heads} must be even for RoPE")
         if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
             raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
-        for name in ("init_std", "norm_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("init_std", "norm_eps", "rope_theta", "dyt_alpha_init"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
 
     @property
     def head_dim(self) -> int:

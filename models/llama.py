@@ -120,12 +120,13 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init_std, seed)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits, or with `labels` the next-token loss (`reduction` "mean", or "sum" over non-ignored tokens)."""
         x = self.tok_emb(tokens)  # [B, T, D]
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         logits = self.logits(self.final_norm(x))  # [B, T, V]
-        return logits if labels is None else cross_entropy(logits, labels, self.tp)
+        return logits if labels is None else cross_entropy(logits, labels, self.tp, reduction=reduction)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x)

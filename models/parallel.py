@@ -172,17 +172,24 @@ def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParal
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel | None,
-                  ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss over labels != ignore_index; logits may be vocab-sharded under TP."""
+                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss over labels != ignore_index; logits may be vocab-sharded under TP.
+
+    reduction "mean" (training): the mean over those tokens; "sum" (validation, which divides by the token
+    count over all its batches itself): their sum, 0 for a batch whose labels are all ignore_index."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if tp is None:
-        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                               reduction=reduction)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     mask = labels != ignore_index
     # megatron's kernel subtracts the max and exponentiates in place: never hand it the caller's tensor.
     logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
     per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0))
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    total = (per_token * mask).sum()
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -70,13 +70,16 @@ class HeadPipe(nn.Module):
 
 
 class PipelineLoss:
-    """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP)."""
+    """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP).
 
-    def __init__(self, tp: TensorParallel | None):
-        self.tp = tp
+    `reduction` is "mean" (training); validation (pretrain/evaluate.py) switches it to "sum" while it runs, so
+    that DeepSpeed's average of the per-micro-batch values times their number is the sum of token losses."""
+
+    def __init__(self, tp: TensorParallel | None, reduction: str = "mean"):
+        self.tp, self.reduction = tp, reduction
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, labels, self.tp)
+        return cross_entropy(logits, labels, self.tp, reduction=self.reduction)
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:

@@ -102,7 +102,7 @@ def _load_batches(data: str, cfg, seq_len: int, micro_batch_size: int, num_batch
     path = resolve_data_path(data, cfg.data.cache_dir)
     dataset = TokenDataset(path, seq_len, split)
     check_vocab(dataset, cfg.model.vocab_size)
-    return path, list(validation_batches(dataset, micro_batch_size, num_batches=num_batches))
+    return path, list(validation_batches(dataset, num_batches * micro_batch_size * seq_len, micro_batch_size))
 
 
 def cmd_analyze_depth(args) -> int:

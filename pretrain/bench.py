@@ -40,6 +40,7 @@ def cmd_bench(args) -> int:
             cfg = load_config(None, [
                 f"model.preset={preset}", f"model.norm_scheme={args.norm_scheme}", f"data.seq_len={args.seq_len}",
                 f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", f"train.precision={precision}",
+                f"parallel.zero_stage={1 if precision == 'bf16' else 0}",  # DeepSpeed's bf16 optimizer
                 f"train.compile={str(args.compile).lower()}", "train.warmup_steps=1",
             ])
             rows.append(bench_preset(cfg, topo, args.steps))

@@ -13,6 +13,9 @@ What is here:
     before every optimizer step (`_take_model_step`) the per-layer gradient norms need.
   * torch: the compiled forward that `nn.Module.compile` installs (`_compiled_call_impl`).
   * TensorBoard: writing many scalars as one event (the writer's file writer and Summary proto).
+
+models/ uses megatron-core's public tensor_parallel layers only (models must not depend on pretrain/), and
+DeepSpeed's public pipeline, topology and `safe_*_full_*` APIs are used where they are needed.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pretrain.errors import UserError
 TESTED = {
     "deepspeed": ("0.19", "0.20"),
     "megatron-core": ("0.16", "0.17"),
-    "torch": ("2.8", "3"),
-    "tensorboard": ("2.15", "3"),
+    "torch": ("2.13", "2.14"),
+    "tensorboard": ("2.21", "3"),
 }
 
 

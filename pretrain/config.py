@@ -59,7 +59,10 @@ class TrainConfig:
     betas: list = doc([0.9, 0.95], "AdamW betas.")
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this (0 = off).")
-    precision: Literal["fp32", "bf16"] = doc("fp32", "fp32 anywhere; bf16 (mixed, fp32 master weights) on GPU.")
+    precision: Literal["fp32", "bf16"] = doc(
+        "fp32", "fp32, or bf16 (mixed: fp32 master weights, gradients and Adam state; needs parallel.zero_stage >= 1 "
+        "or parallel.pp > 1; meant for GPUs, runs on CPU too)."
+    )
     seed: int = doc(0, "Seed of the weight init, data order and dropout-free RNG state.")
     resume: str | None = doc(None, "null: fresh run; auto: continue from run.dir/checkpoints/latest if any; or a checkpoint path.")
     init_from: str | None = doc(

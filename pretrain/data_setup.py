@@ -6,8 +6,9 @@ import torch.distributed as dist
 
 from pretrain.config import ExperimentConfig
 from pretrain.data.bundled import resolve_data_path
-from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_batches
+from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab
 from pretrain.distributed import Topology
+from pretrain.evaluate import build_validation
 
 
 def resolve_paths(cfg: ExperimentConfig, topo: Topology) -> list[str]:
@@ -31,7 +32,9 @@ def build_dataset(cfg: ExperimentConfig, paths: list[str], split: str):
 
 
 def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
-    """(train iterator from `consumed_samples` on, list of validation micro-batches or None) for this DP rank."""
+    """(train iterator from `consumed_samples` on, validation micro-batches or None) for this DP rank.
+
+    The validation set is the val split's first eval.tokens // data.seq_len samples (pretrain/evaluate.py)."""
     paths = resolve_paths(cfg, topo)
     train = DataLoader(
         build_dataset(cfg, paths, "train"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
@@ -39,8 +42,8 @@ def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
     )
     val = None
     if cfg.eval.interval > 0:
-        val = list(validation_batches(
-            build_dataset(cfg, paths, "val"), micro_batch_size=cfg.train.micro_batch_size,
-            num_batches=cfg.eval.batches, dp_rank=topo.dp_rank, dp_size=topo.dp,
-        ))
+        val = build_validation(
+            build_dataset(cfg, paths, "val"), cfg.eval.tokens, cfg.train.micro_batch_size, topo,
+            pipelined=cfg.parallel.pp > 1,
+        )
     return train, val

@@ -93,6 +93,8 @@ import os
 import torch
 from torch import nn
 
+from pretrain import compat
+
 STATS = ("variance", "rms", "attn_ratio", "mlp_ratio", "angular_distance")
 FILE = "layer_stats.jsonl"
 # Gradient groups after the L blocks.
@@ -174,17 +176,14 @@ class _BlockRecorder:
         ]
         # train.compile: a compiled block would not run hooks added after compilation, so the measured forward
         # of this block runs eagerly; the compiled version is back as soon as it is measured.
-        self.compiled = getattr(b, "_compiled_call_impl", None)
-        if self.compiled is not None:
-            b._compiled_call_impl = None
+        self.compiled = compat.suspend_compiled(b)
 
     def disarm(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        if self.compiled is not None:
-            self.block._compiled_call_impl = self.compiled
-            self.compiled = None
+        compat.restore_compiled(self.block, self.compiled)
+        self.compiled = None
 
     # Fused norms (torch.linalg.vector_norm) rather than x.square().sum() and friends: no [B, T, D]
     # temporaries where avoidable, which keeps a measured step within a few percent of an unmeasured one.
@@ -303,13 +302,24 @@ def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, g
 class LayerStatsWriter:
     """layer_stats.jsonl and TensorBoard (rank 0 only)."""
 
-    def __init__(self, run_dir: str, start_step: int, tb=None):
-        from pretrain.metrics import truncate_jsonl
+    def __init__(self, run_dir: str, start_step: int, tb=None, say=None):
+        from pretrain.metrics import torn_line_message, truncate_jsonl
 
         self.path = os.path.join(run_dir, FILE)
         self.tb = tb
         self.history: list[dict] = []
-        truncate_jsonl(self.path, start_step)
+        torn = truncate_jsonl(self.path, start_step)  # a torn last line (a write cut off) is dropped, and said
+        if torn is not None:
+            (say or self._say)(torn_line_message(self.path, torn))
+
+    @staticmethod
+    def _say(line: str) -> None:
+        """A log line that does not break the progress bar (tqdm.write prints above an active bar)."""
+        import sys
+
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -321,7 +331,7 @@ class LayerStatsWriter:
         scalars = [(f"layers/{name}/l{l:02d}", v) for name in (*STATS, "grad_norm")
                    for l, v in enumerate(record[name], start=1)]
         scalars += [(f"layers/grad_norm_{name}", record[f"grad_norm_{name}"]) for name in (*GROUP_NAMES, "global")]
-        _add_scalars(self.tb, [(tag, v) for tag, v in scalars if v is not None and math.isfinite(v)], step)
+        compat.add_scalars(self.tb, [(tag, v) for tag, v in scalars if v is not None and math.isfinite(v)], step)
         variance = record["variance"]
         if all(math.isfinite(v) for v in variance):
             # A "histogram" whose bucket l spans (l - 1/2, l + 1/2] and holds layer l's variance: TensorBoard's
@@ -341,18 +351,6 @@ class LayerStatsWriter:
             self.history[round(i * (len(self.history) - 1) / 7)] for i in range(8)
         ]
         self.tb.add_figure("layers/variance_vs_depth_image", variance_figure(picked), self.history[-1]["step"])
-
-
-def _add_scalars(tb, scalars: list[tuple[str, float]], step: int) -> None:
-    """Many scalars as ONE TensorBoard event (what add_scalar writes, ~50 times cheaper than 50 events)."""
-    writer = getattr(tb, "_get_file_writer", None)
-    if writer is None:
-        for tag, v in scalars:
-            tb.add_scalar(tag, v, step)
-        return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    writer().add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars]), step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,16 +393,11 @@ class LayerDiagnostics:
         self._wrap_model_step(built.engine)
 
     def _wrap_model_step(self, engine) -> None:
-        original = getattr(engine, "_take_model_step", None)
-        if original is None:
-            raise RuntimeError("this DeepSpeed engine has no _take_model_step; per-layer gradient norms need it")
-
-        def take_model_step(*args, **kwargs):
+        def before_step():
             if self.measuring:
                 self.grads = self.gradient_sums()
-            return original(*args, **kwargs)
 
-        engine._take_model_step = take_model_step
+        compat.wrap_model_step(engine, before_step)
 
     def gradient_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         from deepspeed.utils import (

@@ -54,28 +54,91 @@ class Topology:
 
 
 def launcher_env() -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from whichever launcher started us."""
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from whichever launcher started us.
+
+    A partial or inconsistent launcher environment (RANK without WORLD_SIZE, a rank outside the world, a
+    non-integer) is a one-line UserError rather than a rank silently training alone as a single process.
+    MASTER_ADDR/MASTER_PORT alone are normal (batch scripts export them for the launcher), and so is a SLURM
+    batch or salloc shell (SLURM_PROCID without SLURM_STEP_ID): both run as one process.
+    """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
-        if missing and int(env["WORLD_SIZE"]) > 1:
-            raise UserError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun, deepspeed or srun")
+    torch_vars = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in env]
+    if torch_vars:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+        if missing:
+            given = ", ".join(f"{k}={env[k]}" for k in torch_vars)
+            raise UserError(
+                f"{given} {'is' if len(torch_vars) == 1 else 'are'} set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not (a partial launcher environment); launch with torchrun, "
+                f"deepspeed or srun, which set them all, or unset {', '.join(torch_vars)} to run as one process"
+            )
+        world = _int_var("WORLD_SIZE", 1)
+        rank = _int_var("RANK", 0)
+        local_rank = _int_var("LOCAL_RANK", 0) if "LOCAL_RANK" in env else 0
+        for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+            if value >= world:
+                raise UserError(
+                    f"{name}={value} is not below WORLD_SIZE={world} (ranks are 0..WORLD_SIZE-1); fix the launcher "
+                    "environment, or launch with torchrun, deepspeed or srun"
+                )
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing and world > 1:
+            raise UserError(
+                f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun, deepspeed or srun"
+            )
         return {
-            "RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()),
+            "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or "127.0.0.1",
+            "MASTER_PORT": str(_port()) if env.get("MASTER_PORT") else str(free_port()),
         }
     # Only inside an srun step: a batch script or salloc shell also has SLURM_PROCID=0 and the job's SLURM_NTASKS.
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise UserError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not; start the job with sbatch/srun")
-        return {
-            "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-            # One port per job, so two jobs sharing a node don't collide.
-            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
-        }
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        if "SLURM_NTASKS" not in env:
+            raise UserError(
+                "inside an srun step (SLURM_PROCID, SLURM_STEP_ID set) but SLURM_NTASKS is not; start the step with "
+                "srun --ntasks=N (or sbatch --ntasks), or set RANK/WORLD_SIZE yourself"
+            )
+        world = _int_var("SLURM_NTASKS", 1)
+        rank = _int_var("SLURM_PROCID", 0)
+        if rank >= world:
+            raise UserError(
+                f"SLURM_PROCID={rank} is not below SLURM_NTASKS={world}; start the step with srun (its variables agree)"
+            )
+        if world > 1:
+            local_rank = _int_var("SLURM_LOCALID", 0) if "SLURM_LOCALID" in env else 0
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise UserError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not; start the job with sbatch/srun")
+            job_id = _int_var("SLURM_JOB_ID", 0) if env.get("SLURM_JOB_ID") else 0
+            return {
+                "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+                "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                # One port per job, so two jobs sharing a node don't collide.
+                "MASTER_PORT": str(_port()) if env.get("MASTER_PORT") else str(20000 + job_id % 20000),
+            }
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
+def _int_var(name: str, minimum: int) -> int:
+    """The integer in environment variable `name`, >= minimum, or a one-line UserError."""
+    raw = os.environ[name]
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UserError(
+            f"{name}={raw!r} is not an integer >= {minimum}; fix or unset it in the launcher environment "
+            "(torchrun, deepspeed and srun set it correctly)"
+        )
+    return value
+
+
+def _port() -> int:
+    port = _int_var("MASTER_PORT", 1)
+    if port > 65535:
+        raise UserError(f"MASTER_PORT={port} is not a TCP port (1-65535); export a free port or unset MASTER_PORT")
+    return port
 
 
 def first_slurm_host(nodelist: str) -> str:

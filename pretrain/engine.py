@@ -39,8 +39,13 @@ def check_parallel_support(cfg: ExperimentConfig, topo: Topology) -> None:
             "parallel.zero_stage=3 is not supported: its parameter partitioning conflicts with the megatron-core "
             "tensor-parallel layers and the per-layer diagnostics; use zero_stage 0-2"
         )
-    if cfg.train.precision == "bf16" and topo.device.type != "cuda":
-        raise UserError("train.precision=bf16 needs a CUDA GPU; on CPU use train.precision=fp32")
+    if cfg.train.precision == "bf16" and zero == 0 and pp == 1:
+        # DeepSpeed's only bf16 optimizer without ZeRO or a pipeline accumulates gradients in bf16.
+        raise UserError(
+            "train.precision=bf16 needs parallel.zero_stage >= 1 (or pipeline parallelism): without them DeepSpeed "
+            "accumulates gradients in bf16; zero_stage=1 keeps fp32 gradients and master weights and costs nothing "
+            "on one GPU"
+        )
 
 
 def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from pretrain.errors import UserError
+
 # Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
@@ -27,16 +29,45 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def truncate_jsonl(path: str, after_step: int) -> None:
-    """Drop entries logged after `after_step` (a run resumed from an earlier checkpoint re-logs them)."""
+def truncate_jsonl(path: str, after_step: int) -> str | None:
+    """Drop entries logged after `after_step` (a run resumed from an earlier checkpoint re-logs them).
+
+    A node dying mid-write leaves a torn last line: it is dropped and returned (None when there was none), for
+    the caller to report. An unreadable line before the last is real corruption: a one-line UserError.
+    """
     if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        return None
+    name = os.path.basename(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    kept, torn = [], None
+    for i, (number, line) in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            step = entry.get("step", 0) if isinstance(entry, dict) else None
+            if not isinstance(step, (int, float)) or isinstance(step, bool):
+                raise ValueError("not a JSON object with a numeric step")
+        except ValueError:
+            if i == len(lines) - 1:
+                torn = line.rstrip("\n")
+                break
+            raise UserError(
+                f"{path}: line {number} is not a JSON object with a numeric step (corrupted, not a torn last "
+                f"line); fix or delete that line (or move {name} away) and resume"
+            ) from None
+        if step <= after_step:
+            kept.append(line if line.endswith("\n") else line + "\n")  # appends must start on a new line
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+    return torn
+
+
+def torn_line_message(path: str, torn: str) -> str:
+    """The log line for a dropped torn last line, e.g. metrics.jsonl: dropped a torn last line (...): '{"step": 1'."""
+    shown = torn if len(torn) <= 80 else torn[:77] + "..."
+    return f"{os.path.basename(path)}: dropped a torn last line (a write was cut off): {shown!r}"
 
 
 class MetricsWriter:
@@ -48,7 +79,7 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
-        truncate_jsonl(self.path, start_step)
+        torn = truncate_jsonl(self.path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -57,6 +88,8 @@ class MetricsWriter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if torn is not None:
+            self.say(torn_line_message(self.path, torn))
 
     def write(self, record: dict, prefix: str) -> None:
         if not self.enabled:

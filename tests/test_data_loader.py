@@ -185,14 +185,14 @@ def test_blend_bad_input(tmp_path):
 def test_validation_batches_fixed_order_and_sharded(tmp_path):
     path = ramp(tmp_path, val_samples=11)
     val = TokenDataset(path, SEQ, split="val")
-    batches = list(validation_batches(val, micro_batch_size=2))
+    batches = list(validation_batches(val, 10 * SEQ, micro_batch_size=2))
     assert [sample_ids(x) for x, _ in batches] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-    assert len(list(validation_batches(val, 2, num_batches=2))) == 2
-    r0 = [sample_ids(x) for x, _ in validation_batches(val, 2, dp_rank=0, dp_size=2)]
-    r1 = [sample_ids(x) for x, _ in validation_batches(val, 2, dp_rank=1, dp_size=2)]
-    assert r0 == [[0, 1], [4, 5]] and r1 == [[2, 3], [6, 7]]
-    with pytest.raises(UserError, match="fewer than one batch"):
-        list(validation_batches(val, 4, dp_size=4))
+    assert len(validation_batches(val, 4 * SEQ + SEQ - 1, 2)) == 2  # a token budget: 4 samples
+    r0 = [sample_ids(x) for x, _ in validation_batches(val, 10 * SEQ, 2, dp_rank=0, dp_size=2)]
+    r1 = [sample_ids(x) for x, _ in validation_batches(val, 10 * SEQ, 2, dp_rank=1, dp_size=2)]
+    assert r0 == [[0, 1], [4, 5], [8, 9]] and r1 == [[2, 3], [6, 7]]
+    with pytest.raises(UserError, match="eval.tokens=7 is less than one validation sample of seq_len 8"):
+        validation_batches(val, SEQ - 1, 4)
 
 
 def test_check_vocab(tmp_path):
@@ -223,4 +223,4 @@ def test_bundled_default_end_to_end():
     assert len(ds) > 1000 and len(val) > 50
     x, y = next(DataLoader(ds, 16, seed=0))
     assert x.shape == (16, 256) and int(x.max()) < 2048 and torch.equal(x[:, 1:], y[:, :-1])
-    assert sum(1 for _ in validation_batches(val, 16, num_batches=3)) == 3
+    assert sum(1 for _ in validation_batches(val, 3 * 16 * 256, 16)) == 3

@@ -86,6 +86,71 @@ def test_sample_by(tmp_path, tok, sample_by, n_docs):
         assert tokens(out, "train").tolist() == expected_stream(tok, lines)
 
 
+def wikitext(docs):
+    """WikiText-style text: ' = Heading = ' lines and paragraphs, each followed by a line holding one space."""
+    parts = []
+    for i, d in enumerate(docs):
+        if i % 6 == 0:
+            parts.append(f" = Section {i // 6} = " if i % 12 else f" = = Part {i} = = ")
+        parts.append(" " + d)
+    return parts, "".join(f"{p}\n \n" for p in parts)
+
+
+def test_whitespace_only_lines_separate_paragraphs(tmp_path, tok):
+    parts, text = wikitext(DOCS[:60])
+    (tmp_path / "wiki.txt").write_text(" \n" + text, encoding="utf-8")
+    outs = [prepare_dataset(str(tmp_path / "wiki.txt"), tiny_tokenizer_dir(), str(tmp_path / name), val_fraction=0.1,
+                            **kw) for name, kw in (("o", {}), ("st", dict(streaming=True)))]
+    meta = read_meta(outs[0])
+    assert meta["num_documents"] == len(parts) == 70
+    assert 1 <= meta["splits"]["val"]["num_documents"] < 30
+    # Each heading and paragraph is one document, its own text (leading spaces, inner newlines) kept as it is.
+    train_docs, val_docs = split_docs(tokens(outs[0], "train"), 3), split_docs(tokens(outs[0], "val"), 3)
+    assert sorted(train_docs + val_docs) == sorted(tok.encode(p) + [3] for p in parts)
+    assert tokens(outs[0], "train").tolist()[:len(tok.encode(parts[0])) + 1] == tok.encode(parts[0]) + [3]
+    assert read_meta(outs[1])["splits"] == meta["splits"]
+    assert tokens(outs[1], "val").tobytes() == tokens(outs[0], "val").tobytes()
+
+
+def test_split_paragraphs_mixes_blank_and_whitespace_lines():
+    text = "\n\na\n b \n\t\n\nc\n   \r\n\x0c\nd e\nf\n \n"
+    assert prep.split_paragraphs(text) == ["a\n b ", "c", "d e\nf"]
+    assert prep.split_paragraphs(" \n\t\n") == []
+    assert prep.split_paragraphs("one line, no newline") == ["one line, no newline"]
+
+
+def test_empty_validation_split_is_refused_and_writes_nothing(tmp_path, capsys):
+    # One paragraph (lines but no separator between them): no document can go to validation.
+    src = tmp_path / "one.txt"
+    src.write_text("\n".join(" " + d.replace("\n", " ") for d in DOCS[:50]) + "\n", encoding="utf-8")
+    out = tmp_path / "new" / "deeper" / "out"
+    for streaming in (False, True):
+        with pytest.raises(UserError, match=r"one.txt: the validation split came out empty \(1 document, "
+                           r"--val-fraction 0.1\); give more documents, cut the text into more documents with "
+                           r"--sample-by line, .*or pass --val-fraction 0") as e:
+            prepare_dataset(str(src), tiny_tokenizer_dir(), str(out), val_fraction=0.1, streaming=streaming)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+    (tmp_path / "kept").mkdir()  # a parent that existed before stays
+    with pytest.raises(UserError, match="with --sample-by paragraph or line"):
+        prepare_dataset(str(src), tiny_tokenizer_dir(), str(tmp_path / "kept" / "out"), val_fraction=0.1,
+                        sample_by="document")
+    assert list((tmp_path / "kept").iterdir()) == []
+    # Not a text file: --sample-by does not apply.
+    with pytest.raises(UserError, match=r"\(1 document, --val-fraction 0.2\); give more documents, or pass --val-fraction 0"):
+        prepare_dataset(str(write_jsonl(tmp_path / "one.jsonl", DOCS[:1])), tiny_tokenizer_dir(), str(out), val_fraction=0.2)
+    argv = ["data", "prepare", "--source", str(src), "--tokenizer", tiny_tokenizer_dir(), "--out", str(out),
+            "--val-fraction", "0.1"]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err  # after the datasets progress bars: one error line, the last
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and err.endswith(f"\n{errors[0]}\n")
+    assert "validation split came out empty" in errors[0]
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+    # Without a validation split the same file prepares fine.
+    assert read_meta(prepare_dataset(str(src), tiny_tokenizer_dir(), str(out), val_fraction=0))["num_documents"] == 1
+
+
 def test_all_file_types_and_folders_agree(tmp_path, tok):
     docs = DOCS[:60]
     (tmp_path / "s").mkdir()

@@ -16,41 +16,49 @@ STEPS, STOP = 20, 10
 TIED = ["model.tie_embeddings=true"]
 
 
+BF16 = ["train.precision=bf16"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_cache):
-    """Single-process reference losses, untied and tied."""
+    """Single-process reference losses: fp32 untied and tied, and bf16 (bf16 needs ZeRO or a pipeline)."""
     refs = {}
-    for name, extra in (("untied", []), ("tied", TIED)):
+    for name, extra in (("untied", []), ("tied", TIED), ("bf16", [*BF16, "parallel.zero_stage=1"])):
         run = str(tmp_path_factory.mktemp(f"ref_{name}"))
         run_train(run, f"train.steps={STEPS}", *extra, cache_dir=data_cache)
         refs[name] = train_losses(run)
     return refs
 
 
-# (id, layout A overrides, nproc A, layout B overrides, nproc B, tied)
+# (id, layout A overrides, nproc A, layout B overrides, nproc B, reference, tolerance). In fp32 every layout gives
+# the single-process losses within 1e-4, so a resume must too. In bf16 two layouts differ by ~2e-4 without any
+# resume (rounding of differently ordered reductions), hence 1e-3 there; a resume that lost the fp32 master weights
+# or the Adam moments is off by 1e-2 or more.
 PAIRS = [
-    ("dp1-to-dp2-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1"], 2, False),
-    ("tp2xpp2-to-tp1xpp1", ["parallel.tp=2", "parallel.pp=2"], 4, [], None, False),
-    ("tp1-to-tp2xdp2-zero2", ["parallel.zero_stage=2"], None, ["parallel.tp=2", "parallel.zero_stage=2"], 4, False),
-    ("pp2-to-pp1-tied", ["parallel.pp=2"], 2, [], None, True),
+    ("dp1-to-dp2-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1"], 2, "untied", 1e-4),
+    ("tp2xpp2-to-tp1xpp1", ["parallel.tp=2", "parallel.pp=2"], 4, [], None, "untied", 1e-4),
+    ("tp1-to-tp2xdp2-zero2", ["parallel.zero_stage=2"], None, ["parallel.tp=2", "parallel.zero_stage=2"], 4, "untied",
+     1e-4),
+    ("pp2-to-pp1-tied", ["parallel.pp=2", *TIED], 2, TIED, None, "tied", 1e-4),
+    ("zero1-to-zero0", ["parallel.zero_stage=1"], None, [], None, "untied", 1e-4),
+    ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 1e-3),
+    ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 1e-3),
 ]
 
 
-@pytest.mark.parametrize("name, layout_a, nproc_a, layout_b, nproc_b, tied", PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("name, layout_a, nproc_a, layout_b, nproc_b, reference, tolerance", PAIRS,
+                         ids=[p[0] for p in PAIRS])
 def test_resume_on_another_layout_continues_exactly(tmp_path, data_cache, uninterrupted, name, layout_a, nproc_a,
-                                                    layout_b, nproc_b, tied):
+                                                    layout_b, nproc_b, reference, tolerance):
     run = str(tmp_path)
-    extra = TIED if tied else []
-    run_train(run, f"train.steps={STEPS}", f"train.stop_at_step={STOP}", *extra, *layout_a, nproc=nproc_a,
-              cache_dir=data_cache)
-    proc = run_train(run, f"train.steps={STEPS}", "train.resume=auto", *extra, *layout_b, nproc=nproc_b,
-                     cache_dir=data_cache)
+    run_train(run, f"train.steps={STEPS}", f"train.stop_at_step={STOP}", *layout_a, nproc=nproc_a, cache_dir=data_cache)
+    proc = run_train(run, f"train.steps={STEPS}", "train.resume=auto", *layout_b, nproc=nproc_b, cache_dir=data_cache)
     assert "resume: another layout" in proc.stdout
-    ref, got = uninterrupted["tied" if tied else "untied"], train_losses(run)
+    ref, got = uninterrupted[reference], train_losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
-    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
-    print(f"{name}: max relative loss difference {worst:.2e}")
-    assert worst < 1e-4, {s: (got[s], ref[s]) for s in ref}
+    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in range(STOP + 1, STEPS + 1))
+    print(f"{name}: max relative loss difference after the resume {worst:.2e}")
+    assert worst < tolerance, {s: (got[s], ref[s]) for s in ref}
     # the resumed run's data position continues where layout A stopped
     consumed = [m["consumed_tokens"] for m in metrics(run) if "loss" in m]
     assert consumed == [s * 8 * 64 for s in range(1, STEPS + 1)]

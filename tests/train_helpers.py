@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny preset on short sequences and small batches: a step takes a fraction of a second on 2 cores.
 TINY = [
     "data.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=2",
-    "eval.interval=0", "logging.interval=1", "logging.progress_bar=false", "checkpoint.interval=0",
+    "eval.interval=0", "eval.tokens=2048", "logging.interval=1", "logging.progress_bar=false", "checkpoint.interval=0",
 ]
 
 

@@ -12,6 +12,9 @@ Blending several folders interleaves them smoothly by weight: the j-th sample of
 (j + 1/2) / w_d and the global order is the merge of those times, so after any n samples each dataset has
 w_d * n of them to within one, and position -> (dataset, sample) is computed directly, without replaying
 the schedule. Each dataset walks its own seeded per-epoch permutation.
+
+Validation (`validation_batches`) reads the first min(tokens // seq_len, len) positions of the unshuffled
+order, dealt out over the data-parallel ranks like training micro-steps: one fixed set for every layout.
 """
 
 from __future__ import annotations
@@ -261,20 +264,86 @@ class DataLoader:
         return len(self.dataset)
 
 
-def validation_batches(
-    dataset: Dataset, micro_batch_size: int, num_batches: int | None = None, dp_rank: int = 0, dp_size: int = 1
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `num_batches` (default: all full) micro-batches of this rank, in fixed unshuffled order."""
-    per_step = micro_batch_size * dp_size
-    available = len(dataset) // per_step
-    if available == 0:
+IGNORE_INDEX = -100  # label of padding positions: no loss, not counted (models.parallel.cross_entropy)
+
+
+def validation_size(dataset: Dataset, tokens: int, what: str = "eval.tokens") -> int:
+    """Samples in the validation set of token budget `tokens`: min(tokens // seq_len, samples in the split).
+
+    `what` names the setting in the error raised when the budget is less than one sample."""
+    if tokens < dataset.seq_len:
         raise UserError(
-            f"data: the validation split holds {len(dataset)} samples of seq_len {dataset.seq_len}, fewer than "
-            f"one batch (micro_batch_size * dp_size = {per_step}); prepare with a larger --val-fraction or lower the batch"
+            f"{what}={tokens} is less than one validation sample of seq_len {dataset.seq_len} tokens; "
+            f"set it to at least {dataset.seq_len}"
         )
-    loader = DataLoader(dataset, micro_batch_size, dp_rank, dp_size, seed=0, shuffle=False)
-    for _ in range(available if num_batches is None else min(num_batches, available)):
-        yield next(loader)
+    return min(tokens // dataset.seq_len, len(dataset))
+
+
+class ValidationBatches:
+    """One data-parallel rank's micro-batches of the validation set: the first `num_samples` positions of the
+    dataset's fixed unshuffled order, dealt out as the training loader does (micro-step k, rank r: positions
+    k * micro_batch_size * dp_size + r * micro_batch_size + [0, micro_batch_size)), so the ranks together
+    hold each of them exactly once whatever micro_batch_size and dp_size are.
+
+    Without `pad` the last micro-batch of a rank may be smaller, and a rank may have fewer micro-batches than
+    rank 0 (or none). With `pad` (pipeline engines need equal shapes and counts) every rank has
+    ceil(num_samples / (micro_batch_size * dp_size)) micro-batches of exactly micro_batch_size samples,
+    filled up with token-0 samples whose labels are all IGNORE_INDEX. Read lazily: list-like, re-iterable.
+    """
+
+    def __init__(self, dataset: Dataset, num_samples: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, pad: bool = False):
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad loader shape: micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}")
+        if not 0 <= num_samples <= len(dataset):
+            raise ValueError(f"num_samples={num_samples} out of range [0, {len(dataset)}]")
+        self.dataset, self.num_samples, self.micro_batch_size = dataset, num_samples, micro_batch_size
+        self.dp_rank, self.dp_size, self.pad = dp_rank, dp_size, pad
+        self.seq_len = dataset.seq_len
+        per_step = micro_batch_size * dp_size
+        first = dp_rank * micro_batch_size  # this rank reads micro-batches from here on, one every per_step positions
+        self._len = -(-num_samples // per_step) if pad else max(0, -(-(num_samples - first) // per_step))
+
+    @property
+    def num_tokens(self) -> int:
+        """Label tokens of the whole set (all ranks): the denominator of the validation loss."""
+        return self.num_samples * self.seq_len
+
+    def positions(self, k: int) -> np.ndarray:
+        """Global positions of the real samples in this rank's micro-batch k (fewer than micro_batch_size at the end)."""
+        start = k * self.micro_batch_size * self.dp_size + self.dp_rank * self.micro_batch_size
+        return np.arange(start, min(start + self.micro_batch_size, self.num_samples), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= k < len(self):
+            raise IndexError(f"validation micro-batch {k} out of range [0, {len(self)})")
+        positions = self.positions(k)
+        batch = np.zeros((self.micro_batch_size if self.pad else len(positions), self.seq_len + 1), np.int64)
+        if len(positions):
+            batch[: len(positions)] = self.dataset.samples(positions, (0,), shuffle=False)
+        tokens, labels = torch.from_numpy(batch[:, :-1].copy()), torch.from_numpy(batch[:, 1:].copy())
+        labels[len(positions):] = IGNORE_INDEX
+        return tokens, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self[k] for k in range(len(self)))
+
+    def __repr__(self) -> str:
+        return (f"ValidationBatches({self.num_samples} samples of {self.dataset!r}, micro_batch_size="
+                f"{self.micro_batch_size}, dp {self.dp_rank}/{self.dp_size}, pad={self.pad}, {len(self)} micro-batches)")
+
+
+def validation_batches(
+    dataset: Dataset, tokens: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, pad: bool = False,
+    what: str = "eval.tokens",
+) -> ValidationBatches:
+    """This rank's share of the validation set of token budget `tokens` (see `validation_size`): the split's
+    first min(tokens // seq_len, len(dataset)) samples in fixed unshuffled order (for a blend, the first
+    positions of the unshuffled blended order), the same set for every micro_batch_size, dp_size and layout."""
+    return ValidationBatches(dataset, validation_size(dataset, tokens, what), micro_batch_size, dp_rank, dp_size, pad)
 
 
 def check_seq_len(dataset: TokenDataset, seq_len: int) -> None:

@@ -199,14 +199,23 @@ def staging_dir(
     """
     out = Path(out).expanduser().absolute()
     _check_target(out, overwrite, is_complete, what, known)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    published = False
     try:
         yield tmp
         _publish(tmp, out, overwrite, is_complete, what)
+        published = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful publish
+        if not published:  # a failure leaves no trace: also the parent folders made for `out`
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _check_target(out: Path, overwrite: bool, is_complete, what: str, known: set[str]) -> None:
@@ -353,6 +362,8 @@ def prepare_dataset(
         cache.mkdir()
         ds = load_source(src, sample_by=sample_by, streaming=streaming, cache_dir=str(cache) if src.local else None)
         strip = src.builder == "text" and sample_by == "paragraph"
+        if strip:
+            ds = _split_whitespace_paragraphs(ds, streaming, num_proc, cache_file=str(cache / "paragraphs.arrow"))
         with _SplitWriter(tmp, dtype) as writer:
             if streaming:
                 _write_streaming(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip)
@@ -363,6 +374,8 @@ def prepare_dataset(
         shutil.rmtree(cache, ignore_errors=True)
         if writer.docs["train"] == 0:
             raise UserError(f"{src.label}: empty dataset (no non-empty text in field {text_field!r})")
+        if val_fraction > 0 and writer.docs["val"] == 0:
+            raise UserError(_empty_val_message(src, sample_by, val_fraction, writer.docs["train"], streaming))
         (tmp / MODEL_FILE).write_bytes(tok.model_bytes)
         options = dict(text_field=text_field, streaming=streaming, max_documents=max_documents)
         if src.builder == "text":
@@ -371,6 +384,21 @@ def prepare_dataset(
             options.update(split=split, subset=subset)
         write_meta(tmp, tok.info(), dtype, writer.tokens, writer.docs, src.label, options, val_fraction, seed)
     return str(out)
+
+
+def _empty_val_message(src: Source, sample_by: str, val_fraction: float, n_docs: int, streaming: bool) -> str:
+    fixes = ["give more documents"]
+    if src.builder == "text":
+        finer = {"document": "--sample-by paragraph or line", "paragraph": "--sample-by line"}.get(sample_by)
+        if finer:
+            fixes.append(f"cut the text into more documents with {finer}")
+    if streaming:
+        fixes.append("a larger --val-fraction")
+    fixes.append("pass --val-fraction 0 to have no validation split")
+    return (
+        f"{src.label}: the validation split came out empty ({n_docs} document{'s' if n_docs != 1 else ''}, "
+        f"--val-fraction {val_fraction:g}); {', '.join(fixes[:-1])}, or {fixes[-1]}"
+    )
 
 
 def write_meta(folder: Path, tokenizer: dict, dtype, tokens: dict, docs: dict, source: str, options: dict,
@@ -470,6 +498,43 @@ def _clean(text: str | None, strip_newlines: bool) -> str | None:
     return text.strip("\n") if strip_newlines else text
 
 
+def split_paragraphs(text: str) -> list[str]:
+    """The paragraphs of `text`: runs of lines separated by lines that are empty or hold only whitespace.
+
+    WikiText-style text separates paragraphs with ' \\n' lines, not empty ones; the text builder splits on
+    blank lines ("\\n\\n") only. The lines of a paragraph keep their text, spaces included; the newlines
+    around paragraphs go (EOS marks their end instead).
+    """
+    paragraphs, lines = [], []
+    for line in text.split("\n"):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            paragraphs.append("\n".join(lines))
+            lines = []
+    if lines:
+        paragraphs.append("\n".join(lines))
+    return paragraphs
+
+
+def _split_paragraph_rows(batch: dict) -> dict:
+    """datasets.map function: every row of the text builder's paragraph mode -> its paragraphs, one per row."""
+    return {"text": [p for text in batch["text"] if text is not None for p in split_paragraphs(text)]}
+
+
+def _split_whitespace_paragraphs(ds, streaming: bool, num_proc: int | None, cache_file: str):
+    """`ds` (the text builder, sample_by="paragraph") with its rows cut at whitespace-only lines too."""
+    if streaming:
+        return ds.map(_split_paragraph_rows, batched=True, batch_size=ENCODE_BATCH, remove_columns=["text"])
+    import datasets
+
+    return ds.map(
+        _split_paragraph_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=_num_proc(num_proc, len(ds)) or None,
+        remove_columns=ds.column_names, features=datasets.Features({"text": datasets.Value("string")}),
+        cache_file_name=cache_file, desc="Splitting paragraphs",
+    )
+
+
 def _write_mapped(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip, cache_file) -> None:
     import datasets
     import pyarrow as pa
@@ -488,8 +553,9 @@ def _write_mapped(ds, src, tok, text_field, writer, val_fraction, seed, num_proc
         cache_file_name=cache_file, desc="Tokenizing",
     ).with_format("arrow")
     batch_rows = 1 << 16
-    lengths = np.concatenate(
-        [pc.list_value_length(b.column("ids")).to_numpy(zero_copy_only=False) for b in ids.iter(batch_rows)]
+    lengths = np.concatenate(  # no rows at all: a text file of whitespace only is caught as empty below
+        [np.zeros(0, np.int64)]
+        + [pc.list_value_length(b.column("ids")).to_numpy(zero_copy_only=False) for b in ids.iter(batch_rows)]
     )
     is_val = _assign_val(lengths > 0, val_fraction, seed)
     start = 0

@@ -1,0 +1,73 @@
+"""Validation: one fixed set of samples for every layout, and its mean next-token loss.
+
+The set is the val split's first min(eval.tokens // data.seq_len, samples in the split) samples in fixed
+unshuffled order (for a blend, the first positions of the unshuffled blended order), dealt out over the
+data-parallel ranks by `pretrain.data.loader.validation_batches`. The loss is the sum of the per-token losses
+over all label tokens of the set divided by their number, so it depends neither on train.micro_batch_size
+nor on the data-parallel size or the TP/PP layout (tests/test_evaluate.py compares layouts to 1e-5).
+
+Plain engines forward this rank's micro-batches (the last one may be smaller, a rank may have none) with
+`reduction="sum"` and all-reduce (loss sum, token count) over the data-parallel group in float64. The
+pipeline engine's `eval_batch` needs equal micro-batch shapes and counts on every rank and returns the mean of
+the per-micro-batch losses averaged over data-parallel ranks: its micro-batches are padded with samples whose
+labels are all ignored, and `PipelineLoss` returns per-micro-batch sums while it runs, so
+`eval_batch(...) * micro-batches * dp` is the loss sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pretrain.data.loader import IGNORE_INDEX, Dataset, ValidationBatches, validation_batches
+from pretrain.distributed import Topology
+from pretrain.engine import Built
+
+
+def build_validation(dataset: Dataset, tokens: int, micro_batch_size: int, topo: Topology, pipelined: bool,
+                     what: str = "eval.tokens") -> ValidationBatches:
+    """This rank's micro-batches of the validation set of token budget `tokens` (padded for a pipelined engine).
+
+    `what` names the budget's setting in the error for a budget below one sample (e.g. "--tokens")."""
+    return validation_batches(dataset, tokens, micro_batch_size, topo.dp_rank, topo.dp, pad=pipelined, what=what)
+
+
+@torch.no_grad()
+def evaluate(built: Built, val, topo: Topology) -> float:
+    """Mean next-token loss over all label tokens of the validation set `val` (this rank's share, from
+    `build_validation`); the same value on every rank. Leaves the engine in training mode."""
+    engine = built.engine
+    engine.eval()
+    try:
+        if built.pipelined:
+            loss_fn = built.model.loss_fn
+            loss_fn.reduction = "sum"
+            try:
+                # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
+                # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
+                mean = engine.eval_batch(data_iter=iter(val), num_micro_batches=len(val))
+            finally:
+                loss_fn.reduction = "mean"
+            count = torch.tensor([sum(int((labels != IGNORE_INDEX).sum()) for _, labels in val)],
+                                 dtype=torch.float64, device=topo.device)
+            _all_reduce_data_parallel(count)
+            loss_sum, count = float(mean) * len(val) * topo.dp, float(count)
+        else:
+            totals = torch.zeros(2, dtype=torch.float64, device=topo.device)  # (loss sum, label tokens)
+            for tokens, labels in val:
+                totals[0] += engine(tokens.to(topo.device), labels.to(topo.device), reduction="sum").double()
+                totals[1] += int((labels != IGNORE_INDEX).sum())
+            _all_reduce_data_parallel(totals)
+            loss_sum, count = totals.tolist()
+        return loss_sum / count if count else float("nan")
+    finally:
+        engine.train()
+
+
+def _all_reduce_data_parallel(x: torch.Tensor) -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(x, group=group)
