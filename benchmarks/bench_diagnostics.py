@@ -1,4 +1,4 @@
-"""Step-time overhead of the per-layer diagnostics (pretrain/diagnostics.py) on the tiny preset, in-process.
+"""Step-time overhead of the per-layer diagnostics (pretrain/analysis/diagnostics.py) on the tiny preset, in-process.
 
     python benchmarks/bench_diagnostics.py [--rounds 12] [--steps 5] [--config configs/tiny.yaml]
 
@@ -54,7 +54,7 @@ def main() -> int:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from pretrain import diagnostics
+    from pretrain.analysis import diagnostics
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed, shutdown
     from pretrain.engine import build_engine

@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.data.cli import register as register_data
 
     register_data(sub)
-    from pretrain import bench, diagnostics_cli
+    from pretrain import bench
+    from pretrain.analysis import cli as analysis_cli
 
     bench.register(sub)
-    diagnostics_cli.register(sub)
+    analysis_cli.register(sub)
     return parser
 
 

@@ -180,7 +180,7 @@ class DiagnosticsConfig:
     interval: int = doc(
         0,
         "Per-layer residual variance/RMS, branch-to-residual ratios, angular distance and gradient norms every N "
-        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/diagnostics.py.",
+        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/analysis/diagnostics.py.",
     )
 
     def __post_init__(self):

@@ -14,7 +14,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, diagnostics, full_state, resume
+from pretrain import checkpoint, full_state, resume
+from pretrain.analysis import diagnostics
 from pretrain.config import ExperimentConfig, load_config, save_config
 from pretrain.distributed import Topology, init_distributed, shutdown
 from pretrain.engine import Built, apply_optimizer_settings, build_engine
@@ -131,7 +132,7 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
         loss = train_step(built, train_iter, topo)
         step += 1
         consumed_samples += cfg.train.global_batch_size
-        layer_stats.end_step(step)  # layer_stats.jsonl on measured steps (pretrain/diagnostics.py)
+        layer_stats.end_step(step)  # layer_stats.jsonl on measured steps (pretrain/analysis/diagnostics.py)
         step_time = time.perf_counter() - t0
         applied = built.engine.was_step_applied() and math.isfinite(loss)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pretrain.diagnostics import LayerStatsWriter
+from pretrain.analysis.diagnostics import LayerStatsWriter
 from pretrain.errors import UserError
 from pretrain.metrics import MetricsWriter, truncate_jsonl
 

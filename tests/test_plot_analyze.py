@@ -63,7 +63,7 @@ def test_plot_several_runs(runs, tmp_path, capsys):
 
 
 def test_plot_labels_repeated_schemes_with_the_folder(runs):
-    from pretrain.plot import label_runs, read_run
+    from pretrain.analysis.plot import label_runs, read_run
 
     a, b = read_run(runs["trained"]), read_run(runs["trained"])
     label_runs([a, b, read_run(runs["lns"])])

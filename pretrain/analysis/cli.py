@@ -1,4 +1,4 @@
-"""The diagnostics subcommands of `pretrain`: `plot` (pretrain/plot.py) and `analyze-depth` (pretrain/analyze.py)."""
+"""The diagnostics subcommands of `pretrain`: `plot` (pretrain/analysis/plot.py) and `analyze-depth` (pretrain/analysis/depth.py)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def register(sub) -> None:
 
 
 def _plot(args) -> int:
-    from pretrain.plot import cmd_plot
+    from pretrain.analysis.plot import cmd_plot
 
     return cmd_plot(args)
 
 
 def _analyze_depth(args) -> int:
-    from pretrain.analyze import cmd_analyze_depth
+    from pretrain.analysis.depth import cmd_analyze_depth
 
     return cmd_analyze_depth(args)

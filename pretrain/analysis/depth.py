@@ -107,8 +107,7 @@ def _load_batches(data: str, cfg, seq_len: int, micro_batch_size: int, num_batch
 
 def cmd_analyze_depth(args) -> int:
     from models import Llama
-    from pretrain.checkpoint import load_model_state, read_state
-    from pretrain.cli import _checkpoint_folder
+    from pretrain.checkpoint import find_checkpoint, load_model_state, read_state
 
     out = os.path.abspath(args.out)
     if os.path.exists(out):
@@ -118,7 +117,7 @@ def cmd_analyze_depth(args) -> int:
         raise UserError(f"--out {args.out}: folder {parent} does not exist")
     if args.batches < 1:
         raise UserError(f"--batches must be >= 1, got {args.batches}")
-    folder = _checkpoint_folder(args.checkpoint)
+    folder = find_checkpoint(args.checkpoint)
     cfg, state = load_model_state(folder)  # UserError for a missing or incomplete checkpoint
     seq_len = args.seq_len or cfg.data.seq_len
     if not 1 <= seq_len <= cfg.model.max_seq_len:

@@ -345,7 +345,7 @@ class LayerStatsWriter:
     def close(self) -> None:
         if self.tb is None or not self.history:
             return
-        from pretrain.plot import variance_figure
+        from pretrain.analysis.plot import variance_figure
 
         picked = self.history if len(self.history) <= 8 else [
             self.history[round(i * (len(self.history) - 1) / 7)] for i in range(8)
