@@ -18,15 +18,32 @@ import torch
 
 from pretrain.errors import UserError
 
-# Dense bf16 peak FLOP/s per GPU, for the MFU estimate (vendor datasheets).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, for the MFU estimate, from NVIDIA's datasheets. Matched
+# against torch.cuda.get_device_name in this order, so the PCIe and NVL cards are not taken for SXM ones
+# ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3" = SXM5).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM5
+    ("A100", 312e12),  # SXM4 and PCIe alike
+    ("L40S", 362e12),
+    ("A10", 125e12),  # after "A100"
+    ("4090", 165e12),  # with fp32 accumulation
+)
+
+
+def peak_flops_for(name: str) -> float | None:
+    """Dense bf16 peak of the GPU called `name` (None: unknown, MFU is not reported)."""
+    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_for(torch.cuda.get_device_name(device))
 
 
 def truncate_jsonl(path: str, after_step: int) -> str | None:
