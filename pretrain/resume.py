@@ -110,7 +110,10 @@ def plan_resume(old: ExperimentConfig, new: ExperimentConfig, old_state: dict, o
     changes = [(k, a.get(k), b[k], key_class(k)) for k in b if a.get(k) != b[k]]
     saved_fingerprint = old_state.get("data_fingerprint")
     refused = [c for c in changes if c[3] == IDENTITY]
-    if saved_fingerprint is not None and data_fingerprint is not None:
+    if saved_fingerprint is not None and data_fingerprint is None:
+        # Not opened yet (the check before any process starts): moved paths are judged once the data is open.
+        refused = [c for c in refused if c[0] != "data.paths"]
+    elif saved_fingerprint is not None:
         same_data = saved_fingerprint == data_fingerprint
         # Moved data (another cluster, another mount point) is the same experiment when the tokens are the same.
         refused = [c for c in refused if not (c[0] == "data.paths" and same_data)]

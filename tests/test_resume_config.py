@@ -42,6 +42,10 @@ def test_plan_names_every_identity_change_and_accepts_moved_data():
     assert "resume: train.lr 0.001 -> 0.0003" in plan.log_lines() and not plan.same_layout
     with pytest.raises(UserError, match="data \\(tokenizer or tokens of data.paths\\)"):
         plan_resume(old, old, {"data_fingerprint": "a"}, LAYOUT, LAYOUT, data_fingerprint="b")
+    # before the data is opened (the check ahead of spawning ranks) a moved path is not judged yet
+    plan_resume(old, same_model, {"data_fingerprint": "a"}, LAYOUT, LAYOUT, data_fingerprint=None)
+    with pytest.raises(UserError, match="data.paths \\['/old/data'\\] -> \\['/new/data'\\]"):  # no fingerprint saved
+        plan_resume(old, same_model, {}, LAYOUT, LAYOUT, data_fingerprint="a")
 
 
 def test_changes_take_effect_and_identity_changes_are_refused(tmp_path, data_cache):
@@ -126,3 +130,29 @@ def test_init_from_checkpoint_of_any_layout_and_from_hugging_face(tmp_path, data
     bad = train_from(str(tmp_path / "bad"), source, "model.d_model=256", expect=2)
     assert bad.stderr.count("\n") == 1 and "model.d_model=256 (source: 128)" in bad.stderr
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_moved_data_resumes_and_changed_data_is_refused(tmp_path, data_cache):
+    import shutil
+
+    from pretrain.data.bundled import resolve_data_path
+
+    original = resolve_data_path("bundled:tinyshakespeare", data_cache)
+    moved = str(tmp_path / "moved_data")
+    shutil.copytree(original, moved)
+    run = str(tmp_path / "run")
+    run_train(run, "train.steps=4", "train.stop_at_step=2", f"data.paths=[{original}]", cache_dir=data_cache)
+    ok = run_train(run, "train.steps=4", "train.stop_at_step=3", "train.resume=auto", f"data.paths=[{moved}]",
+                   cache_dir=data_cache)
+    assert f"resume: data.paths ['{original}'] -> ['{moved}']" in ok.stdout
+    # the same path with other tokens behind it (as if re-prepared from a shorter text) is another experiment
+    with open(os.path.join(moved, "meta.json")) as f:
+        meta = json.load(f)
+    split = meta["splits"]["train"]
+    split["num_tokens"] -= 64
+    with open(os.path.join(moved, split["file"]), "r+b") as f:
+        f.truncate(split["num_tokens"] * (2 if meta["dtype"] == "uint16" else 4))
+    with open(os.path.join(moved, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    bad = run_train(run, "train.steps=4", "train.resume=auto", f"data.paths=[{moved}]", cache_dir=data_cache, expect=2)
+    assert "data (tokenizer or tokens of data.paths)" in bad.stderr and bad.stderr.count("\n") == 1
