@@ -15,6 +15,12 @@ is submitted; bad input exits 2 with one `error: ...` line.
 Modes: submit each run with `sbatch launch/train.sbatch CONFIG ... run.dir=...` (default; prints the job ids),
 `--dry-run` (print the commands), `--local` (run them one after another with `python -m pretrain train`).
 Runs use train.resume=auto, so launching the same sweep again continues unfinished runs.
+
+    python -m launch.sweep status NAME|ROOT [--json]
+
+shows one row per run (launch/status.py): swept values, state, job id, step, tokens/s, ETA, losses, last
+checkpoint, requeues, error line. A launch writes ROOT/NAME/sweep.json and each run's launch.jsonl
+(launch/run_records.py); `--local` also writes each run's output to RUN_DIR/train.log.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python launch/sweep.py` puts launch/, not the repository, on sys.path
     sys.path.insert(0, REPO)
 
+from launch import run_records  # noqa: E402
 from pretrain.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "launch", "train.sbatch")
 SAFE = re.compile(r"[^A-Za-z0-9._+=\-]")
+LOCAL_LOG = "train.log"  # --local: each run's output, as slurm-<jobid>.out is for a submitted one
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m launch.sweep",
         description="Launch one training run per combination of a grid of config overrides.",
         epilog="Example: python -m launch.sweep configs/tiny.yaml --grid model.norm_scheme=pre_ln,lns,ln_free "
-               "model.preset=130m,350m --dry-run",
+               "model.preset=130m,350m --dry-run. Status of a sweep: python -m launch.sweep status NAME|ROOT [--json]",
     )
     p.add_argument("config", help="base experiment YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="fixed dotted overrides for every run, e.g. train.steps=1000")
@@ -109,8 +117,9 @@ def label_value(value: str) -> str:
     return SAFE.sub("_", re.sub(r"[\[\]{}'\" ]", "", value).replace(",", "_")) or "_"
 
 
-def plan(args) -> list[tuple[str, list[str]]]:
-    """[(run_dir, overrides)] for every combination, each validated with load_config."""
+def plan(args) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, list[str], dict[str, str]]]]:
+    """(sweep folder, grid axes, [(run_dir, overrides, swept values)] for every combination), each combination
+    validated with load_config."""
     from pretrain.config import load_config
 
     for item in args.overrides:
@@ -137,8 +146,8 @@ def plan(args) -> list[tuple[str, list[str]]]:
             load_config(args.config, overrides)
         except UserError as e:
             raise UserError(f"run {label}: {e}") from None
-        runs.append((run_dir, overrides))
-    return runs
+        runs.append((run_dir, overrides, dict(pairs)))
+    return os.path.join(args.root, name), axes, runs
 
 
 def sbatch_command(args, run_dir: str, overrides: list[str]) -> list[str]:
@@ -159,6 +168,11 @@ def local_command(args, overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from launch.status import main as status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.nproc_per_node is not None and (not args.local or args.nproc_per_node < 1):
@@ -175,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"batch script {args.script} does not exist")
             if shutil.which("sbatch") is None:
                 raise UserError("sbatch is not on PATH; use --local to run here or --dry-run to print the commands")
-        runs = plan(args)
+        sweep_dir, axes, runs = plan(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
     if args.dry_run:
-        for run_dir, overrides in runs:
+        for run_dir, overrides, _ in runs:
             print(shlex.join(sbatch_command(args, run_dir, overrides)))
         return 0
+    # sweep.json: what `status` lists, including runs that have not started yet
+    run_records.update_manifest(sweep_dir, os.path.basename(sweep_dir), args.config, args.overrides, axes,
+                                [(run_dir, values) for run_dir, _, values in runs])
     if args.local:
         return run_local(args, runs)
     return submit(args, runs)
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def submit(args, runs) -> int:
     job_ids = []
-    for run_dir, overrides in runs:
+    for run_dir, overrides, _ in runs:
         os.makedirs(run_dir, exist_ok=True)  # sbatch's --output folder must exist when the job starts
         cmd = sbatch_command(args, run_dir, overrides)
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -202,6 +219,7 @@ def submit(args, runs) -> int:
                 print(f"already submitted: {' '.join(job_ids)} (scancel them or rerun the sweep: runs resume)", file=sys.stderr)
             return 1
         job_id = out.stdout.strip().split(";")[0]
+        run_records.append_event(run_dir, "submitted", launcher="slurm", job_id=job_id)
         job_ids.append(job_id)
         print(f"submitted {job_id} {run_dir}", flush=True)
     print(f"{len(job_ids)} job(s): {' '.join(job_ids)}")
@@ -212,11 +230,11 @@ def run_local(args, runs) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     failed = []
-    for i, (run_dir, overrides) in enumerate(runs, 1):
+    for i, (run_dir, overrides, _) in enumerate(runs, 1):
         cmd = local_command(args, overrides)
         print(f"[{i}/{len(runs)}] {shlex.join(cmd)}", flush=True)
         try:
-            rc = subprocess.run(cmd, env=env).returncode
+            rc = run_logged(cmd, env, run_dir)
         except KeyboardInterrupt:
             print(f"interrupted during {run_dir}", file=sys.stderr)
             return 130
@@ -228,6 +246,31 @@ def run_local(args, runs) -> int:
         return 1
     print(f"{len(runs)} run(s) finished")
     return 0
+
+
+def run_logged(cmd: list[str], env: dict, run_dir: str) -> int:
+    """Run `cmd`, its output both here and appended to RUN_DIR/train.log, with start and exit events in
+    RUN_DIR/launch.jsonl (launch/run_records.py) for `status`."""
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.abspath(os.path.join(run_dir, LOCAL_LOG))
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        run_records.append_event(run_dir, "start", launcher="local", pid=proc.pid, host=run_records.hostname(),
+                                 log=log_path)
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            rc = proc.wait()  # the trainer got the same SIGINT; let it finish
+            run_records.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
+            raise
+    run_records.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
+    return rc
 
 
 if __name__ == "__main__":

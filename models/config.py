@@ -27,7 +27,8 @@ def doc(default, help: str, **kwargs):
 class ModelConfig:
     preset: str | None = doc(
         None,
-        "Named base shape (tiny, 130m, 250m, 350m, 1b); keys given next to it override the preset's values.",
+        "Named base shape (tiny, 130m, 250m, 350m, 1b, 1b-aligned); keys given next to it override the preset's "
+        "values.",
     )
     vocab_size: int = doc(2048, "Vocabulary size; must be >= the tokenizer's and divisible by parallel.tp.")
     d_model: int = doc(128, "Hidden size.")
@@ -49,9 +50,30 @@ class ModelConfig:
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
     )
-    dyt_alpha_init: float = doc(0.5, "dyt only: initial value of the learnable scalar alpha in gamma*tanh(alpha*x).")
+    ln_free_base_depth: int = doc(
+        4,
+        "ln_free only: depth-muP multipliers calibrated at this depth B: each branch reads min(1, sqrt(B/L)) * x and "
+        "adds min(1, B/L) * F (init compensated; = per-weight learning rates under Adam); 0 = plain x + F(x).",
+    )
+    dyt_alpha_init: float | None = doc(
+        None,
+        "dyt only: initial alpha in gamma*tanh(alpha*x) of the MLP-input and final DyT (null: the DyT paper's LLaMA "
+        "value for the width: 0.2 up to d_model 4096, 0.15 up to 5120, 0.05 above).",
+    )
+    dyt_alpha_init_attn: float | None = doc(
+        None,
+        "dyt only: initial alpha of the attention-input DyT (null: 0.8 up to d_model 4096, 0.6 up to 5120, 0.2 above).",
+    )
+    dyt_bias: bool = doc(
+        False, "dyt only: DyT with a learnable bias, gamma*tanh(alpha*x) + beta (the LLaMA setting has none)."
+    )
     tie_embeddings: bool = doc(False, "Share the input embedding matrix with the output head.")
     init_std: float = doc(0.02, "Std of the normal init of every linear and embedding weight (before scheme gains).")
+    removable_norms: bool = doc(
+        False,
+        "pre_ln/lns only: every norm also holds a fixed scale sigma it can switch to (norm removal by fine-tuning; "
+        "set by `pretrain remove-norms`, see the README).",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, prefix="model.")
@@ -66,12 +88,27 @@ class ModelConfig:
             raise ValueError(f"model.n_kv_heads: {self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"model.d_model/n_heads: head dim {self.d_model // self.n_heads} must be even for RoPE")
+        if self.ln_free_base_depth < 0:
+            raise ValueError(
+                f"model.ln_free_base_depth: must be >= 0 (0 = no multipliers), got {self.ln_free_base_depth}"
+            )
         if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
             raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
-        for name in ("init_std", "norm_eps", "rope_theta", "dyt_alpha_init"):
+        for name in ("init_std", "norm_eps", "rope_theta", "dyt_alpha_init", "dyt_alpha_init_attn"):
             value = getattr(self, name)
+            if value is None and name.startswith("dyt_"):
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
+        if self.removable_norms:
+            from models.norms import NORM_SCHEMES
+
+            removable = [name for name, scheme in NORM_SCHEMES.items() if scheme.removable]
+            if not NORM_SCHEMES[self.norm_scheme].removable:
+                raise ValueError(
+                    f"model.removable_norms: norm removal works on {' and '.join(removable)} models, not "
+                    f"{self.norm_scheme}; set model.removable_norms=false"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +128,9 @@ PRESETS: dict[str, dict] = {
     "250m": dict(vocab_size=32000, d_model=768, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=2560),
     "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=2736),
     "1b": dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_hidden=5461),
+    # The paper's 1b has ffn 5461 (8/3 * 2048, odd): GEMMs with a dimension that is no multiple of 64 run off the
+    # X
+    "1b-aligned": dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_hidden=5504),
 }
 
 

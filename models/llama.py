@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import NORM_SCHEMES, BlockParts
+from models.norms import NORM_SCHEMES, BlockParts, embedding_init_gain
 from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
 
 
@@ -27,9 +27,25 @@ def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, E]; cos, sin: [T, E]
+    # x: [B, heads, T, E]; cos, sin: [T, E], or [B, 1, T, E] for per-token positions
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None, T: int, dtype: torch.dtype):
+    """The RoPE rows of a [B, T] position tensor ([B, 1, T, E], positions restart per packed example), or of
+    positions 0..T-1 ([T, E]) when `positions` is None."""
+    if positions is None:
+        return cos[:T].to(dtype), sin[:T].to(dtype)
+    return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, T] of packed sequences: query i sees key j iff j <= i and both belong to
+    the same example (doc_ids [B, T], equal ids = one example, laid out contiguously)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -47,21 +63,33 @@ class Attention(nn.Module):
         # contiguous TP split hands each rank whole groups (Megatron's layout).
         self.qkv = column_linear(cfg.d_model, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, tp)
         self.o = row_linear(cfg.n_heads * cfg.head_dim, cfg.d_model, tp)
-        row_gain = torch.ones(cfg.n_kv_heads, self.q_per_kv + 2, cfg.head_dim, 1)
-        row_gain[:, -1] = parts.init_gain_value
+        row_gain = torch.full((cfg.n_kv_heads, self.q_per_kv + 2, cfg.head_dim, 1), parts.init_gain_qkv)
+        row_gain[:, -1] *= parts.init_gain_value
         self.qkv.weight.init_gain = row_gain.reshape(-1, 1)
         self.o.weight.init_gain = parts.init_gain_attn_out
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Causal self-attention. `positions` [B, T]: per-token RoPE positions (default 0..T-1); `mask`: a boolean
+        [B, 1, T, S] mask of the keys each query sees (packed examples, see `document_mask`; default causal);
+        `cache`: a `models.generate.LayerCache` the new keys and values are appended to (S = all cached keys)."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
         # split (not indexing): its backward is one concatenation instead of three zero-filled qkv-sized buffers
         q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
         q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, E]
         k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # [B, K, T, E]
-        cos, sin = cos[:T].to(q.dtype), sin[:T].to(q.dtype)
+        cos, sin = rope_at(cos, sin, positions, T, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)  # [B, H, T, E]
+        if cache is not None:
+            k, v = cache.append(k, v)
+            if mask is None and k.shape[2] != T:  # causal, aligned to the newest key
+                S = k.shape[2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is None:  # pretraining: one sequence per row, the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)  # [B, H, T, E]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -74,7 +102,7 @@ class MLP(nn.Module):
         self.gate = column_linear(cfg.d_model, cfg.ffn_hidden, tp)
         self.up = column_linear(cfg.d_model, cfg.ffn_hidden, tp)
         self.down = row_linear(cfg.ffn_hidden, cfg.d_model, tp)
-        self.gate.weight.init_gain = self.up.weight.init_gain = parts.init_gain_mlp_in
+        self.gate.weight.init_gain, self.up.weight.init_gain = parts.init_gain_gate, parts.init_gain_up
         self.down.weight.init_gain = parts.init_gain_mlp_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +120,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, parts, tp)
         self.residual_alpha = parts.residual_alpha
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, positions, mask, cache))
         h = self.attn_post_norm(torch.add(a, x, alpha=self.residual_alpha))  # alpha * x + a
         m = self.mlp_out_norm(self.mlp(self.mlp_norm(h)))
         return self.mlp_post_norm(torch.add(m, h, alpha=self.residual_alpha))
@@ -112,6 +141,7 @@ class Llama(nn.Module):
                 raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp_size}; choose a tp that divides it")
         scheme = NORM_SCHEMES[cfg.norm_scheme]
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
         self.blocks = nn.ModuleList(Block(cfg, scheme.block(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
         self.final_norm = scheme.final_norm(cfg)
         self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
@@ -120,11 +150,20 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init_std, seed)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-        """Logits, or with `labels` the next-token loss (`reduction` "mean", or "sum" over non-ignored tokens)."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """Logits, or with `labels` the next-token loss (`reduction` "mean", or "sum" over non-ignored tokens).
+
+        Packed sequences (supervised fine-tuning) give `positions` [B, T] (restarting at 0 for every example) and
+        `doc_ids` [B, T] (one id per example): attention then never crosses an example boundary. Generation gives
+        `positions`, an explicit boolean `mask` [B, 1, T, S] and a `models.generate.KVCache`. Without them: one
+        sequence per row, positions 0..T-1, causal attention."""
+        if doc_ids is not None:
+            mask = document_mask(doc_ids)
         x = self.tok_emb(tokens)  # [B, T, D]
-        for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope_cos, self.rope_sin, positions, mask, None if cache is None else cache.layers[i])
         logits = self.logits(self.final_norm(x))  # [B, T, V]
         return logits if labels is None else cross_entropy(logits, labels, self.tp, reduction=reduction)
 
@@ -139,9 +178,13 @@ class Llama(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 N plus attention scores (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward, PaLM appendix B): 6 x the weights of every matmul, the
+        output head included whether or not it is tied to the embedding (a lookup, no matmul), plus 12 L D T for
+        the attention scores and values. Norm gains and scalars do no matmul and are not counted."""
         c = self.cfg
-        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * c.n_layers * c.d_model * seq_len
+        matmul = sum(_full_numel(p) for name, p in self.named_parameters() if p.ndim == 2 and name != "tok_emb.weight")
+        head = c.vocab_size * c.d_model if c.tie_embeddings else 0  # untied: head.weight is among the matmuls
+        return 6.0 * (matmul + head) + 12.0 * c.n_layers * c.d_model * seq_len
 
 
 def _full_numel(p: torch.Tensor) -> int:

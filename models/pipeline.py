@@ -4,6 +4,12 @@ Layer list: [embedding, block 1, ..., block L, final norm, head]. With tied embe
 entries are one `TiedLayerSpec` ("embed"), so DeepSpeed keeps the copies on the first and last stage in sync.
 Each part initializes its weights under its name in the whole `Llama` (`init_weights(prefix=...)`), so a
 pipelined model from seed s holds exactly the weights of `Llama(cfg, seed=s)`.
+
+Between stages DeepSpeed passes one tensor (pretraining: the activations) or a tuple of tensors. Packed
+supervised fine-tuning feeds the first stage `(tokens, positions, doc_ids)`; the embedding, the blocks and the
+final norm pass `(x, positions, doc_ids)` on (integer tensors: DeepSpeed sends them along and sends no gradient
+back for them), the final norm drops them, and each block builds its document mask from `doc_ids`. The labels
+reach the loss on the last stage as a tensor, or as `(labels, scale)` for the token-weighted loss.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.llama import Block, init_weights, rope_cache
-from models.norms import NORM_SCHEMES
+from models.llama import Block, document_mask, init_weights, rope_cache
+from models.norms import NORM_SCHEMES, embedding_init_gain
 from models.parallel import TensorParallel, column_linear, cross_entropy, tied_logits, vocab_embedding
 
 
@@ -22,10 +28,14 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.tp = tp
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
         init_weights(self, cfg.init_std, seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(tokens)
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (tokens, positions, doc_ids) of packed sequences
+            tokens, *rest = inputs
+            return (self.tok_emb(tokens), *rest)
+        return self.tok_emb(inputs)
 
     @property
     def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties
@@ -46,8 +56,11 @@ class BlockPipe(Block):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init_std, seed, prefix=f"blocks.{layer - 1}.")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, self.rope_cos, self.rope_sin)
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (x, positions, doc_ids) of packed sequences
+            x, positions, doc_ids = inputs
+            return super().forward(x, self.rope_cos, self.rope_sin, positions, document_mask(doc_ids)), positions, doc_ids
+        return super().forward(inputs, self.rope_cos, self.rope_sin)
 
 
 class FinalNormPipe(nn.Module):
@@ -55,8 +68,8 @@ class FinalNormPipe(nn.Module):
         super().__init__()
         self.final_norm = NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(x)
+    def forward(self, inputs):
+        return self.final_norm(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 class HeadPipe(nn.Module):
@@ -73,12 +86,17 @@ class PipelineLoss:
     """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP).
 
     `reduction` is "mean" (training); validation (pretrain/evaluate.py) switches it to "sum" while it runs, so
-    that DeepSpeed's average of the per-micro-batch values times their number is the sum of token losses."""
+    that DeepSpeed's average of the per-micro-batch values times their number is the sum of token losses.
+    Labels given as `(labels, scale)` (the token-weighted loss of supervised fine-tuning, pretrain/train.py)
+    give the sum of the micro-batch's token losses times `scale`."""
 
     def __init__(self, tp: TensorParallel | None, reduction: str = "mean"):
         self.tp, self.reduction = tp, reduction
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        if isinstance(labels, tuple):
+            labels, scale = labels
+            return cross_entropy(logits, labels, self.tp, reduction="sum") * scale
         return cross_entropy(logits, labels, self.tp, reduction=self.reduction)
 
 

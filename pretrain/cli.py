@@ -52,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain.data.cli import register as register_data
 
     register_data(sub)
-    from pretrain import bench
+    from pretrain import bench, eval_checkpoint
     from pretrain.analysis import cli as analysis_cli
 
     bench.register(sub)
+    from pretrain import generate as generate_cli
+
+    generate_cli.register(sub)
+    eval_checkpoint.register(sub)
     analysis_cli.register(sub)
+    from pretrain import remove_norms
+
+    remove_norms.register(sub)
     return parser
 
 
@@ -108,12 +115,12 @@ def cmd_params(args) -> int:
 
     from models import PRESETS, Llama, ModelConfig
 
-    print(f"{'preset':<8}{'params':>16}{'non-embedding':>16}  shape")
+    print(f"{'preset':<11}{'params':>16}{'non-embedding':>16}  shape")
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)
         with torch.device("meta"):
             model = Llama(cfg)
-        print(f"{name:<8}{model.num_params():>16,}{model.num_params(exclude_embeddings=True):>16,}  "
+        print(f"{name:<11}{model.num_params():>16,}{model.num_params(exclude_embeddings=True):>16,}  "
               f"d{cfg.d_model} L{cfg.n_layers} h{cfg.n_heads} kv{cfg.n_kv_heads} ffn{cfg.ffn_hidden} V{cfg.vocab_size}")
     return 0
 

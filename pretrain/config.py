@@ -117,6 +117,11 @@ class DataConfig:
     weights: list | None = doc(None, "Blending weights, one per path (null = proportional to their sizes).")
     seq_len: int = doc(256, "Tokens per training sample; must be <= model.max_seq_len.")
     cache_dir: str | None = doc(None, "Where bundled corpora are prepared (null: $PRETRAIN_CACHE or ~/.cache/pretrain).")
+    sft_packing: bool = doc(
+        True,
+        "SFT folders (`pretrain data prepare-sft`) only: pack several examples into each data.seq_len row (attention "
+        "never crosses an example, positions restart per example); false: one example per row, right-padded.",
+    )
 
     def __post_init__(self):
         if not self.paths:
@@ -188,6 +193,38 @@ class DiagnosticsConfig:
             raise ValueError(f"diagnostics.interval: must be >= 0 (0 = off), got {self.interval}")
 
 
+REMOVAL_GROUPS = ("mlp", "attn", "final")
+
+
+@dataclass
+class RemovalConfig:
+    order: list = doc(
+        ["mlp", "attn", "final"],
+        "Norm removal (model.removable_norms): the order of the site groups, each block by block: mlp (MLP-input "
+        "norms), attn (attention-input norms), final (the final norm); all three, once each.",
+    )
+    start: int = doc(20, "Norm removal: the step at which the first site is switched to its fixed scale.")
+    gap: int = doc(2, "Norm removal: steps between two sites' switches (0 = all at once).")
+    ema: float = doc(0.9, "Norm removal: momentum of each live site's EMA of its statistic (RMS or std).")
+
+    def __post_init__(self):
+        if (not isinstance(self.order, list) or sorted(self.order) != sorted(REMOVAL_GROUPS)
+                or len(set(self.order)) != len(self.order)):
+            raise ValueError(
+                f"removal.order: {self.order!r} must name each of {', '.join(REMOVAL_GROUPS)} once, e.g. "
+                "[mlp, attn, final]"
+            )
+        _at_least(self, "removal.", "start", 2, hint="sigma is measured on the steps before the first switch")
+        _at_least(self, "removal.", "gap", 0, hint="0 switches every site at once")
+        _number(self, "removal.", "ema", low=0.0, high=1.0)
+        if self.ema == 1.0:
+            raise ValueError("removal.ema: must be below 1 (1 would never move sigma from its first measurement)")
+
+    def switch_steps(self, n_layers: int) -> int:
+        """The step of the last switch: start + gap * (sites - 1), sites = 2 n_layers + 1."""
+        return self.start + self.gap * 2 * n_layers
+
+
 @dataclass
 class ExperimentConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -199,6 +236,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    removal: RemovalConfig = dataclasses.field(default_factory=RemovalConfig)
     deepspeed: dict = doc({}, "Extra DeepSpeed config keys, merged over the generated DeepSpeed config.")
 
     def __post_init__(self):
@@ -210,6 +248,19 @@ class ExperimentConfig:
                 f"tokens); raise eval.tokens to at least {self.data.seq_len} or set eval.interval=0"
             )
         check_deepspeed_section(self.deepspeed)
+        if self.model.removable_norms:
+            last = self.removal.switch_steps(self.model.n_layers)
+            if last > self.train.steps:
+                raise ValueError(
+                    f"removal: the schedule switches its last site at step {last} (removal.start + removal.gap * "
+                    f"2 * n_layers) but train.steps={self.train.steps}; raise train.steps (remove-norms --steps) or "
+                    "lower removal.start/gap"
+                )
+            if self.eval.interval == 0:
+                raise ValueError(
+                    "eval.interval=0: a norm-removal run measures its cross-entropy on the validation set; set "
+                    "eval.interval > 0"
+                )
 
 
 # DeepSpeed keys the generated config (pretrain/engine.py `deepspeed_config`) takes from normlab's own keys:
@@ -276,6 +327,13 @@ REMOVED_KEYS = {
 }
 
 
+# Keys added later whose new default would change what a config stored before them describes: such a stored
+# config (a run's or a checkpoint's) without the key gets the value that keeps its old meaning.
+LEGACY_DEFAULTS = {
+    "model.ln_free_base_depth": 0,  # ln_free before its depth-muP multipliers: plain x + F(x)
+}
+
+
 def given_keys(cfg: ExperimentConfig) -> frozenset[str]:
     """Dotted keys the YAML file or the overrides set (a preset counts as setting its model keys)."""
     return getattr(cfg, "_given", frozenset())
@@ -300,6 +358,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
     for item in overrides:
         apply_override(raw, item)
     _drop_removed_keys(raw, refuse=not stored)
+    if stored:
+        for dotted, value in LEGACY_DEFAULTS.items():
+            section, key = dotted.split(".")
+            if isinstance(raw.get(section), dict) and key not in raw[section]:
+                raw[section][key] = value
     cfg = from_dict(raw)
     given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
     if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from pretrain.config import ExperimentConfig
-from pretrain.data.bundled import resolve_data_path
-from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab
+from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_size
+from pretrain.data.sft import resolve_path as resolve_data_path
 from pretrain.distributed import Topology
+from pretrain.errors import UserError
 from pretrain.evaluate import build_validation
 
 
 def resolve_paths(cfg: ExperimentConfig, topo: Topology) -> list[str]:
-    """Prepared folders for data.paths; a bundled corpus is prepared by local rank 0 while the others wait."""
+    """Prepared folders for data.paths; a bundled corpus (or bundled instruction set) is prepared by local rank 0
+    while the others wait."""
     if topo.local_rank == 0:
         paths = [resolve_data_path(p, cfg.data.cache_dir) for p in cfg.data.paths]
     dist.barrier()
@@ -34,8 +36,11 @@ def build_dataset(cfg: ExperimentConfig, paths: list[str], split: str):
 def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
     """(train iterator from `consumed_samples` on, validation micro-batches or None) for this DP rank.
 
-    The validation set is the val split's first eval.tokens // data.seq_len samples (pretrain/evaluate.py)."""
+    The validation set is the val split's first eval.tokens // data.seq_len samples (pretrain/evaluate.py).
+    SFT folders (`pretrain data prepare-sft`) give SFT loaders instead (`build_sft_loaders`)."""
     paths = resolve_paths(cfg, topo)
+    if is_sft(paths):
+        return build_sft_loaders(cfg, topo, paths, consumed_samples)
     train = DataLoader(
         build_dataset(cfg, paths, "train"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
         dp_size=topo.dp, seed=cfg.train.seed, consumed_samples=consumed_samples,
@@ -46,4 +51,42 @@ def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
             build_dataset(cfg, paths, "val"), cfg.eval.tokens, cfg.train.micro_batch_size, topo,
             pipelined=cfg.parallel.pp > 1,
         )
+    return train, val
+
+
+def is_sft(paths: list[str]) -> bool:
+    """Whether the prepared folders are SFT folders; a mix of SFT and pretraining folders is refused."""
+    from pretrain.data.sft import folder_kind
+
+    kinds = {p: folder_kind(p) for p in paths}
+    if len(set(kinds.values())) > 1:
+        sft = [p for p, k in kinds.items() if k == "sft"]
+        raise UserError(f"data.paths mixes SFT folders ({', '.join(sft)}) with pretraining folders; train on one kind "
+                        "at a time (pretrain first, then continue with train.init_from)")
+    return "sft" in kinds.values()
+
+
+def build_sft_loaders(cfg: ExperimentConfig, topo: Topology, paths: list[str], consumed_samples: int):
+    """(SFT train loader from `consumed_samples` rows on, SFT validation micro-batches or None) for this DP rank.
+
+    Several SFT folders are pooled into one set of examples; rows are packed (data.sft_packing) or padded, to
+    data.seq_len under pipeline parallelism, which needs equal shapes (pretrain/data/sft.py)."""
+    from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, read_sft_meta
+
+    if cfg.data.weights is not None:
+        raise UserError("data.weights: SFT folders are pooled, not blended; leave data.weights null")
+    for p in paths:
+        check_vocab(read_sft_meta(p), cfg.model.vocab_size)
+    fixed = cfg.parallel.pp > 1
+
+    def samples(split: str) -> SFTSamples:
+        return SFTSamples(SFTDataset(paths, split), cfg.data.seq_len, cfg.data.sft_packing, fixed_length=fixed)
+
+    train = SFTLoader(samples("train"), micro_batch_size=cfg.train.micro_batch_size, dp_rank=topo.dp_rank,
+                      dp_size=topo.dp, seed=cfg.train.seed, consumed_samples=consumed_samples)
+    val = None
+    if cfg.eval.interval > 0:
+        val_samples = samples("val")
+        val = SFTValidationBatches(val_samples, validation_size(val_samples, cfg.eval.tokens),
+                                   cfg.train.micro_batch_size, topo.dp_rank, topo.dp, pad=fixed)
     return train, val

@@ -12,6 +12,10 @@ pipeline engine's `eval_batch` needs equal micro-batch shapes and counts on ever
 the per-micro-batch losses averaged over data-parallel ranks: its micro-batches are padded with samples whose
 labels are all ignored, and `PipelineLoss` returns per-micro-batch sums while it runs, so
 `eval_batch(...) * micro-batches * dp` is the loss sum.
+
+SFT folders give `SFTBatch` micro-batches (pretrain/data/sft.py: packed rows with positions and document ids, or
+padded rows) whose prompt and padding labels are ignored: the same sum over trained tokens / their count, the
+packing inputs passed to the model (through the pipeline as its input tuple).
 """
 
 from __future__ import annotations
@@ -45,17 +49,20 @@ def evaluate(built: Built, val, topo: Topology) -> float:
             try:
                 # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
                 # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
-                mean = engine.eval_batch(data_iter=iter(val), num_micro_batches=len(val))
+                batches = (b.pipeline() if hasattr(b, "pipeline") else b for b in val)
+                mean = engine.eval_batch(data_iter=batches, num_micro_batches=len(val))
             finally:
                 loss_fn.reduction = "mean"
-            count = torch.tensor([sum(int((labels != IGNORE_INDEX).sum()) for _, labels in val)],
+            count = torch.tensor([sum(int((b[1] != IGNORE_INDEX).sum()) for b in val)],
                                  dtype=torch.float64, device=topo.device)
             _all_reduce_data_parallel(count)
             loss_sum, count = float(mean) * len(val) * topo.dp, float(count)
         else:
             totals = torch.zeros(2, dtype=torch.float64, device=topo.device)  # (loss sum, label tokens)
-            for tokens, labels in val:
-                totals[0] += engine(tokens.to(topo.device), labels.to(topo.device), reduction="sum").double()
+            for batch in val:
+                tokens, labels = batch[0], batch[1]
+                extra = batch.model_kwargs(topo.device) if hasattr(batch, "model_kwargs") else {}
+                totals[0] += engine(tokens.to(topo.device), labels.to(topo.device), reduction="sum", **extra).double()
                 totals[1] += int((labels != IGNORE_INDEX).sum())
             _all_reduce_data_parallel(totals)
             loss_sum, count = totals.tolist()

@@ -181,6 +181,12 @@ def apply(built, cfg, state: FullState) -> None:
     if compat.is_partitioned(engine):
         compat.relink_partitions(engine)
     compat.set_engine_counters(engine, state.global_steps, state.global_samples, state.skipped_steps)
+    # Persistent buffers are model state too (the frozen sigmas of norm removal, pretrain/remove_norms.py).
+    for local, buffer in built.model.named_buffers():
+        name = full_name(cfg.model, local, built.pipelined)
+        if name in state.weights:
+            with torch.no_grad():
+                buffer.copy_(state.weights[name].view_as(buffer))
 
 
 def apply_weights(built, cfg, weights: dict[str, torch.Tensor]) -> None:

@@ -47,11 +47,13 @@ CLASSES: dict[str, str] = {
     "data.paths": IDENTITY,
     "data.weights": IDENTITY,
     "data.seq_len": IDENTITY,
+    "data.sft_packing": IDENTITY,
     "data.cache_dir": FREE,
     "eval": FREE,
     "checkpoint": FREE,
     "logging": FREE,
     "diagnostics": FREE,
+    "removal": IDENTITY,
     "deepspeed": TAKES_EFFECT,
 }
 

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,12 +47,51 @@ class StopSignal:
         return bool(flag.item())
 
 
-def train(cfg: ExperimentConfig) -> int:
+class TrainHooks:
+    """Extension points of the loop; the defaults do nothing. `pretrain/remove_norms.py` drives its norm-removal
+    schedule through them. `ctx` (a `TrainContext`) holds the engine, config, topology, metrics writer, validation
+    batches and the step the run is at. Every rank calls every hook (they may run collectives)."""
+
+    def on_start(self, ctx: "TrainContext") -> None:
+        """After set-up (and any resume), before the first step of this process."""
+
+    def before_step(self, step: int) -> None:
+        """Before optimizer step `step` (1-based) runs."""
+
+    def after_step(self, step: int) -> dict:
+        """After step `step`, before it is logged or saved; returns extra metrics for its logged record."""
+        return {}
+
+    def on_finish(self, ctx: "TrainContext", exit_code: int) -> None:
+        """After the last step of this process (ctx.step) and its checkpoint, before the writers close."""
+
+
+@dataclass
+class TrainContext:
+    cfg: ExperimentConfig
+    topo: Topology
+    built: Built
+    out: MetricsWriter
+    val_batches: object  # pretrain.evaluate validation micro-batches of this rank, or None (eval.interval=0)
+    data_fingerprint: str
+    step: int
+
+
+def default_hooks(cfg: ExperimentConfig) -> TrainHooks:
+    """The hooks a config implies: a norm-removal run (model.removable_norms) drives its schedule."""
+    if cfg.model.removable_norms:
+        from pretrain.remove_norms import RemovalHooks
+
+        return RemovalHooks(cfg)
+    return TrainHooks()
+
+
+def train(cfg: ExperimentConfig, hooks: TrainHooks | None = None) -> int:
     cfg = preflight(cfg)
     stop = StopSignal()  # from the start: a preemption signal during set-up must not kill the process
     topo = init_distributed(cfg.parallel.tp, cfg.parallel.pp)
     try:
-        return _train(cfg, topo, stop)
+        return _train(cfg, topo, stop, hooks)
     finally:
         shutdown()
 
@@ -69,7 +109,7 @@ def preflight(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
+def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal, hooks: TrainHooks | None = None) -> int:
     from pretrain.data_setup import build_loaders
 
     rank0 = topo.rank == 0
@@ -116,6 +156,9 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
             f"{start}; "
             f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run.dir, 'tb')}"
         )
+    hooks = default_hooks(cfg) if hooks is None else hooks
+    ctx = TrainContext(cfg, topo, built, out, val_batches, fingerprint, step)
+    hooks.on_start(ctx)
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(topo.device)
     bad_in_a_row, skipped_total = 0, saved.get("skipped_steps", 0)
@@ -129,10 +172,12 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
         lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
         t0 = time.perf_counter()
         layer_stats.begin_step(step + 1)
+        hooks.before_step(step + 1)
         loss = train_step(built, train_iter, topo)
         step += 1
         consumed_samples += cfg.train.global_batch_size
         layer_stats.end_step(step)  # layer_stats.jsonl on measured steps (pretrain/analysis/diagnostics.py)
+        ctx.step, extra = step, hooks.after_step(step)
         step_time = time.perf_counter() - t0
         applied = built.engine.was_step_applied() and math.isfinite(loss)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
@@ -145,7 +190,7 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
             record = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
                 "tokens_per_s": tokens_per_s, "consumed_tokens": consumed_samples * cfg.data.seq_len, "step_time": step_time,
-                "skipped_steps": skipped_total,
+                "skipped_steps": skipped_total, **extra,
             }
             if peak:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
@@ -176,6 +221,7 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
             out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
             exit_code = EXIT_PREEMPTED
             break
+    hooks.on_finish(ctx, exit_code)
     layer_stats.close()
     out.close()
     return exit_code
@@ -184,6 +230,8 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal) -> int:
 def train_step(built: Built, train_iter, topo: Topology) -> float:
     """One optimizer step over the global batch; returns its mean loss (same value on every rank)."""
     engine = built.engine
+    if getattr(train_iter, "token_weighted", False):  # SFT batches (pretrain/data/sft.py)
+        return _token_weighted_step(built, train_iter, topo)
     if built.pipelined:
         return float(engine.train_batch(data_iter=train_iter))
     total = torch.zeros((), device=topo.device)
@@ -194,6 +242,35 @@ def train_step(built: Built, train_iter, topo: Topology) -> float:
         engine.step()
         total += loss.detach().float()
     return _mean_over_data_parallel(total / built.gas)
+
+
+def _token_weighted_step(built: Built, train_iter, topo: Topology) -> float:
+    """One step whose loss is (sum of the trained-token losses of the global batch) / N, N = trained tokens of the
+    whole global batch (all micro-batches, all data-parallel ranks), counted before the step. DeepSpeed scales each
+    micro-batch loss by 1/gas and averages gradients over the dp ranks, so each micro-batch hands it its loss sum
+    times gas * dp / N. Returns that token-weighted mean loss (the same on every rank)."""
+    from megatron.core import parallel_state
+
+    engine = built.engine
+    batches = [next(train_iter) for _ in range(built.gas)]
+    group = parallel_state.get_data_parallel_group()
+    count = torch.tensor([float(sum(b.trained_tokens() for b in batches))], dtype=torch.float64, device=topo.device)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(count, group=group)
+    n = max(float(count), 1.0)
+    scale = built.gas * topo.dp / n
+    if built.pipelined:  # PipelineLoss returns sum * scale; train_batch averages over micro-batches and dp: sum / n
+        return float(engine.train_batch(data_iter=iter([b.pipeline(scale) for b in batches])))
+    total = torch.zeros(1, dtype=torch.float64, device=topo.device)
+    for b in batches:
+        loss_sum = engine(b.tokens.to(topo.device), b.labels.to(topo.device), reduction="sum",
+                          **b.model_kwargs(topo.device))
+        engine.backward(loss_sum * scale)
+        engine.step()
+        total += loss_sum.detach().double()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return float(total) / n
 
 
 def _mean_over_data_parallel(x: torch.Tensor) -> float:

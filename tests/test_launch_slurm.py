@@ -170,6 +170,14 @@ def test_preemption_saves_exits_75_requeues_and_resumes(tmp_path, cluster):
     assert len(logged) == len(set(logged)), f"a step was logged twice: {logged}"
     assert logged == list(range(1, steps + 1)), f"steps do not continue 1..{steps}: {logged}"
     assert latest(run) == f"step_{steps:08d}"
+    # the job's launch record: two starts (restart 0 and 1), exits 75 then 0; status counts one requeue
+    events = [json.loads(line) for line in (run / "launch.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["restart"], e.get("rc")) for e in events] == [
+        ("start", 0, None), ("exit", 0, 75), ("start", 1, None), ("exit", 1, 0)], events
+    out = subprocess.run([sys.executable, "-m", "launch.sweep", "status", str(run), "--json"], cwd=REPO, env=job_env(),
+                         capture_output=True, text=True, timeout=120)
+    (row,) = json.loads(out.stdout)["runs"]
+    assert (row["state"], row["job_id"], row["requeues"], row["step"]) == ("finished", job, 1, steps), row
 
 
 def sweep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -120,7 +120,7 @@ def test_config_errors_are_one_line_and_name_the_field(case):
 def test_config_defaults():
     cfg = ModelConfig(n_heads=4)
     assert cfg.n_kv_heads == 4 and cfg.head_dim == cfg.d_model // 4
-    assert cfg.norm_scheme == "pre_ln" and cfg.dyt_alpha_init == 0.5
+    assert cfg.norm_scheme == "pre_ln" and cfg.dyt_alpha_init is None  # None: the DyT paper's width rule
 
 
 @pytest.mark.parametrize("field,overrides,tp", [

@@ -45,8 +45,9 @@ def layer_norm(x, w, eps):
     return (x - mu) / torch.sqrt(var + eps) * w
 
 
-def dyt(x, alpha, w):
-    return w * torch.tanh(alpha * x)
+def dyt(x, alpha, w, b=None):
+    y = w * torch.tanh(alpha * x)
+    return y if b is None else y + b
 
 
 def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -83,8 +84,8 @@ def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) ->
         h = N(a * x + attn(x), block.attn_post_norm.weight, eps)
         return N(a * h + mlp(h), block.mlp_post_norm.weight, eps)
     if scheme == "dyt":
-        h = x + attn(dyt(x, block.attn_norm.alpha, block.attn_norm.weight))
-        return h + mlp(dyt(h, block.mlp_norm.alpha, block.mlp_norm.weight))
+        h = x + attn(dyt(x, block.attn_norm.alpha, block.attn_norm.weight, block.attn_norm.bias))
+        return h + mlp(dyt(h, block.mlp_norm.alpha, block.mlp_norm.weight, block.mlp_norm.bias))
     raise AssertionError(f"no formula for {scheme}")
 
 
@@ -93,7 +94,7 @@ def final_formula(cfg: ModelConfig, model, x: torch.Tensor) -> torch.Tensor:
     if kind is None:
         return x
     if kind == "dyt":
-        return dyt(x, model.final_norm.alpha, model.final_norm.weight)
+        return dyt(x, model.final_norm.alpha, model.final_norm.weight, model.final_norm.bias)
     N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
     return N(x, model.final_norm.weight, cfg.norm_eps)  # never depth-scaled
 
@@ -115,6 +116,8 @@ def make_model(scheme: str, norm_type: str = "rmsnorm", seed: int = 0, **overrid
         for name, p in model.named_parameters():
             if name.endswith(".alpha"):
                 p.copy_(0.3 + 0.6 * torch.rand(p.shape, generator=gen, dtype=p.dtype))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
             elif "norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return cfg, model
@@ -131,8 +134,14 @@ def assert_close(actual, expected, atol, what=""):
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:g}"
 
 
-CASES = [(s, "rmsnorm") for s in SCHEMES] + [("pre_ln", "layernorm"), ("peri_ln", "layernorm")]
+CASES = [(s, "rmsnorm") for s in SCHEMES] + [("pre_ln", "layernorm"), ("peri_ln", "layernorm"), ("dyt", "bias")]
 CASE_IDS = [s if t == "rmsnorm" else f"{s}-{t}" for s, t in CASES]
+
+
+def case_model(scheme, norm_type, **overrides):
+    if norm_type == "bias":  # DyT with its optional bias
+        return make_model(scheme, dyt_bias=True, **overrides)
+    return make_model(scheme, norm_type, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +150,7 @@ CASE_IDS = [s if t == "rmsnorm" else f"{s}-{t}" for s, t in CASES]
 
 @pytest.mark.parametrize("scheme,norm_type", CASES, ids=CASE_IDS)
 def test_every_block_matches_formula(scheme, norm_type):
-    cfg, model = make_model(scheme, norm_type)
+    cfg, model = case_model(scheme, norm_type)
     x = residual_input(cfg)
     with torch.no_grad():
         for l, block in enumerate(model.blocks, start=1):
@@ -155,7 +164,7 @@ def test_every_block_matches_formula(scheme, norm_type):
 @pytest.mark.parametrize("scheme,norm_type", CASES, ids=CASE_IDS)
 def test_whole_model_matches_formula(scheme, norm_type):
     """Embedding, the blocks in order, the scheme's final norm (or none) and the head."""
-    cfg, model = make_model(scheme, norm_type, tie_embeddings=(scheme == "peri_ln"))
+    cfg, model = case_model(scheme, norm_type, tie_embeddings=(scheme == "peri_ln"))
     tokens = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = model(tokens)
@@ -238,8 +247,9 @@ def _std(t: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("scheme", ["pre_ln", "deepnorm", "ln_free"])
 def test_init_gains(scheme):
-    """deepnorm: beta = (8L)^(-1/4) on value, attention-output and MLP weights; q, k stay at init_std.
-    ln_free: 1/sqrt(2L) on the two output projections. pre_ln: no gains."""
+    """deepnorm: beta = (8L)^(-1/4) where DeepNet puts it, on the value and attention-output projections and the
+    FFN's two matrices, which in SwiGLU are up and down (gate, like q and k, stays at init_std: scaling it too would
+    start the branch near beta^3). ln_free: 1/sqrt(2L) on the two output projections. pre_ln: no gains."""
     cfg = ModelConfig(
         vocab_size=64, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=1024, max_seq_len=16,
         norm_scheme=scheme, init_std=0.02,
@@ -256,7 +266,7 @@ def test_init_gains(scheme):
         "k": (qkv[:, :, q_per_kv], s),
         "v": (qkv[:, :, q_per_kv + 1], s * beta),
         "o": (torch.stack([b.attn.o.weight for b in model.blocks]), s * out_gain),
-        "gate": (torch.stack([b.mlp.gate.weight for b in model.blocks]), s * beta),
+        "gate": (torch.stack([b.mlp.gate.weight for b in model.blocks]), s),
         "up": (torch.stack([b.mlp.up.weight for b in model.blocks]), s * beta),
         "down": (torch.stack([b.mlp.down.weight for b in model.blocks]), s * out_gain),
         "tok_emb": (model.tok_emb.weight, s),
@@ -269,19 +279,41 @@ def test_init_gains(scheme):
         assert abs(w.double().mean().item()) < 0.05 * want, f"{scheme} {name}: mean not ~0"
 
 
+@pytest.mark.parametrize("d_model,attn,other", [(8, 0.8, 0.2), (4096, 0.8, 0.2), (5120, 0.6, 0.15), (8192, 0.2, 0.05)])
+def test_dyt_alpha_defaults_follow_the_papers_llama_widths(d_model, attn, other):
+    """The DyT paper's LLaMA alpha0 (7B d4096: 0.8 / 0.2, 13B d5120: 0.6 / 0.15, 34B/70B d8192: 0.2 / 0.05):
+    one for the attention-input DyT, one for the MLP-input and final DyT; narrower models take the 7B values."""
+    from models.norms import dyt_alpha_inits
+
+    cfg = ModelConfig(**{**TINY, "d_model": d_model, "n_heads": 2, "norm_scheme": "dyt"})
+    assert dyt_alpha_inits(cfg) == (attn, other)
+    assert dyt_alpha_inits(ModelConfig(**{**TINY, "norm_scheme": "dyt", "dyt_alpha_init": 0.3})) == (0.8, 0.3)
+    assert dyt_alpha_inits(ModelConfig(**{**TINY, "norm_scheme": "dyt", "dyt_alpha_init_attn": 1.5})) == (1.5, 0.2)
+
+
 def test_dyt_alpha_is_a_learnable_scalar_initialized_from_config():
-    for alpha_init in (None, 0.8):
-        extra = {} if alpha_init is None else {"dyt_alpha_init": alpha_init}
+    for extra, attn, other in (({}, 0.8, 0.2), ({"dyt_alpha_init": 0.7, "dyt_alpha_init_attn": 0.9}, 0.9, 0.7)):
         cfg = ModelConfig(**{**TINY, "norm_scheme": "dyt", **extra})
         model = Llama(cfg, seed=0)
         alphas = {n: p for n, p in model.named_parameters() if n.endswith("alpha")}
         assert len(alphas) == 2 * cfg.n_layers + 1  # two per block and the final DyT
         for n, p in alphas.items():
             assert p.numel() == 1 and p.requires_grad, n
-            assert p.item() == pytest.approx(0.5 if alpha_init is None else alpha_init), n
+            assert p.item() == pytest.approx(attn if ".attn_norm." in n else other), n
     tokens = torch.randint(cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     model(tokens, tokens).backward()
     assert all(p.grad is not None and p.grad.abs().item() > 0 for p in alphas.values())
+
+
+def test_dyt_bias_is_optional_and_learnable():
+    cfg = ModelConfig(**{**TINY, "norm_scheme": "dyt", "dyt_bias": True})
+    model = Llama(cfg, seed=0)
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert len(biases) == 2 * cfg.n_layers + 1 and all(torch.equal(p, torch.zeros(cfg.d_model)) for p in biases.values())
+    tokens = torch.randint(cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    assert all(p.grad.abs().sum() > 0 for p in biases.values())
+    assert not any(n.endswith(".bias") for n, _ in Llama(ModelConfig(**{**TINY, "norm_scheme": "dyt"})).named_parameters())
 
 
 def test_dyt_has_no_rms_or_layernorm():

@@ -100,9 +100,16 @@ def test_analyze_depth_trained_model(runs, tmp_path, env_cache, capsys):
     L = result["layers"]
     assert L == 8 and result["step"] == 40 and result["norm_scheme"] == "pre_ln"
     assert result["tokens"] == 3 * 4 * 64 and result["batches"] == 3
-    for key in ("angular_distance", "skip_loss", "skip_loss_increase"):
-        assert len(result[key]) == L and all(math.isfinite(v) for v in result[key])
+    for key in ("angular_distance", "skip_loss", "skip_loss_increase", "attn_contribution", "mlp_contribution",
+                "block_contribution", "logit_lens_kl", "skip_output_change"):
+        assert len(result[key]) == L and all(math.isfinite(v) for v in result[key]), key
     assert all(0 <= d <= 1 for d in result["angular_distance"])
+    # logit lens: KL >= 0, and 0 at the last block (its decoded distribution is the output)
+    assert result["logit_lens_kl"][-1] == 0 and all(v >= -1e-6 for v in result["logit_lens_kl"])
+    effect = result["skip_effect"]  # L x L: 0 before the skipped block, 1 on the diagonal, measured after it
+    assert [len(row) for row in effect] == [L] * L
+    assert all(effect[s][l] == (1.0 if l == s else 0.0) for s in range(L) for l in range(s + 1))
+    assert all(effect[s][l] > 0 for s in range(L) for l in range(s + 1, L))
     assert result["skip_loss_increase"] == pytest.approx([s - result["val_loss"] for s in result["skip_loss"]])
     # a trained model: removing a block hurts on average
     assert sum(result["skip_loss_increase"]) / L > 0

@@ -103,6 +103,8 @@ GROUP_NAMES = ("embedding", "final_norm", "head")
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
+        x = x[0]
     return x.detach().to(torch.promote_types(x.dtype, torch.float32))
 
 

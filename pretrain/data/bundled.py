@@ -17,19 +17,17 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from pretrain.data.prepare import FORMAT_VERSION, OutputExists, prepare_dataset, read_meta
+from pretrain.data.prepare import BUNDLED_PREFIX as PREFIX
+from pretrain.data.prepare import FORMAT_VERSION, OutputExists, bundled_corpus_path, prepare_dataset, read_meta
 from pretrain.data.tokenizer import train_tokenizer
 from pretrain.errors import UserError
-
-CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
-PREFIX = "bundled:"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a bundled corpus becomes tokens; every field goes into the cache key."""
+    """How a bundled corpus (the text prepare.bundled_corpus_path finds) becomes tokens; every field goes into
+    the cache key."""
 
-    file: str
     vocab_size: int = 2048
     model_type: str = "bpe"
     sample_by: str = "paragraph"
@@ -39,13 +37,14 @@ class Recipe:
 
 # vocab 2048 = the `tiny` preset's model.vocab_size; paragraphs (blank-line separated speeches) are documents.
 RECIPES: dict[str, Recipe] = {
-    "tinyshakespeare": Recipe(file="tinyshakespeare.txt"),
+    "tinyshakespeare": Recipe(),
 }
 
 
 def corpus_path(spec: str) -> str:
     """The text file of `bundled:NAME`."""
-    return str(CORPORA_DIR / _recipe(spec).file)
+    _recipe(spec)
+    return bundled_corpus_path(spec)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -60,10 +59,11 @@ def resolve_data_path(spec: str, cache_dir: str | None = None) -> str:
         return str(Path(spec).expanduser().absolute())
     name = spec[len(PREFIX):]
     recipe = _recipe(spec)
-    text = CORPORA_DIR / recipe.file
+    text = Path(bundled_corpus_path(spec))
     key = hashlib.sha256(
         json.dumps(
-            {"recipe": asdict(recipe), "corpus_sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
+            # "file" was a Recipe field once; kept in the key so existing caches stay valid
+            {"recipe": {**asdict(recipe), "file": text.name}, "corpus_sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
              "format_version": FORMAT_VERSION, "sentencepiece": spm.__version__},
             sort_keys=True,
         ).encode()

@@ -1,4 +1,4 @@
-"""`pretrain tokenizer train`, `pretrain data prepare` and `pretrain data info`.
+"""`pretrain tokenizer train`, `pretrain data prepare`, `pretrain data prepare-sft` and `pretrain data info`.
 
 `register(subparsers)` adds the commands to the main parser; each sets `func(args) -> int` (exit code).
 Problems the user can fix raise UserError, which `pretrain/cli.py` prints as one line.
@@ -57,6 +57,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare)
 
+    p = data_sub.add_parser(
+        "prepare-sft", help="Tokenize instruction data (prompts masked out of the loss) for supervised fine-tuning.",
+        description="Read instruction records (Alpaca instruction/input/output, prompt/response, or chat messages) "
+        "from SPEC and write DIR: tokens, a per-token loss mask and example offsets per split, tokenizer.model, "
+        "meta.json. BOS opens every example; each response is followed by EOS, which is trained.",
+    )
+    p.add_argument("--source", required=True, metavar="SPEC",
+                   help="A .json/.jsonl/.parquet file or folder, bundled:tiny-instruct, or a hub dataset name.")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="A sentencepiece .model file or a folder holding one, bundled:tinyshakespeare, or a run folder "
+                   "(the tokenizer of its data).")
+    p.add_argument("--out", required=True, metavar="DIR", help="Output folder; written atomically.")
+    p.add_argument("--format", default="auto", choices=("auto", "alpaca", "prompt-response", "messages"),
+                   help="Record format (default: auto, from the fields).")
+    p.add_argument("--template", default="default", metavar="NAME",
+                   help="Prompt template: default, alpaca, llama3 or none (default: default; see the README).")
+    p.add_argument("--train-on-prompt", action="store_true", help="Keep the prompt tokens in the loss too.")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="The data.seq_len you will train with: an example needing more positions (tokens - 1) is an "
+                   "error unless --overlong says otherwise.")
+    p.add_argument("--overlong", default="error", choices=("error", "truncate", "drop"),
+                   help="What to do with an example longer than --seq-len: error (default), truncate its end, drop it; "
+                   "truncated and dropped examples are counted in meta.json.")
+    p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                   help="Fraction of examples held out for validation (default: 0.05).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the train/val assignment (default: 0).")
+    p.add_argument("--split", default="train", help="Split of a hub dataset (default: train).")
+    p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
+    p.add_argument("--max-examples", type=int, default=None, metavar="N", help="Stop after the first N records.")
+    p.add_argument("--num-proc", type=int, default=None, metavar="N", help="Tokenizer threads (default: one per core).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
+    p.set_defaults(func=cmd_data_prepare_sft)
+
     p = data_sub.add_parser("info", help="Print the metadata of a prepared folder.")
     p.add_argument("path", metavar="DIR", help="A prepared folder, or bundled:NAME (built if needed).")
     p.set_defaults(func=cmd_data_info)
@@ -87,19 +120,43 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_info(args: argparse.Namespace) -> int:
-    from pretrain.data.bundled import resolve_data_path
+def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
     from pretrain.data.prepare import read_meta
+    from pretrain.data.sft import prepare_sft
 
-    path = resolve_data_path(args.path)
+    out = prepare_sft(
+        args.source, args.tokenizer, args.out, fmt=args.format, template=args.template,
+        train_on_prompt=args.train_on_prompt, seq_len=args.seq_len, overlong=args.overlong,
+        val_fraction=args.val_fraction, seed=args.seed, split=args.split, subset=args.subset,
+        max_examples=args.max_examples, num_proc=args.num_proc, overwrite=args.overwrite,
+    )
+    print(f"prepared: {out} ({summary(read_meta(out))})")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from pretrain.data.prepare import read_meta
+    from pretrain.data.sft import resolve_path
+
+    path = resolve_path(args.path)
     print(f"{path}: {summary(read_meta(path))}")
     print(json.dumps(read_meta(path), indent=2))
     return 0
 
 
 def summary(meta: dict) -> str:
-    """One line: token and document counts per split, dtype, vocab."""
+    """One line: token and document counts per split, dtype, vocab (SFT folders: examples, trained tokens and
+    the truncated / dropped counts)."""
     s = meta["splits"]
+    if meta.get("kind") == "sft":
+        e = meta["examples"]
+        return (
+            f"SFT {meta['format']}/{meta['template']}: train {s['train']['num_examples']:,} examples / "
+            f"{s['train']['num_tokens']:,} tokens ({s['train']['num_trained_tokens']:,} trained), val "
+            f"{s['val']['num_examples']:,} examples / {s['val']['num_tokens']:,} tokens "
+            f"({s['val']['num_trained_tokens']:,} trained), {e['truncated']:,} truncated, {e['dropped']:,} dropped, "
+            f"{meta['dtype']}, vocab {meta['vocab_size']}"
+        )
     return (
         f"train {s['train']['num_tokens']:,} tokens / {s['train']['num_documents']:,} docs, "
         f"val {s['val']['num_tokens']:,} tokens / {s['val']['num_documents']:,} docs, "

@@ -41,6 +41,11 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 # Names a prepare writes; a non-empty folder holding anything else is the user's, never overwritten.
 PREPARED_FILES = {"train.bin", "val.bin", META_FILE, MODEL_FILE, ".hf_cache"}
 ENCODE_BATCH = 1000
+# Texts that ship in the package: `bundled:NAME` is corpora/NAME.txt. How such a text becomes the default
+# prepared folder (tokenizer, options, cache) is bundled.py's business; bundled.py imports this module, never
+# the reverse.
+BUNDLED_PREFIX = "bundled:"
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 
 
 class OutputExists(UserError):
@@ -74,12 +79,20 @@ def builder_for(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+def bundled_corpus_path(spec: str) -> str:
+    """The text file of `bundled:NAME` (corpora/NAME.txt)."""
+    name = spec[len(BUNDLED_PREFIX):] if spec.startswith(BUNDLED_PREFIX) else spec
+    path = CORPORA_DIR / f"{name}.txt"
+    if not name or Path(name).name != name or not path.is_file():
+        names = ", ".join(BUNDLED_PREFIX + p.stem for p in sorted(CORPORA_DIR.glob("*.txt")))
+        raise UserError(f"{spec}: no such bundled corpus; choose one of {names}")
+    return str(path)
+
+
 def resolve_local(spec: str) -> Source:
     """A local file or folder as a Source; folders contribute their data files (sorted, hidden ones skipped)."""
-    if spec.startswith("bundled:"):
-        from pretrain.data.bundled import corpus_path
-
-        spec = corpus_path(spec)
+    if spec.startswith(BUNDLED_PREFIX):
+        spec = bundled_corpus_path(spec)
     p = Path(spec).expanduser()
     if not p.exists():
         raise UserError(f"{spec}: no such file or folder")
@@ -102,7 +115,7 @@ def resolve_local(spec: str) -> Source:
 
 def resolve_source(spec: str, split: str = "train", subset: str | None = None) -> Source:
     """A local path (file, folder, `bundled:NAME`) or else a hub dataset name."""
-    if spec.startswith("bundled:") or os.path.exists(os.path.expanduser(spec)) or _looks_local(spec):
+    if spec.startswith(BUNDLED_PREFIX) or os.path.exists(os.path.expanduser(spec)) or _looks_local(spec):
         return resolve_local(spec)
     return Source(label=spec, name=spec, subset=subset, split=split)
 

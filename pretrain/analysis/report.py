@@ -1,0 +1,289 @@
+"""`pretrain report RUN_DIR... | SWEEP_ROOT --out DIR`: an ablation's results at a glance.
+
+Writes DIR/REPORT.md with its PNGs next to it, and DIR/report.html, the same content self-contained (images
+embedded as data URIs, styles inline, no scripts): one file to mail or attach.
+
+    Table 1          validation perplexity at equal tokens, rows = norm scheme, columns = the swept keys (a sweep's
+                     grid, else the keys the runs differ in; --columns to choose), best per column in bold,
+                     diverged runs flagged (pretrain/analysis/report_runs.py has the exact rules)
+    Runs             one line per run: scheme, column, steps, tokens, last losses, how it ended
+    per column       loss curves; variance and gradient norm against depth at the last measured step
+                     (diagnostics.interval > 0); `pretrain analyze-depth` results where a run folder holds one
+                     (RUN_DIR/depth.json or RUN_DIR/*/depth.json): angular distance, block contribution, logit
+                     lens, skip-one-block loss and the skip-effect heat maps
+
+DIR is written as a temporary sibling and renamed into place; an existing DIR is replaced only when it holds a
+report (REPORT.md), otherwise refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from pretrain.analysis import report_figures as figures
+from pretrain.analysis.report_runs import (Run, Table, build_table, column_keys, column_label, expand_inputs,
+                                           human_tokens, read_run, row_differences, sweep_axes)
+from pretrain.errors import UserError
+
+REPORT_MD, REPORT_HTML = "REPORT.md", "report.html"
+CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.7em; text-align: right; }
+th:first-child, .name { text-align: left; }
+th { background: #f0f0f0; }
+td.best { font-weight: bold; background: #e3f4e3; }
+td.diverged { color: #b00020; }
+caption { caption-side: bottom; text-align: left; font-size: 0.9em; color: #555; padding-top: 0.4em; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+@dataclass
+class TableBlock:
+    id: str
+    header: list[str]
+    rows: list[list[tuple[str, str]]]  # (text, css class)
+    caption: str = ""
+    left: int = 1  # the first `left` columns hold names (left-aligned), the rest numbers
+
+
+def cmd_report(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = os.path.abspath(args.out)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {args.out}: folder {parent} does not exist")
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, REPORT_MD)):
+        raise UserError(f"--out {args.out} exists and holds no earlier report; choose a new folder")
+    if args.diverged_ppl <= 1:
+        raise UserError(f"--diverged-ppl must be > 1, got {args.diverged_ppl}")
+    paths = expand_inputs(args.paths)
+    runs = [read_run(p) for p in paths]
+    keys = args.columns if args.columns is not None else column_keys(runs, sweep_axes(args.paths))
+    table = build_table(runs, keys, args.diverged_ppl)
+    blocks, images = report_blocks(runs, table, args)
+    write_report(out, blocks, images)
+    best = [f"{col}: {s}" for (s, col), c in table.cells.items() if c.best]
+    print(f"wrote {args.out}/{REPORT_MD} and {REPORT_HTML}: {len(runs)} run(s), {len(table.rows)} scheme(s) x "
+          f"{len(table.columns)} column(s); best per column: {'; '.join(best) or 'none'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ content
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_") or "all"
+
+
+def _cell_text(cell) -> tuple[str, str]:
+    if cell is None:
+        return "", ""
+    if cell.ppl is None:
+        return ("diverged", "diverged") if cell.diverged else (cell.note or "-", "")
+    text = f"{cell.ppl:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    if cell.earlier:
+        text += f" (at {human_tokens(cell.tokens)})"
+    if cell.diverged:
+        return f"{text}; {cell.note}", "diverged"
+    return text, "best" if cell.best else ""
+
+
+def table1_block(table: Table) -> TableBlock:
+    header = ["norm scheme"]
+    for col in table.columns:
+        size = f"{table.params[col]} params, " if table.params[col] else ""
+        header.append(f"{col} ({size}{human_tokens(table.tokens[col])} tokens)")
+    rows = [[(scheme, "")] + [_cell_text(table.cells.get((scheme, col))) for col in table.columns]
+            for scheme in table.rows]
+    caption = ("Validation perplexity at equal training tokens (the column header's count; a value marked "
+               "'at N' is the run's last evaluation before it). Lower is better; the best per column is bold; "
+               "'diverged': non-finite loss, exit 3, or perplexity above the threshold. Several runs in a cell: "
+               "mean ± standard deviation.")
+    return TableBlock("table1", header, rows, caption)
+
+
+def _run_state(r: Run) -> str:
+    total = r.config.get("train.steps")
+    step = r.train[-1]["step"] if r.train else None
+    if r.diverged_in_training:
+        return "diverged"
+    if step is not None and total and step >= total:
+        return "finished"
+    last_exit = r.exit_codes[-1] if r.exit_codes else None
+    if last_exit == 75:
+        return "preempted"
+    if last_exit not in (None, 0):
+        return f"failed (exit {last_exit})"
+    return "not started" if step is None else "in progress or stopped"
+
+
+def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
+    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "state"]
+    rows = []
+    for r in runs:
+        last = r.train[-1] if r.train else {}
+        val = r.val[-1] if r.val else None
+        rows.append([(r.name, ""), (r.scheme, ""), (column_label(r, keys), ""),
+                     (f"{last.get('step', '-')}/{r.config.get('train.steps')}", ""),
+                     (human_tokens(r.last_tokens), ""),
+                     (f"{last['loss']:.4f}" if "loss" in last else "-", ""),
+                     (f"{val['val_ppl']:.2f} ({val['step']})" if val else "-", ""),
+                     (_run_state(r), "diverged" if r.diverged_in_training else "")])
+    return TableBlock("runs", header, rows, left=len(header))
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def report_blocks(runs: list[Run], table: Table, args) -> tuple[list, dict[str, bytes]]:
+    images: dict[str, bytes] = {}
+    blocks: list = [("h1", args.title),
+                    ("p", f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in args.paths)}; written "
+                          f"{time.strftime('%Y-%m-%d %H:%M')} by `pretrain report`.")]
+    blocks += [("h2", "Table 1: validation perplexity"), ("table", table1_block(table))]
+    notes = [*table.warnings]
+    differences = row_differences(runs, table.keys)
+    if differences:
+        notes.append("Other settings that differ between rows: " + "; ".join(differences))
+    if notes:
+        blocks.append(("ul", notes))
+    blocks += [("h2", "Runs"), ("table", runs_block(runs, table.keys))]
+    for col in table.columns:
+        group = sorted((r for r in runs if column_label(r, table.keys) == col), key=lambda r: table.rows.index(r.scheme))
+        slug = _slug(col)
+        blocks.append(("h2", col if table.keys else "All runs"))
+        made = [("loss", "Loss curves", figures.loss_figure(group, col)),
+                ("layers", "Variance and gradient norm against depth (last measured step)",
+                 figures.layer_stats_figure(group, col)),
+                ("depth", "Depth analyses (pretrain analyze-depth)", figures.depth_figure(group, col)),
+                ("skip", "Layer skipping: effect on later blocks' contributions", figures.skip_effect_figure(group, col))]
+        for kind, heading, fig in made:
+            if fig is None:
+                continue
+            name = f"{kind}_{slug}.png"
+            images[name] = _png(fig)
+            blocks += [("h3", heading), ("img", name, f"{heading}: {col}")]
+        if not any(r.layer_stats for r in group):
+            blocks.append(("p", "No per-layer statistics: train with diagnostics.interval > 0 to get them."))
+        if not any(r.depth for r in group):
+            blocks.append(("p", "No depth analyses: run `pretrain analyze-depth --checkpoint RUN_DIR --data DATA "
+                                "--out RUN_DIR/depth` to add them."))
+    return blocks, images
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _md_cell(text: str, css: str) -> str:
+    text = text.replace("|", "\\|")
+    return f"**{text}**" if css == "best" and text else text
+
+
+def render_markdown(blocks: list) -> str:
+    out: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            out += [block[1], ""]
+        elif kind == "ul":
+            out += [f"* {item}" for item in block[1]] + [""]
+        elif kind == "img":
+            out += [f"![{block[2]}]({block[1]})", ""]
+        elif kind == "table":
+            t: TableBlock = block[1]
+            out.append("| " + " | ".join(h.replace("|", "\\|") for h in t.header) + " |")
+            out.append("| " + " | ".join(["---"] * t.left + ["---:"] * (len(t.header) - t.left)) + " |")
+            out += ["| " + " | ".join(_md_cell(text, css) for text, css in row) + " |" for row in t.rows]
+            out += ([""] + [f"*{t.caption}*"] if t.caption else []) + [""]
+    return "\n".join(out)
+
+
+def _inline_code(text: str) -> str:
+    """Escaped text with `code` spans as <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(blocks: list, images: dict[str, bytes], title: str) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_code(block[1])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline_code(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode(images[block[1]]).decode()
+            out.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">')
+        elif kind == "table":
+            t: TableBlock = block[1]
+            out.append(f'<table id="{t.id}">')
+            if t.caption:
+                out.append(f"<caption>{html.escape(t.caption)}</caption>")
+            heads = [f'<th class="name">{html.escape(h)}</th>' if i < t.left else f"<th>{html.escape(h)}</th>"
+                     for i, h in enumerate(t.header)]
+            out.append("<thead><tr>" + "".join(heads) + "</tr></thead><tbody>")
+            for row in t.rows:
+                cells = []
+                for i, (text, css) in enumerate(row):
+                    tag = "th" if i == 0 and t.id == "table1" else "td"
+                    css = " ".join(c for c in (css, "name" if i < t.left else "") if c)
+                    cls = f' class="{css}"' if css else ""
+                    cells.append(f"<{tag}{cls}>{html.escape(text)}</{tag}>")
+                out.append("<tr>" + "".join(cells) + "</tr>")
+            out.append("</tbody></table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(out: str, blocks: list, images: dict[str, bytes]) -> None:
+    """Everything into a temporary sibling, then renamed into place (an earlier report is replaced)."""
+    parent = os.path.dirname(out)
+    title = next((b[1] for b in blocks if b[0] == "h1"), "Report")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=parent)
+    old = None
+    try:
+        for name, data in images.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        with open(os.path.join(tmp, REPORT_MD), "w") as f:
+            f.write(render_markdown(blocks))
+        with open(os.path.join(tmp, REPORT_HTML), "w") as f:
+            f.write(render_html(blocks, images, title))
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=parent)
+            os.rename(out, os.path.join(old, "report"))
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(os.path.join(old, "report"), out)  # keep the earlier report
+                raise
+        else:
+            os.rename(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

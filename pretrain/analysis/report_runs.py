@@ -1,0 +1,330 @@
+"""The data behind `pretrain report`: run folders read once, grouped into columns, and the Table-1 grid.
+
+A run folder gives its resolved config (config.yaml), training and validation entries (metrics.jsonl), per-layer
+statistics (layer_stats.jsonl, optional), the newest `pretrain analyze-depth` result found as RUN_DIR/depth.json
+or RUN_DIR/*/depth.json (optional) and, where a launcher wrote one, its exit codes (launch.jsonl, see
+launch/run_records.py).
+
+Table 1 (after the Curse of Depth paper's): one row per norm scheme, one column per value of the column keys
+(default: the keys the runs differ in, e.g. model.n_layers or model.preset), each cell the validation perplexity
+at equal tokens: for a column, the largest number of training tokens T at which every run of the column that
+did not diverge has a validation entry; each cell is the run's validation perplexity at T (or at its last
+evaluation before T, marked). Several runs in one cell (e.g. seeds) give their mean and standard deviation.
+A run is flagged diverged when its last training loss or a validation loss is non-finite, its trainer stopped
+for non-finite steps (exit 3), or its perplexity (at T, or at its last evaluation) exceeds the threshold (1000,
+the paper's criterion); diverged runs do not count when T is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+
+from pretrain.errors import UserError
+
+# Config keys that never make runs different experiments (where they write, how often they log, ...).
+NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train.resume", "train.stop_at_step",
+                       "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval")
+SCHEME_KEY = "model.norm_scheme"
+SWEEP_MANIFEST = "sweep.json"  # written by launch/sweep.py (format: launch/run_records.py)
+
+
+@dataclass
+class Run:
+    path: str
+    name: str
+    config: dict  # flat {"section.key": value} of the resolved config
+    scheme: str
+    train: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)  # with "tokens" added
+    layer_stats: list[dict] = field(default_factory=list)
+    depth: dict | None = None
+    exit_codes: list[int] = field(default_factory=list)
+    params: int | None = None
+
+    @property
+    def last_tokens(self) -> int | None:
+        return self.train[-1].get("consumed_tokens") if self.train else None
+
+    @property
+    def diverged_in_training(self) -> bool:
+        last_loss = self.train[-1].get("loss") if self.train else None
+        return (3 in self.exit_codes or (last_loss is not None and not _finite(last_loss))
+                or any(not _finite(v.get("val_loss")) for v in self.val))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """Entries of a JSONL file; a torn last line (a run still writing) is skipped, a damaged earlier one refused."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not valid JSON; fix or delete it") from None
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.yaml"))
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Run folders from the arguments: run folders as given, a sweep folder as its runs (sweep.json's order)."""
+    runs: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise UserError(f"{path} does not exist; give run folders or a sweep folder")
+        if is_run_dir(path):
+            runs.append(path)
+            continue
+        manifest = os.path.join(path, SWEEP_MANIFEST)
+        names = []
+        if os.path.isfile(manifest):
+            with open(manifest) as f:
+                names = [r["dir"] for r in json.load(f).get("runs", []) if isinstance(r, dict) and "dir" in r]
+        names += sorted(n for n in os.listdir(path) if n not in names)
+        found = [os.path.join(path, n) for n in names if is_run_dir(os.path.join(path, n))]
+        if not found:
+            raise UserError(f"{path} is neither a run folder (no config.yaml) nor a sweep folder with run folders in it")
+        runs += found
+    unique = list(dict.fromkeys(os.path.abspath(p) for p in runs))
+    return unique
+
+
+def _flat_config(path: str):
+    """(flat {"section.key": value}, ExperimentConfig) of a run's config.yaml."""
+    from pretrain.config import load_config
+
+    cfg = load_config(os.path.join(path, "config.yaml"), stored=True)
+    flat = {}
+    for section, values in dataclasses.asdict(cfg).items():
+        if isinstance(values, dict) and section != "deepspeed":
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat, cfg
+
+
+def _newest_depth(path: str) -> dict | None:
+    found = [p for p in glob.glob(os.path.join(path, "depth.json")) + glob.glob(os.path.join(path, "*", "depth.json"))]
+    results = []
+    for p in found:
+        try:
+            with open(p) as f:
+                results.append((json.load(f), os.path.getmtime(p), p))
+        except (OSError, ValueError):
+            continue
+    if not results:
+        return None
+    result, _, where = max(results, key=lambda r: (r[0].get("step") or 0, r[1]))
+    result["path"] = where
+    return result
+
+
+def read_run(path: str) -> Run:
+    import torch
+
+    from models import Llama
+
+    flat, cfg = _flat_config(path)
+    metrics = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+    train = [m for m in metrics if "loss" in m]
+    tokens_at = {m["step"]: m["consumed_tokens"] for m in train if "consumed_tokens" in m}
+    per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    val = [{**m, "tokens": tokens_at.get(m["step"], m["step"] * per_step)} for m in metrics if "val_loss" in m]
+    events = _read_jsonl(os.path.join(path, "launch.jsonl"))
+    with torch.device("meta"):
+        params = Llama(cfg.model).num_params()
+    return Run(
+        path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
+        train=train, val=val, layer_stats=_read_jsonl(os.path.join(path, "layer_stats.jsonl")),
+        depth=_newest_depth(path), exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e],
+        params=params,
+    )
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Config keys (besides the scheme and bookkeeping) with more than one value among the runs."""
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if k != SCHEME_KEY and not k.startswith(NOT_EXPERIMENT_KEYS)
+            and len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def _varies_within(runs: list[Run], key: str, group_key: str) -> bool:
+    values: dict = {}
+    for r in runs:
+        values.setdefault(json.dumps(r.config.get(group_key)), set()).add(json.dumps(r.config.get(key), sort_keys=True))
+    return any(len(v) > 1 for v in values.values())
+
+
+def column_keys(runs: list[Run], sweep_axes: list[str] | None = None) -> list[str]:
+    """The keys that tell the columns apart: a sweep's grid keys, else the keys that vary among runs of one norm
+    scheme (a key fixed per scheme, e.g. a scheme-specific setting, describes the row, not a column), with
+    model.preset standing for the shape keys it determines."""
+    if sweep_axes is not None:
+        return [k for k in sweep_axes if k != SCHEME_KEY]
+    keys = [k for k in differing_keys(runs) if _varies_within(runs, k, SCHEME_KEY)]
+    if "model.preset" in keys:
+        keys = [k for k in keys if k == "model.preset" or not k.startswith("model.")
+                or _varies_within(runs, k, "model.preset")]
+    return keys
+
+
+def row_differences(runs: list[Run], columns: list[str]) -> list[str]:
+    """'key: scheme=value, ...' for keys other than the columns that differ between the schemes' runs: settings
+    that come with a row (or a code change between runs), worth knowing when comparing rows."""
+    notes = []
+    for key in differing_keys(runs):
+        if key in columns or (key.startswith("model.") and "model.preset" in columns
+                              and not _varies_within(runs, key, "model.preset")):
+            continue
+        by_scheme: dict = {}
+        for r in runs:
+            by_scheme.setdefault(r.scheme, [])
+            value = _value_text(r.config.get(key))
+            if value not in by_scheme[r.scheme]:
+                by_scheme[r.scheme].append(value)
+        notes.append(f"{key}: " + ", ".join(f"{s}={'/'.join(v)}" for s, v in by_scheme.items()))
+    return notes
+
+
+def sweep_axes(paths: list[str]) -> list[str] | None:
+    """The grid keys of a single sweep folder argument (its sweep.json), else None."""
+    if len(paths) != 1 or is_run_dir(paths[0]):
+        return None
+    manifest = os.path.join(paths[0], SWEEP_MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as f:
+        axes = json.load(f).get("axes") or {}
+    return list(axes)
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def column_label(run: Run, keys: list[str]) -> str:
+    if not keys:
+        return "all runs"
+    return ", ".join(f"{_short(k)}={_value_text(run.config.get(k))}" for k in keys)
+
+
+def _value_text(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+@dataclass
+class Cell:
+    runs: list[Run]
+    ppl: float | None = None  # mean over runs that did not diverge
+    std: float | None = None
+    tokens: int | None = None  # the evaluation's tokens (the column's T unless `earlier`)
+    earlier: bool = False
+    diverged: bool = False
+    best: bool = False
+    note: str = ""
+
+
+@dataclass
+class Table:
+    keys: list[str]
+    columns: list[str]
+    rows: list[str]  # schemes
+    cells: dict  # (scheme, column) -> Cell
+    tokens: dict  # column -> T (None when no run of the column has a validation entry)
+    params: dict  # column -> parameter count(s) text
+    warnings: list[str]
+
+
+def build_table(runs: list[Run], keys: list[str], diverged_ppl: float = 1000.0) -> Table:
+    from models.norms import NORM_SCHEMES
+
+    for k in keys:
+        if not any(k in r.config for r in runs):
+            raise UserError(f"--columns {k}: no run has this config key; use dotted keys such as model.n_layers")
+    columns: list[str] = []
+    for r in runs:
+        label = column_label(r, keys)
+        if label not in columns:
+            columns.append(label)
+    order = list(NORM_SCHEMES)
+    rows = sorted({r.scheme for r in runs}, key=lambda s: order.index(s) if s in order else len(order))
+    cells, tokens, params, warnings = {}, {}, {}, []
+    for col in columns:
+        in_col = [r for r in runs if column_label(r, keys) == col]
+        sizes = sorted({r.params for r in in_col if r.params})
+        params[col] = " / ".join(dict.fromkeys(_human(p) for p in sizes))  # schemes without norms differ by a few
+        healthy = [r for r in in_col if r.val and not _diverged(r, diverged_ppl)]
+        tokens[col] = min((r.val[-1]["tokens"] for r in healthy), default=None)
+        evals = {(r.config.get("eval.tokens"), r.config.get("data.seq_len"), json.dumps(r.config.get("data.paths")))
+                 for r in in_col}
+        if len(evals) > 1:
+            warnings.append(f"column {col}: the runs were validated on different sets (eval.tokens, data.seq_len "
+                            "or data.paths differ); their perplexities are not comparable")
+        for scheme in rows:
+            members = [r for r in in_col if r.scheme == scheme]
+            if members:
+                cells[(scheme, col)] = _cell(members, tokens[col], diverged_ppl)
+        finite = [c for (s, c_), c in cells.items() if c_ == col and c.ppl is not None and not c.diverged]
+        if finite:
+            min(finite, key=lambda c: c.ppl).best = True
+    return Table(keys, columns, rows, cells, tokens, params, warnings)
+
+
+def _diverged(run: Run, diverged_ppl: float) -> bool:
+    last_ppl = run.val[-1].get("val_ppl") if run.val else None
+    return run.diverged_in_training or (last_ppl is not None and last_ppl > diverged_ppl)
+
+
+def _cell(members: list[Run], target: int | None, diverged_ppl: float) -> Cell:
+    cell = Cell(members)
+    values, at = [], []
+    for r in members:
+        if _diverged(r, diverged_ppl):
+            cell.diverged = True
+            continue
+        entries = [v for v in r.val if target is not None and v["tokens"] <= target]
+        if not entries:
+            continue
+        entry = entries[-1]
+        if not _finite(entry.get("val_ppl")) or entry["val_ppl"] > diverged_ppl:
+            cell.diverged = True
+            continue
+        values.append(entry["val_ppl"])
+        at.append(entry["tokens"])
+    if values:
+        cell.ppl = statistics.fmean(values)
+        cell.std = statistics.stdev(values) if len(values) > 1 else None
+        cell.tokens = min(at)
+        cell.earlier = target is not None and cell.tokens < target
+    if cell.diverged and values:
+        cell.note = f"{len(members) - len(values)} of {len(members)} runs diverged"
+    elif not values and not cell.diverged:
+        cell.note = "no evaluation by then"
+    return cell
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def human_tokens(n: int | None) -> str:
+    return "-" if n is None else _human(n)

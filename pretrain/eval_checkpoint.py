@@ -1,0 +1,146 @@
+"""`pretrain eval --checkpoint PATH|HF_DIR --data DIR [--tokens N] [--json]`: loss and perplexity on the fixed
+validation set.
+
+The token set is the one in-loop validation uses (pretrain/evaluate.py): the first min(tokens // seq_len,
+samples in the split) samples of the val split of --data in fixed, unshuffled order
+(`pretrain.data.loader.validation_batches`), independent of micro-batch size and TP/PP layout. The loss is the
+sum of the per-token losses over all label tokens, accumulated in float64, divided by their number; ppl is
+exp(loss). On one process, in fp32, this is the in-loop `val_loss` of the same weights, to float rounding
+(a bf16 run's in-loop value differs by bf16 rounding; this one is always fp32).
+
+Models:
+    training checkpoint   a step folder, checkpoints/ or a run folder (its latest), any TP/PP layout: read into
+                          one full model (`pretrain.checkpoint.load_model_state`), no torch.distributed
+    HF directory          config.json + weights (`pretrain.init_from.is_hf_dir`), evaluated with transformers'
+                          AutoModelForCausalLM, so the export of a checkpoint scores what the checkpoint scores
+
+Defaults come from the checkpoint's config (eval.tokens, data.seq_len, train.micro_batch_size); an HF directory
+has none, so it gets the config defaults (seq_len clipped to max_position_embeddings): give --seq-len and
+--tokens to compare it with a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+from pretrain.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint or HF model on the fixed validation set")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder, checkpoints/ folder or step folder (any TP/PP layout), or a Hugging Face "
+                        "model directory (config.json + weights)")
+    p.add_argument("--data", required=True, help="a prepared data folder or bundled:tinyshakespeare")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="validation token budget (default: the checkpoint's eval.tokens; clipped to the split)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the checkpoint's data.seq_len)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples per forward; changes memory, not the result (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (loss, ppl, tokens, ...) instead of a line")
+    p.set_defaults(func=cmd_eval)
+
+
+@torch.no_grad()
+def evaluate_model(loss_sum_fn, batches, device: torch.device) -> tuple[float, int]:
+    """(mean loss, label tokens) over `batches`; `loss_sum_fn(tokens, labels)` returns a batch's loss sum."""
+    from pretrain.data.loader import IGNORE_INDEX
+
+    total, count = 0.0, 0
+    for tokens, labels in batches:
+        total += float(loss_sum_fn(tokens.to(device), labels.to(device)).double())
+        count += int((labels != IGNORE_INDEX).sum())
+    return (total / count if count else math.nan), count
+
+
+def _our_model(folder: str, device: torch.device):
+    """(loss-sum function, config, description) of a training checkpoint."""
+    from models import Llama
+    from pretrain.checkpoint import load_model_state, read_state
+
+    cfg, state = load_model_state(folder)  # one-line UserError for a missing or incomplete checkpoint
+    model = Llama(cfg.model)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    source = {"checkpoint": os.path.abspath(folder), "step": read_state(folder).get("step"),
+              "norm_scheme": cfg.model.norm_scheme}
+    return (lambda tokens, labels: model(tokens, labels, reduction="sum")), cfg, source
+
+
+def _hf_model(folder: str, device: torch.device):
+    """(loss-sum function, vocab size, max positions, description) of a Hugging Face causal LM directory."""
+    import torch.nn.functional as F
+
+    from pretrain.data.loader import IGNORE_INDEX
+
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # one result line, not a loading bar
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--checkpoint {folder}: cannot load it as a Hugging Face causal LM: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+
+    def loss_sum(tokens, labels):
+        logits = model(input_ids=tokens).logits
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    c = model.config
+    source = {"checkpoint": os.path.abspath(folder), "step": None, "hf_model_type": c.model_type}
+    return loss_sum, c.vocab_size, getattr(c, "max_position_embeddings", None), source
+
+
+def cmd_eval(args) -> int:
+    from pretrain.checkpoint import find_checkpoint
+    from pretrain.config import ExperimentConfig
+    from pretrain.data.loader import check_seq_len, check_vocab, open_dataset, validation_batches
+    from pretrain.init_from import is_hf_dir
+
+    for flag, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len),
+                        ("--micro-batch-size", args.micro_batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not os.path.exists(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint} does not exist; give a run folder, a checkpoint folder or "
+                        "a Hugging Face model directory")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = ExperimentConfig()
+    if is_hf_dir(args.checkpoint):
+        loss_sum, vocab, max_len, source = _hf_model(args.checkpoint, device)
+        seq_len = args.seq_len or min(defaults.data.seq_len, max_len or defaults.data.seq_len)
+        tokens = args.tokens or defaults.eval.tokens
+        micro = args.micro_batch_size or 8
+        cache_dir = None
+    else:
+        loss_sum, cfg, source = _our_model(find_checkpoint(args.checkpoint), device)
+        vocab, max_len = cfg.model.vocab_size, cfg.model.max_seq_len
+        seq_len = args.seq_len or cfg.data.seq_len
+        tokens = args.tokens or cfg.eval.tokens
+        micro = args.micro_batch_size or cfg.train.micro_batch_size
+        cache_dir = cfg.data.cache_dir
+    if max_len is not None and seq_len > max_len:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's {max_len} positions; lower --seq-len")
+    dataset = open_dataset(args.data, seq_len, "val", cache_dir=cache_dir)
+    check_vocab(dataset, vocab)
+    check_seq_len(dataset, seq_len)
+    batches = validation_batches(dataset, tokens, micro, what="--tokens")
+    loss, count = evaluate_model(loss_sum, batches, device)
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "samples": count // seq_len,
+              "seq_len": seq_len, "data": dataset.path if hasattr(dataset, "path") else args.data, **source}
+    if args.json:
+        json.dump(result, sys.stdout)
+        print()
+    else:
+        step = f" step {result['step']}" if result.get("step") is not None else ""
+        print(f"loss {loss:.6f} | ppl {result['ppl']:.4f} | {count:,} tokens ({result['samples']} samples of "
+              f"{seq_len}) | {args.checkpoint}{step}")
+    return 0

@@ -1,0 +1,254 @@
+"""`pretrain generate` (sample completions from a checkpoint) and `pretrain eval-sft` (response loss and greedy exact
+match on instruction data).
+
+Models: a training checkpoint (step folder, checkpoints/ or run folder, any TP/PP layout, read into one full model
+by `pretrain.checkpoint.load_model_state`) or a Hugging Face Llama directory; one process, CPU or GPU
+(`--device`). The tokenizer is the one of the checkpoint's training data (its data.paths[0]), the
+`tokenizer.model` of an HF directory, or `--tokenizer`.
+
+Prompts are rendered and tokenized by `pretrain.data.sft` exactly as `pretrain data prepare-sft` renders them
+(BOS, the template's prompt text); `--raw` sends the text as it is after BOS. Generation: models/generate.py
+(KV cache, greedy by default, stops at EOS).
+
+eval-sft, for each record of --data (any prepare-sft format): the response-token loss, i.e. the sum of the
+next-token losses over the tokens prepare-sft trains (every response and its EOS) divided by their number,
+teacher-forced in float64 over the whole file; and the exact match of the greedy completion of the prompt
+before the last response against that response (both stripped of surrounding whitespace). A completion is cut
+at 2 x the reference's tokens + 16 new tokens unless --max-new-tokens is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+from pretrain.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="sample completions of prompts from a checkpoint or HF Llama (KV cache)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder, checkpoints/ folder or step folder (any TP/PP layout), or a Hugging Face Llama "
+                        "directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt, rendered as prepare-sft renders an instruction without input")
+    what.add_argument("--prompts", metavar="FILE.jsonl",
+                      help="records in any prepare-sft format (the response is not needed); one completion per line")
+    _common(p, template_help="prompt template (default: default, as `data prepare-sft`)")
+    p.add_argument("--raw", action="store_true", help="send the text as it is (after BOS), without a template")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="at most N new tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval-sft", help="response-token loss and greedy exact match of a checkpoint on instruction data")
+    p.add_argument("--checkpoint", required=True, help="as for generate")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl",
+                   help="instruction records (any prepare-sft format), e.g. bundled:tiny-instruct-test")
+    _common(p, template_help="prompt template the model was fine-tuned with (default: default)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="cut completions at N tokens (default: 2 x the reference's tokens + 16)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="also report loss and exact match per value of this record field (e.g. task)")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="also write each record's prompt, reference and completion here")
+    p.set_defaults(func=cmd_eval_sft)
+
+
+def _common(p, template_help: str) -> None:
+    p.add_argument("--template", default="default", metavar="NAME", help=template_help)
+    p.add_argument("--format", default="auto", choices=("auto", "alpaca", "prompt-response", "messages"),
+                   help="record format of a file (default: auto, from the fields)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="tokenizer (default: the checkpoint's training data's, or the HF directory's tokenizer.model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when there is one)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per forward (default 16)")
+
+
+def load_model(path: str, tokenizer: str | None = None, device: str = "auto"):
+    """(fp32 `Llama` in eval mode on `device`, Tokenizer) of a training checkpoint or an HF Llama directory."""
+    from models.hf import _build, load_hf_state
+    from pretrain.checkpoint import find_checkpoint, load_model_state
+    from pretrain.data.sft import checkpoint_tokenizer, resolve_tokenizer
+    from pretrain.init_from import is_hf_dir
+
+    if not os.path.exists(path):
+        raise UserError(f"--checkpoint {path} does not exist; give a run folder, a checkpoint folder or a Hugging Face "
+                        "Llama directory")
+    if is_hf_dir(path):
+        try:
+            model_cfg, state = load_hf_state(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"--checkpoint {path}: {e}") from None
+        try:
+            tok = resolve_tokenizer(tokenizer or path)
+        except UserError as e:
+            raise UserError(f"{e}; pass --tokenizer") from None
+    else:
+        cfg, state = load_model_state(find_checkpoint(path))
+        model_cfg = cfg.model
+        tok = resolve_tokenizer(tokenizer) if tokenizer else checkpoint_tokenizer(path)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer {tok.path} has {tok.vocab_size} ids but the model only {model_cfg.vocab_size}; "
+                        "pass the model's --tokenizer")
+    if tok.bos_id < 0 or tok.eos_id < 0:
+        raise UserError(f"{tok.path}: the tokenizer needs BOS and EOS pieces")
+    model = _build(model_cfg, state).to(_device(device)).eval()
+    return model, tok
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
+    return device
+
+
+def _check_counts(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+
+
+def _conversations(source: str, fmt: str, need_response: bool, limit: int | None = None):
+    """[(record, Conversation)] of a records file, read with a throwaway datasets cache."""
+    from pretrain.data.sft import iter_records
+
+    with tempfile.TemporaryDirectory(prefix="pretrain-records-") as cache:
+        out = []
+        for _, _, convs, records in iter_records(source, fmt, cache_dir=cache, need_response=need_response,
+                                                 limit=limit, with_records=True):
+            out += list(zip(records, convs))
+    if not out:
+        raise UserError(f"{source}: no records")
+    return out
+
+
+def _prompts(tok, template, convs) -> list[list[int]]:
+    from pretrain.data.sft import prompt_ids
+
+    return [prompt_ids(tok, template, conv) for conv in convs]
+
+
+def _batched(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield i, items[i:i + size]
+
+
+def cmd_generate(args) -> int:
+    from models.generate import Sampling, generate
+    from pretrain.data.sft import TEMPLATES, Conversation, Turn, get_template
+
+    _check_counts(args, "max-new-tokens", "batch-size")
+    try:
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    except ValueError as e:
+        raise UserError(f"generate: {e}") from None
+    template = TEMPLATES["none"] if args.raw else get_template(args.template)
+    model, tok = load_model(args.checkpoint, args.tokenizer, args.device)
+    if args.prompt is not None:
+        convs = [Conversation([Turn(args.prompt)])]
+    else:
+        convs = [conv for _, conv in _conversations(args.prompts, args.format, need_response=False)]
+    prompts = _prompts(tok, template, convs)
+    _check_lengths(prompts, model.cfg.max_seq_len, args.prompt is None)
+    for start, chunk in _batched(prompts, args.batch_size):
+        for ids in generate(model, chunk, tok.eos_id, sampling, first_index=start):
+            text = tok.decode(ids)
+            # one line per prompt for a file: newlines and backslashes escaped as in JSON
+            print(text if args.prompt is not None else json.dumps(text, ensure_ascii=False)[1:-1], flush=True)
+    return 0
+
+
+def _check_lengths(prompts: list[list[int]], limit: int, from_file: bool) -> None:
+    for i, p in enumerate(prompts, start=1):
+        if len(p) >= limit:
+            where = f"record {i}: " if from_file else ""
+            raise UserError(f"{where}the prompt has {len(p)} tokens, no room left in the model's max_seq_len={limit}")
+
+
+@torch.no_grad()
+def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
+    """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
+    from pretrain.data.loader import IGNORE_INDEX
+
+    sums, counts = [], []
+    device = model.rope_cos.device
+    for _, chunk in _batched(examples, batch_size):
+        T = max(len(ids) for ids, _ in chunk) - 1
+        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        for r, (ids, mask) in enumerate(chunk):
+            n = len(ids) - 1
+            tokens[r, :n] = torch.from_numpy(ids[:-1])
+            labels[r, :n] = torch.from_numpy(ids[1:]).masked_fill(~torch.from_numpy(mask[1:]), IGNORE_INDEX)
+        logits = model(tokens.to(device)).float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none",
+                                                      ignore_index=IGNORE_INDEX)
+        sums += per_token.double().sum(dim=1).tolist()
+        counts += (labels != IGNORE_INDEX).sum(dim=1).tolist()
+    return sums, counts
+
+
+def cmd_eval_sft(args) -> int:
+    from models.generate import Sampling, generate
+    from pretrain.data.sft import encode_conversations, get_template
+
+    _check_counts(args, "max-new-tokens", "batch-size", "limit")
+    template = get_template(args.template)
+    model, tok = load_model(args.checkpoint, args.tokenizer, args.device)
+    pairs = _conversations(args.data, args.format, need_response=True, limit=args.limit)
+    records, convs = [r for r, _ in pairs], [c for _, c in pairs]
+    if args.group_by and any(args.group_by not in r for r in records):
+        raise UserError(f"--group-by {args.group_by}: not a field of every record of {args.data}")
+    examples = encode_conversations(tok, template, convs)
+    limit = model.cfg.max_seq_len
+    for i, (ids, _) in enumerate(examples, start=1):
+        if len(ids) - 1 > limit:
+            raise UserError(f"{args.data} record {i}: {len(ids)} tokens, longer than the model's max_seq_len={limit}")
+    sums, counts = response_loss(model, examples, args.batch_size)
+    prompts = _prompts(tok, template, convs)
+    _check_lengths(prompts, limit, True)
+    references = [c.turns[-1].response for c in convs]
+    caps = [args.max_new_tokens or 2 * len(tok.encode(ref)) + 16 for ref in references]
+    sampling = Sampling(max(caps))
+    completions = []
+    for start, chunk in _batched(prompts, args.batch_size):
+        completions += [tok.decode(ids) for ids in generate(model, chunk, tok.eos_id, sampling,
+                                                            max_new_tokens=caps[start:start + len(chunk)])]
+    hits = [c.strip() == r.strip() for c, r in zip(completions, references)]
+
+    def summary(idx: list[int]) -> dict:
+        n_tok = sum(counts[i] for i in idx)
+        loss = sum(sums[i] for i in idx) / n_tok if n_tok else math.nan
+        return {"examples": len(idx), "response_tokens": n_tok, "loss": loss,
+                "exact_match": sum(hits[i] for i in idx) / len(idx), "exact_matches": sum(hits[i] for i in idx)}
+
+    result = {"checkpoint": args.checkpoint, "data": args.data, "template": template.name,
+              **summary(list(range(len(records))))}
+    if args.group_by:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(str(r[args.group_by]), []).append(i)
+        result["groups"] = {k: summary(v) for k, v in sorted(groups.items())}
+    if args.predictions:
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for r, c, ref, hit in zip(records, completions, references, hits):
+                f.write(json.dumps({"record": r, "reference": ref, "completion": c, "exact_match": hit},
+                                   ensure_ascii=False) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0

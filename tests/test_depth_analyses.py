@@ -1,0 +1,97 @@
+"""`pretrain.analysis.depth.depth_analysis` against a hand computation on a 2-layer model (float64).
+
+The hand side writes every block out from its parts (models/norms.py: h = attn_post_norm(alpha x + a),
+y = mlp_post_norm(alpha h + m)) instead of hooks, runs the two skips explicitly and evaluates each formula of
+the module docstring directly, per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import Llama, ModelConfig
+from pretrain.analysis.depth import depth_analysis
+
+
+def block_parts(block, x, cos, sin):
+    a = block.attn_out_norm(block.attn(block.attn_norm(x), cos, sin))
+    h = block.attn_post_norm(block.residual_alpha * x + a)
+    m = block.mlp_out_norm(block.mlp(block.mlp_norm(h)))
+    return a, h, m, block.mlp_post_norm(block.residual_alpha * h + m)
+
+
+def hand_analysis(model, batches):
+    b1, b2 = model.blocks
+    cos, sin = model.rope_cos, model.rope_sin
+    decode = lambda x: model.logits(model.final_norm(x))  # noqa: E731
+    per_token = {k: [[], []] for k in ("angle", "attn", "mlp", "block", "kl")}
+    loss, skip_loss, n = 0.0, [0.0, 0.0], 0
+    effect, out_change = 0.0, [0.0, 0.0]
+
+    def nll(logits, labels):  # summed next-token loss written out
+        return -logits.log_softmax(-1).gather(-1, labels[..., None]).sum().item()
+
+    for tokens, labels in batches:
+        e = model.tok_emb(tokens)
+        a1, hm1, m1, y1 = block_parts(b1, e, cos, sin)
+        a2, hm2, m2, y2 = block_parts(b2, y1, cos, sin)
+        final = decode(y2)
+        p_final = final.softmax(-1)
+        loss += nll(final, labels)
+        n += labels.numel()
+        for l, (x, y, a, hm, m, blk) in enumerate([(e, y1, a1, hm1, m1, b1), (y1, y2, a2, hm2, m2, b2)]):
+            alpha = blk.residual_alpha
+            per_token["angle"][l].append(torch.acos((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))) / math.pi)
+            per_token["attn"][l].append(a.norm(dim=-1) / (alpha * x.norm(dim=-1)))
+            per_token["mlp"][l].append(m.norm(dim=-1) / (alpha * hm.norm(dim=-1)))
+            per_token["block"][l].append((a + m).norm(dim=-1) / (alpha * x.norm(dim=-1)))
+            p = decode(y).softmax(-1)
+            per_token["kl"][l].append((p * (p.log() - p_final.log())).sum(-1))
+        # skip block 1: block 2 runs on the embedding
+        y2_skip = block_parts(b2, e, cos, sin)[3]
+        change = ((y2_skip - e) - (y2 - y1)).norm(dim=-1) / (y2 - y1).norm(dim=-1)
+        effect = max(effect, change.max().item())
+        skip_loss[0] += nll(decode(y2_skip), labels)
+        out_change[0] = max(out_change[0], (decode(y2_skip).softmax(-1) - p_final).norm(dim=-1).max().item())
+        # skip block 2: the output is block 1's
+        skip_loss[1] += nll(decode(y1), labels)
+        out_change[1] = max(out_change[1], (decode(y1).softmax(-1) - p_final).norm(dim=-1).max().item())
+    mean = {k: [torch.cat([t.flatten() for t in v[l]]).mean().item() for l in range(2)] for k, v in per_token.items()}
+    return {
+        "val_loss": loss / n, "tokens": n, "skip_loss": [s / n for s in skip_loss],
+        "angular_distance": mean["angle"], "attn_contribution": mean["attn"], "mlp_contribution": mean["mlp"],
+        "block_contribution": mean["block"], "logit_lens_kl": mean["kl"],
+        "skip_effect": [[1.0, effect], [0.0, 1.0]], "skip_output_change": out_change,
+    }
+
+
+@pytest.mark.parametrize("scheme", ["pre_ln", "peri_ln", "deepnorm"])
+def test_depth_analysis_matches_hand_computation(scheme):
+    cfg = ModelConfig(vocab_size=97, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16,
+                      norm_scheme=scheme)
+    torch.manual_seed(0)
+    model = Llama(cfg, seed=3).double().eval()
+    with torch.no_grad():  # norm gains away from 1, so that a wrong hook point changes the numbers
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.mul_(1 + 0.5 * torch.rand_like(p))
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 97, (2, 11), generator=gen), torch.randint(0, 97, (2, 11), generator=gen))
+               for _ in range(3)]
+    got = depth_analysis(model, batches)
+    with torch.no_grad():
+        want = hand_analysis(model, batches)
+    assert got["layers"] == 2 and got["batches"] == 3 and got["tokens"] == want["tokens"] == 66
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-10)
+    for key in ("skip_loss", "angular_distance", "attn_contribution", "mlp_contribution", "block_contribution",
+                "skip_output_change"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert got["logit_lens_kl"] == pytest.approx(want["logit_lens_kl"], rel=1e-8, abs=1e-12)
+    assert got["logit_lens_kl"][1] == 0.0 and got["logit_lens_kl"][0] > 0
+    assert [v for row in got["skip_effect"] for v in row] == pytest.approx(
+        [v for row in want["skip_effect"] for v in row], rel=1e-9)
+    assert 0 < got["skip_effect"][0][1] and got["skip_output_change"][0] > 0
+    assert got["skip_loss_increase"] == pytest.approx([s - got["val_loss"] for s in got["skip_loss"]])
