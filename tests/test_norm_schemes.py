@@ -17,6 +17,7 @@ import torch
 
 from models.config import ModelConfig
 from models.llama import Llama
+from models.norms import embedding_init_gain
 
 SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
 
@@ -249,7 +250,8 @@ def _std(t: torch.Tensor) -> float:
 def test_init_gains(scheme):
     """deepnorm: beta = (8L)^(-1/4) where DeepNet puts it, on the value and attention-output projections and the
     FFN's two matrices, which in SwiGLU are up and down (gate, like q and k, stays at init_std: scaling it too would
-    start the branch near beta^3). ln_free: 1/sqrt(2L) on the two output projections. pre_ln: no gains."""
+    start the branch near beta^3). ln_free (4 layers: no depth multipliers): 1/sqrt(2L) on the two output
+    projections and an embedding at std 1 (tests/test_ln_free_stability.py). pre_ln: no gains."""
     cfg = ModelConfig(
         vocab_size=64, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=1024, max_seq_len=16,
         norm_scheme=scheme, init_std=0.02,
@@ -269,7 +271,7 @@ def test_init_gains(scheme):
         "gate": (torch.stack([b.mlp.gate.weight for b in model.blocks]), s),
         "up": (torch.stack([b.mlp.up.weight for b in model.blocks]), s * beta),
         "down": (torch.stack([b.mlp.down.weight for b in model.blocks]), s * out_gain),
-        "tok_emb": (model.tok_emb.weight, s),
+        "tok_emb": (model.tok_emb.weight, s * embedding_init_gain(cfg)),  # ln_free: unit variance
         "head": (model.head.weight, s),
     }
     for name, (w, want) in expected.items():

@@ -13,7 +13,9 @@ import pytest
 from train_helpers import REPO, metrics, run_train, train_env, train_losses
 
 STEPS = 4
-EM_AFTER = 0.15  # measured: see test_tiny_example_raises_held_out_exact_match
+# test_tiny_example_raises_held_out_exact_match measured (2026-11-22, 2-core CPU): exact match 0 -> 0.175 (count
+# 0.95), response loss 10.8 -> 1.50 on the first 120 held-out records; the full example reaches 0.63 (README).
+EM_AFTER = 0.12
 # The bundled instruction set on short rows: gas 4 on one rank (2 with dp = 2), rows of 64 positions (the longest
 # example needs 54), validation on 16 packed rows; diagnostics every other step.
 SFT = ["data.paths=[bundled:tiny-instruct]", "data.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -101,5 +103,5 @@ def test_tiny_example_raises_held_out_exact_match(tmp_path, source, data_cache):
     before, after = eval_sft(source, data_cache, "--limit", "120"), eval_sft(run, data_cache, "--limit", "120")
     assert before["exact_match"] == 0.0 and after["response_tokens"] == before["response_tokens"]
     assert after["exact_match"] >= EM_AFTER, after
-    assert after["loss"] < before["loss"] / 3, (before["loss"], after["loss"])
+    assert after["loss"] < 2.0 < before["loss"] / 3, (before["loss"], after["loss"])
     assert after["groups"]["count"]["exact_match"] >= 0.8  # a task read off positions, learned first
