@@ -55,7 +55,7 @@ def test_masked_positions_contribute_exactly_zero_loss_and_gradient():
     assert torch.count_nonzero(logits.grad[0, masked]) == 0  # exactly zero gradient from every ignored position
     assert bool((logits.grad[0, ~masked].abs().sum(dim=-1) > 0).all())  # every trained one, EOS included, counts
     per_token = torch.nn.functional.cross_entropy(logits[0].detach(), y.clamp(min=0), reduction="none")
-    assert float(loss) == pytest.approx(float(per_token[~masked].sum()), rel=1e-6)  # zero loss from ignored ones
+    assert float(loss.detach()) == pytest.approx(float(per_token[~masked].sum()), rel=1e-6)  # zero loss from ignored ones
     # Parameter gradients: those of the trained positions' token losses alone.
     params = list(model.parameters())
     masked_grads = torch.autograd.grad(model(x[None], y[None], reduction="sum"), params)
