@@ -159,7 +159,13 @@ def reference(cfg: ModelConfig) -> dict:
         logits = model(tokens)
     loss = model(tokens, labels)
     loss.backward()
-    return dict(model=model, logits=logits, loss=loss.detach(), grads={n: p.grad for n, p in model.named_parameters()})
+    # The same in float64: the truth both fp32 results are measured against, so a gradient that nearly cancels
+    # (a DyT alpha summed over every position) is judged by how far fp32 itself is from it.
+    exact = Llama(cfg, seed=SEED)
+    exact.load_state_dict(perturbed_state_dict(cfg))
+    exact.double()(tokens, labels).backward()
+    return dict(model=model, logits=logits, loss=loss.detach(), grads={n: p.grad for n, p in model.named_parameters()},
+                grads64={n: p.grad for n, p in exact.named_parameters()})
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float = TOL) -> None:
@@ -226,8 +232,13 @@ def test_tp_logits_loss_and_grads_match_single_process(tp_results, case):
         assert grads.keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
             assert_close(grads[name], g, f"rank {rank} grad of {name}")
-            rel = (grads[name] - g).norm() / g.norm().clamp(min=1e-30)
-            assert rel < 1e-4, f"rank {rank} grad of {name}: relative error {rel:.3g}"
+            # Relative to float64: TP = 2 within 1e-4, or no further than 10x the TP = 1 fp32 error where the
+            # gradient is a near-cancelling sum.
+            g64 = ref["grads64"][name]
+            rel = (grads[name].double() - g64).norm() / g64.norm().clamp(min=1e-30)
+            rel_single = (g.double() - g64).norm() / g64.norm().clamp(min=1e-30)
+            assert rel < max(1e-4, 10 * rel_single), (
+                f"rank {rank} grad of {name}: relative error {rel:.3g} (TP = 1 fp32: {rel_single:.3g})")
         # Replicated parameters (norm gains, DyT alphas) get the full gradient on every rank.
         for name, g in res["replicated_grads"].items():
             assert_close(g, ref["grads"][name], f"rank {rank} local grad of replicated {name}")
