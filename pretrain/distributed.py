@@ -177,6 +177,10 @@ def init_distributed(tp: int, pp: int) -> Topology:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        if world == 1:
+            # A lone process needs no rendezvous: an in-process store, so runs started at the same moment on one
+            # machine cannot race for a TCP port (free_port() is only free until somebody else binds it).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

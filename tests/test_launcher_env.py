@@ -124,3 +124,27 @@ def test_srun_single_task_and_batch_shell_are_one_process(monkeypatch):
 def test_inconsistent_srun_step_is_refused(monkeypatch, variables, match):
     setenv(monkeypatch, **{**SRUN_STEP, **variables})
     refused(match)
+
+
+def test_a_lone_process_binds_no_port(tmp_path):
+    """Two single-process runs started at once on one machine must not race for a rendezvous port (free_port()
+    is free only until somebody binds it): a lone process uses an in-process store, so even a port another run's
+    rendezvous server holds does not matter."""
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # Another run's rendezvous server, holding its port the way torch holds it.
+    held = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(seconds=30))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env["DS_ACCELERATOR"] = "cpu"
+    code = ("import pretrain.distributed as d\n"
+            f"d.free_port = lambda: {held.port}  # the race lost: the port picked was bound by the other run\n"
+            "from pretrain.distributed import init_distributed, shutdown\n"
+            "topo = init_distributed(1, 1)\nprint('world', topo.world_size)\nshutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    del held
+    assert out.returncode == 0 and "world 1" in out.stdout, out.stderr[-2000:]
