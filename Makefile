@@ -2,6 +2,8 @@
 # Both create .venv and install what they need on first use. torch is installed first, pinned by
 # TORCH_SPEC (the CPU build here; PyPI's is the CUDA build on a Linux GPU cluster). Another CUDA build, e.g.
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cu130
+# `make compat` runs the compatibility set on the two other ends of the supported range (README, "Supported
+# versions"); CI runs it after `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -9,7 +11,17 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test clean-venv
+# The other ends: pyenv's Pythons here (override with PYTHON312= / PYTHON313= elsewhere).
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
+GPU_STACK := .venv-gpu-stack
+NEWEST := .venv-newest
+NEWEST_TORCH ?= torch==2.15.0
+# These machines' pip config caps torch at the release that lies on their disk; the newest end must pass it.
+UNCAPPED := PIP_CONSTRAINT=/dev/null
+COMPAT_TMP := .cache/compat
+
+.PHONY: install quickstart test compat compat-gpu-stack compat-newest clean-venv
 
 install: $(STAMP)
 
@@ -26,5 +38,40 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+compat: compat-gpu-stack compat-newest
+
+# Python 3.12 with the GPU machines' image (.ci/gpu-image.txt: torch 2.11, transformers 5.17, sentencepiece 0.2.2,
+# no deepspeed / megatron-core / datasets), completed by the GPU kit's wheels installed the kit's way
+# (--no-deps --target .whl/site): the kit's CPU rehearsal, then the compatibility set and the quick start on it.
+$(GPU_STACK)/.installed: .ci/gpu-image.txt
+	test -n "$(PYTHON312)" || { echo "make: no python3.12 found; set PYTHON312=" >&2; exit 2; }
+	rm -rf $(GPU_STACK) && $(PYTHON312) -m venv $(GPU_STACK)
+	$(GPU_STACK)/bin/python -m pip install -q --upgrade pip
+	$(UNCAPPED) $(GPU_STACK)/bin/python -m pip install -q -r .ci/gpu-image.txt
+	touch $@
+
+compat-gpu-stack: $(GPU_STACK)/.installed
+	$(GPU_STACK)/bin/python scripts/gpu_kit.py wheels
+	rm -rf $(COMPAT_TMP)/gpu-stack && mkdir -p $(COMPAT_TMP)/gpu-stack
+	$(GPU_STACK)/bin/python scripts/gpu_kit.py run --cpu --out $(COMPAT_TMP)/gpu-stack/kit
+	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -m compat -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) PRETRAIN_CACHE=$(COMPAT_TMP)/gpu-stack/cache \
+		$(GPU_STACK)/bin/python -m pretrain train configs/tiny.yaml run.dir=$(COMPAT_TMP)/gpu-stack/tiny
+
+# The newest releases in range: Python 3.13, torch 2.15, and `pip install -e .` picking the newest of the rest.
+$(NEWEST)/.installed: setup.cfg pyproject.toml
+	test -n "$(PYTHON313)" || { echo "make: no python3.13 found; set PYTHON313=" >&2; exit 2; }
+	rm -rf $(NEWEST) && $(PYTHON313) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(UNCAPPED) $(NEWEST)/bin/python -m pip install -q "$(NEWEST_TORCH)"
+	$(UNCAPPED) $(NEWEST)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+compat-newest: $(NEWEST)/.installed
+	rm -rf $(COMPAT_TMP)/newest && mkdir -p $(COMPAT_TMP)/newest
+	$(NEWEST)/bin/python -m pytest -q -m compat -p no:cacheprovider
+	PRETRAIN_CACHE=$(COMPAT_TMP)/newest/cache $(NEWEST)/bin/pretrain train configs/tiny.yaml \
+		run.dir=$(COMPAT_TMP)/newest/tiny
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_STACK) $(NEWEST)

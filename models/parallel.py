@@ -66,9 +66,18 @@ def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: Tenso
     if tp is not None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        # megatron sets these only when it initializes the weight itself (we init in models.llama); DeepSpeed's
-        # gradient-norm code reads them to count sharded weights on every rank and replicated ones once.
-        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+        # DeepSpeed's gradient-norm code reads these to count sharded weights on every rank and replicated ones
+        # once. megatron-core < 0.17 sets them only when it initializes the weight itself (we init in
+        # models.llama); later releases set them in the layer's constructor and assert on a second call.
+        if getattr(weight, "tensor_model_parallel", False):
+            if (weight.partition_dim, weight.partition_stride) != (dim, 1):
+                raise RuntimeError(f"megatron-core marked a weight split along dim {weight.partition_dim} "
+                                   f"(stride {weight.partition_stride}); normlab splits it along dim {dim}")
+        else:
+            for attribute in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(weight, attribute):
+                    delattr(weight, attribute)  # megatron's defaults for a replicated weight; it asserts on them
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
     return weight
 
 

@@ -13,12 +13,15 @@ from pretrain.errors import EXIT_USER_ERROR, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return EXIT_USER_ERROR
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return EXIT_USER_ERROR
+        from pretrain.compat import check_versions
+
+        check_versions()  # an untested package version: one line here, not a traceback from some import
         return args.func(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,12 +31,29 @@ import torch
 
 from pretrain.errors import UserError
 
-# package -> (lowest tested version, first untested version); setup.cfg pins the same ranges.
+# The ranges the test suite ran against, the same as setup.cfg's install_requires (tests/test_compat.py checks
+# that they agree): package -> (lowest tested version, first untested version). The ends of each range are what
+# CI installs (README, "Supported versions"): Python 3.11 with torch 2.13 and megatron-core 0.16; Python 3.12 with
+# the GPU machines' stack (torch 2.11, megatron-core 0.19, transformers 5.17, sentencepiece 0.2.2) and with the
+# newest releases (torch 2.15).
+PYTHON = ("3.10", "3.14")
 TESTED = {
-    "deepspeed": ("0.19", "0.20"),
-    "megatron-core": ("0.16", "0.17"),
-    "torch": ("2.13", "2.14"),
-    "tensorboard": ("2.21", "3"),
+    "torch": ("2.11", "2.16"),
+    # 0.19.3: pipeline parallelism with gradient accumulation scaled the earlier stages' gradients by 1/GAS^2
+    # before it (DeepSpeed #8152); 0.19.0 fixed the bf16 optimizer dropping a micro-batch under ZeRO-1 (#7985).
+    "deepspeed": ("0.19.3", "0.20"),
+    # 0.16 is the last release for Python 3.10/3.11, 0.17-0.19 need Python >= 3.12: pip picks by the Python.
+    "megatron-core": ("0.16", "0.20"),
+    "transformers": ("5.17", "6"),
+    "safetensors": ("0.8", "1"),
+    "datasets": ("5.2", "6"),
+    "sentencepiece": ("0.2.2", "0.3"),
+    "numpy": ("2.2", "3"),  # 2.3 and later need Python >= 3.11
+    "pyyaml": ("6.0.1", "7"),
+    "tensorboard": ("2.18", "3"),
+    "matplotlib": ("3.9", "4"),
+    "tqdm": ("4.66", "5"),
+    "ninja": ("1.11", "2"),
 }
 
 
@@ -43,21 +61,37 @@ def _parse(version: str) -> tuple:
     return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
-def check_versions() -> None:
+def _range(low: str, high: str) -> str:
+    return f">={low},<{high}"
+
+
+def version_problems() -> list[str]:
+    """One phrase per package (and the Python) outside its tested range or missing, with the fix."""
     bad = []
+    python = ".".join(map(str, sys.version_info[:3]))
+    if not _parse(PYTHON[0]) <= _parse(python) < _parse(PYTHON[1]):
+        bad.append(f"Python {python} is outside {_range(*PYTHON)} (use a Python in that range)")
     for package, (low, high) in TESTED.items():
+        spec = f"'{package}{_range(low, high)}'"
         try:
             installed = metadata.version(package)
         except metadata.PackageNotFoundError:
-            continue  # setup.cfg requires it; pip reports that
+            bad.append(f"{package} is not installed (pip install {spec}; without network: the GPU kit's wheels, "
+                       "docs/PERFORMANCE.md)")
+            continue
         if not _parse(low) <= _parse(installed) < _parse(high):
-            bad.append(f"{package} {installed} (tested: >={low},<{high})")
+            bad.append(f"{package} {installed} is outside the tested range {_range(low, high)} (pip install {spec})")
+    return bad
+
+
+def check_versions() -> None:
+    """A one-line UserError naming every package outside its tested range and how to fix it, or a warning under
+    NORMLAB_ALLOW_UNTESTED=1. `pretrain` runs this before any command, and importing this module runs it too."""
+    bad = version_problems()
     if not bad:
         return
-    message = (
-        f"untested versions: {'; '.join(bad)}; install the tested ones (pip install -e . pins them) or set "
-        "NORMLAB_ALLOW_UNTESTED=1 to try anyway (pretrain/compat.py lists what may break)"
-    )
+    message = (f"untested versions: {'; '.join(bad)}; or set NORMLAB_ALLOW_UNTESTED=1 to try anyway "
+               "(pretrain/compat.py lists what may break)")
     if os.environ.get("NORMLAB_ALLOW_UNTESTED") == "1":
         warnings.warn(message, stacklevel=2)
     else:

@@ -8,6 +8,7 @@ built from the same sizes and their (tp, pp, dp) coordinates are checked to agre
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -24,6 +25,9 @@ def use_cpu_accelerator_without_gpu() -> None:
     Also silences megatron-core's import-time warnings about Transformer Engine / Apex, which we don't use."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # A CUDA build of torch on a machine without a GPU (a login node, CI) finds the CUDA toolkit and warns at
+        # DeepSpeed's import that there is no CUDA runtime: expected there, and not the user's to fix.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     # Advice aimed at CUDA clusters / deprecations inside megatron-core and DeepSpeed, not actionable by users.
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")

@@ -20,6 +20,8 @@ from pretrain.data.prepare import OutputExists, prepare_dataset, read_meta, stag
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 
+pytestmark = pytest.mark.compat
+
 DOCS = make_docs(240, seed=1)
 
 

@@ -11,6 +11,8 @@ from data_helpers import leftovers, make_docs, run_cli, tiny_tokenizer_dir, writ
 from pretrain.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer, train_tokenizer
 from pretrain.errors import UserError
 
+pytestmark = pytest.mark.compat
+
 
 def test_train_records_ids_and_roundtrips():
     tok_dir = tiny_tokenizer_dir()

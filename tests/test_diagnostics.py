@@ -22,6 +22,8 @@ from pretrain.analysis.diagnostics import (
     parameter_groups,
 )
 
+pytestmark = pytest.mark.compat
+
 SMALL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48,
          "max_seq_len": 32}
 

@@ -12,6 +12,8 @@ from models import Llama
 from pretrain.checkpoint import load_model_state
 from pretrain.cli import main
 
+pytestmark = pytest.mark.compat
+
 
 def test_export_hf_from_tensor_and_pipeline_parallel_lns_checkpoint(tmp_path, capsys):
     run, out = str(tmp_path / "run"), str(tmp_path / "hf")

@@ -24,6 +24,8 @@ from models.hf import (  # noqa: E402
 from models.llama import Llama  # noqa: E402
 from models.norms import NORM_SCHEMES  # noqa: E402
 
+pytestmark = pytest.mark.compat
+
 TOL = 1e-4
 VOCAB, T = 128, 48
 

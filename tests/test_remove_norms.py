@@ -26,7 +26,7 @@ from pretrain.config import RemovalConfig, load_config
 from pretrain.errors import UserError
 from pretrain.remove_norms import fold_norms, schedule
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 SMALL = dict(vocab_size=64, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=32, max_seq_len=32)
 
 

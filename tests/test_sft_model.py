@@ -13,7 +13,7 @@ from models.parallel import cross_entropy
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.data.sft import SFTBatch
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64,
                   init_std=0.1)
 EOS = 3

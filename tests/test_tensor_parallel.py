@@ -40,7 +40,7 @@ INDIVISIBLE = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 
 
 def make_config(**overrides) -> ModelConfig:

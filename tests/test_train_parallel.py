@@ -20,12 +20,11 @@ def reference(tmp_path_factory, data_cache):
 @pytest.mark.parametrize(
     "layout, nproc",
     [
-        (["parallel.tp=2"], 2),
-        (["parallel.pp=2"], 2),
-        (["parallel.zero_stage=1"], 2),  # DP = 2 with ZeRO-1
-        (["parallel.tp=2", "parallel.pp=2"], 4),
+        pytest.param(["parallel.tp=2"], 2, id="tp2", marks=pytest.mark.compat),
+        pytest.param(["parallel.pp=2"], 2, id="pp2"),
+        pytest.param(["parallel.zero_stage=1"], 2, id="dp2-zero1"),  # DP = 2 with ZeRO-1
+        pytest.param(["parallel.tp=2", "parallel.pp=2"], 4, id="tp2xpp2", marks=pytest.mark.compat),
     ],
-    ids=["tp2", "pp2", "dp2-zero1", "tp2xpp2"],
 )
 def test_loss_matches_single_process(tmp_path, data_cache, reference, layout, nproc):
     run_train(str(tmp_path), f"train.steps={STEPS}", *layout, nproc=nproc, cache_dir=data_cache)
@@ -36,6 +35,7 @@ def test_loss_matches_single_process(tmp_path, data_cache, reference, layout, np
         assert losses[step] == pytest.approx(ref, rel=1e-4), f"step {step}: {losses[step]} vs single-process {ref}"
 
 
+@pytest.mark.compat
 def test_tied_embeddings_pipeline_and_zero2_match_single_process(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", f"train.steps={STEPS}"]
     run_train(str(tmp_path / "single"), *tied, cache_dir=data_cache)
@@ -56,6 +56,7 @@ def _coordinates(tp: int, pp: int):
     return (topo.tp_rank, topo.pp_rank, topo.dp_rank), (coord.model, coord.pipe, coord.data)
 
 
+@pytest.mark.compat
 def test_megatron_and_deepspeed_topologies_agree():
     results = run_distributed_test(_coordinates, world_size=8, args=(2, 2), timeout=240)
     megatron = [r[0] for r in results]

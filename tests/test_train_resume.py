@@ -16,6 +16,7 @@ from train_helpers import REPO, latest, metrics, run_train, train_cmd, train_env
 from pretrain.config import load_config
 
 
+@pytest.mark.compat
 def test_resume_is_bitwise_identical(tmp_path, data_cache):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     common = ["train.steps=20", "checkpoint.interval=5", "eval.interval=10"]
@@ -121,6 +122,7 @@ def test_existing_run_without_resume_is_refused(tmp_path, data_cache):
     assert proc.stderr.startswith("error: ") and "train.resume=auto" in proc.stderr
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -169,14 +171,18 @@ def test_every_paper_config_loads():
         assert cfg.train.warmup_steps == steps[preset] // (100 if preset == "1b" else 10)
 
 
+@pytest.mark.compat
 def test_python_dash_m_and_console_script_agree():
+    script = os.path.join(os.path.dirname(sys.executable), "pretrain")
+    if not os.path.exists(script):
+        pytest.skip("normlab is not pip-installed here (the GPU kit runs it from the checkout: python -m pretrain)")
     a = subprocess.run([sys.executable, "-m", "pretrain", "config", "configs/tiny.yaml"], cwd=REPO,
                        capture_output=True, text=True, check=True)
-    b = subprocess.run([os.path.join(os.path.dirname(sys.executable), "pretrain"), "config", "configs/tiny.yaml"],
-                       cwd=REPO, capture_output=True, text=True, check=True)
+    b = subprocess.run([script, "config", "configs/tiny.yaml"], cwd=REPO, capture_output=True, text=True, check=True)
     assert a.stdout == b.stdout and "norm_scheme: pre_ln" in a.stdout
 
 
+@pytest.mark.compat
 def test_spawned_ranks_pass_their_exit_code_on(tmp_path, data_cache):
     # --nproc-per-node runs torchrun; a rank's UserError must still end the command with exit 2, not 1.
     run = str(tmp_path / "run")
