@@ -3,10 +3,17 @@
 It builds the same DeepSpeed engine `pretrain train` uses (single process; bf16 on a GPU, fp32 on CPU), feeds
 random tokens, and times optimizer steps after a warm-up. MFU = achieved model FLOP/s (6N + attention, see
 `Llama.flops_per_token`) / the GPU's dense bf16 peak.
+
+`--json PATH` writes the rows as numbers (rewritten after every preset, so an out-of-memory error or a hang in a
+later preset leaves the earlier rows). `--profile DIR` traces one training step of the first preset with
+torch.profiler, after the warm-up and outside the timed steps: DIR/profile.txt (the operator table), DIR/profile.json
+(top kernels and operators, host synchronisations, peak memory) and DIR/trace.json.gz (chrome://tracing, Perfetto).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
@@ -14,18 +21,37 @@ import torch
 
 from pretrain.errors import UserError
 
+WARMUP_STEPS = 3  # compile, allocator growth and cuBLAS heuristics settle in these; never timed
+PROFILE_RANGE = "bench::train_step"  # the record_function range around the profiled step
+TOP_ROWS = 25
+
+# CUDA runtime calls that block the host until the device has caught up, as CUPTI names them in the trace; a
+# plain `cudaMemcpy` (not ...Async) is synchronous too. `.item()` / `float(t)` / a blocking `.cpu()` of a CUDA
+# tensor is a device-to-host copy followed by cudaStreamSynchronize.
+BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# Where they come from, counted alongside: the scalar reads on the host side, and the copies on the device side.
+SCALAR_READS = ("aten::item", "aten::_local_scalar_dense")
+DTOH_COPY = "Memcpy DtoH"  # device events "Memcpy DtoH (Device -> Pageable)" / "(Device -> Pinned)"
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="tokens/s and MFU of model presets (bf16 on GPU)")
     p.add_argument("--presets", nargs="+", default=["130m", "350m", "1b"])
     p.add_argument("--norm-scheme", default="pre_ln")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=None, help="default: 32 for <= 350m, 16 for 1b")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per preset (after 3 warm-up steps)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default: 32 for <= 350m, 16 for 1b and 1b-aligned")
+    p.add_argument("--steps", type=int, default=10,
+                   help=f"timed optimizer steps per preset (after {WARMUP_STEPS} warm-up steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (train.compile)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--diagnostics-interval", type=int, default=0,
                    help="measure per-layer diagnostics every N steps while timing (0 = off), to see their cost")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the rows as a JSON list (rewritten after each preset)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="torch.profiler trace of one step of the first preset, after warm-up, into DIR "
+                        "(profile.txt, profile.json, trace.json.gz)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -38,11 +64,24 @@ def cmd_bench(args) -> int:
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.diagnostics_interval < 0:
         raise UserError(f"--diagnostics-interval must be >= 0, got {args.diagnostics_interval}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    if args.profile:
+        if os.path.exists(args.profile) and not os.path.isdir(args.profile):
+            raise UserError(f"--profile {args.profile} is a file; give a folder (created if missing)")
+        os.makedirs(args.profile, exist_ok=True)
     topo = init_distributed(1, 1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    # What every row of --json carries besides its own figures: enough to tell two runs' rows apart.
+    common = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "precision": precision,
+              "seq_len": args.seq_len, "compile": args.compile, "diagnostics_interval": args.diagnostics_interval,
+              "norm_scheme": args.norm_scheme}
     try:
         rows = []
-        for preset in args.presets:
-            micro = args.micro_batch_size or (16 if preset == "1b" else 32)
+        for i, preset in enumerate(args.presets):
+            micro = args.micro_batch_size or (16 if preset.startswith("1b") else 32)  # 1b-aligned: as 1b
             scratch = tempfile.mkdtemp(prefix="pretrain-bench-")  # layer_stats.jsonl of --diagnostics-interval
             cfg = load_config(None, [f"run.dir={scratch}", f"diagnostics.interval={args.diagnostics_interval}",
                 f"model.preset={preset}", f"model.norm_scheme={args.norm_scheme}", f"data.seq_len={args.seq_len}",
@@ -50,8 +89,9 @@ def cmd_bench(args) -> int:
                 f"parallel.zero_stage={1 if precision == 'bf16' else 0}",  # DeepSpeed's bf16 optimizer
                 f"train.compile={str(args.compile).lower()}", "train.warmup_steps=1",
             ])
-            rows.append(bench_preset(cfg, topo, args.steps))
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+            rows.append(bench_preset(cfg, topo, args.steps, profile_dir=args.profile if i == 0 else None))
+            if args.json:
+                _write_json(args.json, [{**common, **r} for r in rows])
         print(f"\n{device}, {precision}, seq_len {args.seq_len}, compile={args.compile}, "
               f"diagnostics every {args.diagnostics_interval or 'never'} step(s)")
         print(f"{'preset':<7}{'micro':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
@@ -64,7 +104,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def bench_preset(cfg, topo, steps: int) -> dict:
+def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
     import shutil
 
     from pretrain.analysis import diagnostics
@@ -72,8 +112,6 @@ def bench_preset(cfg, topo, steps: int) -> dict:
     from pretrain.metrics import peak_flops
     from pretrain.train import train_step
 
-    if steps < 1:
-        raise UserError("--steps must be >= 1")
     built = build_engine(cfg, topo)
     t = cfg.train
     gen = torch.Generator().manual_seed(0)
@@ -85,18 +123,31 @@ def bench_preset(cfg, topo, steps: int) -> dict:
 
     it = batches()
     layer_stats = diagnostics.setup(cfg, built, topo)  # no-op unless --diagnostics-interval
-    times = []
+    step = 0
+
+    def one_step():
+        nonlocal step
+        step += 1
+        layer_stats.begin_step(step)
+        train_step(built, it, topo)
+        layer_stats.end_step(step)
+
     if topo.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(3 + steps):
+    for _ in range(WARMUP_STEPS):
+        one_step()
+    if profile_dir is not None:
+        profile_step(one_step, topo.device, profile_dir, {
+            "preset": cfg.model.preset, "micro": t.micro_batch_size, "seq_len": cfg.data.seq_len,
+            "precision": t.precision, "compile": t.compile, "step": step + 1})
+    first_timed = step + 1
+    times = []
+    for _ in range(steps):
         _sync(topo.device)
         t0 = time.perf_counter()
-        layer_stats.begin_step(i + 1)
-        train_step(built, it, topo)
-        layer_stats.end_step(i + 1)
+        one_step()
         _sync(topo.device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_per_s = t.global_batch_size * cfg.data.seq_len / step_s
     flops = built.model.flops_per_token(cfg.data.seq_len) * tokens_per_s
@@ -105,8 +156,94 @@ def bench_preset(cfg, topo, steps: int) -> dict:
     layer_stats.close()
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     del built
+    # step_ms is the median (what the table prints); the mean and every step's time are for --json, where a cost
+    # paid every N steps (diagnostics at interval N) shows only in them. first_timed_step numbers the first entry
+    # of step_times_ms as the optimizer step it was (the diagnostics measure the steps divisible by the interval).
     return {"preset": cfg.model.preset, "micro": t.micro_batch_size, "step_ms": 1000 * step_s,
-            "tokens_per_s": tokens_per_s, "tflops": flops / 1e12, "mfu": flops / peak if peak else None, "mem_gib": mem}
+            "tokens_per_s": tokens_per_s, "tflops": flops / 1e12, "mfu": flops / peak if peak else None, "mem_gib": mem,
+            "mean_step_ms": 1000 * statistics.fmean(times), "step_times_ms": [1000 * x for x in times],
+            "first_timed_step": first_timed, "steps": steps}
+
+
+def profile_step(one_step, device: torch.device, out_dir: str, about: dict) -> dict:
+    """Trace one call of `one_step` (CPU activity, and CUDA kernels and runtime calls on a GPU); write the table,
+    the summary and the trace into `out_dir`, return the summary."""
+    import gzip
+    import shutil
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    warnings.filterwarnings("ignore", message=".*Profiler clears events.*")  # one trace, read once: not our case
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        with record_function(PROFILE_RANGE):
+            one_step()
+        _sync(device)  # outside the range, inside the trace: every kernel of the step is in it, this wait is not
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+        f.write(averages.table(sort_by=sort_by, row_limit=TOP_ROWS) + "\n")
+    summary = {**about, "device": torch.cuda.get_device_name(device) if on_cuda else "CPU",
+               **summarize_profile(prof.events(), averages, on_cuda)}
+    summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
+    _write_json(os.path.join(out_dir, "profile.json"), summary)
+    raw = os.path.join(out_dir, "trace.json")
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:  # a 1b step's trace is ~10x smaller gzipped
+        shutil.copyfileobj(src, dst)
+    os.remove(raw)
+    return summary
+
+
+def summarize_profile(events, averages, on_cuda: bool) -> dict:
+    """The figures of profile.json from torch.profiler's events (FunctionEvent-like: name, device_type,
+    time_range, self_device_time_total) and key averages of the trace around PROFILE_RANGE.
+
+    Host-side events count only inside PROFILE_RANGE (the trace also holds the synchronize that closes it);
+    device events (kernels, copies) are all the step's: nothing else ran on the device while tracing.
+    """
+    from torch.autograd import DeviceType
+
+    step = next((e for e in events if e.name == PROFILE_RANGE), None)
+    if step is None:
+        raise RuntimeError(f"the profile has no {PROFILE_RANGE} range; torch.profiler dropped it")
+    lo, hi = step.time_range.start, step.time_range.end
+    host = [e for e in events if e.device_type == DeviceType.CPU and lo <= e.time_range.start <= hi]
+    device = [e for e in events if e.device_type != DeviceType.CPU]
+    counts = {name: sum(e.name == name for e in host) for name in BLOCKING_CALLS + SCALAR_READS}
+    counts[DTOH_COPY] = sum(e.name.startswith(DTOH_COPY) for e in device)
+    kernels: dict[str, list[float]] = {}
+    for e in device:
+        entry = kernels.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.self_device_time_total
+    top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:TOP_ROWS]
+    time_key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    top_ops = sorted((a for a in averages if a.device_type == DeviceType.CPU and a.key != PROFILE_RANGE),
+                     key=lambda a: -getattr(a, time_key))[:TOP_ROWS]
+    return {
+        "step_wall_ms": (hi - lo) / 1000,  # with the profiler's own overhead on the host
+        "device_busy_ms": sum(v[1] for v in kernels.values()) / 1000 if on_cuda else None,
+        "host_syncs": sum(counts[name] for name in BLOCKING_CALLS),
+        "host_syncs_note": None if on_cuda else (
+            "0 on CPU: there is no device for the host to wait for; the scalar reads (aten::item, "
+            "aten::_local_scalar_dense) are where a GPU run synchronises"),
+        "sync_events": counts,
+        "top_kernels": [{"name": name, "calls": n, "device_ms": us / 1000} for name, (n, us) in top_kernels],
+        "top_ops": [{"name": a.key, "calls": a.count, "self_device_ms": a.self_device_time_total / 1000,
+                     "device_total_ms": a.device_time_total / 1000, "self_cpu_ms": a.self_cpu_time_total / 1000,
+                     "cpu_total_ms": a.cpu_time_total / 1000} for a in top_ops],
+    }
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # a reader (or a kill mid-write) never sees half a file
 
 
 def _sync(device: torch.device) -> None:
