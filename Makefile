@@ -12,8 +12,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # The other ends: pyenv's Pythons here (override with PYTHON312= / PYTHON313= elsewhere).
-PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
-PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
+PYENVS := $(HOME)/.pyenv/versions $(PYENV_ROOT)/versions /root/.pyenv/versions
+PYTHON312 ?= $(firstword $(wildcard $(addsuffix /3.12*/bin/python3.12,$(PYENVS))) $(shell command -v python3.12))
+PYTHON313 ?= $(firstword $(wildcard $(addsuffix /3.13*/bin/python3.13,$(PYENVS))) $(shell command -v python3.13))
 GPU_STACK := .venv-gpu-stack
 NEWEST := .venv-newest
 NEWEST_TORCH ?= torch==2.15.0
