@@ -40,11 +40,16 @@ def tag_for(step: int) -> str:
 
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def rng_state() -> dict:
@@ -79,19 +84,88 @@ def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict
         shutil.rmtree(folder)  # a partial folder from an interrupted save of this same step
     names = [None] * topo.world_size
     dist.all_gather_object(names, (topo.pp_rank, optimizer_param_names(built.model, cfg)))
-    built.engine.save_checkpoint(root, tag=tag, save_latest=False)
-    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(folder, "rng", f"rank_{rank:05d}.pt"))
-    dist.barrier()  # every rank's files are written
-    if rank == 0:
+
+    def rank_files():
+        built.engine.save_checkpoint(root, tag=tag, save_latest=False)
+        os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(folder, "rng", f"rank_{rank:05d}.pt"))
+
+    def completion():  # rank 0, once every rank's files are written
         save_config(cfg, os.path.join(folder, "config.yaml"))
         write_param_names(folder, dict(names))
         state = {"step": step, **trainer_state, "layout": layout_of(cfg, topo)}
         write_atomic(os.path.join(folder, STATE_FILE), json.dumps(state, indent=1))
         write_atomic(os.path.join(root, "latest"), tag + "\n")
+
+    # A failed write (a full disk, a quota) on any rank is agreed on by all of them, so that none waits at a
+    # barrier for the others: the partial folder is removed, `latest` still names the last complete step.
+    _agree_on_write_failure(_try_write(rank_files), root, folder, step, topo)
+    _agree_on_write_failure(_try_write(completion) if rank == 0 else None, root, folder, step, topo)
+    if rank == 0:
         prune(root, keep=cfg.checkpoint.keep, protect=tag)
     dist.barrier()
     return folder
+
+
+# What torch's serializer says when a write() came up short (it does not pass the OS error on).
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left", "Disk quota exceeded")
+
+
+def _try_write(write) -> Exception | None:
+    """Run `write`; return the exception if it failed to write a file (any other exception propagates)."""
+    try:
+        write()
+    except OSError as e:
+        return e
+    except RuntimeError as e:
+        if any(s in str(e) for s in _WRITE_FAILURES):
+            return e
+        raise
+    return None
+
+
+def _agree_on_write_failure(error: Exception | None, root: str, folder: str, step: int, topo) -> None:
+    """Every rank learns whether any rank failed to write; if one did, rank 0 removes the partial folder and
+    every rank raises the same one-line UserError (the failing rank's reason, where it is this rank)."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=topo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    written = folder_bytes(folder)
+    if topo.rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    raise UserError(write_failure_message(error, root, folder, step, written))
+
+
+def write_failure_message(error: Exception | None, root: str, folder: str, step: int, written: int) -> str:
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+    previous = complete_tags(root)
+    need = folder_bytes(os.path.join(root, previous[-1])) if previous else 0
+    if need > written:
+        needs = f"a checkpoint of this run takes {_mb(need)}"
+    else:
+        needs = f"it had written {_mb(written)} when it failed"
+    reason = "" if error is None else f" ({str(error).splitlines()[0][:160]})"
+    on_disk = f"latest still names {previous[-1]}" if previous else "no earlier checkpoint exists"
+    return (f"checkpoint of step {step} could not be written to {folder}{reason}: {needs}, {_mb(free)} free there; "
+            f"the partial folder was removed and {on_disk}; free space or set run.dir on a larger disk, then resume "
+            "with train.resume=auto")
+
+
+def folder_bytes(folder: str) -> int:
+    total = 0
+    for base, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(base, name))
+            except OSError:
+                pass
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def complete_tags(root: str) -> list[str]:

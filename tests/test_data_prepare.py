@@ -1,5 +1,6 @@
 """prepare_dataset: sources, folder format, val split, parallelism, atomicity, bad input, CLI, bundled corpus."""
 
+import gzip
 import json
 import multiprocessing
 import time
@@ -285,8 +286,15 @@ def test_bad_input(tmp_path):
     _bad(tmp_path, tmp_path / "mixed", "mixes file types")
     (tmp_path / "nodata").mkdir()
     _bad(tmp_path, tmp_path / "nodata", "no data files")
-    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": oops\n')
-    _bad(tmp_path, tmp_path / "broken.jsonl", "could not load")
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"text": oops\n{"text": "x"}\n')
+    _bad(tmp_path, tmp_path / "broken.jsonl", r"broken.jsonl line 4: not valid JSON \(Expecting value, column 10\); "
+         "fix or delete that line")
+    _bad(tmp_path, tmp_path / "broken.jsonl", r"broken.jsonl line 4: not valid JSON", streaming=True)
+    with gzip.open(tmp_path / "broken.jsonl.gz", "wt") as f:
+        f.write('{"text": "ok"}\n{"text": "no end}\n')
+    _bad(tmp_path, tmp_path / "broken.jsonl.gz", r"broken.jsonl.gz line 2: not valid JSON")
+    (tmp_path / "array.json").write_text('[\n  {"text": "a"},\n  {"text": "b"\n]\n')  # one document, not lines
+    _bad(tmp_path, tmp_path / "array.json", r"array.json line 4: not valid JSON")
     _bad(tmp_path, "no-such-org/no-such-dataset-xyz", "could not load no-such-org/no-such-dataset-xyz .*not a local file")
     _bad(tmp_path, write_txt(tmp_path / "ok.txt", DOCS[:3]), "no such file", tokenizer=str(tmp_path / "none.model"))
     _bad(tmp_path, tmp_path / "ok.txt", "must be in", val_fraction=1.0)

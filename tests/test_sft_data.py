@@ -138,10 +138,20 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
+# Records as raw JSON Lines text, where a line is not JSON at all.
+MALFORMED = {"malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"\n', [],
+                                r"in.jsonl line 2: not valid JSON \(Expecting ',' delimiter, column 32\); fix or delete")}
+
+
+@pytest.mark.parametrize("case", [*BAD, *MALFORMED])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
-    records, extra, message = BAD[case]
-    src = write(tmp_path / "in.jsonl", records)
+    if case in MALFORMED:
+        text, extra, message = MALFORMED[case]
+        (tmp_path / "in.jsonl").write_text(text)
+        src = str(tmp_path / "in.jsonl")
+    else:
+        records, extra, message = BAD[case]
+        src = write(tmp_path / "in.jsonl", records)
     out = tmp_path / "sub" / "out"
     code = run_cli(["data", "prepare-sft", "--source", src, "--tokenizer", tiny_tokenizer_dir(), "--out", str(out),
                     *extra])
