@@ -43,12 +43,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from sft_helpers import pack
 from train_helpers import REPO, metrics, train_cmd, train_env, train_losses
 
 from models import Llama, ModelConfig
 from models.generate import KVCache, Sampling, generate
 from pretrain.data.loader import IGNORE_INDEX
-from pretrain.data.sft import SFTBatch
 from pretrain.metrics import peak_flops, peak_flops_for
 
 cuda = pytest.mark.cuda
@@ -406,20 +406,6 @@ def sft_example(vocab: int, n: int, prompt: int, seed: int) -> tuple[torch.Tenso
     return tokens[:-1], labels
 
 
-def pack(rows: list[list[tuple]], T: int) -> SFTBatch:
-    """Rows of examples packed as pretrain/data/sft.py packs them: positions restart, one doc id each, padding."""
-    B = len(rows)
-    tokens, labels = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), IGNORE_INDEX)
-    positions, docs = torch.arange(T).repeat(B, 1), torch.zeros(B, T, dtype=torch.long)
-    for r, row in enumerate(rows):
-        t = 0
-        for d, (x, y) in enumerate(row):
-            n = len(x)
-            tokens[r, t:t + n], labels[r, t:t + n] = x, y
-            positions[r, t:t + n], docs[r, t:t + n] = torch.arange(n), d
-            t += n
-        positions[r, t:], docs[r, t:] = torch.arange(T - t), len(row)
-    return SFTBatch(tokens, labels, positions, docs)
 
 
 def packed_rows_match_examples_alone(device: torch.device, dtype: torch.dtype) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed import run_distributed_test
+from sft_helpers import pack
 from models.config import ModelConfig
 from models.generate import KVCache, Sampling, generate
 from models.llama import Llama
@@ -29,20 +30,6 @@ def example(n: int, prompt: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return tokens[:-1], labels
 
 
-def pack(rows: list[list[tuple]], T: int) -> SFTBatch:
-    """Rows of examples packed as pretrain/data/sft.py packs them (positions restart, one doc id each, padding)."""
-    B = len(rows)
-    tokens, labels = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), IGNORE_INDEX)
-    positions, docs = torch.arange(T).repeat(B, 1), torch.zeros(B, T, dtype=torch.long)
-    for r, row in enumerate(rows):
-        t = 0
-        for d, (x, y) in enumerate(row):
-            n = len(x)
-            tokens[r, t:t + n], labels[r, t:t + n] = x, y
-            positions[r, t:t + n], docs[r, t:t + n] = torch.arange(n), d
-            t += n
-        positions[r, t:], docs[r, t:] = torch.arange(T - t), len(row)
-    return SFTBatch(tokens, labels, positions, docs)
 
 
 def test_masked_positions_contribute_exactly_zero_loss_and_gradient():
