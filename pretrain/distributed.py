@@ -8,6 +8,7 @@ built from the same sizes and their (tp, pp, dp) coordinates are checked to agre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -47,6 +48,7 @@ class Topology:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    hosts: tuple[str, ...] = ()  # every rank's hostname, by rank (multi-rank runs)
 
     @property
     def is_first_stage(self) -> bool:
@@ -197,7 +199,33 @@ def init_distributed(tp: int, pp: int) -> Topology:
         device=device,
     )
     check_topology_agrees(topo)
+    if world > 1:
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+        topo = dataclasses.replace(topo, hosts=tuple(hosts))
     return topo
+
+
+def placement(topo: Topology) -> list[str]:
+    """Where the ranks run, one line per node, and a warning where a tensor-parallel group spans nodes (its
+    all-reduces run every layer: across nodes they are an order of magnitude slower than NVLink). Pipeline
+    stages and data-parallel replicas spanning nodes are what a multi-node layout is for. SLURM places
+    consecutive ranks on one node, and tp is the fastest coordinate: tp groups stay inside a node when the
+    tasks per node are a multiple of parallel.tp."""
+    if not topo.hosts:
+        return []
+    dstopo = deepspeed_topology(topo)
+    by_host: dict[str, list[str]] = {}
+    for rank, host in enumerate(topo.hosts):
+        c = dstopo.get_coord(rank)
+        by_host.setdefault(host, []).append(f"{rank} (tp {c.model} pp {c.pipe} dp {c.data})")
+    lines = [f"placement: {host}: ranks {', '.join(ranks)}" for host, ranks in by_host.items()]
+    split = sorted({tuple(g) for g in dstopo.get_axis_comm_lists("model")
+                    if len({topo.hosts[r] for r in g}) > 1})
+    if split:
+        lines.append(f"warning: tensor-parallel group(s) {', '.join(map(str, split))} span nodes; make the tasks per "
+                     f"node a multiple of parallel.tp={topo.tp}")
+    return lines
 
 
 def deepspeed_topology(topo: Topology):

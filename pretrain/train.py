@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pretrain import checkpoint, full_state, resume
 from pretrain.analysis import diagnostics
 from pretrain.config import ExperimentConfig, load_config, save_config
-from pretrain.distributed import Topology, init_distributed, shutdown
+from pretrain.distributed import Topology, init_distributed, placement, shutdown
 from pretrain.engine import Built, apply_optimizer_settings, build_engine
 from pretrain.errors import UserError
 from pretrain.init_from import load_weights, resolve_model
@@ -145,6 +145,8 @@ def _train(cfg: ExperimentConfig, topo: Topology, stop: StopSignal, hooks: Train
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
     layer_stats = diagnostics.setup(cfg, built, topo, out.tb, start_step=step)  # no-op when diagnostics.interval=0
     if rank0:
+        for line in placement(topo):
+            out.say(line)
         for line in plan.log_lines() if plan else []:
             out.say(line)
         n = sum(p.numel() for p in built.model.parameters())

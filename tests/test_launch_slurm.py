@@ -54,9 +54,10 @@ def cluster():
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
-def sbatch(sbatch_opts: list[str], args: list[str], log_dir: Path, jobs: list[str]) -> tuple[str, Path]:
+def sbatch(sbatch_opts: list[str], args: list[str], log_dir: Path, jobs: list[str],
+           env: dict | None = None) -> tuple[str, Path]:
     cmd = ["sbatch", "--parsable", f"--output={log_dir}/slurm-%j.out", *sbatch_opts, SCRIPT, *args]
-    out = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(cmd, cwd=REPO, env={**job_env(), **(env or {})}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"{shlex.join(cmd)} failed: {out.stderr.strip()}"
     job = out.stdout.strip().split(";")[0]
     jobs.append(job)
