@@ -37,7 +37,7 @@ quickstart: $(STAMP)
 	$(BIN)/pretrain train configs/tiny.yaml train.resume=auto
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 compat: compat-gpu-stack compat-newest
 

@@ -84,6 +84,9 @@ def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict
         shutil.rmtree(folder)  # a partial folder from an interrupted save of this same step
     names = [None] * topo.world_size
     dist.all_gather_object(names, (topo.pp_rank, optimizer_param_names(built.model, cfg)))
+    os.makedirs(root, exist_ok=True)
+    # after a failed write the failed writer may still hold its file (and its space) until the process exits
+    free_before = shutil.disk_usage(root).free
 
     def rank_files():
         built.engine.save_checkpoint(root, tag=tag, save_latest=False)
@@ -99,8 +102,8 @@ def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict
 
     # A failed write (a full disk, a quota) on any rank is agreed on by all of them, so that none waits at a
     # barrier for the others: the partial folder is removed, `latest` still names the last complete step.
-    _agree_on_write_failure(_try_write(rank_files), root, folder, step, topo)
-    _agree_on_write_failure(_try_write(completion) if rank == 0 else None, root, folder, step, topo)
+    _agree_on_write_failure(_try_write(rank_files), root, folder, step, free_before, topo)
+    _agree_on_write_failure(_try_write(completion) if rank == 0 else None, root, folder, step, free_before, topo)
     if rank == 0:
         prune(root, keep=cfg.checkpoint.keep, protect=tag)
     dist.barrier()
@@ -124,7 +127,7 @@ def _try_write(write) -> Exception | None:
     return None
 
 
-def _agree_on_write_failure(error: Exception | None, root: str, folder: str, step: int, topo) -> None:
+def _agree_on_write_failure(error: Exception | None, root: str, folder: str, step: int, free: int, topo) -> None:
     """Every rank learns whether any rank failed to write; if one did, rank 0 removes the partial folder and
     every rank raises the same one-line UserError (the failing rank's reason, where it is this rank)."""
     flag = torch.tensor([0.0 if error is None else 1.0], device=topo.device)
@@ -135,11 +138,10 @@ def _agree_on_write_failure(error: Exception | None, root: str, folder: str, ste
     if topo.rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    raise UserError(write_failure_message(error, root, folder, step, written))
+    raise UserError(write_failure_message(error, root, folder, step, written, free))
 
 
-def write_failure_message(error: Exception | None, root: str, folder: str, step: int, written: int) -> str:
-    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+def write_failure_message(error: Exception | None, root: str, folder: str, step: int, written: int, free: int) -> str:
     previous = complete_tags(root)
     need = folder_bytes(os.path.join(root, previous[-1])) if previous else 0
     if need > written:
@@ -148,9 +150,10 @@ def write_failure_message(error: Exception | None, root: str, folder: str, step:
         needs = f"it had written {_mb(written)} when it failed"
     reason = "" if error is None else f" ({str(error).splitlines()[0][:160]})"
     on_disk = f"latest still names {previous[-1]}" if previous else "no earlier checkpoint exists"
-    return (f"checkpoint of step {step} could not be written to {folder}{reason}: {needs}, {_mb(free)} free there; "
-            f"the partial folder was removed and {on_disk}; free space or set run.dir on a larger disk, then resume "
-            "with train.resume=auto")
+    return (f"checkpoint of step {step} could not be written to {folder}{reason}: {needs}, {_mb(free)} were free "
+            "there when it began; "
+            f"the partial folder was removed and {on_disk}; free space or set run.dir on a larger disk, then "
+            "resume with train.resume=auto")
 
 
 def folder_bytes(folder: str) -> int:
