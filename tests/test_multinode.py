@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,18 +33,15 @@ DP4 = ["train.micro_batch_size=1"]  # 4 data-parallel ranks share test_launch_sl
 
 
 def multi_nodes() -> list[str]:
+    """The nodes of the `multi` partition that can take a job ([] without SLURM or without that partition)."""
+    if shutil.which("sinfo") is None:
+        return []
     out = subprocess.run(["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t"], capture_output=True, text=True,
-                         timeout=30) if _have_sinfo() else None
-    if out is None or out.returncode != 0:
+                         timeout=30)
+    if out.returncode != 0:
         return []
     return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1].rstrip("*~#!%$@^-") in
             ("idle", "mix", "alloc", "comp")]
-
-
-def _have_sinfo() -> bool:
-    from shutil import which
-
-    return which("sinfo") is not None
 
 
 @pytest.fixture(scope="module")
