@@ -1,8 +1,8 @@
-"""Step-time overhead of the per-layer diagnostics (pretrain/analysis/diagnostics.py) on the tiny preset, in-process.
+"""Step-time overhead of the per-layer diagnostics (pretrain/diagnostics/) on the tiny preset, in-process.
 
     python benchmarks/bench_diagnostics.py [--rounds 12] [--steps 5] [--config configs/tiny.yaml]
 
-Three variants of the training loop's step (`pretrain.train.train_step`, the DeepSpeed engine `pretrain train`
+Three variants of the training loop's step (`pretrain.train.steps.train_step`, the DeepSpeed engine `pretrain train`
 builds, the config's batch and sequence length, random tokens):
 
     baseline  no diagnostics code at all (engine never wrapped, no calls)
@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.distributed import use_cpu_accelerator_without_gpu
+from pretrain.train.distributed import use_cpu_accelerator_without_gpu
 
 use_cpu_accelerator_without_gpu()
 
@@ -56,9 +56,9 @@ def main() -> int:
 
     from pretrain.analysis import diagnostics
     from pretrain.config import load_config
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.engine import build_engine
-    from pretrain.train import train_step
+    from pretrain.train.distributed import init_distributed, shutdown
+    from pretrain.train.engine import build_engine
+    from pretrain.train.steps import train_step
 
     torch.set_num_threads(args.threads)
     topo = init_distributed(1, 1)

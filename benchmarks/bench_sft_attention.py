@@ -14,7 +14,7 @@
    tokens unpacked (is_causal): the whole-model price of exact packing.
 3. The pretraining path after the packing change against a copy of the attention forward before it (the
    `is_causal` path must cost the same).
-4. Whole training steps through the DeepSpeed engine (`pretrain.train.train_step`, tiny preset, 16 x 128, one
+4. Whole training steps through the DeepSpeed engine (`pretrain.train.steps.train_step`, tiny preset, 16 x 128, one
    rank): SFT on packed rows of bundled:tiny-instruct (token-weighted loss, positions, document mask, batches
    built from the examples) against pretraining on bundled:tinyshakespeare; positions/s and, for SFT, trained
    tokens/s. Bundled data is prepared into $PRETRAIN_CACHE (or ~/.cache/pretrain) on first use.
@@ -217,9 +217,9 @@ def engine_steps(repeats: int, warmup: int) -> None:
     from pretrain.config import load_config
     from pretrain.data.loader import DataLoader, TokenDataset
     from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, resolve_path
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.engine import build_engine
-    from pretrain.train import train_step
+    from pretrain.train.distributed import init_distributed, shutdown
+    from pretrain.train.engine import build_engine
+    from pretrain.train.steps import train_step
 
     B, T = 16, 128
     common = ["data.seq_len=128", f"train.global_batch_size={B}", f"train.micro_batch_size={B}"]

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 from models import Llama  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import init_distributed, shutdown  # noqa: E402
-from pretrain.engine import build_engine, lr_lambda, param_groups  # noqa: E402
-from pretrain.train import train_step  # noqa: E402
+from pretrain.train.distributed import init_distributed, shutdown  # noqa: E402
+from pretrain.train.engine import build_engine, lr_lambda, param_groups  # noqa: E402
+from pretrain.train.steps import train_step  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     tokens, labels = data[:, :-1], data[:, 1:]
 
     built = build_engine(cfg, topo)
-    batches = iter(lambda: (tokens, labels), None)
+    batches = Repeat(LMBatch(tokens, labels))
 
     plain = Llama(cfg.model, seed=cfg.train.seed)
     opt = torch.optim.AdamW(param_groups(plain, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
@@ -79,3 +79,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class Repeat:
+    """The same pretraining micro-batch forever (a loader of pretrain/data/batches.py's protocol)."""
+
+    token_weighted = False
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __next__(self):
+        return self.batch

@@ -8,7 +8,7 @@ perplexity, last checkpoint, requeue count, and for a run that failed, its error
 
 * sweep.json (launch/sweep.py) lists the runs and their swept values, including runs not started yet; without
   it the run folders under ROOT are listed, their values read from the folder names (key=value,...).
-* RUN_DIR/launch.jsonl (launch/run_records.py): submissions, starts (job id or pid, requeue count, log) and
+* RUN_DIR/launch.jsonl (pretrain/runs.py): submissions, starts (job id or pid, requeue count, log) and
   exit codes, written by sweep.py, train.sbatch and `sweep.py --local`.
 * squeue (all states: finished jobs stay listed for slurmctld's MinJobAge) and, where accounting is enabled,
   sacct: the scheduler's state of each run's latest job, shown in the `slurm` column.
@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from launch import run_records
+from pretrain import runs as run_records
 from pretrain.errors import EXIT_USER_ERROR, UserError
 
 # A local run without a launcher record counts as running while its metrics.jsonl changed this recently.

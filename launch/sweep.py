@@ -20,7 +20,7 @@ Runs use train.resume=auto, so launching the same sweep again continues unfinish
 
 shows one row per run (launch/status.py): swept values, state, job id, step, tokens/s, ETA, losses, last
 checkpoint, requeues, error line. A launch writes ROOT/NAME/sweep.json and each run's launch.jsonl
-(launch/run_records.py); `--local` also writes each run's output to RUN_DIR/train.log.
+(pretrain/runs.py); `--local` also writes each run's output to RUN_DIR/train.log.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python launch/sweep.py` puts launch/, not the repository, on sys.path
     sys.path.insert(0, REPO)
 
-from launch import run_records  # noqa: E402
+from pretrain import runs as run_records  # noqa: E402
 from pretrain.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "launch", "train.sbatch")
@@ -250,7 +250,7 @@ def run_local(args, runs) -> int:
 
 def run_logged(cmd: list[str], env: dict, run_dir: str) -> int:
     """Run `cmd`, its output both here and appended to RUN_DIR/train.log, with start and exit events in
-    RUN_DIR/launch.jsonl (launch/run_records.py) for `status`."""
+    RUN_DIR/launch.jsonl (pretrain/runs.py) for `status`."""
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.abspath(os.path.join(run_dir, LOCAL_LOG))
     with open(log_path, "a") as log:

@@ -19,7 +19,7 @@ to `NORM_SCHEMES`, never an `if` in the forward pass.
               init gain beta = (8L)^(-1/4) on value, attention-output, MLP up and down weights
     dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b)  final DyT
 
-Norm removal (`pretrain remove-norms`, pretrain/remove_norms.py): with `model.removable_norms` the norms of a
+Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
 `removable` scheme (pre_ln, lns) are `RemovableRMSNorm` / `RemovableLayerNorm` sites, each of which can switch
 from its live statistic to a fixed scale sigma; `REMOVAL_SITES` names the sites, the order groups of the
 schedule and the weights each site feeds, into which a fixed site folds.
@@ -70,7 +70,7 @@ class LayerNorm(RMSNorm):
 
 
 class _Removable:
-    """A norm site that norm removal (pretrain/remove_norms.py) can switch to a fixed scale.
+    """A norm site that norm removal (pretrain/removal/) can switch to a fixed scale.
 
     Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
     it also records the statistic the norm divides by, RMS(x) (LayerNorm: the standard deviation), averaged over

@@ -4,7 +4,7 @@
 `F.cross_entropy`, no torch.distributed anywhere. With a `TensorParallel` the same constructors return
 megatron-core's `ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` and the loss goes
 through `vocab_parallel_cross_entropy` (which reads the TP group from megatron's `parallel_state`, so that
-must be initialized, as `pretrain/engine.py` does).
+must be initialized, as `pretrain/train/engine.py` does).
 
 Every weight made here carries a `TPSplit` describing how its full (TP = 1) tensor maps onto this rank's
 shard. Weight init (models/llama.py) and the TP <-> full state-dict conversion below both use it, so a

@@ -85,19 +85,18 @@ class HeadPipe(nn.Module):
 class PipelineLoss:
     """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP).
 
-    `reduction` is "mean" (training); validation (pretrain/evaluate.py) switches it to "sum" while it runs, so
-    that DeepSpeed's average of the per-micro-batch values times their number is the sum of token losses.
-    Labels given as `(labels, scale)` (the token-weighted loss of supervised fine-tuning, pretrain/train.py)
-    give the sum of the micro-batch's token losses times `scale`."""
+    Plain labels give the mean token loss of the micro-batch (pretraining steps). Labels given as `(labels,
+    scale)` give the sum of the micro-batch's token losses times `scale`: the token-weighted loss of supervised
+    fine-tuning (pretrain/train/steps.py) and, with scale 1, validation's loss sums (pretrain/train/evaluate.py)."""
 
-    def __init__(self, tp: TensorParallel | None, reduction: str = "mean"):
-        self.tp, self.reduction = tp, reduction
+    def __init__(self, tp: TensorParallel | None):
+        self.tp = tp
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         if isinstance(labels, tuple):
             labels, scale = labels
             return cross_entropy(logits, labels, self.tp, reduction="sum") * scale
-        return cross_entropy(logits, labels, self.tp, reduction=self.reduction)
+        return cross_entropy(logits, labels, self.tp, reduction="mean")
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:

@@ -7,7 +7,7 @@ test suite ran against (TESTED below, the same ranges `setup.cfg` pins) and says
 
 What is here:
   * DeepSpeed checkpoint files: names and contents of the model-state and (ZeRO / bf16) optimizer-state files,
-    read by `pretrain/full_state.py` to resume on another layout.
+    read by `pretrain/state/reshard.py` to resume on another layout.
   * DeepSpeed engine internals: the optimizer that holds the Adam state behind a ZeRO / bf16 wrapper, the
     fp32 master fragments each rank owns (`_hp_mapping`), ZeRO's own gradient-clipping value, and the hook
     before every optimizer step (`_take_model_step`) the per-layer gradient norms need.

@@ -185,7 +185,7 @@ class DiagnosticsConfig:
     interval: int = doc(
         0,
         "Per-layer residual variance/RMS, branch-to-residual ratios, angular distance and gradient norms every N "
-        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/analysis/diagnostics.py.",
+        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/diagnostics/.",
     )
 
     def __post_init__(self):
@@ -238,6 +238,10 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     removal: RemovalConfig = dataclasses.field(default_factory=RemovalConfig)
     deepspeed: dict = doc({}, "Extra DeepSpeed config keys, merged over the generated DeepSpeed config.")
+    # Not a config key: the dotted keys the YAML file or the overrides set (a preset counts as setting its model
+    # keys), which model keys a resume or train.init_from may fill in (pretrain/state/sources.py).
+    given_keys: frozenset = dataclasses.field(default=frozenset(), repr=False, compare=False,
+                                              metadata={"internal": True})
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:
@@ -263,7 +267,7 @@ class ExperimentConfig:
                 )
 
 
-# DeepSpeed keys the generated config (pretrain/engine.py `deepspeed_config`) takes from normlab's own keys:
+# DeepSpeed keys the generated config (pretrain/train/engine.py `deepspeed_config`) takes from normlab's own keys:
 # giving them in `deepspeed:` would silently override ours (or fight with them), so they are refused.
 DEEPSPEED_OWNED = {
     "train_batch_size": "set train.global_batch_size instead",
@@ -319,7 +323,12 @@ def _number(obj, prefix: str, name: str, low: float, high: float | None = None, 
         raise ValueError(f"{prefix}{name}: must be a finite number {rule}{f' ({hint})' if hint else ''}, got {value}")
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+def sections() -> list[dataclasses.Field]:
+    """The config's sections (`deepspeed` included), without the internal `given_keys`."""
+    return [f for f in dataclasses.fields(ExperimentConfig) if not f.metadata.get("internal")]
+
+
+SECTIONS = {f.name: f.type for f in sections()}
 
 # Keys earlier versions had: a user's file naming one gets the fix; a config stored in an old checkpoint loads.
 REMOVED_KEYS = {
@@ -334,13 +343,10 @@ LEGACY_DEFAULTS = {
 }
 
 
-def given_keys(cfg: ExperimentConfig) -> frozenset[str]:
-    """Dotted keys the YAML file or the overrides set (a preset counts as setting its model keys)."""
-    return getattr(cfg, "_given", frozenset())
-
-
-def load_config(path: str | None = None, overrides: list[str] = (), stored: bool = False) -> ExperimentConfig:
-    """The experiment in YAML file `path` (None: all defaults) with `key.sub=value` overrides applied.
+def load_config(path: str | None = None, overrides: list[str] = (), stored: bool = False,
+                values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The experiment in YAML file `path` (None: all defaults) with `values` ({dotted key: value}, set as they are)
+    and then `key.sub=value` overrides (value parsed as YAML) applied.
 
     `stored`: the file is a config normlab wrote (a run's or a checkpoint's), so keys of earlier versions
     (REMOVED_KEYS) are dropped instead of refused."""
@@ -355,6 +361,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
                 raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
+    for key, value in (values or {}).items():
+        set_key(raw, key, value)
     for item in overrides:
         apply_override(raw, item)
     _drop_removed_keys(raw, refuse=not stored)
@@ -363,12 +371,10 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
             section, key = dotted.split(".")
             if isinstance(raw.get(section), dict) and key not in raw[section]:
                 raw[section][key] = value
-    cfg = from_dict(raw)
     given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
     if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
         given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
-    cfg._given = frozenset(given)
-    return cfg
+    return dataclasses.replace(from_dict(raw), given_keys=frozenset(given))
 
 
 def _drop_removed_keys(raw: dict, refuse: bool) -> None:
@@ -389,13 +395,18 @@ def apply_override(raw: dict, item: str) -> None:
         parsed = yaml.safe_load(value) if value else ""
     except yaml.YAMLError:
         parsed = value
+    set_key(raw, key, parsed, what=f"override {item!r}")
+
+
+def set_key(raw: dict, key: str, value: Any, what: str | None = None) -> None:
+    """Set dotted `key` to `value` in the nested dict `raw`."""
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {item!r}: {part} is not a section")
-    node[leaf] = parsed
+            raise UserError(f"{what or key}: {part} is not a section")
+    node[leaf] = value
 
 
 def from_dict(raw: dict) -> ExperimentConfig:
@@ -405,6 +416,8 @@ def from_dict(raw: dict) -> ExperimentConfig:
     try:
         kwargs = {}
         for name, section_type in typing.get_type_hints(ExperimentConfig).items():
+            if name not in SECTIONS:
+                continue
             value = raw.get(name, {})
             if name == "deepspeed":
                 kwargs[name] = _check_type(value, dict, "deepspeed")
@@ -478,7 +491,9 @@ def _unknown_key_message(key: str, prefix: str, valid) -> str:
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """{section: {key: value}} (`deepspeed`: its mapping) of every config key."""
+    return {f.name: dataclasses.asdict(getattr(cfg, f.name)) if f.name != "deepspeed" else dict(cfg.deepspeed)
+            for f in sections()}
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
@@ -497,6 +512,8 @@ def config_reference() -> str:
     """Markdown table of every config key, its default and its documentation."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section, section_type in typing.get_type_hints(ExperimentConfig).items():
+        if section not in SECTIONS:
+            continue
         if section == "deepspeed":
             f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == "deepspeed")
             rows.append(f"| `deepspeed` | `{{}}` | {f.metadata['help']} |")

@@ -516,7 +516,7 @@ PACKAGES = ("torch", "triton", "deepspeed", "megatron-core", "transformers", "to
             "sentencepiece", "numpy", "pyyaml", "tensorboard", "matplotlib", "tqdm", "ninja", "einops", "psutil",
             "msgpack", "py-cpuinfo", "nvidia-ml-py", "pyarrow", "pandas", "hjson", "pydantic", "pydantic-core",
             "dill", "multiprocess", "xxhash", "pytest", "pytest-timeout")
-IMPORTS = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "sentencepiece", "pretrain.engine")
+IMPORTS = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "sentencepiece", "pretrain.train.engine")
 
 
 def cmd_env_report(args) -> int:

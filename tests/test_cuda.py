@@ -49,7 +49,7 @@ from train_helpers import REPO, metrics, train_cmd, train_env, train_losses
 from models import Llama, ModelConfig
 from models.generate import KVCache, Sampling, generate
 from pretrain.data.loader import IGNORE_INDEX
-from pretrain.metrics import peak_flops, peak_flops_for
+from pretrain.train.metrics import peak_flops, peak_flops_for
 
 cuda = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
@@ -477,7 +477,7 @@ def megatron_tp1_matches_plain(device: torch.device) -> None:
     cross-entropy, built by models/parallel.py with a one-rank TensorParallel on `device`, give the plain layers'
     outputs and gradients; so does a whole Llama (untied and tied head) built with them, fp32 and bf16.
 
-    One process: a one-rank group (NCCL on a GPU, as pretrain/distributed.py uses; gloo on the CPU) and megatron's
+    One process: a one-rank group (NCCL on a GPU, as pretrain/train/distributed.py uses; gloo on the CPU) and megatron's
     parallel_state at TP = PP = 1. Their collectives run on one rank; TP = 2 stays on gloo
     (tests/test_tensor_parallel.py)."""
     import torch.distributed as dist
@@ -648,7 +648,7 @@ def test_kv_cache_generation_on_gpu(gpu_free, dtype):
 def test_bf16_training_steps(jobs, root, name):
     """A few bf16 steps through DeepSpeed on the GPU: finite, decreasing loss, complete metrics, a checkpoint
     whose weights load into the model (no compile wrapper names) and are finite."""
-    from pretrain.checkpoint import load_model_state, read_state
+    from pretrain.state.checkpoint import load_model_state, read_state
 
     r = jobs.ok(name)
     run = str(root / name)
@@ -740,7 +740,7 @@ def test_diagnostics_on_gpu(jobs, root, data_cache):
     """layer_stats.jsonl of bf16 GPU runs: every row finite, the global gradient norm the engine's, step 1's
     activation statistics those of the initial model on the first micro-batch (fp32 on the CPU), and the compiled
     blocks (measured eagerly every other step) give the eager run's statistics."""
-    from pretrain.analysis.diagnostics import STATS, ActivationProbe, local_blocks
+    from pretrain.diagnostics.probes import STATS, ActivationProbe, local_blocks
 
     jobs.ok("zero2"), jobs.ok("zero2-compile")
     eager, compiled = str(root / "zero2"), str(root / "zero2-compile")
@@ -772,7 +772,7 @@ def test_diagnostics_on_gpu(jobs, root, data_cache):
         for key in STATS:
             assert r[key] == pytest.approx(by_step[r["step"]][key], rel=5e-2), (r["step"], key)
     # the validation loss of the GPU run (bf16) is the fp32 CPU loss of its final weights on the same set
-    from pretrain.checkpoint import find_checkpoint, load_model_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state
     from pretrain.data.bundled import resolve_data_path
     from pretrain.data.loader import TokenDataset, validation_batches
 
@@ -795,7 +795,7 @@ def test_analyze_depth_on_gpu_matches_cpu(jobs, root, data_cache, monkeypatch):
     """`pretrain analyze-depth` runs on the GPU (it picks CUDA when there is one) and writes the numbers the same
     analysis gives on the CPU for the same checkpoint and batches (fp32 both)."""
     from pretrain.analysis.depth import PER_LAYER, _load_batches, depth_analysis
-    from pretrain.checkpoint import find_checkpoint, load_model_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state
 
     r = jobs.ok("depth")
     assert "wrote" in r.stdout and "skipping block" in r.stdout
@@ -904,10 +904,10 @@ def test_bench_prints_mfu(jobs):
 
 @cuda
 def test_generate_command_on_gpu(jobs, root, data_cache, monkeypatch, capsys, gpu_free):
-    """A GPU-trained checkpoint loaded for generation on the GPU (`pretrain.generate.load_model`, fp32) gives the
+    """A GPU-trained checkpoint loaded for generation on the GPU (`pretrain.cli.generate.load_model`, fp32) gives the
     CPU's logits and greedy tokens (a split only at a near-tie); `pretrain generate --device cuda` runs."""
     from pretrain.cli import main
-    from pretrain.generate import load_model
+    from pretrain.cli.generate import load_model
 
     jobs.ok("zero1")
     monkeypatch.setenv("PRETRAIN_CACHE", data_cache)

@@ -11,7 +11,7 @@ import torch
 from train_helpers import metrics, run_train
 
 from models import Llama, ModelConfig
-from pretrain.analysis.diagnostics import (
+from pretrain.diagnostics.probes import (
     FILE,
     STATS,
     ActivationProbe,

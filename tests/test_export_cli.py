@@ -9,7 +9,7 @@ import torch
 from train_helpers import REPO, run_train
 
 from models import Llama
-from pretrain.checkpoint import load_model_state
+from pretrain.state.checkpoint import load_model_state
 from pretrain.cli import main
 
 pytestmark = pytest.mark.compat

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pretrain.analysis.diagnostics import LayerStatsWriter
+from pretrain.diagnostics.probes import LayerStatsWriter
 from pretrain.errors import UserError
-from pretrain.metrics import MetricsWriter, truncate_jsonl
+from pretrain.train.metrics import MetricsWriter, truncate_jsonl
 
 
 def entries(*steps):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pretrain.distributed import launcher_env
+from pretrain.train.distributed import launcher_env
 from pretrain.errors import UserError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -140,9 +140,9 @@ def test_a_lone_process_binds_no_port(tmp_path):
     held = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(seconds=30))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     env["DS_ACCELERATOR"] = "cpu"
-    code = ("import pretrain.distributed as d\n"
+    code = ("import pretrain.train.distributed as d\n"
             f"d.free_port = lambda: {held.port}  # the race lost: the port picked was bound by the other run\n"
-            "from pretrain.distributed import init_distributed, shutdown\n"
+            "from pretrain.train.distributed import init_distributed, shutdown\n"
             "topo = init_distributed(1, 1)\nprint('world', topo.world_size)\nshutdown()\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import torch
 
 from models import ModelConfig
 from models.llama import Llama
-from pretrain.metrics import peak_flops_for
+from pretrain.train.metrics import peak_flops_for
 
 
 def _flops(preset: str, seq_len: int = 256, **overrides) -> float:

@@ -25,7 +25,7 @@ from test_launch_slurm import REPO, JOB_TIMEOUT, TERMINAL, TINY, describe, job_i
 from train_helpers import TINY as TRAIN_TINY
 from train_helpers import run_train, train_losses
 
-from pretrain.distributed import Topology, placement
+from pretrain.train.distributed import Topology, placement
 
 PARTITION = "multi"
 TWO_NODES = [f"--partition={PARTITION}", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-task=0"]

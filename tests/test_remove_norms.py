@@ -1,4 +1,4 @@
-"""Norm removal by fine-tuning (`pretrain remove-norms`, pretrain/remove_norms.py) and exact logit attribution.
+"""Norm removal by fine-tuning (`pretrain remove-norms`, pretrain/removal/) and exact logit attribution.
 
 Unit tests pin the removable norm (live = the plain norm, fixed = a constant scale, position 0 left out of its
 statistic), the schedule and the fold (the frozen-sigma model and the folded ln_free model give the same logits
@@ -24,7 +24,7 @@ from models.llama import Llama
 from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm
 from pretrain.config import RemovalConfig, load_config
 from pretrain.errors import UserError
-from pretrain.remove_norms import fold_norms, schedule
+from pretrain.removal.hooks import fold_norms, schedule
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 SMALL = dict(vocab_size=64, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=32, max_seq_len=32)
@@ -191,7 +191,7 @@ def source(tmp_path_factory, data_cache):
 
 
 def _state(folder):
-    from pretrain.checkpoint import find_checkpoint, load_model_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state
 
     return load_model_state(find_checkpoint(folder))
 
@@ -244,7 +244,7 @@ def test_remove_norms_end_to_end(removal, source, tmp_path):
     with torch.no_grad():
         assert (a(tokens) - b(tokens)).abs().max().item() < 1e-5
     # train.init_from takes it (weights checked against an ln_free model of its shape)
-    from pretrain.init_from import load_weights, resolve_model
+    from pretrain.state.sources import load_weights, resolve_model
 
     cfg = resolve_model(load_config(None, [f"train.init_from={run}/ln_free", f"run.dir={tmp_path}/next"]), None)
     assert cfg.model.norm_scheme == "ln_free" and set(load_weights(cfg)) == set(ln)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO, TINY, train_env
 
-from pretrain.analysis.report_runs import Run, build_table, column_keys, row_differences
+from pretrain.analysis.report_table import Run, build_table, column_keys, row_differences
 from pretrain.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from train_helpers import REPO, TINY, metrics, run_train, train_env
 
 from pretrain.config import ExperimentConfig, load_config
 from pretrain.errors import UserError
-from pretrain.resume import FREE, IDENTITY, TAKES_EFFECT, flatten, key_class, plan_resume, resume_table
+from pretrain.state.resume import FREE, IDENTITY, TAKES_EFFECT, flatten, key_class, plan_resume, resume_table
 
 LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero_stage": 0, "precision": "fp32"}
 
@@ -26,7 +26,7 @@ def test_every_config_key_has_a_resume_class_and_the_readme_table_is_current():
     assert key_class("model.d_model") == IDENTITY and key_class("train.lr") == TAKES_EFFECT
     assert key_class("eval.tokens") == FREE and key_class("parallel.zero_stage") == TAKES_EFFECT
     readme = open(os.path.join(REPO, "README.md")).read()
-    assert resume_table() in readme, "README's resume table is stale: paste pretrain.resume.resume_table()"
+    assert resume_table() in readme, "README's resume table is stale: paste pretrain.state.resume.resume_table()"
 
 
 def test_plan_names_every_identity_change_and_accepts_moved_data():
@@ -76,7 +76,7 @@ def test_changes_take_effect_and_identity_changes_are_refused(tmp_path, data_cac
 
 
 def _weights(folder: str) -> dict:
-    from pretrain.checkpoint import load_model_state
+    from pretrain.state.checkpoint import load_model_state
 
     return load_model_state(folder)[1]
 

@@ -1,7 +1,7 @@
 """A run stopped at step 10 on one layout and resumed to 20 on another logs the losses of an uninterrupted run.
 
 Each pair is a real `pretrain train` on gloo ranks: the resume reads DeepSpeed's files of layout A into full
-tensors (pretrain/full_state.py) and reshards weights, Adam moments, step and schedule onto layout B.
+tensors (pretrain/state/reshard.py) and reshards weights, Adam moments, step and schedule onto layout B.
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ class _Iter:
 def _engine_step(overrides: list[str]):
     """One train_step of the real engine (dp = world size) on _micro_batches; returns loss and averaged gradients."""
     from pretrain.config import load_config
-    from pretrain.distributed import init_distributed
-    from pretrain.engine import build_engine
-    from pretrain.train import train_step
+    from pretrain.train.distributed import init_distributed
+    from pretrain.train.engine import build_engine
+    from pretrain.train.steps import train_step
 
     cfg = load_config(None, ["model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
                              "model.n_kv_heads=2", "model.ffn_hidden=48", "model.max_seq_len=64", "model.init_std=0.1",
@@ -173,7 +173,7 @@ def test_init_from_hf_llama_reproduces_its_logits_packed_and_greedy(tmp_path):
 
     from models.hf import to_hf_config
     from pretrain.config import load_config
-    from pretrain.init_from import load_weights, resolve_model
+    from pretrain.state.sources import load_weights, resolve_model
 
     hf_cfg = to_hf_config(CFG)
     torch.manual_seed(5)

@@ -49,7 +49,7 @@ def test_tied_embeddings_pipeline_and_zero2_match_single_process(tmp_path, data_
 
 
 def _coordinates(tp: int, pp: int):
-    from pretrain.distributed import deepspeed_topology, init_distributed
+    from pretrain.train.distributed import deepspeed_topology, init_distributed
 
     topo = init_distributed(tp, pp)  # raises if megatron and DeepSpeed disagree
     coord = deepspeed_topology(topo).get_coord(topo.rank)

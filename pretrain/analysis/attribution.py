@@ -121,7 +121,7 @@ def attribution_figure(result: dict):
 def cmd_attribute(args) -> int:
     from models import Llama
     from pretrain.analysis.depth import _load_batches
-    from pretrain.checkpoint import find_checkpoint, load_model_state, read_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state, read_state
 
     out = os.path.abspath(args.out)
     if os.path.exists(out):

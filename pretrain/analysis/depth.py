@@ -218,7 +218,7 @@ def _load_batches(data: str, cfg, seq_len: int, micro_batch_size: int, num_batch
 
 def cmd_analyze_depth(args) -> int:
     from models import Llama
-    from pretrain.checkpoint import find_checkpoint, load_model_state, read_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state, read_state
 
     out = os.path.abspath(args.out)
     if os.path.exists(out):

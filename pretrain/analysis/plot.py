@@ -1,6 +1,6 @@
 """`pretrain plot RUN_DIR [RUN_DIR ...] --out FILE.png`: variance and gradient norm against depth, and loss curves.
 
-Reads each run folder's layer_stats.jsonl (written when diagnostics.interval > 0, see pretrain/analysis/diagnostics.py),
+Reads each run folder's layer_stats.jsonl (written when diagnostics.interval > 0, see pretrain/diagnostics/),
 metrics.jsonl and config.yaml. One line per run (and per chosen step), labelled by the run's norm scheme
 (plus the folder name when two runs share a scheme). Three panels:
 

@@ -5,7 +5,7 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
 
     Table 1          validation perplexity at equal tokens, rows = norm scheme, columns = the swept keys (a sweep's
                      grid, else the keys the runs differ in; --columns to choose), best per column in bold,
-                     diverged runs flagged (pretrain/analysis/report_runs.py has the exact rules)
+                     diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
     Runs             one line per run: scheme, column, steps, tokens, last losses, how it ended
     per column       loss curves; variance and gradient norm against depth at the last measured step
                      (diagnostics.interval > 0); `pretrain analyze-depth` results where a run folder holds one
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from pretrain.analysis import report_figures as figures
-from pretrain.analysis.report_runs import (Run, Table, build_table, column_keys, column_label, expand_inputs,
+from pretrain.analysis.report_table import (Run, Table, build_table, column_keys, column_label, expand_inputs,
                                            human_tokens, read_run, row_differences, sweep_axes)
 from pretrain.errors import UserError
 

@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from pretrain.data.batches import IGNORE_INDEX, LMBatch
 from pretrain.data.prepare import read_meta
 from pretrain.errors import UserError
 
@@ -234,10 +235,12 @@ class DataLoader:
     def __iter__(self) -> "DataLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    token_weighted = False  # every micro-batch has micro_batch_size * seq_len labels (pretrain/data/batches.py)
+
+    def __next__(self) -> LMBatch:
         batch = torch.from_numpy(self.dataset.samples(self.positions(), (self.seed,), self.shuffle))
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return LMBatch(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
 
     def state_dict(self) -> dict:
         """What a checkpoint stores; `consumed_samples` is global, so it is the same on every rank."""
@@ -264,7 +267,6 @@ class DataLoader:
         return len(self.dataset)
 
 
-IGNORE_INDEX = -100  # label of padding positions: no loss, not counted (models.parallel.cross_entropy)
 
 
 def validation_size(dataset: Dataset, tokens: int, what: str = "eval.tokens") -> int:
@@ -317,7 +319,7 @@ class ValidationBatches:
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> LMBatch:
         if not 0 <= k < len(self):
             raise IndexError(f"validation micro-batch {k} out of range [0, {len(self)})")
         positions = self.positions(k)
@@ -326,9 +328,9 @@ class ValidationBatches:
             batch[: len(positions)] = self.dataset.samples(positions, (0,), shuffle=False)
         tokens, labels = torch.from_numpy(batch[:, :-1].copy()), torch.from_numpy(batch[:, 1:].copy())
         labels[len(positions):] = IGNORE_INDEX
-        return tokens, labels
+        return LMBatch(tokens, labels)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[LMBatch]:
         return (self[k] for k in range(len(self)))
 
     def __repr__(self) -> str:

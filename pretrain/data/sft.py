@@ -30,7 +30,7 @@ example boundary (`models.llama.document_mask`). Without packing a row is one ex
 longest of its micro-batch (to data.seq_len under pipeline parallelism); causal attention is then exact without
 a mask. Sample positions are global and dealt out over micro-steps and data-parallel ranks like pretraining
 samples, so a resume continues at the exact next row. Padding has label -100, never EOS. The loss is
-token-weighted over the global batch (pretrain/train.py). Validation: the val split's examples packed the same
+token-weighted over the global batch (pretrain/train/loop.py). Validation: the val split's examples packed the same
 way in file order; its first min(eval.tokens // seq_len, rows) rows.
 """
 
@@ -47,7 +47,8 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pretrain.data.loader import IGNORE_INDEX, DataLoader, ValidationBatches
+from pretrain.data.batches import IGNORE_INDEX
+from pretrain.data.loader import DataLoader, ValidationBatches
 from pretrain.data.prepare import (
     FORMAT_VERSION, META_FILE, OutputExists, _assign_val, is_prepared, load_source, read_meta, resolve_source,
     staging_dir, token_dtype, write_meta,
@@ -682,7 +683,7 @@ class SFTSamples:
 
 class SFTLoader(DataLoader):
     """Endless SFT micro-batches (`SFTBatch`) for one data-parallel rank, resumable from `consumed_samples` (rows);
-    pretrain/train.py gives their loss token-weighted over the global batch."""
+    pretrain/train/loop.py gives their loss token-weighted over the global batch."""
 
     token_weighted = True
 
@@ -786,7 +787,7 @@ def resolve_tokenizer(spec: str, cache_dir: str | None = None) -> Tokenizer:
 
 def checkpoint_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of the data a training checkpoint (step, checkpoints/ or run folder) was trained on."""
-    from pretrain.checkpoint import find_checkpoint
+    from pretrain.state.checkpoint import find_checkpoint
     from pretrain.config import load_config
 
     folder = find_checkpoint(path)

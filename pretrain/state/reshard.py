@@ -58,14 +58,14 @@ def full_name(model_cfg, local: str, pipelined: bool) -> str:
 
 def optimizer_param_names(model: torch.nn.Module, cfg) -> list[list[str]]:
     """This rank's parameter names in optimizer order (group by group), as `engine.param_groups` builds them."""
-    from pretrain.engine import split_decay
+    from pretrain.train.engine import split_decay
 
     decay, no_decay = split_decay(model, cfg)
     return [[n for n, _ in decay]] + ([[n for n, _ in no_decay]] if no_decay else [])
 
 
 def write_param_names(folder: str, names_by_stage: dict[int, list[list[str]]]) -> None:
-    from pretrain.checkpoint import write_atomic
+    from pretrain.state.checkpoint import write_atomic
 
     write_atomic(os.path.join(folder, PARAM_NAMES_FILE), json.dumps({str(k): v for k, v in names_by_stage.items()}))
 
@@ -85,7 +85,7 @@ def read_param_names(folder: str) -> dict[int, list[list[str]]] | None:
 
 def read(folder: str, layout: dict) -> FullState:
     """The whole training state of the checkpoint `folder`, saved on `layout` (checkpoint.read_layout)."""
-    from pretrain.checkpoint import load_model_state
+    from pretrain.state.checkpoint import load_model_state
 
     cfg, weights = load_model_state(folder)
     tp, pp = layout["tp"], layout["pp"]
@@ -181,7 +181,7 @@ def apply(built, cfg, state: FullState) -> None:
     if compat.is_partitioned(engine):
         compat.relink_partitions(engine)
     compat.set_engine_counters(engine, state.global_steps, state.global_samples, state.skipped_steps)
-    # Persistent buffers are model state too (the frozen sigmas of norm removal, pretrain/remove_norms.py).
+    # Persistent buffers are model state too (the frozen sigmas of norm removal, pretrain/removal/).
     for local, buffer in built.model.named_buffers():
         name = full_name(cfg.model, local, built.pipelined)
         if name in state.weights:

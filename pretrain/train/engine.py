@@ -16,7 +16,7 @@ from models import Llama
 from models.llama import Block
 from models.parallel import TensorParallel
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import Topology, deepspeed_topology
+from pretrain.train.distributed import Topology, deepspeed_topology
 from pretrain.errors import UserError
 
 

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 from pretrain.analysis.plot import _positive
-from pretrain.analysis.report_runs import Run
+from pretrain.analysis.plot import variance_figure as variance_vs_depth_figure  # noqa: F401  (unified next)
+from pretrain.analysis.report_table import Run
 
 
 def scheme_color(scheme: str) -> str:

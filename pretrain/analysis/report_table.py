@@ -3,7 +3,7 @@
 A run folder gives its resolved config (config.yaml), training and validation entries (metrics.jsonl), per-layer
 statistics (layer_stats.jsonl, optional), the newest `pretrain analyze-depth` result found as RUN_DIR/depth.json
 or RUN_DIR/*/depth.json (optional) and, where a launcher wrote one, its exit codes (launch.jsonl, see
-launch/run_records.py).
+pretrain/runs.py).
 
 Table 1 (after the Curse of Depth paper's): one row per norm scheme, one column per value of the column keys
 (default: the keys the runs differ in, e.g. model.n_layers or model.preset), each cell the validation perplexity
@@ -31,7 +31,7 @@ from pretrain.errors import UserError
 NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train.resume", "train.stop_at_step",
                        "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval")
 SCHEME_KEY = "model.norm_scheme"
-SWEEP_MANIFEST = "sweep.json"  # written by launch/sweep.py (format: launch/run_records.py)
+SWEEP_MANIFEST = "sweep.json"  # written by launch/sweep.py (format: pretrain/runs.py)
 
 
 @dataclass

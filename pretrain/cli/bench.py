@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
 
+from pretrain.config import load_config
+from pretrain.data.batches import LMBatch
 from pretrain.errors import UserError
 
 WARMUP_STEPS = 3  # compile, allocator growth and cuBLAS heuristics settle in these; never timed
@@ -56,10 +60,8 @@ def register(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from pretrain.config import load_config
-    from pretrain.distributed import init_distributed, shutdown
-
-    import tempfile
+    # DeepSpeed and megatron-core load here, for the command that trains.
+    from pretrain.train.distributed import init_distributed, shutdown
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.diagnostics_interval < 0:
@@ -104,33 +106,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
-    import shutil
+class RandomTokens:
+    """Endless pretraining micro-batches of uniform random tokens (pretrain/data/batches.py protocol)."""
 
-    from pretrain.analysis import diagnostics
-    from pretrain.engine import build_engine
-    from pretrain.metrics import peak_flops
-    from pretrain.train import train_step
+    token_weighted = False
+
+    def __init__(self, vocab_size: int, micro_batch_size: int, seq_len: int):
+        self.shape, self.vocab_size = (micro_batch_size, seq_len + 1), vocab_size
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> LMBatch:
+        tokens = torch.randint(0, self.vocab_size, self.shape, generator=self.gen)
+        return LMBatch(tokens[:, :-1], tokens[:, 1:])
+
+
+def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
+    from pretrain.diagnostics.hooks import LayerStatsHooks
+    from pretrain.train.engine import build_engine
+    from pretrain.train.hooks import TrainContext
+    from pretrain.train.metrics import MetricsWriter, peak_flops
+    from pretrain.train.steps import train_step
 
     built = build_engine(cfg, topo)
     t = cfg.train
-    gen = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1), generator=gen)
-            yield tokens[:, :-1], tokens[:, 1:]
-
-    it = batches()
-    layer_stats = diagnostics.setup(cfg, built, topo)  # no-op unless --diagnostics-interval
+    it = RandomTokens(cfg.model.vocab_size, t.micro_batch_size, cfg.data.seq_len)
+    hooks = [LayerStatsHooks()] if cfg.diagnostics.interval > 0 else []  # --diagnostics-interval
+    ctx = TrainContext(cfg, topo, built, MetricsWriter(cfg.run.dir, steps, 0, False, False, enabled=False), None, "", 0)
+    for hook in hooks:
+        hook.on_start(ctx)
     step = 0
 
     def one_step():
         nonlocal step
         step += 1
-        layer_stats.begin_step(step)
+        for hook in hooks:
+            hook.before_step(ctx, step)
         train_step(built, it, topo)
-        layer_stats.end_step(step)
+        ctx.step = step
+        for hook in hooks:
+            hook.after_step(ctx, step)
 
     if topo.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -153,7 +170,8 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
     flops = built.model.flops_per_token(cfg.data.seq_len) * tokens_per_s
     peak = peak_flops(topo.device)
     mem = torch.cuda.max_memory_allocated() / 2**30 if topo.device.type == "cuda" else 0.0
-    layer_stats.close()
+    for hook in hooks:
+        hook.on_finish(ctx, 0)
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     del built
     # step_ms is the median (what the table prints); the mean and every step's time are for --json, where a cost

@@ -68,14 +68,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def layout_of(cfg: ExperimentConfig, topo) -> dict:
-    """What a checkpoint's files depend on: resuming on another layout goes through pretrain/full_state.py."""
+    """What a checkpoint's files depend on: resuming on another layout goes through pretrain/state/reshard.py."""
     return {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "world_size": topo.world_size,
             "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
 
 
 def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict, topo) -> str:
     """Save on every rank; returns the checkpoint folder. `latest` moves only once all ranks are done."""
-    from pretrain.full_state import optimizer_param_names, write_param_names
+    from pretrain.state.reshard import optimizer_param_names, write_param_names
 
     rank = topo.rank
     tag = tag_for(step)
@@ -242,7 +242,7 @@ def find_checkpoint(path: str) -> str:
 
 def load(engine, folder: str, rank: int) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG with DeepSpeed (same layout as the save);
-    returns the trainer state. Another layout: pretrain/full_state.py."""
+    returns the trainer state. Another layout: pretrain/state/reshard.py."""
     check_checkpoint(folder)
     root, tag = os.path.split(os.path.normpath(folder))
     try:

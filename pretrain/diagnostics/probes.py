@@ -304,11 +304,11 @@ def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, g
 class LayerStatsWriter:
     """layer_stats.jsonl and TensorBoard (rank 0 only)."""
 
-    def __init__(self, run_dir: str, start_step: int, tb=None, say=None):
-        from pretrain.metrics import torn_line_message, truncate_jsonl
+    def __init__(self, run_dir: str, start_step: int, tb=None, say=None, figure=None):
+        from pretrain.train.metrics import torn_line_message, truncate_jsonl
 
         self.path = os.path.join(run_dir, FILE)
-        self.tb = tb
+        self.tb, self.figure = tb, figure
         self.history: list[dict] = []
         torn = truncate_jsonl(self.path, start_step)  # a torn last line (a write cut off) is dropped, and said
         if torn is not None:
@@ -345,14 +345,12 @@ class LayerStatsWriter:
             )
 
     def close(self) -> None:
-        if self.tb is None or not self.history:
+        if self.tb is None or not self.history or self.figure is None:
             return
-        from pretrain.analysis.plot import variance_figure
-
         picked = self.history if len(self.history) <= 8 else [
             self.history[round(i * (len(self.history) - 1) / 7)] for i in range(8)
         ]
-        self.tb.add_figure("layers/variance_vs_depth_image", variance_figure(picked), self.history[-1]["step"])
+        self.tb.add_figure("layers/variance_vs_depth_image", self.figure(picked), self.history[-1]["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,7 +373,7 @@ class NoDiagnostics:
 class LayerDiagnostics:
     """Measures every `interval`-th step: `begin_step(s)` before optimizer step s runs, `end_step(s)` after."""
 
-    def __init__(self, cfg, built, topo, tb, start_step: int):
+    def __init__(self, cfg, built, topo, tb, start_step: int, figure=None):
         from megatron.core import parallel_state
 
         self.interval = cfg.diagnostics.interval
@@ -389,7 +387,7 @@ class LayerDiagnostics:
             self.probe = ActivationProbe(local_blocks(built.model), self.n_layers)
         self.entries = parameter_groups(built.model, self.n_layers)
         self.n_groups = self.n_layers + 4
-        self.writer = LayerStatsWriter(cfg.run.dir, start_step, tb) if topo.rank == 0 else None
+        self.writer = LayerStatsWriter(cfg.run.dir, start_step, tb, figure=figure) if topo.rank == 0 else None
         self.measuring = False
         self.grads: tuple[torch.Tensor, torch.Tensor] | None = None
         self._wrap_model_step(built.engine)

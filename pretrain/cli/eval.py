@@ -1,7 +1,7 @@
 """`pretrain eval --checkpoint PATH|HF_DIR --data DIR [--tokens N] [--json]`: loss and perplexity on the fixed
 validation set.
 
-The token set is the one in-loop validation uses (pretrain/evaluate.py): the first min(tokens // seq_len,
+The token set is the one in-loop validation uses (pretrain/train/evaluate.py): the first min(tokens // seq_len,
 samples in the split) samples of the val split of --data in fixed, unshuffled order
 (`pretrain.data.loader.validation_batches`), independent of micro-batch size and TP/PP layout. The loss is the
 sum of the per-token losses over all label tokens, accumulated in float64, divided by their number; ppl is
@@ -10,8 +10,8 @@ exp(loss). On one process, in fp32, this is the in-loop `val_loss` of the same w
 
 Models:
     training checkpoint   a step folder, checkpoints/ or a run folder (its latest), any TP/PP layout: read into
-                          one full model (`pretrain.checkpoint.load_model_state`), no torch.distributed
-    HF directory          config.json + weights (`pretrain.init_from.is_hf_dir`), evaluated with transformers'
+                          one full model (`pretrain.state.checkpoint.load_model_state`), no torch.distributed
+    HF directory          config.json + weights (`pretrain.state.sources.is_hf_dir`), evaluated with transformers'
                           AutoModelForCausalLM, so the export of a checkpoint scores what the checkpoint scores
 
 Defaults come from the checkpoint's config (eval.tokens, data.seq_len, train.micro_batch_size); an HF directory
@@ -61,7 +61,7 @@ def evaluate_model(loss_sum_fn, batches, device: torch.device) -> tuple[float, i
 def _our_model(folder: str, device: torch.device):
     """(loss-sum function, config, description) of a training checkpoint."""
     from models import Llama
-    from pretrain.checkpoint import load_model_state, read_state
+    from pretrain.state.checkpoint import load_model_state, read_state
 
     cfg, state = load_model_state(folder)  # one-line UserError for a missing or incomplete checkpoint
     model = Llama(cfg.model)
@@ -100,10 +100,10 @@ def _hf_model(folder: str, device: torch.device):
 
 
 def cmd_eval(args) -> int:
-    from pretrain.checkpoint import find_checkpoint
+    from pretrain.state.checkpoint import find_checkpoint
     from pretrain.config import ExperimentConfig
     from pretrain.data.loader import check_seq_len, check_vocab, open_dataset, validation_batches
-    from pretrain.init_from import is_hf_dir
+    from pretrain.state.sources import is_hf_dir
 
     for flag, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len),
                         ("--micro-batch-size", args.micro_batch_size)):

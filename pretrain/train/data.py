@@ -7,9 +7,9 @@ import torch.distributed as dist
 from pretrain.config import ExperimentConfig
 from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_size
 from pretrain.data.sft import resolve_path as resolve_data_path
-from pretrain.distributed import Topology
+from pretrain.train.distributed import Topology
 from pretrain.errors import UserError
-from pretrain.evaluate import build_validation
+from pretrain.train.evaluate import build_validation
 
 
 def resolve_paths(cfg: ExperimentConfig, topo: Topology) -> list[str]:
@@ -36,7 +36,7 @@ def build_dataset(cfg: ExperimentConfig, paths: list[str], split: str):
 def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
     """(train iterator from `consumed_samples` on, validation micro-batches or None) for this DP rank.
 
-    The validation set is the val split's first eval.tokens // data.seq_len samples (pretrain/evaluate.py).
+    The validation set is the val split's first eval.tokens // data.seq_len samples (pretrain/train/evaluate.py).
     SFT folders (`pretrain data prepare-sft`) give SFT loaders instead (`build_sft_loaders`)."""
     paths = resolve_paths(cfg, topo)
     if is_sft(paths):

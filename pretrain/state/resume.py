@@ -4,7 +4,7 @@
     takes effect    applied for real from the next step: optimizer hyper-parameters and the lr schedule are
                     rebuilt from the config, the data position comes from the consumed samples stored in the
                     checkpoint, and a new layout (tp, pp, data-parallel size, zero_stage, precision) reshards
-                    weights and optimizer state (pretrain/full_state.py)
+                    weights and optimizer state (pretrain/state/reshard.py)
     identity        refused: a run that changed these would be another experiment; keep the old value, or start
                     a new run from these weights with train.init_from
 
@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
-from pretrain.config import ExperimentConfig, to_dict
+from pretrain.config import ExperimentConfig, load_config, to_dict
 from pretrain.errors import UserError
+from pretrain.state import checkpoint
+from pretrain.state.sources import resolve_model
 
 FREE, TAKES_EFFECT, IDENTITY = "free", "takes effect", "identity"
 
@@ -57,7 +60,7 @@ CLASSES: dict[str, str] = {
     "deepspeed": TAKES_EFFECT,
 }
 
-# What makes DeepSpeed's own checkpoint files unusable: a change here reshards through pretrain/full_state.py.
+# What makes DeepSpeed's own checkpoint files unusable: a change here reshards through pretrain/state/reshard.py.
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage", "precision")
 
 
@@ -67,7 +70,7 @@ def key_class(key: str) -> str:
     section = key.split(".")[0]
     if section in CLASSES:
         return CLASSES[section]
-    raise KeyError(f"config key {key} has no resume class in pretrain/resume.py")
+    raise KeyError(f"config key {key} has no resume class in pretrain/state/resume.py")
 
 
 def flatten(cfg: ExperimentConfig) -> dict:
@@ -130,15 +133,56 @@ def plan_resume(old: ExperimentConfig, new: ExperimentConfig, old_state: dict, o
     return ResumePlan(changes, old_layout, new_layout)
 
 
+@dataclass
+class RunStart:
+    """Where a run starts, resolved once per process before anything is built: the config with the model keys it
+    does not give filled in (from the resumed checkpoint or train.init_from), and the checkpoint it continues."""
+
+    cfg: ExperimentConfig
+    folder: str | None = None  # the checkpoint resumed, None for a fresh start
+    saved: dict = field(default_factory=lambda: {"step": 0, "consumed_samples": 0})  # its trainer_state.json
+    old_cfg: ExperimentConfig | None = None
+    old_layout: dict | None = None
+
+    def plan(self, new_layout: dict, data_fingerprint: str) -> ResumePlan | None:
+        """The resume plan once the data is open (moved data.paths are judged by the data's fingerprint)."""
+        if self.folder is None:
+            return None
+        return plan_resume(self.old_cfg, self.cfg, self.saved, self.old_layout, new_layout, data_fingerprint)
+
+
+def prepare_run(cfg: ExperimentConfig) -> RunStart:
+    """Everything about the start that can be checked before any process starts: the resume target, the model keys
+    taken from it or from train.init_from, and the config changes a resume refuses (one-line UserErrors)."""
+    check_resume_target(cfg)
+    folder = checkpoint.resolve_resume(cfg.train.resume, os.path.join(cfg.run.dir, "checkpoints"))
+    cfg = resolve_model(cfg, folder)
+    if folder is None:
+        return RunStart(cfg)
+    old = load_config(os.path.join(folder, "config.yaml"), stored=True)
+    saved = checkpoint.read_state(folder)
+    layout = checkpoint.read_layout(folder, old)
+    plan_resume(old, cfg, saved, layout, layout, data_fingerprint=None)
+    return RunStart(cfg, folder, saved, old, layout)
+
+
+def check_resume_target(cfg: ExperimentConfig) -> None:
+    """Fail before any process starts when train.resume names a checkpoint that cannot be used."""
+    if cfg.train.resume not in (None, "auto"):
+        checkpoint.check_checkpoint(cfg.train.resume)
+    if cfg.train.resume is None and os.path.isfile(os.path.join(cfg.run.dir, "checkpoints", "latest")):
+        raise UserError(
+            f"{cfg.run.dir} already holds checkpoints; pass train.resume=auto to continue it or choose another run.dir"
+        )
+
+
 def _show(value) -> str:
     return "null" if value is None else str(value)
 
 
 def resume_table() -> str:
     """Markdown table of the resume classes (README, generated; tests check it is current)."""
-    from pretrain.config import ExperimentConfig as Cfg
-
-    keys = list(flatten(Cfg()))
+    keys = list(flatten(ExperimentConfig()))
     rows = ["| class | keys | on resume |", "| --- | --- | --- |"]
     meaning = {
         FREE: "applied as given",

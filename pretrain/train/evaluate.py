@@ -10,22 +10,23 @@ Plain engines forward this rank's micro-batches (the last one may be smaller, a 
 `reduction="sum"` and all-reduce (loss sum, token count) over the data-parallel group in float64. The
 pipeline engine's `eval_batch` needs equal micro-batch shapes and counts on every rank and returns the mean of
 the per-micro-batch losses averaged over data-parallel ranks: its micro-batches are padded with samples whose
-labels are all ignored, and `PipelineLoss` returns per-micro-batch sums while it runs, so
-`eval_batch(...) * micro-batches * dp` is the loss sum.
+labels are all ignored, and each is handed over as `batch.pipeline(scale=1.0)`, for which `PipelineLoss` returns
+the micro-batch's loss sum, so `eval_batch(...) * micro-batches * dp` is the loss sum.
 
-SFT folders give `SFTBatch` micro-batches (pretrain/data/sft.py: packed rows with positions and document ids, or
-padded rows) whose prompt and padding labels are ignored: the same sum over trained tokens / their count, the
-packing inputs passed to the model (through the pipeline as its input tuple).
+Batches follow the protocol of pretrain/data/batches.py: SFT folders give packed or padded rows whose prompt and
+padding labels are ignored (the same sum over trained tokens / their count), with the packing inputs passed to
+the model (through the pipeline as its input tuple).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from pretrain.data.loader import IGNORE_INDEX, Dataset, ValidationBatches, validation_batches
-from pretrain.distributed import Topology
-from pretrain.engine import Built
+from pretrain.data.loader import Dataset, ValidationBatches, validation_batches
+from pretrain.train.distributed import Topology
+from pretrain.train.engine import Built
 
 
 def build_validation(dataset: Dataset, tokens: int, micro_batch_size: int, topo: Topology, pipelined: bool,
@@ -44,26 +45,18 @@ def evaluate(built: Built, val, topo: Topology) -> float:
     engine.eval()
     try:
         if built.pipelined:
-            loss_fn = built.model.loss_fn
-            loss_fn.reduction = "sum"
-            try:
-                # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
-                # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
-                batches = (b.pipeline() if hasattr(b, "pipeline") else b for b in val)
-                mean = engine.eval_batch(data_iter=batches, num_micro_batches=len(val))
-            finally:
-                loss_fn.reduction = "mean"
-            count = torch.tensor([sum(int((b[1] != IGNORE_INDEX).sum()) for b in val)],
-                                 dtype=torch.float64, device=topo.device)
+            # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
+            # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
+            mean = engine.eval_batch(data_iter=(b.pipeline(scale=1.0) for b in val), num_micro_batches=len(val))
+            count = torch.tensor([sum(b.trained_tokens() for b in val)], dtype=torch.float64, device=topo.device)
             _all_reduce_data_parallel(count)
             loss_sum, count = float(mean) * len(val) * topo.dp, float(count)
         else:
             totals = torch.zeros(2, dtype=torch.float64, device=topo.device)  # (loss sum, label tokens)
-            for batch in val:
-                tokens, labels = batch[0], batch[1]
-                extra = batch.model_kwargs(topo.device) if hasattr(batch, "model_kwargs") else {}
-                totals[0] += engine(tokens.to(topo.device), labels.to(topo.device), reduction="sum", **extra).double()
-                totals[1] += int((labels != IGNORE_INDEX).sum())
+            for b in val:
+                totals[0] += engine(b.tokens.to(topo.device), b.labels.to(topo.device), reduction="sum",
+                                    **b.model_kwargs(topo.device)).double()
+                totals[1] += b.trained_tokens()
             _all_reduce_data_parallel(totals)
             loss_sum, count = totals.tolist()
         return loss_sum / count if count else float("nan")
@@ -72,8 +65,6 @@ def evaluate(built: Built, val, topo: Topology) -> float:
 
 
 def _all_reduce_data_parallel(x: torch.Tensor) -> None:
-    from megatron.core import parallel_state
-
     if dist.is_initialized():
         group = parallel_state.get_data_parallel_group()
         if dist.get_world_size(group) > 1:

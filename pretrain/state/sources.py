@@ -1,10 +1,10 @@
 """Where a run's model comes from besides its own config: a checkpoint it resumes, or `train.init_from`.
 
-`resolve_model(cfg)` fills the model keys the config does not give (`config.given_keys`): from the checkpoint a
+`resolve_model(cfg)` fills the model keys the config does not give (`ExperimentConfig.given_keys`): from the checkpoint a
 resume continues (so a run keeps its model when defaults change), else from the `train.init_from` source, a
 training checkpoint of any TP/PP layout or a Hugging Face Llama directory. A key the config gives that changes a
 weight's shape must agree with the source: a one-line error otherwise. `load_weights` reads the source's full
-(TP = 1) weights; pretrain/full_state.py `apply_weights` puts each rank's shard into the engine.
+(TP = 1) weights; pretrain/state/reshard.py `apply_weights` puts each rank's shard into the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import torch
 
 from models.config import ModelConfig
-from pretrain.config import ExperimentConfig, given_keys, load_config
+from pretrain.config import ExperimentConfig, load_config
 from pretrain.errors import UserError
 
 # Keys whose change changes a weight's shape (or the set of weights): they must agree with the source.
@@ -28,7 +28,7 @@ def is_hf_dir(path: str) -> bool:
 
 def source_folder(path: str) -> str:
     """The checkpoint folder (or HF directory) `train.init_from` names; a one-line error when there is none."""
-    from pretrain import checkpoint
+    from pretrain.state import checkpoint
 
     if not os.path.exists(path):
         raise UserError(f"train.init_from: {path} does not exist; give a run folder, a checkpoint folder or a "
@@ -62,11 +62,11 @@ def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> Experimen
         source, what = load_config(os.path.join(resume_folder, "config.yaml"), stored=True).model, None
     elif cfg.train.init_from is not None:
         folder = source_folder(cfg.train.init_from)
-        scheme = cfg.model.norm_scheme if "model.norm_scheme" in given_keys(cfg) else "pre_ln"
+        scheme = cfg.model.norm_scheme if "model.norm_scheme" in cfg.given_keys else "pre_ln"
         source, what = source_model_config(folder, scheme), f"train.init_from {cfg.train.init_from}"
     else:
         return cfg
-    given = given_keys(cfg)
+    given = cfg.given_keys
     values = {}
     conflicts = []
     for f in dataclasses.fields(ModelConfig):
@@ -84,7 +84,6 @@ def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> Experimen
         resolved = dataclasses.replace(cfg, model=ModelConfig(**values))
     except ValueError as e:
         raise UserError(str(e)) from None
-    resolved._given = given
     return resolved
 
 
@@ -92,7 +91,7 @@ def load_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The full (TP = 1) fp32 weights of `train.init_from`, checked against the model `cfg` builds."""
     from models import Llama
     from models.hf import load_hf_state
-    from pretrain.checkpoint import load_model_state
+    from pretrain.state.checkpoint import load_model_state
 
     folder = source_folder(cfg.train.init_from)
     if is_hf_dir(folder):

@@ -1,20 +1,14 @@
-"""`pretrain generate` (sample completions from a checkpoint) and `pretrain eval-sft` (response loss and greedy exact
-match on instruction data).
+"""`pretrain generate`: sample completions of prompts from a checkpoint (`pretrain eval-sft` shares its model and
+prompt rules).
 
 Models: a training checkpoint (step folder, checkpoints/ or run folder, any TP/PP layout, read into one full model
-by `pretrain.checkpoint.load_model_state`) or a Hugging Face Llama directory; one process, CPU or GPU
+by `pretrain.state.checkpoint.load_model_state`) or a Hugging Face Llama directory; one process, CPU or GPU
 (`--device`). The tokenizer is the one of the checkpoint's training data (its data.paths[0]), the
 `tokenizer.model` of an HF directory, or `--tokenizer`.
 
 Prompts are rendered and tokenized by `pretrain.data.sft` exactly as `pretrain data prepare-sft` renders them
 (BOS, the template's prompt text); `--raw` sends the text as it is after BOS. Generation: models/generate.py
 (KV cache, greedy by default, stops at EOS).
-
-eval-sft, for each record of --data (any prepare-sft format): the response-token loss, i.e. the sum of the
-next-token losses over the tokens prepare-sft trains (every response and its EOS) divided by their number,
-teacher-forced in float64 over the whole file; and the exact match of the greedy completion of the prompt
-before the last response against that response (both stripped of surrounding whitespace). A completion is cut
-at 2 x the reference's tokens + 16 new tokens unless --max-new-tokens is given.
 """
 
 from __future__ import annotations
@@ -47,20 +41,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval-sft", help="response-token loss and greedy exact match of a checkpoint on instruction data")
-    p.add_argument("--checkpoint", required=True, help="as for generate")
-    p.add_argument("--data", required=True, metavar="FILE.jsonl",
-                   help="instruction records (any prepare-sft format), e.g. bundled:tiny-instruct-test")
-    _common(p, template_help="prompt template the model was fine-tuned with (default: default)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="cut completions at N tokens (default: 2 x the reference's tokens + 16)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
-    p.add_argument("--group-by", default=None, metavar="FIELD",
-                   help="also report loss and exact match per value of this record field (e.g. task)")
-    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
-                   help="also write each record's prompt, reference and completion here")
-    p.set_defaults(func=cmd_eval_sft)
-
 
 def _common(p, template_help: str) -> None:
     p.add_argument("--template", default="default", metavar="NAME", help=template_help)
@@ -75,9 +55,9 @@ def _common(p, template_help: str) -> None:
 def load_model(path: str, tokenizer: str | None = None, device: str = "auto"):
     """(fp32 `Llama` in eval mode on `device`, Tokenizer) of a training checkpoint or an HF Llama directory."""
     from models.hf import _build, load_hf_state
-    from pretrain.checkpoint import find_checkpoint, load_model_state
+    from pretrain.state.checkpoint import find_checkpoint, load_model_state
     from pretrain.data.sft import checkpoint_tokenizer, resolve_tokenizer
-    from pretrain.init_from import is_hf_dir
+    from pretrain.state.sources import is_hf_dir
 
     if not os.path.exists(path):
         raise UserError(f"--checkpoint {path} does not exist; give a run folder, a checkpoint folder or a Hugging Face "
@@ -178,77 +158,3 @@ def _check_lengths(prompts: list[list[int]], limit: int, from_file: bool) -> Non
         if len(p) >= limit:
             where = f"record {i}: " if from_file else ""
             raise UserError(f"{where}the prompt has {len(p)} tokens, no room left in the model's max_seq_len={limit}")
-
-
-@torch.no_grad()
-def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
-    """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
-    from pretrain.data.loader import IGNORE_INDEX
-
-    sums, counts = [], []
-    device = model.rope_cos.device
-    for _, chunk in _batched(examples, batch_size):
-        T = max(len(ids) for ids, _ in chunk) - 1
-        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-        for r, (ids, mask) in enumerate(chunk):
-            n = len(ids) - 1
-            tokens[r, :n] = torch.from_numpy(ids[:-1])
-            labels[r, :n] = torch.from_numpy(ids[1:]).masked_fill(~torch.from_numpy(mask[1:]), IGNORE_INDEX)
-        logits = model(tokens.to(device)).float()
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none",
-                                                      ignore_index=IGNORE_INDEX)
-        sums += per_token.double().sum(dim=1).tolist()
-        counts += (labels != IGNORE_INDEX).sum(dim=1).tolist()
-    return sums, counts
-
-
-def cmd_eval_sft(args) -> int:
-    from models.generate import Sampling, generate
-    from pretrain.data.sft import encode_conversations, get_template
-
-    _check_counts(args, "max-new-tokens", "batch-size", "limit")
-    template = get_template(args.template)
-    model, tok = load_model(args.checkpoint, args.tokenizer, args.device)
-    pairs = _conversations(args.data, args.format, need_response=True, limit=args.limit)
-    records, convs = [r for r, _ in pairs], [c for _, c in pairs]
-    if args.group_by and any(args.group_by not in r for r in records):
-        raise UserError(f"--group-by {args.group_by}: not a field of every record of {args.data}")
-    examples = encode_conversations(tok, template, convs)
-    limit = model.cfg.max_seq_len
-    for i, (ids, _) in enumerate(examples, start=1):
-        if len(ids) - 1 > limit:
-            raise UserError(f"{args.data} record {i}: {len(ids)} tokens, longer than the model's max_seq_len={limit}")
-    sums, counts = response_loss(model, examples, args.batch_size)
-    prompts = _prompts(tok, template, convs)
-    _check_lengths(prompts, limit, True)
-    references = [c.turns[-1].response for c in convs]
-    caps = [args.max_new_tokens or 2 * len(tok.encode(ref)) + 16 for ref in references]
-    sampling = Sampling(max(caps))
-    completions = []
-    for start, chunk in _batched(prompts, args.batch_size):
-        completions += [tok.decode(ids) for ids in generate(model, chunk, tok.eos_id, sampling,
-                                                            max_new_tokens=caps[start:start + len(chunk)])]
-    hits = [c.strip() == r.strip() for c, r in zip(completions, references)]
-
-    def summary(idx: list[int]) -> dict:
-        n_tok = sum(counts[i] for i in idx)
-        loss = sum(sums[i] for i in idx) / n_tok if n_tok else math.nan
-        return {"examples": len(idx), "response_tokens": n_tok, "loss": loss,
-                "exact_match": sum(hits[i] for i in idx) / len(idx), "exact_matches": sum(hits[i] for i in idx)}
-
-    result = {"checkpoint": args.checkpoint, "data": args.data, "template": template.name,
-              **summary(list(range(len(records))))}
-    if args.group_by:
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(records):
-            groups.setdefault(str(r[args.group_by]), []).append(i)
-        result["groups"] = {k: summary(v) for k, v in sorted(groups.items())}
-    if args.predictions:
-        with open(args.predictions, "w", encoding="utf-8") as f:
-            for r, c, ref, hit in zip(records, completions, references, hits):
-                f.write(json.dumps({"record": r, "reference": ref, "completion": c, "exact_match": hit},
-                                   ensure_ascii=False) + "\n")
-    json.dump(result, sys.stdout, indent=2)
-    print()
-    return 0

@@ -1,0 +1,110 @@
+"""`pretrain eval-sft --checkpoint PATH --data FILE.jsonl`: response-token loss and greedy exact match on instruction
+data (see pretrain/cli/generate.py for the model and prompt rules).
+
+For each record of --data (any prepare-sft format): the response-token loss, i.e. the sum of the next-token losses
+over the tokens prepare-sft trains (every response and its EOS) divided by their number, teacher-forced in float64
+over the whole file; and the exact match of the greedy completion of the prompt before the last response against
+that response (both stripped of surrounding whitespace). A completion is cut at 2 x the reference's tokens + 16 new
+tokens unless --max-new-tokens is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+
+from pretrain.cli.generate import _batched, _check_counts, _check_lengths, _common, _conversations, _prompts, load_model
+from pretrain.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval-sft", help="response-token loss and greedy exact match of a checkpoint on instruction data")
+    p.add_argument("--checkpoint", required=True, help="as for generate")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl",
+                   help="instruction records (any prepare-sft format), e.g. bundled:tiny-instruct-test")
+    _common(p, template_help="prompt template the model was fine-tuned with (default: default)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="cut completions at N tokens (default: 2 x the reference's tokens + 16)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="also report loss and exact match per value of this record field (e.g. task)")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="also write each record's prompt, reference and completion here")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
+    """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
+    from pretrain.data.loader import IGNORE_INDEX
+
+    sums, counts = [], []
+    device = model.rope_cos.device
+    for _, chunk in _batched(examples, batch_size):
+        T = max(len(ids) for ids, _ in chunk) - 1
+        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        for r, (ids, mask) in enumerate(chunk):
+            n = len(ids) - 1
+            tokens[r, :n] = torch.from_numpy(ids[:-1])
+            labels[r, :n] = torch.from_numpy(ids[1:]).masked_fill(~torch.from_numpy(mask[1:]), IGNORE_INDEX)
+        logits = model(tokens.to(device)).float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none",
+                                                      ignore_index=IGNORE_INDEX)
+        sums += per_token.double().sum(dim=1).tolist()
+        counts += (labels != IGNORE_INDEX).sum(dim=1).tolist()
+    return sums, counts
+
+
+def run(args) -> int:
+    from models.generate import Sampling, generate
+    from pretrain.data.sft import encode_conversations, get_template
+
+    _check_counts(args, "max-new-tokens", "batch-size", "limit")
+    template = get_template(args.template)
+    model, tok = load_model(args.checkpoint, args.tokenizer, args.device)
+    pairs = _conversations(args.data, args.format, need_response=True, limit=args.limit)
+    records, convs = [r for r, _ in pairs], [c for _, c in pairs]
+    if args.group_by and any(args.group_by not in r for r in records):
+        raise UserError(f"--group-by {args.group_by}: not a field of every record of {args.data}")
+    examples = encode_conversations(tok, template, convs)
+    limit = model.cfg.max_seq_len
+    for i, (ids, _) in enumerate(examples, start=1):
+        if len(ids) - 1 > limit:
+            raise UserError(f"{args.data} record {i}: {len(ids)} tokens, longer than the model's max_seq_len={limit}")
+    sums, counts = response_loss(model, examples, args.batch_size)
+    prompts = _prompts(tok, template, convs)
+    _check_lengths(prompts, limit, True)
+    references = [c.turns[-1].response for c in convs]
+    caps = [args.max_new_tokens or 2 * len(tok.encode(ref)) + 16 for ref in references]
+    sampling = Sampling(max(caps))
+    completions = []
+    for start, chunk in _batched(prompts, args.batch_size):
+        completions += [tok.decode(ids) for ids in generate(model, chunk, tok.eos_id, sampling,
+                                                            max_new_tokens=caps[start:start + len(chunk)])]
+    hits = [c.strip() == r.strip() for c, r in zip(completions, references)]
+
+    def summary(idx: list[int]) -> dict:
+        n_tok = sum(counts[i] for i in idx)
+        loss = sum(sums[i] for i in idx) / n_tok if n_tok else math.nan
+        return {"examples": len(idx), "response_tokens": n_tok, "loss": loss,
+                "exact_match": sum(hits[i] for i in idx) / len(idx), "exact_matches": sum(hits[i] for i in idx)}
+
+    result = {"checkpoint": args.checkpoint, "data": args.data, "template": template.name,
+              **summary(list(range(len(records))))}
+    if args.group_by:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(str(r[args.group_by]), []).append(i)
+        result["groups"] = {k: summary(v) for k, v in sorted(groups.items())}
+    if args.predictions:
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for r, c, ref, hit in zip(records, completions, references, hits):
+                f.write(json.dumps({"record": r, "reference": ref, "completion": c, "exact_match": hit},
+                                   ensure_ascii=False) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0

@@ -1,0 +1,88 @@
+"""`pretrain remove-norms --checkpoint PATH --data DATA --out RUN_DIR`: fine-tune a trained pre_ln or lns model while
+its norms are switched, one site at a time, to fixed scales, then fold them into the weights (pretrain/removal/).
+
+The removal run and, with --control, the same fine-tune with the norms kept run one after the other in one process
+group; rank 0 then writes RUN_DIR/removal.json. Running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pretrain.cli.spawn import spawn_local_ranks
+
+
+def register(sub) -> None:
+    p = sub.add_parser("remove-norms", help="fine-tune a pre_ln/lns model into an ln_free one (norm removal)")
+    p.add_argument("--checkpoint", required=True,
+                   help="the trained pre_ln or lns model: a step folder, checkpoints/ or run folder (any TP/PP "
+                        "layout), or a Hugging Face Llama directory")
+    p.add_argument("--data", required=True, help="a prepared data folder or bundled:tinyshakespeare")
+    p.add_argument("--out", required=True, help="the run folder (run the same command again to continue it)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    p.add_argument("--schedule", default="mlp,attn,final",
+                   help="order of the site groups, comma-separated (default mlp,attn,final); removal.start and "
+                        "removal.gap set when")
+    p.add_argument("--control", action="store_true",
+                   help="also run the same fine-tune with the norms kept (RUN_DIR/control): ce_control")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 removal.gap=3 parallel.tp=2")
+    p.set_defaults(func=run)
+
+
+
+
+def run(args) -> int:
+    # DeepSpeed and megatron-core load here, for the command that trains.
+    from pretrain.removal.configs import removal_configs
+    from pretrain.state.resume import prepare_run
+    from pretrain.train.signals import StopOnSignal
+
+    stop = StopOnSignal()  # from the start: a preemption signal during set-up must not kill the process
+    order = [g.strip() for g in args.schedule.split(",") if g.strip()]
+    removal, control = removal_configs(args.checkpoint, args.data, args.out, args.steps, order, args.control,
+                                       args.overrides)
+    # one-line errors (source, resume, config) before any rank starts
+    starts = [prepare_run(removal)] + ([prepare_run(control)] if control is not None else [])
+    if args.nproc_per_node:
+        return spawn_local_ranks(args.nproc_per_node, ["remove-norms", *_argv_without_nproc(args)])
+    return run_removal(starts, stop)
+
+
+def _argv_without_nproc(args) -> list[str]:
+    argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--steps", str(args.steps),
+            "--schedule", args.schedule]
+    return argv + (["--control"] if args.control else []) + list(args.overrides)
+
+
+def run_removal(starts: list, stop) -> int:
+    """The removal run, then the control, in one process group; rank 0 writes removal.json when both are done."""
+    from pretrain.features import hooks_for
+    from pretrain.removal.report import report_line, write_report
+    from pretrain.state import checkpoint
+    from pretrain.train.distributed import init_distributed, shutdown
+    from pretrain.train.loop import run
+
+    removal = starts[0].cfg
+    control = starts[1].cfg if len(starts) > 1 else None
+    topo = init_distributed(removal.parallel.tp, removal.parallel.pp)
+    try:
+        for start in starts:
+            code = run(start, topo, hooks_for(start.cfg, stop))
+            done = code == 0 and _finished(start.cfg, checkpoint)
+            if not done:
+                break
+    finally:
+        shutdown()
+    if topo.rank == 0 and code == 0:
+        if done:
+            print(report_line(write_report(removal, control)), flush=True)
+        else:
+            print(f"remove-norms: stopped before the end (train.stop_at_step); run the same command without it to "
+                  f"continue {removal.run.dir}", flush=True)
+    return code
+
+
+def _finished(cfg, checkpoint) -> bool:
+    folder = checkpoint.resolve_resume("auto", os.path.join(cfg.run.dir, "checkpoints"))
+    return folder is not None and checkpoint.read_state(folder)["step"] >= cfg.train.steps

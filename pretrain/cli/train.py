@@ -1,0 +1,30 @@
+"""`pretrain train CONFIG [OVERRIDES] [--nproc-per-node N]`: train a model from a YAML experiment file."""
+
+from __future__ import annotations
+
+from pretrain.cli.spawn import spawn_local_ranks
+from pretrain.config import load_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML experiment file")
+    p.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.norm_scheme=lns train.lr=3e-4")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's
+    # accelerator before they import).
+    from pretrain.features import hooks_for
+    from pretrain.state.resume import prepare_run
+    from pretrain.train.loop import train
+    from pretrain.train.signals import StopOnSignal
+
+    stop = StopOnSignal()  # from the start: a preemption signal during set-up must not kill the process
+    start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
+    if args.nproc_per_node:
+        return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])
+    return train(start, hooks_for(start.cfg, stop))

@@ -1,0 +1,26 @@
+"""The training features a config turns on, as hooks for the loop (pretrain/train/hooks.py).
+
+The one place that knows every feature: `pretrain train` and `pretrain remove-norms` build their hook lists here,
+the loop sees only `TrainHooks`. A new feature is a `TrainHooks` subclass in its own package plus a line here.
+"""
+
+from __future__ import annotations
+
+from pretrain.analysis.figures import variance_vs_depth_figure
+from pretrain.config import ExperimentConfig
+from pretrain.diagnostics.hooks import LayerStatsHooks
+from pretrain.removal.hooks import RemovalHooks
+from pretrain.train.hooks import TrainHooks
+from pretrain.train.signals import StopOnSignal
+
+
+def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
+    """The hooks of a run of `cfg`: the preemption signal `stop` (built by the command before any set-up, so that a
+    signal during set-up is not lost), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal
+    schedule (model.removable_norms)."""
+    hooks: list[TrainHooks] = [stop]
+    if cfg.diagnostics.interval > 0:
+        hooks.append(LayerStatsHooks(figure=variance_vs_depth_figure))
+    if cfg.model.removable_norms:
+        hooks.append(RemovalHooks(cfg))
+    return hooks

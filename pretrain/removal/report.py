@@ -1,0 +1,57 @@
+"""RUN_DIR/removal.json: the cross-entropies of the source, the control and the folded ln_free model on the same
+validation tokens, and the schedule as it ran."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pretrain.config import ExperimentConfig
+from pretrain.removal import LN_FREE_DIR, REPORT
+from pretrain.state.checkpoint import write_atomic
+
+
+def _records(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _val_at(records: list[dict], step: int) -> float | None:
+    values = [r["val_loss"] for r in records if r.get("step") == step and "val_loss" in r]
+    return values[-1] if values else None
+
+
+def write_report(removal: ExperimentConfig, control: ExperimentConfig | None) -> dict:
+    """RUN_DIR/removal.json from the runs' metrics: cross-entropies on the same validation tokens, the switches."""
+    records = _records(removal.run.dir)
+    steps = removal.train.steps
+    folded = [r["ce_ln_free"] for r in records if "ce_ln_free" in r]
+    report = {
+        "ce_original": _val_at(records, 0),
+        "ce_control": _val_at(_records(control.run.dir), steps) if control is not None else None,
+        "ce_ln_free": folded[-1] if folded else None,
+        "ce_fixed_sigma": _val_at(records, steps),  # the fine-tuned model before the fold (same function)
+        "steps": steps,
+        "eval_tokens": removal.eval.tokens,
+        "data": removal.data.paths,
+        "source": removal.train.init_from,
+        "norm_scheme": removal.model.norm_scheme,
+        "ln_free_checkpoint": os.path.join(removal.run.dir, LN_FREE_DIR),
+        "control_run": control.run.dir if control is not None else None,
+        "schedule": [{"step": r["step"], "site": r["removed"], "sigma": r["sigma"]} for r in records if "removed" in r],
+    }
+    if report["ce_control"] is not None and report["ce_ln_free"] is not None:
+        report["gap_vs_control"] = report["ce_ln_free"] - report["ce_control"]
+    write_atomic(os.path.join(removal.run.dir, REPORT), json.dumps(report, indent=1))
+    return report
+
+
+def report_line(report: dict) -> str:
+    def show(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    gap = report.get("gap_vs_control")
+    tail = f" ({gap:+.4f} vs control)" if gap is not None else ""
+    return (f"removal: ce_original {show(report['ce_original'])} | ce_control {show(report['ce_control'])} | "
+            f"ce_ln_free {show(report['ce_ln_free'])}{tail}")

@@ -1,0 +1,168 @@
+"""The training loop, top to bottom: set up, (resume), step, log, evaluate, checkpoint, stop.
+
+The loop knows no feature: diagnostics, norm removal, the preemption signal and anything later plug in as
+`TrainHooks` (pretrain/train/hooks.py; pretrain/features.py picks them from the config).
+
+Exit codes (pretrain/errors.py): 0 done; 2 bad input (`UserError`); 3 stopped after train.max_bad_steps consecutive
+non-finite steps; 75 a hook asked to stop (SIGTERM/SIGUSR1) and the step was saved (requeue and resume with
+train.resume=auto).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Sequence
+
+import torch
+
+from models import Llama
+from pretrain.config import ExperimentConfig, save_config
+from pretrain.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_UNSTABLE
+from pretrain.state import checkpoint, reshard
+from pretrain.state.resume import RunStart, prepare_run
+from pretrain.state.sources import load_weights
+from pretrain.train.data import build_loaders
+from pretrain.train.distributed import Topology, init_distributed, placement, shutdown
+from pretrain.train.engine import Built, apply_optimizer_settings, build_engine
+from pretrain.train.evaluate import evaluate
+from pretrain.train.hooks import TrainContext, TrainHooks
+from pretrain.train.metrics import MetricsWriter, log_line, peak_flops
+from pretrain.train.steps import train_step
+
+
+def train(start: RunStart | ExperimentConfig, hooks: Sequence[TrainHooks] = ()) -> int:
+    """A whole training process: the process group, one run (`run`), shutdown. `start` from
+    `pretrain.state.resume.prepare_run` (a bare config is prepared here)."""
+    if isinstance(start, ExperimentConfig):
+        start = prepare_run(start)
+    topo = init_distributed(start.cfg.parallel.tp, start.cfg.parallel.pp)
+    try:
+        return run(start, topo, hooks)
+    finally:
+        shutdown()
+
+
+def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> int:
+    """One run in an initialised process group (`pretrain remove-norms` runs two in one)."""
+    cfg = start.cfg
+    rank0 = topo.rank == 0
+    ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+    step, consumed_samples = start.saved["step"], start.saved["consumed_samples"]
+    # Everything that can reject the user's input (data, parallel layout) runs before the run folder is touched.
+    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=consumed_samples)
+    fingerprint = train_iter.state_dict()["fingerprint"]
+    plan = start.plan(checkpoint.layout_of(cfg, topo), fingerprint)
+    torch.manual_seed(cfg.train.seed)
+    built = build_engine(cfg, topo)
+    if plan is not None and plan.same_layout:
+        checkpoint.load(built.engine, start.folder, topo.rank)
+        apply_optimizer_settings(built, cfg, built.engine.lr_scheduler.last_epoch)
+    elif plan is not None:
+        state = reshard.read(start.folder, plan.old_layout)
+        reshard.apply(built, cfg, state)
+        checkpoint.load_rng(start.folder, topo.rank)
+        apply_optimizer_settings(built, cfg, state.scheduler_step)
+        del state
+    elif cfg.train.init_from:
+        reshard.apply_weights(built, cfg, load_weights(cfg))
+    if rank0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+
+    out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
+    if rank0:
+        for line in placement(topo):
+            out.say(line)
+        for line in plan.log_lines() if plan else []:
+            out.say(line)
+        n = sum(p.numel() for p in built.model.parameters())
+        how = f"resuming from {start.folder}" if start.folder else (
+            f"starting from the weights of {cfg.train.init_from}" if cfg.train.init_from else "fresh start")
+        out.say(
+            f"training {cfg.model.norm_scheme} ({cfg.model.preset or 'custom'}) on {topo.world_size} rank(s) "
+            f"[tp={topo.tp} pp={topo.pp} dp={topo.dp}, grad accum {built.gas}], {n:,} parameters on rank 0, "
+            f"{how}; "
+            f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run.dir, 'tb')}"
+        )
+    ctx = TrainContext(cfg, topo, built, out, val_batches, fingerprint, step)
+    for hook in hooks:
+        hook.on_start(ctx)
+    flops_per_token = _flops_per_token(cfg)
+    peak = peak_flops(topo.device)
+    bad_in_a_row, skipped_total = 0, start.saved.get("skipped_steps", 0)
+    window_time, window_steps = 0.0, 0
+    exit_code = EXIT_OK
+
+    last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    if step >= last_step:
+        out.say(f"nothing to do: the run is already at step {step} (train.steps={cfg.train.steps})")
+    while step < last_step:
+        lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
+        t0 = time.perf_counter()
+        for hook in hooks:
+            hook.before_step(ctx, step + 1)
+        loss = train_step(built, train_iter, topo)
+        step += 1
+        consumed_samples += cfg.train.global_batch_size
+        ctx.step, extra = step, {}
+        for hook in hooks:
+            extra.update(hook.after_step(ctx, step))
+        step_time = time.perf_counter() - t0
+        applied = built.engine.was_step_applied() and math.isfinite(loss)
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        skipped_total += 0 if applied else 1
+        window_time, window_steps = window_time + step_time, window_steps + 1
+        if not applied and rank0:
+            out.say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped ({bad_in_a_row} in a row)")
+        if step % cfg.logging.interval == 0 or step == last_step or not applied:
+            tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
+            record = {
+                "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
+                "tokens_per_s": tokens_per_s, "consumed_tokens": consumed_samples * cfg.data.seq_len, "step_time": step_time,
+                "skipped_steps": skipped_total, **extra,
+            }
+            if peak:
+                record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
+            out.write(record, "train")
+            out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
+            window_time, window_steps = 0.0, 0
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            if rank0:
+                out.say(
+                    f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; stopping. "
+                    "Lower train.lr, raise train.warmup_steps or check the data; resume from the last checkpoint"
+                )
+            exit_code = EXIT_UNSTABLE
+            break
+        out.advance(step, loss)
+        if val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
+            val_loss = evaluate(built, val_batches, topo)
+            out.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
+            out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
+        stop = [hook.stop_requested(ctx) for hook in hooks]  # every hook, every rank: they may be collectives
+        periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+        if periodic or any(stop) or step == last_step:
+            trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
+                             "skipped_steps": skipped_total, "data_fingerprint": fingerprint}
+            folder = checkpoint.save(built, cfg, ckpt_root, step, trainer_state, topo)
+            out.say(f"step {step:>6} | saved {folder}")
+        if any(stop):
+            out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
+            exit_code = EXIT_PREEMPTED
+            break
+    for hook in hooks:
+        hook.on_finish(ctx, exit_code)
+    out.close()
+    return exit_code
+
+
+def _grad_norm(built: Built) -> float:
+    norm = built.engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _flops_per_token(cfg: ExperimentConfig) -> float:
+    with torch.device("meta"):
+        return Llama(cfg.model).flops_per_token(cfg.data.seq_len)
