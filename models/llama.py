@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import NORM_SCHEMES, BlockParts, embedding_init_gain
+from models.norms import NORM_SCHEMES, SLOTS, BlockParts, embedding_init_gain
 from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
 
 
@@ -114,8 +114,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, parts: BlockParts, tp: TensorParallel | None = None):
         super().__init__()
-        self.attn_norm, self.attn_out_norm, self.attn_post_norm = parts.attn_norm(), parts.attn_out_norm(), parts.attn_post_norm()
-        self.mlp_norm, self.mlp_out_norm, self.mlp_post_norm = parts.mlp_norm(), parts.mlp_out_norm(), parts.mlp_post_norm()
+        for slot in SLOTS:  # attn_norm, attn_out_norm, ... (models/norms.py): the declared slot names
+            setattr(self, slot, getattr(parts, slot)())
         self.attn = Attention(cfg, parts, tp)
         self.mlp = MLP(cfg, parts, tp)
         self.residual_alpha = parts.residual_alpha

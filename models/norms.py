@@ -210,6 +210,13 @@ class Scale(nn.Module):
         return f"{self.scale:.4g}"
 
 
+# The block's slots, a declared interface: `BlockParts` fills them, models/llama.py `Block` holds them under these
+# attribute names (state-dict prefixes too), and diagnostics, depth analyses, attribution, HF conversion and norm
+# removal read a block through them.
+ATTN_IN, ATTN_OUT, ATTN_POST = "attn_norm", "attn_out_norm", "attn_post_norm"
+MLP_IN, MLP_OUT, MLP_POST = "mlp_norm", "mlp_out_norm", "mlp_post_norm"
+SLOTS = (ATTN_IN, ATTN_OUT, ATTN_POST, MLP_IN, MLP_OUT, MLP_POST)
+
 NORM_CLASSES = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 REMOVABLE_NORM_CLASSES = {"rmsnorm": RemovableRMSNorm, "layernorm": RemovableLayerNorm}
 NormFactory = Callable[[], nn.Module]
@@ -217,7 +224,8 @@ NormFactory = Callable[[], nn.Module]
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The swappable parts of one block (see the module docstring for where each one sits)."""
+    """The swappable parts of one block, one factory per slot of `SLOTS` (see the module docstring for where each
+    one sits)."""
 
     attn_norm: NormFactory = nn.Identity
     attn_out_norm: NormFactory = nn.Identity

@@ -1,0 +1,92 @@
+"""Reading a block's activations through its declared slots (models/norms.py `SLOTS`), for the in-loop diagnostics
+and the depth analysis alike.
+
+A block computes h = attn_post_norm(alpha x + a), y = mlp_post_norm(alpha h + m) with x its input,
+a = attn_out_norm(Attn(attn_norm(x))) and m = mlp_out_norm(MLP(mlp_norm(h))). `BlockTaps` hooks the block (x, y),
+the output of its `attn_out_norm` slot (a), the input of `mlp_norm` (h) and the output of `mlp_out_norm` (m); the
+slots are modules in every scheme (nn.Identity where a scheme has no norm), so every scheme is read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models.norms import ATTN_OUT, MLP_IN, MLP_OUT
+from pretrain import compat
+
+
+@dataclass
+class BlockActivations:
+    """One block's forward, in at least fp32 (a float64 model stays float64), detached: [B, T, D] each."""
+
+    index: int  # 0-based block index in the model
+    x: torch.Tensor  # block input
+    y: torch.Tensor  # block output
+    a: torch.Tensor  # attention branch, as added to the residual
+    h: torch.Tensor  # residual the MLP branch is added to
+    m: torch.Tensor  # MLP branch, as added to the residual
+    alpha: float  # the scheme's residual weight (1 except deepnorm)
+
+
+def _wide(x) -> torch.Tensor:
+    if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
+        x = x[0]
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _eager(fn):
+    """A hook that runs eagerly and without autograd, also inside a torch.compile'd block (train.compile): dynamo
+    graph-breaks around it instead of tracing its side effects (the compiled block is reused when no hook is set)."""
+    return torch.compiler.disable(torch.no_grad()(fn), recursive=True)
+
+
+class BlockTaps:
+    """Forward hooks on one block's slots; `on_block(BlockActivations)` runs at the end of each block forward.
+
+    With `once`, the hooks remove themselves after the first forward (the diagnostics measure one micro-batch per
+    measured step). A compiled block (train.compile) would not run hooks added after compilation, so while the
+    taps are on, the block runs eagerly; its compiled version is restored by `remove()`."""
+
+    def __init__(self, index: int, block: nn.Module, on_block: Callable[[BlockActivations], None], once: bool = False):
+        self.index, self.block, self.on_block, self.once = index, block, on_block, once
+        self.alpha = float(getattr(block, "residual_alpha", 1.0))
+        self.parts: dict[str, torch.Tensor] = {}
+        self.compiled = compat.suspend_compiled(block)
+        self.handles = [
+            getattr(block, ATTN_OUT).register_forward_hook(self._keep_output("a")),
+            getattr(block, MLP_IN).register_forward_pre_hook(self._keep_input("h")),
+            getattr(block, MLP_OUT).register_forward_hook(self._keep_output("m")),
+            block.register_forward_hook(self._block),
+        ]
+
+    def _keep_output(self, key: str):
+        @_eager
+        def hook(module, args, output):
+            self.parts[key] = _wide(output)
+        return hook
+
+    def _keep_input(self, key: str):
+        @_eager
+        def hook(module, args):
+            self.parts[key] = _wide(args[0])
+        return hook
+
+    @_eager
+    def _block(self, module, args, output):
+        nan = torch.full((), float("nan"))  # a slot hook that did not run (a block without that branch)
+        parts = {k: self.parts.get(k, nan) for k in ("a", "h", "m")}
+        self.parts = {}
+        if self.once:
+            self.remove()
+        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, **parts))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        compat.restore_compiled(self.block, self.compiled)
+        self.compiled = None
