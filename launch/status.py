@@ -12,11 +12,14 @@ perplexity, last checkpoint, requeue count, and for a run that failed, its error
   exit codes, written by sweep.py, train.sbatch and `sweep.py --local`.
 * squeue (all states: finished jobs stay listed for slurmctld's MinJobAge) and, where accounting is enabled,
   sacct: the scheduler's state of each run's latest job, shown in the `slurm` column.
-* the run folder: config.yaml (train.steps), metrics.jsonl, checkpoints/latest, the job log (error line).
+* the run folder: config.yaml (train.steps), metrics.jsonl, checkpoints/latest, the job log (error line). A run
+  folder whose launch.jsonl or metrics.jsonl is corrupted (an unreadable line before the last) still gets its row,
+  with the file's one-line error in the error column.
 
 `state` is one of: not started, pending (queued), running, finished, failed, diverged (stopped after
 non-finite steps, exit 3), preempted (saved on a signal, exit 75, not requeued), stopped (metrics stop short
-of train.steps and no launcher record says why: a run started by hand), unknown (squeue did not answer).
+of train.steps and no launcher record says why: a run started by hand), unknown (squeue did not answer, or a
+run file is unreadable).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from pretrain import runs as run_records
+from pretrain import runs as run_folder
 from pretrain.errors import EXIT_USER_ERROR, UserError
 
 # A local run without a launcher record counts as running while its metrics.jsonl changed this recently.
@@ -101,21 +104,17 @@ def resolve_sweep(name: str, root: str) -> str:
                     "(and --root if the sweep was launched with one)")
 
 
-def is_run_dir(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("config.yaml", "metrics.jsonl", run_records.EVENTS_FILE))
-
-
 def list_runs(folder: str) -> list[tuple[str, dict]]:
     """[(run folder, swept values)] from sweep.json, else from the sub-folders' names."""
-    if is_run_dir(folder) and not os.path.isfile(os.path.join(folder, run_records.MANIFEST_FILE)):
+    if run_folder.is_run_dir(folder) and not os.path.isfile(os.path.join(folder, run_folder.MANIFEST_FILE)):
         return [(folder, {})]
-    manifest = run_records.read_manifest(folder)
+    manifest = run_folder.read_manifest(folder)
     if manifest is not None:
         return [(os.path.join(folder, r["dir"]), dict(r.get("values") or {})) for r in manifest.get("runs", [])]
     runs = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isdir(path) and not name.startswith(".") and is_run_dir(path):
+        if os.path.isdir(path) and not name.startswith(".") and run_folder.is_run_dir(path):
             pairs = [part.split("=", 1) for part in name.split(",")]
             runs.append((path, {k: v for k, v in pairs} if all(len(p) == 2 for p in pairs) else {}))
     if not runs:
@@ -125,33 +124,27 @@ def list_runs(folder: str) -> list[tuple[str, dict]]:
 
 def sweep_status(folder: str) -> list[RunStatus]:
     runs = list_runs(folder)
-    events = [run_records.read_events(path) for path, _ in runs]
+    events, unreadable = [], []
+    for path, _ in runs:
+        try:
+            events.append(run_folder.read_events(path))
+            unreadable.append(None)
+        except UserError as e:  # a corrupted launch.jsonl: the run keeps its row, the error goes in it
+            events.append([])
+            unreadable.append(str(e))
     rows = [run_status(path, values, run_events) for (path, values), run_events in zip(runs, events)]
+    unreadable = [error or row.error for error, row in zip(unreadable, rows)]  # run_status: a corrupted metrics.jsonl
     with_jobs = [r for r in rows if r.job_id]
     answered = apply_scheduler_states(with_jobs)
-    for row, (path, _), run_events in zip(rows, runs, events):
+    for row, (path, _), run_events, error in zip(rows, runs, events, unreadable):
         finish_state(row, path, run_events, scheduler_answered=answered or not row.job_id)
+        if error:  # what the folder could not tell is said first: the state may rest on missing entries
+            row.error = error
+            row.state = "unknown" if row.state == "not started" else row.state
     return rows
 
 
 # ------------------------------------------------------------------------------------------- one run folder
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    """Entries of a metrics file; unreadable lines (a torn last line of a running job) are skipped."""
-    entries = []
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict):
-                    entries.append(entry)
-    except OSError:
-        pass
-    return entries
 
 
 def _finite(v) -> bool:
@@ -159,14 +152,10 @@ def _finite(v) -> bool:
 
 
 def _total_steps(path: str) -> int | None:
-    import yaml
-
     try:
-        with open(os.path.join(path, "config.yaml")) as f:
-            cfg = yaml.safe_load(f) or {}
-        train = cfg.get("train") or {}
+        train = (run_folder.read_config(path) or {}).get("train") or {}
         return int(train.get("stop_at_step") or train["steps"]) if train.get("steps") else None
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+    except (AttributeError, ValueError, TypeError, KeyError):
         return None
 
 
@@ -176,7 +165,10 @@ def run_status(path: str, values: dict, events: list[dict]) -> RunStatus:
     if not os.path.isdir(path):
         return row
     row.total_steps = _total_steps(path)
-    metrics = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+    try:
+        metrics = run_folder.read_metrics(path)
+    except UserError as e:  # corrupted: the row shows the file's error, not a traceback
+        metrics, row.error = [], str(e)
     train = [m for m in metrics if "loss" in m]
     val = [m for m in metrics if "val_loss" in m]
     if train:
@@ -184,10 +176,7 @@ def run_status(path: str, values: dict, events: list[dict]) -> RunStatus:
         row.step, row.train_loss, row.tokens_per_s = last.get("step"), last.get("loss"), last.get("tokens_per_s")
     if val:
         row.val_ppl, row.val_step = val[-1].get("val_ppl"), val[-1].get("step")
-    latest = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            row.checkpoint = f.read().strip() or None
+    row.checkpoint = run_folder.latest_checkpoint(path)
     with_job = [e for e in events if e.get("job_id")]
     if with_job:
         row.job_id = str(with_job[-1]["job_id"])
@@ -270,7 +259,7 @@ def finish_state(row: RunStatus, path: str, events: list[dict], scheduler_answer
     elif row.slurm_state in SLURM_DONE:
         row.state = SLURM_DONE[row.slurm_state]
     elif last is not None and last["event"] == "start":
-        if last.get("launcher") == "local" and last.get("host") == run_records.hostname():
+        if last.get("launcher") == "local" and last.get("host") == run_folder.hostname():
             alive = _pid_alive(last.get("pid"))
         elif last.get("launcher") == "local":  # started on another machine: judge by the metrics file
             alive = _recently_written(path)
@@ -310,19 +299,16 @@ def finish_state(row: RunStatus, path: str, events: list[dict], scheduler_answer
 
 def _recently_written(path: str) -> bool:
     try:
-        return time.time() - os.path.getmtime(os.path.join(path, "metrics.jsonl")) < RECENT_S
+        return time.time() - os.path.getmtime(os.path.join(path, run_folder.METRICS_FILE)) < RECENT_S
     except OSError:
         return False
 
 
 def _tokens_per_step(path: str) -> float | None:
-    import yaml
-
     try:
-        with open(os.path.join(path, "config.yaml")) as f:
-            cfg = yaml.safe_load(f) or {}
+        cfg = run_folder.read_config(path) or {}
         return float(cfg["train"]["global_batch_size"]) * float(cfg["data"]["seq_len"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 

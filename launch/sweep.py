@@ -38,7 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `python launch/sweep.py` puts launch/, not the repository, on sys.path
     sys.path.insert(0, REPO)
 
-from pretrain import runs as run_records  # noqa: E402
+from launch.status import main as status_main  # noqa: E402
+from pretrain import runs as run_folder  # noqa: E402
 from pretrain.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "launch", "train.sbatch")
@@ -120,7 +121,7 @@ def label_value(value: str) -> str:
 def plan(args) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, list[str], dict[str, str]]]]:
     """(sweep folder, grid axes, [(run_dir, overrides, swept values)] for every combination), each combination
     validated with load_config."""
-    from pretrain.config import load_config
+    from pretrain.config import load_config  # it imports the model code (torch): `status` must start without it
 
     for item in args.overrides:
         if "=" not in item:
@@ -170,8 +171,6 @@ def local_command(args, overrides: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
-        from launch.status import main as status_main
-
         return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(sbatch_command(args, run_dir, overrides)))
         return 0
     # sweep.json: what `status` lists, including runs that have not started yet
-    run_records.update_manifest(sweep_dir, os.path.basename(sweep_dir), args.config, args.overrides, axes,
+    run_folder.update_manifest(sweep_dir, os.path.basename(sweep_dir), args.config, args.overrides, axes,
                                 [(run_dir, values) for run_dir, _, values in runs])
     if args.local:
         return run_local(args, runs)
@@ -219,7 +218,7 @@ def submit(args, runs) -> int:
                 print(f"already submitted: {' '.join(job_ids)} (scancel them or rerun the sweep: runs resume)", file=sys.stderr)
             return 1
         job_id = out.stdout.strip().split(";")[0]
-        run_records.append_event(run_dir, "submitted", launcher="slurm", job_id=job_id)
+        run_folder.append_event(run_dir, "submitted", launcher="slurm", job_id=job_id)
         job_ids.append(job_id)
         print(f"submitted {job_id} {run_dir}", flush=True)
     print(f"{len(job_ids)} job(s): {' '.join(job_ids)}")
@@ -256,7 +255,7 @@ def run_logged(cmd: list[str], env: dict, run_dir: str) -> int:
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", bufsize=1)
-        run_records.append_event(run_dir, "start", launcher="local", pid=proc.pid, host=run_records.hostname(),
+        run_folder.append_event(run_dir, "start", launcher="local", pid=proc.pid, host=run_folder.hostname(),
                                  log=log_path)
         try:
             for line in proc.stdout:
@@ -267,9 +266,9 @@ def run_logged(cmd: list[str], env: dict, run_dir: str) -> int:
             rc = proc.wait()
         except KeyboardInterrupt:
             rc = proc.wait()  # the trainer got the same SIGINT; let it finish
-            run_records.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
+            run_folder.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
             raise
-    run_records.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
+    run_folder.append_event(run_dir, "exit", launcher="local", pid=proc.pid, rc=rc)
     return rc
 
 

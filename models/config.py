@@ -12,15 +12,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-NormScheme = Literal["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
-NormType = Literal["rmsnorm", "layernorm"]
+from models.norms import NORM_CLASSES, NORM_SCHEMES
 
 
-def doc(default, help: str, **kwargs):
-    """A dataclass field with its one-line documentation."""
+def doc(default, help: str, choices: tuple | None = None, **kwargs):
+    """A dataclass field with its one-line documentation (and, where the valid values live in a table, them)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -40,12 +40,14 @@ class ModelConfig:
     ffn_hidden: int = doc(384, "SwiGLU inner size.")
     max_seq_len: int = doc(1024, "Longest sequence the RoPE cache is built for; must be >= data.seq_len.")
     rope_theta: float = doc(10000.0, "RoPE base frequency.")
-    norm_scheme: NormScheme = doc(
-        "pre_ln",
-        "Where the norms go: pre_ln, lns (LayerNorm Scaling, 1/sqrt(l)), ln_free, post_ln, mix_ln, peri_ln, "
-        "deepnorm, dyt. See models/norms.py for the formulas.",
+    norm_scheme: str = doc(
+        "pre_ln", f"Where the norms go: {', '.join(NORM_SCHEMES)} (the table in models/norms.py, with the formulas).",
+        choices=NORM_SCHEMES,
     )
-    norm_type: NormType = doc("rmsnorm", "Norm used by the scheme: rmsnorm or layernorm (bias-free). Unused by ln_free and dyt.")
+    norm_type: str = doc(
+        "rmsnorm", f"Norm used by the scheme: {' or '.join(NORM_CLASSES)} (bias-free). Unused by ln_free and dyt.",
+        choices=NORM_CLASSES,
+    )
     norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
@@ -102,8 +104,6 @@ class ModelConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
         if self.removable_norms:
-            from models.norms import NORM_SCHEMES
-
             removable = [name for name, scheme in NORM_SCHEMES.items() if scheme.removable]
             if not NORM_SCHEMES[self.norm_scheme].removable:
                 raise ValueError(
@@ -136,10 +136,11 @@ PRESETS: dict[str, dict] = {
 
 
 def check_choices(obj, prefix: str = "") -> None:
-    """Raise a one-line ValueError for any `Literal` field whose value is not one of its choices."""
+    """Raise a one-line ValueError for any field whose value is not one of its choices (its `Literal[...]` type,
+    or the table its `choices` metadata names)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        choices = literal_choices(hints[f.name])
+        choices = f.metadata.get("choices") or literal_choices(hints[f.name])
         value = getattr(obj, f.name)
         if choices and value not in choices:
             raise ValueError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")

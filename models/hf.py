@@ -35,7 +35,7 @@ from models.llama import Llama, rope_cache
 from models.norms import NORM_SCHEMES, RMSNorm
 
 if TYPE_CHECKING:  # transformers is imported lazily: the training path never needs it
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # transformers takes seconds to import: only HF conversions pay
 
 __all__ = [
     "to_hf_config",
@@ -121,7 +121,7 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, **o
     `overrides` are passed on to LlamaConfig (e.g. bos_token_id / eos_token_id of the tokenizer used;
     they default to None because the model config does not know the tokenizer).
     """
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # transformers takes seconds to import: only HF conversions pay
 
     check_exportable(cfg)
     kwargs = dict(
@@ -156,7 +156,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def _as_llama_config(hf_config: "LlamaConfig | dict") -> "LlamaConfig":
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # transformers takes seconds to import: only HF conversions pay
 
     if isinstance(hf_config, dict):
         model_type = hf_config.get("model_type", "llama")
@@ -371,7 +371,7 @@ def save_hf(
     `out_dir`. An existing non-empty `out_dir` is refused (FileExistsError) unless `overwrite`.
     `config_overrides` go to `to_hf_config` (e.g. bos_token_id, eos_token_id).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # with transformers: only HF conversions need it
 
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -414,7 +414,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # with transformers: only HF conversions need it
 
     if (path / SAFETENSORS_NAME).is_file():
         return load_file(str(path / SAFETENSORS_NAME))

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
+if TYPE_CHECKING:
+    from models.config import ModelConfig  # annotations only: models/config.py imports this module's tables
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class TensorParallel:
     @classmethod
     def from_parallel_state(cls) -> "TensorParallel | None":
         """The TP group of megatron's initialized `parallel_state`, or None when TP = 1."""
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
 
         size = parallel_state.get_tensor_model_parallel_world_size()
         if size == 1:
@@ -64,7 +64,7 @@ def _tp_size(tp: TensorParallel | None) -> int:
 def _mark(weight: nn.Parameter, full_shape: tuple[int, ...], dim: int, tp: TensorParallel | None):
     weight.tp_split = TPSplit(tuple(full_shape), dim, _tp_size(tp), 0 if tp is None else tp.rank)
     if tp is not None:
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
 
         # DeepSpeed's gradient-norm code reads these to count sharded weights on every rank and replicated ones
         # once. megatron-core < 0.17 sets them only when it initializes the weight itself (we init in
@@ -89,7 +89,7 @@ def _divide(n: int, tp: TensorParallel | None, what: str) -> int:
 
 
 def _megatron_config(tp: TensorParallel):
-    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.model_parallel_config import ModelParallelConfig  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
 
     # Weights are created uninitialized and filled by models.llama.init_weights (same values at any TP).
     return ModelParallelConfig(
@@ -173,7 +173,7 @@ def vocab_embedding(vocab_size: int, dim: int, tp: TensorParallel | None) -> nn.
 def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:
     """Logits from the (vocab-parallel) input embedding matrix; vocab-sharded under TP."""
     if tp is not None:
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
 
         # Identity forward, all-reduce of the input gradient backward (as Megatron's parallel_lm_logits).
         x = copy_to_tensor_model_parallel_region(x, group=tp.group)
@@ -191,7 +191,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel
     if tp is None:
         return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
                                reduction=reduction)
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
 
     mask = labels != ignore_index
     # megatron's kernel subtracts the max and exponentiates in place: never hand it the caller's tensor.

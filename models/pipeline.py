@@ -100,7 +100,7 @@ class PipelineLoss:
 
 
 def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed picks its accelerator at import: pretrain.train sets it first
 
     if cfg.tie_embeddings:
         first = TiedLayerSpec("embed", EmbeddingPipe, cfg, tp, seed, tied_weight_attr="weight")

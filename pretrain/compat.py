@@ -324,6 +324,6 @@ def add_scalars(tb, scalars: list[tuple[str, float]], step: int) -> None:
         for tag, v in scalars:
             tb.add_scalar(tag, v, step)
         return
-    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.proto.summary_pb2 import Summary  # tensorboard's protobufs: only where scalars are written
 
     writer().add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars]), step)

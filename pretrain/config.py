@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig, check_choices, doc, literal_choices
+from models.norms import REMOVAL_SITES
 from pretrain.errors import UserError
 
 
@@ -193,7 +194,7 @@ class DiagnosticsConfig:
             raise ValueError(f"diagnostics.interval: must be >= 0 (0 = off), got {self.interval}")
 
 
-REMOVAL_GROUPS = ("mlp", "attn", "final")
+REMOVAL_GROUPS = tuple(REMOVAL_SITES)  # mlp, attn, final: the site groups of models/norms.py
 
 
 @dataclass
@@ -447,6 +448,10 @@ def _build(cls, values: dict, prefix: str):
     for key in values:
         if key not in fields:
             raise UserError(_unknown_key_message(key, prefix, fields))
+    for key, value in values.items():
+        choices = fields[key].metadata.get("choices")  # a key whose valid values are a table's (models/norms.py)
+        if choices and value not in choices:
+            raise UserError(f"{prefix}{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     kwargs = {key: _check_type(value, hints[key], prefix + key) for key, value in values.items()}
     obj = cls(**kwargs)
     check_choices(obj, prefix)

@@ -1,4 +1,17 @@
-"""What the launchers leave in sweep and run folders for `python -m launch.sweep status` to read back.
+"""The run folder's format: what trainers and launchers write into RUN_DIR (and a sweep's ROOT/NAME), read back
+here by resume, `pretrain plot`, `pretrain report` and `python -m launch.sweep status`.
+
+    RUN_DIR/config.yaml         the resolved config (the trainer's first write)
+    RUN_DIR/metrics.jsonl       one JSON object per logged step, and validation entries (pretrain/train/metrics.py)
+    RUN_DIR/layer_stats.jsonl   per-layer statistics every diagnostics.interval steps (pretrain/diagnostics/)
+    RUN_DIR/launch.jsonl        the launchers' events (below)
+    RUN_DIR/checkpoints/        step_N folders and `latest` (pretrain/state/)
+    ROOT/NAME/sweep.json        a sweep's runs and grid (below)
+
+JSONL files are appended one line per entry, so a write cut off (a node dying, a full disk) leaves at most a torn
+LAST line. One rule for every reader: a torn last line is skipped (resume drops it, see `truncate_jsonl`); an
+unreadable line before the last cannot come from a cut-off write: it is corruption, refused with a one-line
+UserError naming the file and the line.
 
 ROOT/NAME/sweep.json (written by launch/sweep.py when it submits or runs; a later launch of the same sweep adds
 its runs):
@@ -18,6 +31,8 @@ RUN_DIR/launch.jsonl, one JSON object per event, appended:
 
 `restart` is SLURM_RESTART_COUNT (the number of requeues before this start); `rc` the trainer's exit code
 (0 done, 2 bad input, 3 non-finite steps, 75 saved on a signal and requeued, anything else a crash).
+
+launch/ imports this module: it stays free of torch, matplotlib and the model code.
 """
 
 from __future__ import annotations
@@ -27,9 +42,143 @@ import os
 import socket
 import tempfile
 import time
+from typing import Callable
 
+import yaml
+
+from pretrain.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+LAYER_STATS_FILE = "layer_stats.jsonl"
 EVENTS_FILE = "launch.jsonl"
 MANIFEST_FILE = "sweep.json"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"  # CHECKPOINTS_DIR/latest: the name of the newest complete checkpoint
+
+# What makes a folder a run: anything a launcher or a trainer writes into it. A launcher writes launch.jsonl when
+# it submits, before any trainer starts (a queued run must show in `launch.sweep status`); a trainer writes
+# config.yaml as it starts, metrics.jsonl from its first step and checkpoints/ (what resume continues from). So the
+# one definition covers every stage from submitted to finished, for status, resume, plot and report alike; a
+# sweep folder holds sweep.json and run folders, none of these, so the two never mix. Readers that need results
+# (plot, report) then ask for config.yaml (has_started) with a message of their own instead of a narrower
+# definition.
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, EVENTS_FILE, CHECKPOINTS_DIR)
+
+
+def is_run_dir(path: str) -> bool:
+    """A run folder: one a launcher or trainer has written into (RUN_MARKERS), submitted, running or done."""
+    return any(os.path.exists(os.path.join(path, name)) for name in RUN_MARKERS)
+
+
+def has_started(path: str) -> bool:
+    """A trainer has started in the run folder (it wrote the resolved config)."""
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+# ------------------------------------------------------------------------------------------------ JSONL
+
+
+def _entries(path: str, valid: Callable[[object], bool], what: str,
+             advice: str) -> tuple[list[tuple[int, str, dict]], str | None]:
+    """([(line number, line, entry)], torn last line or None) of a JSONL file under the one torn-line rule: a last
+    line that is not `valid` is torn (a write cut off); an earlier one is corruption, a one-line UserError."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    entries = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if entry is None or not valid(entry):
+            if i == len(lines) - 1:
+                return entries, line.rstrip("\n")
+            raise UserError(f"{path}: line {number} is not {what} (corrupted, not a torn last line); {advice}")
+        entries.append((number, line, entry))
+    return entries, None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The entries of a JSONL file of a run folder, oldest first ([] when there is none); a torn last line (a run
+    still writing, or cut off) is skipped, an unreadable earlier line refused with a one-line UserError."""
+    if not os.path.isfile(path):
+        return []
+    entries, _ = _entries(path, lambda e: isinstance(e, dict), "a JSON object", "fix or delete that line")
+    return [entry for _, _, entry in entries]
+
+
+def _has_step(entry) -> bool:
+    step = entry.get("step", 0) if isinstance(entry, dict) else None
+    return isinstance(step, (int, float)) and not isinstance(step, bool)
+
+
+def truncate_jsonl(path: str, after_step: int) -> str | None:
+    """Drop entries logged after `after_step` (a run resumed from an earlier checkpoint re-logs them).
+
+    A node dying mid-write leaves a torn last line: it is dropped and returned (None when there was none), for
+    the caller to report. An unreadable line before the last is real corruption: a one-line UserError.
+    """
+    if not os.path.isfile(path):
+        return None
+    name = os.path.basename(path)
+    entries, torn = _entries(path, _has_step, "a JSON object with a numeric step",
+                             f"fix or delete that line (or move {name} away) and resume")
+    kept = [line if line.endswith("\n") else line + "\n"  # appends must start on a new line
+            for _, line, entry in entries if entry.get("step", 0) <= after_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return torn
+
+
+def torn_line_message(path: str, torn: str) -> str:
+    """The log line for a dropped torn last line, e.g. metrics.jsonl: dropped a torn last line (...): '{"step": 1'."""
+    shown = torn if len(torn) <= 80 else torn[:77] + "..."
+    return f"{os.path.basename(path)}: dropped a torn last line (a write was cut off): {shown!r}"
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    return read_jsonl(os.path.join(run_dir, METRICS_FILE))
+
+
+def read_layer_stats(run_dir: str) -> list[dict]:
+    """layer_stats.jsonl's entries, by step."""
+    return sorted(read_jsonl(os.path.join(run_dir, LAYER_STATS_FILE)), key=lambda r: r.get("step", 0))
+
+
+def read_config(run_dir: str) -> dict | None:
+    """config.yaml as stored (plain YAML, no validation: for launchers and status); None when missing or unreadable.
+    pretrain.config.load_config(..., stored=True) reads it as an ExperimentConfig."""
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The name checkpoints/latest holds (the newest complete checkpoint), None when there is none."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINTS_DIR, LATEST_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def find_checkpoint(path: str) -> str:
+    """A step folder, or a checkpoints/ root (its `latest`), or a run folder (its checkpoints/latest)."""
+    for root in (path, os.path.join(path, CHECKPOINTS_DIR)):
+        latest = os.path.join(root, LATEST_FILE)
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.join(root, f.read().strip())
+    return path
+
+
+# ------------------------------------------------------------------------------------- launch.jsonl, sweep.json
 
 
 def append_event(run_dir: str, event: str, **fields) -> None:
@@ -41,20 +190,8 @@ def append_event(run_dir: str, event: str, **fields) -> None:
 
 
 def read_events(run_dir: str) -> list[dict]:
-    """The run's events, oldest first; unreadable lines (a write cut off) are skipped."""
-    path = os.path.join(run_dir, EVENTS_FILE)
-    if not os.path.isfile(path):
-        return []
-    events = []
-    with open(path, errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "event" in record:
-                events.append(record)
-    return events
+    """The run's launcher events, oldest first (read_jsonl's torn-line rule)."""
+    return [e for e in read_jsonl(os.path.join(run_dir, EVENTS_FILE)) if "event" in e]
 
 
 def hostname() -> str:

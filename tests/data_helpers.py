@@ -7,6 +7,8 @@ import functools
 import json
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,6 +105,19 @@ def split_docs(tokens: np.ndarray, eos: int) -> list[list[int]]:
             cur = []
     assert not cur, "token stream does not end with EOS"
     return docs
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): compare before and after to see it was left alone."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def run_module(argv: list[str]):
+    """`python -m pretrain ARGV` in a child process: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "pretrain", *argv], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    return p.returncode, p.stdout, p.stderr
 
 
 def leftovers(folder: Path) -> list[str]:

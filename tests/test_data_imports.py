@@ -1,26 +1,31 @@
-"""The data package's import structure: every module imports on its own, and bundled.py sits on no import cycle.
+"""The data package's import structure: its modules form a DAG (no import cycle, lazy imports included), each
+imports on its own, and an import inside a function says why beside it.
 
-bundled.py (the bundled corpus's recipe and cache) builds on prepare.py; prepare.py knows where the bundled texts
-are but never imports bundled.py. The graph is read from the source, function-level (lazy) imports included:
-a lazy import hides a cycle at import time but is a cycle all the same.
+The layers, lowest first: sources, folders, batches; tokenizer; prepare; bundled; loader; sft. bundled.py (the
+bundled corpus's recipe and cache) builds on prepare.py; prepare.py knows where the bundled texts are (sources.py)
+but never imports bundled.py. The graph is read from the source, function-level (lazy) imports included: a lazy
+import hides a cycle at import time but is a cycle all the same.
 """
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / "pretrain" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "pretrain" / "data"
 MODULES = sorted(p.stem for p in DATA.glob("*.py"))
+# Files whose imports sit at the top unless a reason is written beside one.
+CHECKED = sorted(DATA.glob("*.py")) + [ROOT / "pretrain" / "cli" / "data.py", ROOT / "pretrain" / "train" / "data.py"]
 
 
-def data_imports(module: str) -> set[str]:
-    """The pretrain.data modules `module` imports anywhere in its source."""
-    tree = ast.parse((DATA / f"{module}.py").read_text())
+def data_imports(source: str, module: str = "") -> set[str]:
+    """The pretrain.data modules that `source` imports anywhere, inside functions too."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "pretrain.data":
                 found.update(a.name for a in node.names)
@@ -29,6 +34,10 @@ def data_imports(module: str) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[2] for a in node.names if a.name.startswith("pretrain.data."))
     return (found & set(MODULES)) - {module}
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: data_imports((DATA / f"{m}.py").read_text(), m) for m in MODULES}
 
 
 def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
@@ -41,14 +50,33 @@ def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
 
 
 def test_graph_reader_sees_lazy_imports():
-    # loader.open_dataset imports bundled inside the function: the reader must count it
-    assert "bundled" in data_imports("loader") and "prepare" in data_imports("bundled")
+    source = "import os\n\ndef f():\n    from pretrain.data.bundled import resolve_data_path\n    import pretrain.data.sft\n"
+    assert data_imports(source) == {"bundled", "sft"}
+    assert "bundled" in graph()["loader"] and "prepare" in graph()["bundled"]
 
 
-def test_bundled_is_on_no_import_cycle():
-    graph = {m: data_imports(m) for m in MODULES}
-    assert "bundled" not in reachable("prepare", graph), graph
-    assert "bundled" not in reachable("bundled", graph), graph
+def test_data_modules_form_a_dag():
+    g = graph()
+    try:
+        order = list(graphlib.TopologicalSorter(g).static_order())
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle in pretrain/data: {' -> '.join(e.args[1])}") from None
+    assert set(order) == set(MODULES)
+    assert "bundled" not in reachable("prepare", g), g
+    # sources (reading texts) and folders (the on-disk format) know nothing of tokenizers or loaders
+    assert g["sources"] == set() and g["folders"] == set(), g
+
+
+def test_imports_inside_functions_give_a_reason():
+    missing = []
+    for path in CHECKED:
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and "#" not in lines[node.lineno - 1]:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not missing, "imports inside functions without a reason beside them:\n" + "\n".join(missing)
 
 
 def test_each_data_module_imports_alone():
@@ -57,3 +85,12 @@ def test_each_data_module_imports_alone():
     for m, p in procs.items():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, f"import pretrain.data.{m} alone failed:\n{err[-2000:]}"
+
+
+def test_lazy_imports_keep_their_promise():
+    # datasets is imported inside functions because reading prepared data and training never need it; torch
+    # stays out of `import pretrain.data` and of the modules that write folders.
+    code = ("import sys, pretrain.data, pretrain.data.bundled, pretrain.data.prepare, pretrain.data.tokenizer; "
+            "print(sorted(m for m in ('datasets', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

@@ -10,7 +10,8 @@ from data_helpers import bundled_dir
 from pretrain.data.loader import (
     BlendedDataset, DataLoader, TokenDataset, check_vocab, open_dataset, validation_batches,
 )
-from pretrain.data.prepare import read_meta, save_arrays
+from pretrain.data.folders import read_meta
+from pretrain.data.prepare import save_arrays
 from pretrain.errors import UserError
 
 SEQ = 8

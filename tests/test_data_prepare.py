@@ -3,6 +3,7 @@
 import gzip
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -10,14 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from data_helpers import (
-    big_vocab_model, bundled_dir, leftovers, make_docs, run_cli, split_docs, tiny_tokenizer_dir, write_jsonl,
-    write_txt,
+    big_vocab_model, bundled_dir, leftovers, make_docs, run_cli, run_module, snapshot, split_docs, tiny_tokenizer_dir,
+    write_jsonl, write_txt,
 )
 
 from pretrain.data import prepare as prep
 from pretrain.data.bundled import RECIPES, corpus_path, resolve_data_path
-from pretrain.data.loader import TokenDataset
-from pretrain.data.prepare import OutputExists, prepare_dataset, read_meta, staging_dir
+from pretrain.data.folders import OutputExists, read_meta, staging_dir
+from pretrain.data.loader import TokenDataset, open_dataset
+from pretrain.data.prepare import prepare_dataset
+from pretrain.data.sft import resolve_path
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 
@@ -220,19 +223,23 @@ def test_interrupted_prepare_leaves_nothing_and_partial_folder_is_refused(tmp_pa
             prepare_dataset(str(src), tiny_tokenizer_dir(), str(out), num_proc=1)
     assert not out.exists() and leftovers(tmp_path) == []
 
-    # A folder left by a killed run (or a copy cut short): bins without a complete meta.json.
+    # A folder cut short (a copy, or files put there by hand): bins without a complete meta.json. A prepare never
+    # leaves one (it publishes whole folders), so the advice is to copy again or re-create, never to delete.
     out.mkdir()
     (out / "train.bin").write_bytes(b"\0" * 100)
     for call in (lambda: read_meta(out), lambda: TokenDataset(str(out), 8), lambda: resolve_data_path(str(out))):
-        with pytest.raises(UserError, match=r"looks like an interrupted prepare \(no meta.json\); delete the folder and re-run"):
+        with pytest.raises(UserError, match=r"an incomplete prepared folder \(no meta.json\); .*copy it again, or "
+                                            r"re-create it with `pretrain data prepare \.\.\. --out .* --overwrite`") as e:
             call()
-    with pytest.raises(UserError, match="interrupted run.*delete it and re-run, or pass --overwrite"):
+        assert "delete" not in str(e.value)
+    with pytest.raises(UserError, match=r"holds train.bin but is not a prepared dataset .*; pass --overwrite to "
+                                        "replace it, or choose another output folder"):
         prepare_dataset(str(src), tiny_tokenizer_dir(), str(out))
     # Truncated bins next to a meta.json are refused as well.
     good = prepare_dataset(str(src), tiny_tokenizer_dir(), str(tmp_path / "good"))
     with open(f"{good}/train.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(UserError, match="interrupted prepare .*train.bin is missing or does not hold"):
+    with pytest.raises(UserError, match=r"incomplete prepared folder \(train.bin is missing or does not hold"):
         read_meta(good)
     prepare_dataset(str(src), tiny_tokenizer_dir(), str(out), overwrite=True)
     assert read_meta(out)["num_documents"] == len(DOCS)
@@ -351,3 +358,77 @@ def test_bundled_concurrent_ranks_agree(tmp_path):
     assert read_meta(paths[0])["tokenizer"]["sha256"] == read_meta(bundled_dir())["tokenizer"]["sha256"]
     assert np.array_equal(np.fromfile(f"{paths[0]}/train.bin", np.uint16), np.fromfile(f"{bundled_dir()}/train.bin", np.uint16))
     assert leftovers(tmp_path) == []
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_tokenizer_folder_as_data_is_named_and_left_alone(tmp_path, capsys):
+    tok = Path(shutil.copytree(tiny_tokenizer_dir(), tmp_path / "tok"))
+    before = snapshot(tok)
+    expected = (r"a tokenizer folder \(tokenizer.model, tokenizer_meta.json\), not a prepared dataset; tokenize text "
+                rf"with it \(`pretrain data prepare --source TEXT --tokenizer {tok} --out DIR`\) and pass DIR")
+    # read_meta is behind data.paths (training), `pretrain eval --data`, `data info`, open_dataset
+    for call in (lambda: read_meta(tok), lambda: TokenDataset(str(tok), 8), lambda: resolve_data_path(str(tok)),
+                 lambda: resolve_path(str(tok)), lambda: open_dataset([str(tok)], 8)):
+        with pytest.raises(UserError, match=expected) as e:
+            call()
+        assert "delete" not in str(e.value) and "interrupted" not in str(e.value)
+    rc, out, err = run_module(["data", "info", str(tok)])
+    assert rc == 2 and "tokenizer folder" in _one_line(err) and "delete" not in err
+    # ... and as the output of a prepare: refused even with --overwrite, the tokenizer untouched
+    src = write_txt(tmp_path / "c.txt", DOCS[:20])
+    for extra in ([], ["--overwrite"]):
+        assert run_cli(["data", "prepare", "--source", str(src), "--tokenizer", str(tok), "--out", str(tok), *extra]) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert f"{tok} is a tokenizer folder (tokenizer.model, tokenizer_meta.json), not a prepared dataset; " \
+               "choose another output folder" in err
+    assert snapshot(tok) == before and leftovers(tmp_path) == []
+
+
+def test_lone_model_file_or_folder_as_data(tmp_path, capsys):
+    # A folder holding only a tokenizer.model (a Llama tokenizer, copied by hand) has only names a prepared folder
+    # also has; it is still a tokenizer, not a half-written prepare, and --overwrite does not replace it.
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    shutil.copy(Path(tiny_tokenizer_dir()) / "tokenizer.model", llama / "tokenizer.model")
+    before = snapshot(llama)
+    with pytest.raises(UserError, match=r"a folder holding a tokenizer \(tokenizer.model\), not a prepared dataset"):
+        read_meta(llama)
+    src = write_txt(tmp_path / "c.txt", DOCS[:20])
+    with pytest.raises(UserError, match=r"is a folder holding a tokenizer \(tokenizer.model\), not a prepared dataset; "
+                                        "choose another output folder"):
+        prepare_dataset(str(src), tiny_tokenizer_dir(), str(llama), overwrite=True)
+    with pytest.raises(UserError, match=r"a sentencepiece tokenizer file, not a prepared dataset folder"):
+        read_meta(llama / "tokenizer.model")
+    assert snapshot(llama) == before and leftovers(tmp_path) == []
+
+
+def test_run_and_staging_folders_as_data(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  paths: [somewhere]\n")
+    with pytest.raises(UserError, match=r"a training run folder, not a prepared dataset; pass the prepared folder it "
+                                        r"trained on \(data.paths in its config.yaml\)"):
+        read_meta(run)
+    # The one folder that can be half-written: a prepare's staging folder, left by a killed prepare.
+    staging = tmp_path / ".out.partial-123-abcdef12"
+    staging.mkdir()
+    (staging / "train.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(UserError, match=r"the staging folder of a `pretrain data prepare` that is still running or was "
+                                        "killed .*; pass the --out folder, and delete this one if no prepare is running"):
+        read_meta(staging)
+
+
+def test_damaged_bundled_cache_may_be_deleted_and_is_rebuilt(tmp_path):
+    path = resolve_data_path("bundled:tinyshakespeare", cache_dir=str(tmp_path))
+    with open(f"{path}/val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(UserError, match=r"a damaged bundled-data cache \(val.bin is missing or does not hold \d+ "
+                                        r"tokens\); delete it, and the next use rebuilds it"):
+        resolve_data_path("bundled:tinyshakespeare", cache_dir=str(tmp_path))
+    shutil.rmtree(path)
+    assert resolve_data_path("bundled:tinyshakespeare", cache_dir=str(tmp_path)) == path
+    assert read_meta(path)["num_tokens"] == read_meta(bundled_dir())["num_tokens"]

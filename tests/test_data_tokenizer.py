@@ -3,11 +3,14 @@
 import hashlib
 import json
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
-from data_helpers import leftovers, make_docs, run_cli, tiny_tokenizer_dir, write_jsonl, write_txt
+from data_helpers import leftovers, make_docs, run_cli, run_module, snapshot, tiny_tokenizer_dir, write_jsonl, write_txt
 
+from pretrain.data.prepare import prepare_dataset, save_arrays
 from pretrain.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer, train_tokenizer
 from pretrain.errors import UserError
 
@@ -120,3 +123,33 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     rc = run_cli(["tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", str(tmp_path / "u")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nope.txt" in err
+
+
+def test_data_folder_as_tokenizer(tmp_path, capsys):
+    # A prepared folder holds a copy of its tokenizer, so it is a valid --tokenizer; as the output of a tokenizer
+    # training it is refused for what it is, even with --overwrite, and left untouched.
+    good = write_txt(tmp_path / "c.txt", make_docs(200))
+    data = Path(prepare_dataset(str(good), tiny_tokenizer_dir(), str(tmp_path / "data"), val_fraction=0.1))
+    before = snapshot(data)
+    assert Tokenizer.load(data).sha256 == Tokenizer.load(tiny_tokenizer_dir()).sha256
+    capsys.readouterr()  # the prepare's progress bars
+    for extra in ([], ["--overwrite"]):
+        rc = run_cli(["tokenizer", "train", "--input", str(good), "--vocab-size", "300", "--out", str(data), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+        assert f"{data} is a prepared dataset, not a trained tokenizer; choose another output folder" in err
+    rc, out, err = run_module(["tokenizer", "train", "--input", str(good), "--vocab-size", "300", "--out", str(data)])
+    assert rc == 2 and err.count("\n") == 1 and "is a prepared dataset, not a trained tokenizer" in err
+    assert snapshot(data) == before and leftovers(tmp_path) == []
+
+
+def test_folders_without_a_model_as_tokenizer(tmp_path):
+    arrays = Path(save_arrays(str(tmp_path / "arrays"), {"train": np.arange(50), "val": np.arange(10)}, 64))
+    with pytest.raises(UserError, match=r"a prepared dataset without a copy of its tokenizer \(no tokenizer.model\); "
+                                        r"pass the tokenizer it was prepared with"):
+        Tokenizer.load(arrays)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(UserError, match="a training run folder, not a tokenizer; pass a tokenizer"):
+        Tokenizer.load(run)

@@ -11,16 +11,12 @@ import torch
 from train_helpers import metrics, run_train
 
 from models import Llama, ModelConfig
-from pretrain.diagnostics.probes import (
-    FILE,
-    STATS,
-    ActivationProbe,
-    counted,
-    grad_square_sums,
-    local_blocks,
-    make_record,
-    parameter_groups,
-)
+from pretrain.diagnostics.probes import ActivationProbe, counted, grad_square_sums, local_blocks, parameter_groups
+from pretrain.diagnostics.stats import ACTIVATION_STATS
+from pretrain.diagnostics.writer import LAYER_STATS_FILE as FILE
+from pretrain.diagnostics.writer import make_record
+
+STATS = tuple(s.name for s in ACTIVATION_STATS)
 
 pytestmark = pytest.mark.compat
 
@@ -258,3 +254,45 @@ def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
     assert want[0]["grad_norm_head"] is None and want[0]["grad_norm_embedding"] > 0
     assert_same_stats(got, want)
     assert_global_norm_is_the_engines(str(tmp_path / "pp2"))
+
+
+def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp_path):
+    """One registry entry (pretrain/diagnostics/stats.py) is all a new per-layer statistic needs: each entry is in
+    the layer_stats.jsonl record, has its TensorBoard scalars, and (figure=True) its panel in `pretrain plot` and in
+    the report's layer figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pretrain.analysis.figures import label_runs, layer_stats_figure, plot_figure
+    from pretrain.analysis.report_table import read_run
+    from pretrain.config import load_config, save_config
+    from pretrain.diagnostics.stats import ACTIVATION_STATS, FIGURE_STATS, LAYER_STATS
+    from pretrain.diagnostics.writer import LayerStatsWriter
+
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    save_config(load_config(None, [f"run.dir={run_dir}"]), os.path.join(run_dir, "config.yaml"))
+    L = 3
+    tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer = LayerStatsWriter(run_dir, 0, tb)
+    act = torch.arange(1, len(ACTIVATION_STATS) * L + 1, dtype=torch.float64).view(len(ACTIVATION_STATS), L) / 10
+    sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
+    writer.write(make_record(5, L, "pre_ln", act, sq, counts))
+    tb.close()
+    with open(os.path.join(run_dir, FILE)) as f:
+        record = json.loads(f.readline())
+    events = EventAccumulator(os.path.join(run_dir, "tb")).Reload()
+    for stat in LAYER_STATS:
+        assert len(record[stat.name]) == L, stat.name
+        assert f"layers/{stat.name}/l01" in events.Tags()["scalars"], stat.name
+    run = read_run(run_dir)
+    label_runs([run])
+    plot_titles = [ax.get_title() for ax in plot_figure([run]).axes]
+    report_titles = [ax.get_title() for ax in layer_stats_figure([run], "col").axes]
+    assert len(plot_titles) == len(FIGURE_STATS) + 1  # and the loss panel
+    for stat in FIGURE_STATS:
+        assert any(t.startswith(stat.title) for t in plot_titles), (stat.name, plot_titles)
+        assert any(t.startswith(stat.title) for t in report_titles), (stat.name, report_titles)

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from pretrain.diagnostics.probes import LayerStatsWriter
+from pretrain.diagnostics.writer import LayerStatsWriter
 from pretrain.errors import UserError
-from pretrain.train.metrics import MetricsWriter, truncate_jsonl
+from pretrain.runs import truncate_jsonl
+from pretrain.train.metrics import MetricsWriter
 
 
 def entries(*steps):

@@ -63,7 +63,8 @@ def test_plot_several_runs(runs, tmp_path, capsys):
 
 
 def test_plot_labels_repeated_schemes_with_the_folder(runs):
-    from pretrain.analysis.plot import label_runs, read_run
+    from pretrain.analysis.figures import label_runs
+    from pretrain.analysis.report_table import read_run
 
     a, b = read_run(runs["trained"]), read_run(runs["trained"])
     label_runs([a, b, read_run(runs["lns"])])

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import leftovers, run_cli, tiny_tokenizer_dir
+from data_helpers import leftovers, run_cli, snapshot, tiny_tokenizer_dir
 
+from pretrain.data.folders import read_meta
 from pretrain.data.loader import IGNORE_INDEX
-from pretrain.data.prepare import read_meta
+from pretrain.data.prepare import save_arrays
 from pretrain.data.sft import (
     BUNDLED, CORPORA_DIR, Conversation, SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, Turn, get_template,
     prompt_ids, read_sft_meta,
@@ -159,6 +161,35 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists() and not (tmp_path / "sub").exists() and leftovers(tmp_path) == []
+
+
+def test_other_folders_as_output_or_data_are_named_and_left_alone(tmp_path, capsys):
+    src = write(tmp_path / "in.jsonl", RECORDS * 4)
+    pre = Path(save_arrays(str(tmp_path / "pre"), {"train": np.arange(50), "val": np.arange(10)}, 64))
+    tok = Path(shutil.copytree(tiny_tokenizer_dir(), tmp_path / "tok"))
+    before = snapshot(pre), snapshot(tok)
+    cases = [(pre, [], f"{pre} is a prepared dataset; pass --overwrite to replace it with a prepared SFT dataset, or "
+                       "choose another output folder"),
+             (tok, [], f"{tok} is a tokenizer folder (tokenizer.model, tokenizer_meta.json), not a prepared SFT "
+                       "dataset; choose another output folder"),
+             (tok, ["--overwrite"], "is a tokenizer folder")]
+    for out, extra, message in cases:
+        code = run_cli(["data", "prepare-sft", "--source", src, "--tokenizer", tiny_tokenizer_dir(), "--out", str(out),
+                        *extra])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "examples/s]" not in ln]
+        assert code == 2 and len(lines) == 1 and message in lines[0] and "delete" not in lines[0], lines
+    with pytest.raises(UserError, match="a tokenizer folder .*, not a prepared dataset"):
+        SFTDataset(str(tok))
+    assert (snapshot(pre), snapshot(tok)) == before and leftovers(tmp_path) == []
+
+
+def test_damaged_sft_folder_is_not_called_interrupted(folder, tmp_path):
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    (copy / "val.idx").write_bytes(b"")
+    with pytest.raises(UserError, match=r"val.idx is missing or does not match meta.json; .*copy it again, or re-create "
+                                        r"it with `pretrain data prepare-sft \.\.\. --out .* --overwrite`") as e:
+        read_sft_meta(copy)
+    assert "delete" not in str(e.value)
 
 
 def test_bundled_instruction_set_is_current_held_out_and_single_pieces(data_cache):

@@ -14,6 +14,7 @@ import torch
 from distributed import run_distributed_test
 from models.config import ModelConfig
 from models.llama import Llama
+from models.norms import NORM_SCHEMES
 from models.parallel import TensorParallel, cross_entropy, merge_state_dicts, shard_state_dict, tp_splits
 
 SEED = 1234
@@ -21,7 +22,7 @@ TOL = 1e-5
 # GQA (4 query heads over 2 kv heads, so each rank holds 2 query heads and 1 kv head); 4 layers, so mix_ln
 # has one Post-LN block.
 BASE = dict(vocab_size=96, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=16, init_std=0.1)
-SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
+SCHEMES = list(NORM_SCHEMES)  # every scheme of the table, TP = 2 against TP = 1
 CASES: dict[str, dict] = {
     f"{scheme}-{'tied' if tie else 'untied'}": dict(norm_scheme=scheme, tie_embeddings=tie)
     for scheme in SCHEMES

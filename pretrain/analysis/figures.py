@@ -1,27 +1,61 @@
-"""The pictures of `pretrain report`, one set per column group of the table (matplotlib, headless).
+"""Every figure of normlab, each drawn once here (matplotlib Figure objects, no pyplot: headless).
 
-Each norm scheme keeps its colour across all figures (its position in models.norms.NORM_SCHEMES).
+Per-layer panels come from the statistics registry (pretrain/diagnostics/stats.py): one panel per FIGURE_STATS
+entry (today variance and grad_norm), so a registry entry with figure=True appears in `pretrain plot` and in
+`pretrain report` alike, with the entry's title, axis label and scale.
 
-    loss_figure            training loss (thin) and validation loss (dashed, markers) against training tokens
-    layer_stats_figure     residual variance and block gradient norm against depth at each run's last measured step
-    depth_figure           analyze-depth results: angular distance, block contribution ||a+m||/||x||, logit lens KL
-                           and skip-one-block loss increase against layer
-    skip_effect_figure     analyze-depth's skip-effect heat map, one panel per run
+    variance_vs_depth_figure  TensorBoard's end-of-run image: variance against depth, one line per measured step
+                              (pretrain/features.py hands it to the diagnostics hooks)
+    plot_figure               `pretrain plot`: one panel per FIGURE_STATS entry against depth at the chosen steps,
+                              and the training (and validation) loss against step
+    loss_figure               `pretrain report`, per column: training and validation loss against training tokens
+    layer_stats_figure        `pretrain report`, per column: one panel per FIGURE_STATS entry at each run's last
+                              measured step
+    depth_runs_figure         `pretrain report`, per column: analyze-depth results of the runs: angular distance,
+                              block contribution ||a+m||/||x||, logit lens KL, skip-one-block loss increase
+    skip_effect_figure        `pretrain report`, per column: analyze-depth's skip-effect heat map, one panel per run
+    depth_figure              `pretrain analyze-depth`: DIR/depth.png of one result
+    attribution_figure        `pretrain attribute`: DIR/attribution.png of one result
+
+In the report each norm scheme keeps its colour across all figures (its position in models.norms.NORM_SCHEMES).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
-from pretrain.analysis.plot import _positive
-from pretrain.analysis.plot import variance_figure as variance_vs_depth_figure  # noqa: F401  (unified next)
 from pretrain.analysis.report_table import Run
+from pretrain.errors import UserError
+
+def _figure_stats() -> tuple:
+    # the registry imports torch: imported on first draw so that importing figures.py stays cheap
+    from pretrain.diagnostics.stats import FIGURE_STATS
+
+    return FIGURE_STATS
+
+
+def _stat(name: str):
+    # the registry imports torch: imported on first draw so that importing figures.py stays cheap
+    from pretrain.diagnostics.stats import LAYER_STATS
+
+    return next(s for s in LAYER_STATS if s.name == name)
+
+
+def _new_figure(**kwargs):
+    # matplotlib loads on first draw: this module is imported by `pretrain train` (pretrain/features.py) and cli/
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
 
 
 def scheme_color(scheme: str) -> str:
-    from models.norms import NORM_SCHEMES
+    from models.norms import NORM_SCHEMES  # models imports torch: loaded on first draw, not with this module
 
     order = list(NORM_SCHEMES)
     return f"C{order.index(scheme) % 10}" if scheme in order else "k"
@@ -33,14 +67,140 @@ def run_labels(runs: list[Run]) -> dict[str, str]:
     return {r.path: r.scheme if schemes.count(r.scheme) == 1 else f"{r.scheme} ({r.name})" for r in runs}
 
 
+def label_runs(runs: list[Run]) -> None:
+    """Set each run's `label` (run_labels) for `pretrain plot`'s legend and its printed line."""
+    labels = run_labels(runs)
+    for r in runs:
+        r.label = labels[r.path]
+
+
+def _positive(values) -> list[float]:
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else math.nan for v in values]
+
+
 def _finite_or_nan(values) -> list[float]:
     return [v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in values]
 
 
-def loss_figure(runs: list[Run], title: str):
-    from matplotlib.figure import Figure
+def _layer_axes(ax) -> None:
+    """Integer layer ticks and a light grid: every against-layer panel."""
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
 
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+
+def _layer_panel(ax, stat, curves: list[tuple[list, dict]], title: str, legend_size: int) -> None:
+    """One registry statistic against depth: `curves` = [(one value per block, line style)]."""
+    for values, style in curves:
+        ys = _positive(values) if stat.log_scale else _finite_or_nan(values)
+        ax.plot(list(range(1, len(values) + 1)), ys, "o-", ms=3, **style)
+    ax.set(xlabel="layer", ylabel=stat.label, yscale="log" if stat.log_scale else "linear", title=title)
+    _layer_axes(ax)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+
+
+def pick_steps(run: Run, steps: list[int] | None) -> list[dict]:
+    """The layer statistics of `run` at `steps` (default: its last measured step); a one-line UserError for a step
+    that was not measured."""
+    by_step = {r["step"]: r for r in run.layer_stats}
+    if not steps:
+        return [run.layer_stats[-1]]
+    missing = [s for s in steps if s not in by_step]
+    if missing:
+        have = sorted(by_step)
+        shown = ", ".join(map(str, have[:10])) + (", ..." if len(have) > 10 else "")
+        raise UserError(f"{run.path} has no layer statistics at step {missing[0]}; measured steps: {shown}")
+    return [by_step[s] for s in steps]
+
+
+def save_figure(fig, out: str) -> None:
+    """Save atomically (temp file, then rename), with one-line errors for a bad --out."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out}: folder {parent} does not exist")
+    ext = os.path.splitext(out)[1].lstrip(".").lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if ext not in formats:
+        raise UserError(f"--out {out}: unknown image format {ext!r}; use one of {', '.join(sorted(formats))}")
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format=ext, dpi=120)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------- per-layer statistics
+
+
+def variance_vs_depth_figure(history: list[dict]):
+    """Variance against depth, one line per entry {"step", "variance"}, later steps darker (TensorBoard's image)."""
+    stat = _stat("variance")
+    fig = _new_figure(figsize=(6, 4))
+    ax = fig.subplots()
+    curves = [(entry["variance"], {"color": (0.1, 0.3, 0.8, 0.25 + 0.75 * j / max(1, len(history) - 1)),
+                                   "label": f"step {entry['step']}"}) for j, entry in enumerate(history)]
+    _layer_panel(ax, stat, curves, stat.title, legend_size=7)
+    return fig
+
+
+def plot_figure(runs: list[Run], steps: list[int] | None = None):
+    """`pretrain plot`: one panel per FIGURE_STATS entry against depth (each run at `steps`, default its last
+    measured step; several steps: earlier ones fainter), then the loss panel. Runs labelled by label_runs."""
+    stats = _figure_stats()
+    fig = _new_figure(figsize=(16 / 3 * (len(stats) + 1), 4.8))
+    *stat_axes, ax_loss = fig.subplots(1, len(stats) + 1)
+    curves: dict[str, list] = {s.name: [] for s in stats}
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        picked = pick_steps(run, steps)
+        for j, record in enumerate(picked):
+            alpha = 1.0 if len(picked) == 1 else 0.35 + 0.65 * j / (len(picked) - 1)
+            label = run.label if len(picked) == 1 else f"{run.label} @ {record['step']}"
+            for s in stats:
+                if record.get(s.name) is not None:  # a file written before the statistic existed lacks it
+                    curves[s.name].append((record[s.name], {"color": color, "alpha": alpha, "label": label}))
+        train = [(m["step"], m["loss"]) for m in run.train]
+        val = [(m["step"], m["val_loss"]) for m in run.val]
+        if train:
+            ax_loss.plot(*zip(*train), color=color, label=run.label, lw=1)
+        if val:
+            ax_loss.plot(*zip(*val), "--", color=color, marker="o", ms=3, label=f"{run.label} (val)")
+    when = "last measured step" if not steps else "step " + ", ".join(map(str, steps))
+    for k, (ax, s) in enumerate(zip(stat_axes, stats)):
+        _layer_panel(ax, s, curves[s.name], f"{s.title} ({when})" if k == 0 else s.title, legend_size=8)
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    ax_loss.grid(alpha=0.3)
+    if ax_loss.lines:
+        ax_loss.legend(fontsize=8)
+    return fig
+
+
+def layer_stats_figure(runs: list[Run], title: str):
+    """`pretrain report`: one panel per FIGURE_STATS entry at each run's last measured step; None when no run of the
+    group has layer statistics (trained with diagnostics.interval=0)."""
+    measured = [r for r in runs if r.layer_stats]
+    if not measured:
+        return None
+    stats = _figure_stats()
+    fig = _new_figure(figsize=(5.5 * len(stats), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(stats)))
+    labels = run_labels(measured)
+    for k, (ax, s) in enumerate(zip(axes, stats)):
+        curves = []
+        for r in measured:
+            last = r.layer_stats[-1]
+            if last.get(s.name) is not None:
+                curves.append((last[s.name], {"color": scheme_color(r.scheme),
+                                              "label": f"{labels[r.path]} @ {last['step']}"}))
+        _layer_panel(ax, s, curves, f"{s.title}: {title}" if k == 0 else s.title, legend_size=7)
+    return fig
+
+
+def loss_figure(runs: list[Run], title: str):
+    """`pretrain report`: training loss (thin) and validation loss (dashed, markers) against training tokens."""
+    fig = _new_figure(figsize=(7, 4.2))
     ax = fig.subplots()
     labels = run_labels(runs)
     for r in runs:
@@ -59,54 +219,96 @@ def loss_figure(runs: list[Run], title: str):
     return fig
 
 
-def layer_stats_figure(runs: list[Run], title: str):
-    """None when no run of the group has layer statistics (trained with diagnostics.interval=0)."""
-    from matplotlib.figure import Figure
+# --------------------------------------------------------------------------------- analyze-depth, attribute
 
-    measured = [r for r in runs if r.layer_stats]
-    if not measured:
-        return None
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_var, ax_grad = fig.subplots(1, 2)
-    labels = run_labels(measured)
-    for r in measured:
-        last = r.layer_stats[-1]
-        layers = list(range(1, last["layers"] + 1))
-        label = f"{labels[r.path]} @ {last['step']}"
-        ax_var.plot(layers, _positive(last["variance"]), "o-", ms=3, color=scheme_color(r.scheme), label=label)
-        ax_grad.plot(layers, _positive(last["grad_norm"]), "o-", ms=3, color=scheme_color(r.scheme), label=label)
-    ax_var.set(xlabel="layer", ylabel="output variance", yscale="log", title=f"Residual variance vs depth: {title}")
-    ax_grad.set(xlabel="layer", ylabel="gradient norm", yscale="log", title="Block gradient norm vs depth")
-    for ax in (ax_var, ax_grad):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+
+# analyze-depth's per-layer results as panels: (y label, y scale, title), shared by the one-result figure
+# (depth_figure) and the report's several-run one (depth_runs_figure)
+DEPTH_PANELS = {
+    "angular_distance": ("angular distance / pi", "linear", "Input vs output of each block"),
+    "block_contribution": ("||a+m|| / ||x||", "log", "Block contribution (Csordas et al.)"),
+    "logit_lens_kl": ("KL(p_l || p_L)", "linear", "Logit lens"),
+    "skip_loss_increase": ("validation loss increase", "linear", "Skipping one block"),
+}
+SKIP_EFFECT_LABEL = "max relative change of contribution"
+
+
+def _depth_axes(ax, key: str, xlabel: str = "layer", title: str | None = None) -> None:
+    ylabel, scale, default_title = DEPTH_PANELS[key]
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale=scale, title=title or default_title)
+    _layer_axes(ax)
+
+
+def _skip_effect_matrix(result: dict) -> np.ndarray:
+    m = np.array(result["skip_effect"], dtype=float)
+    m[np.tril_indices_from(m, -1)] = np.nan  # before the skipped block: 0 by definition, left blank
+    return m
+
+
+def _skip_effect_panel(ax, m: np.ndarray, vmax: float, title: str):
+    """The heat map: row = skipped block, column = affected block; returns the image for a colour bar."""
+    n = m.shape[0]
+    im = ax.imshow(m, vmin=0, vmax=vmax, cmap="viridis", interpolation="nearest", extent=(0.5, n + 0.5, n + 0.5, 0.5))
+    ax.set(xlabel="effect at layer", ylabel="layer skipped", title=title)
+    return im
+
+
+def depth_figure(result: dict):
+    """DIR/depth.png of `pretrain analyze-depth`: angular distance, sublayer contributions, logit lens, skip loss,
+    skip output change and the skip-effect map of one result (depth.json)."""
+    layers = list(range(1, result["layers"] + 1))
+    fig = _new_figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3)
+    ax_angle, ax_contrib, ax_lens = axes[0]
+    ax_skip, ax_out, ax_map = axes[1]
+    ax_angle.plot(layers, result["angular_distance"], "o-", ms=4)
+    _depth_axes(ax_angle, "angular_distance")
+    if "block_contribution" in result:  # depth.json files written before these analyses existed lack them
+        for key, label in (("attn_contribution", "attention ||a||/||x||"), ("mlp_contribution", "MLP ||m||/||h||"),
+                           ("block_contribution", "block ||a+m||/||x||")):
+            ax_contrib.plot(layers, result[key], "o-", ms=3, label=label)
+        ax_contrib.legend(fontsize=8)
+        ax_lens.plot(layers, result["logit_lens_kl"], "o-", ms=4, color="C4")
+        ax_out.bar(layers, result["skip_output_change"], color="C1")
+        effect = _skip_effect_matrix(result)
+        im = _skip_effect_panel(ax_map, effect, max(1.0, float(np.nanmax(effect))),
+                                "Skip: effect on later contributions")
+        fig.colorbar(im, ax=ax_map, label=SKIP_EFFECT_LABEL)
+    else:
+        ax_map.set(xlabel="effect at layer", ylabel="layer skipped", title="Skip: effect on later contributions")
+    ax_contrib.set(xlabel="layer", ylabel="relative contribution", yscale="log",
+                   title="Sublayer contributions (Csordas et al.)")
+    _layer_axes(ax_contrib)
+    _depth_axes(ax_lens, "logit_lens_kl")
+    increase = result["skip_loss_increase"]
+    ax_skip.bar(layers, increase, color=["C3" if v > 0 else "C2" for v in increase])
+    ax_skip.axhline(0.0, color="k", lw=0.8)
+    _depth_axes(ax_skip, "skip_loss_increase", xlabel="layer skipped",
+                title=f"{DEPTH_PANELS['skip_loss_increase'][2]} (val loss {result['val_loss']:.3f})")
+    ax_out.set(xlabel="layer skipped", ylabel="max ||dp||_2", title="Skip: change of the output distribution")
+    _layer_axes(ax_out)
+    ax_map.xaxis.get_major_locator().set_params(integer=True)
+    ax_map.yaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{result.get('norm_scheme', '')} step {result.get('step', '?')}")
     return fig
 
 
-def depth_figure(runs: list[Run], title: str):
-    """None when no run of the group has an analyze-depth result."""
-    from matplotlib.figure import Figure
-
+def depth_runs_figure(runs: list[Run], title: str):
+    """`pretrain report`: the analyze-depth results of the runs, one line each; None when no run of the group has
+    one."""
     analysed = [r for r in runs if r.depth]
     if not analysed:
         return None
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    fig = _new_figure(figsize=(11, 7.5))
     axes = fig.subplots(2, 2).flatten()
-    panels = [("angular_distance", "angular distance / pi", "linear", "Input vs output of each block"),
-              ("block_contribution", "||a+m|| / ||x||", "log", "Block contribution (Csordas et al.)"),
-              ("logit_lens_kl", "KL(p_l || p_L)", "linear", "Logit lens"),
-              ("skip_loss_increase", "validation loss increase", "linear", "Skipping one block")]
     labels = run_labels(analysed)
-    for ax, (key, ylabel, scale, panel_title) in zip(axes, panels):
+    for ax, key in zip(axes, DEPTH_PANELS):
         for r in analysed:
             if key in r.depth:
                 layers = list(range(1, r.depth["layers"] + 1))
                 ax.plot(layers, _finite_or_nan(r.depth[key]), "o-", ms=3, color=scheme_color(r.scheme),
                         label=f"{labels[r.path]} @ {r.depth.get('step')}")
-        ax.set(xlabel="layer", ylabel=ylabel, yscale=scale, title=panel_title)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
+        _depth_axes(ax, key)
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(f"Depth analyses: {title}")
@@ -114,32 +316,42 @@ def depth_figure(runs: list[Run], title: str):
 
 
 def skip_effect_figure(runs: list[Run], title: str):
-    """None when no run of the group has a skip-effect matrix."""
-    from matplotlib.figure import Figure
-
+    """`pretrain report`: the skip-effect heat map of each run (one colour scale); None when no run of the group
+    has a skip-effect matrix."""
     analysed = [r for r in runs if r.depth and r.depth.get("skip_effect")]
     if not analysed:
         return None
     n = len(analysed)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.6 * cols + 0.8, 3.3 * rows), layout="constrained")
+    fig = _new_figure(figsize=(3.6 * cols + 0.8, 3.3 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).flatten())
-    matrices = []
-    for r in analysed:
-        m = np.array(r.depth["skip_effect"], dtype=float)
-        m[np.tril_indices_from(m, -1)] = np.nan  # before the skipped block: 0 by definition, left blank
-        matrices.append(m)
+    matrices = [_skip_effect_matrix(r.depth) for r in analysed]
     vmax = max(1.0, max(float(np.nanmax(m)) for m in matrices))
     labels = run_labels(analysed)
     im = None
     for ax, r, m in zip(axes, analysed, matrices):
-        L = m.shape[0]
-        im = ax.imshow(m, vmin=0, vmax=vmax, cmap="viridis", interpolation="nearest",
-                       extent=(0.5, L + 0.5, L + 0.5, 0.5))
-        ax.set(xlabel="effect at layer", ylabel="layer skipped", title=labels[r.path])
+        im = _skip_effect_panel(ax, m, vmax, labels[r.path])
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.colorbar(im, ax=list(axes[:n]), label="max relative change of contribution")
+    fig.colorbar(im, ax=list(axes[:n]), label=SKIP_EFFECT_LABEL)
     fig.suptitle(f"Skipping block s: effect on block l's contribution: {title}")
+    return fig
+
+
+def attribution_figure(result: dict):
+    """DIR/attribution.png of `pretrain attribute`: each block's direct contributions to the correct-token logit."""
+    layers = list(range(1, result["layers"] + 1))
+    fig = _new_figure(figsize=(8, 4))
+    ax = fig.subplots()
+    width = 0.4
+    ax.bar([l - width / 2 for l in layers], result["attn"], width, label="attention")
+    ax.bar([l + width / 2 for l in layers], result["mlp"], width, label="MLP")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set(xlabel="layer", ylabel="mean direct contribution to the correct-token logit",
+           title=f"embedding {result['embedding']:.3f}, total logit {result['logit']:.3f}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"{result.get('norm_scheme', '')} step {result.get('step', '?')}")
     return fig

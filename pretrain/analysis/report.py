@@ -1,4 +1,6 @@
-"""`pretrain report RUN_DIR... | SWEEP_ROOT --out DIR`: an ablation's results at a glance.
+"""`pretrain report RUN_DIR... | SWEEP_ROOT --out DIR`: an ablation's results at a glance (the command:
+pretrain/cli/report.py; the data and Table 1: report_table.py; the pictures: figures.py; here the content and
+its rendering).
 
 Writes DIR/REPORT.md with its PNGs next to it, and DIR/report.html, the same content self-contained (images
 embedded as data URIs, styles inline, no scripts): one file to mail or attach.
@@ -7,8 +9,9 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
                      grid, else the keys the runs differ in; --columns to choose), best per column in bold,
                      diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
     Runs             one line per run: scheme, column, steps, tokens, last losses, how it ended
-    per column       loss curves; variance and gradient norm against depth at the last measured step
-                     (diagnostics.interval > 0); `pretrain analyze-depth` results where a run folder holds one
+    per column       loss curves; the per-layer statistics of the registry's figure entries (variance and gradient
+                     norm) against depth at the last measured step (diagnostics.interval > 0);
+                     `pretrain analyze-depth` results where a run folder holds one
                      (RUN_DIR/depth.json or RUN_DIR/*/depth.json): angular distance, block contribution, logit
                      lens, skip-one-block loss and the skip-effect heat maps
 
@@ -28,10 +31,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pretrain.analysis import report_figures as figures
-from pretrain.analysis.report_table import (Run, Table, build_table, column_keys, column_label, expand_inputs,
-                                           human_tokens, read_run, row_differences, sweep_axes)
-from pretrain.errors import UserError
+from pretrain.analysis import figures
+from pretrain.analysis.report_table import Run, Table, column_label, human_tokens, row_differences
 
 REPORT_MD, REPORT_HTML = "REPORT.md", "report.html"
 CSS = """
@@ -56,30 +57,6 @@ class TableBlock:
     rows: list[list[tuple[str, str]]]  # (text, css class)
     caption: str = ""
     left: int = 1  # the first `left` columns hold names (left-aligned), the rest numbers
-
-
-def cmd_report(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise UserError(f"--out {args.out}: folder {parent} does not exist")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, REPORT_MD)):
-        raise UserError(f"--out {args.out} exists and holds no earlier report; choose a new folder")
-    if args.diverged_ppl <= 1:
-        raise UserError(f"--diverged-ppl must be > 1, got {args.diverged_ppl}")
-    paths = expand_inputs(args.paths)
-    runs = [read_run(p) for p in paths]
-    keys = args.columns if args.columns is not None else column_keys(runs, sweep_axes(args.paths))
-    table = build_table(runs, keys, args.diverged_ppl)
-    blocks, images = report_blocks(runs, table, args)
-    write_report(out, blocks, images)
-    best = [f"{col}: {s}" for (s, col), c in table.cells.items() if c.best]
-    print(f"wrote {args.out}/{REPORT_MD} and {REPORT_HTML}: {len(runs)} run(s), {len(table.rows)} scheme(s) x "
-          f"{len(table.columns)} column(s); best per column: {'; '.join(best) or 'none'}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ content
@@ -152,10 +129,11 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def report_blocks(runs: list[Run], table: Table, args) -> tuple[list, dict[str, bytes]]:
+def report_blocks(runs: list[Run], table: Table, title: str, paths: list[str]) -> tuple[list, dict[str, bytes]]:
+    """The report's content (headings, paragraphs, tables, images by name) and its PNGs."""
     images: dict[str, bytes] = {}
-    blocks: list = [("h1", args.title),
-                    ("p", f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in args.paths)}; written "
+    blocks: list = [("h1", title),
+                    ("p", f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
                           f"{time.strftime('%Y-%m-%d %H:%M')} by `pretrain report`.")]
     blocks += [("h2", "Table 1: validation perplexity"), ("table", table1_block(table))]
     notes = [*table.warnings]
@@ -170,9 +148,9 @@ def report_blocks(runs: list[Run], table: Table, args) -> tuple[list, dict[str, 
         slug = _slug(col)
         blocks.append(("h2", col if table.keys else "All runs"))
         made = [("loss", "Loss curves", figures.loss_figure(group, col)),
-                ("layers", "Variance and gradient norm against depth (last measured step)",
+                ("layers", "Per-layer statistics against depth (last measured step)",
                  figures.layer_stats_figure(group, col)),
-                ("depth", "Depth analyses (pretrain analyze-depth)", figures.depth_figure(group, col)),
+                ("depth", "Depth analyses (pretrain analyze-depth)", figures.depth_runs_figure(group, col)),
                 ("skip", "Layer skipping: effect on later blocks' contributions", figures.skip_effect_figure(group, col))]
         for kind, heading, fig in made:
             if fig is None:

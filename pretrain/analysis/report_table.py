@@ -1,9 +1,10 @@
-"""The data behind `pretrain report`: run folders read once, grouped into columns, and the Table-1 grid.
+"""The data behind `pretrain report` and `pretrain plot`: run folders read once, grouped into columns, and the
+Table-1 grid.
 
-A run folder gives its resolved config (config.yaml), training and validation entries (metrics.jsonl), per-layer
-statistics (layer_stats.jsonl, optional), the newest `pretrain analyze-depth` result found as RUN_DIR/depth.json
-or RUN_DIR/*/depth.json (optional) and, where a launcher wrote one, its exit codes (launch.jsonl, see
-pretrain/runs.py).
+A run folder (its format: pretrain/runs.py) gives its resolved config (config.yaml), training and validation
+entries (metrics.jsonl), per-layer statistics (layer_stats.jsonl, optional), the newest `pretrain analyze-depth`
+result found as RUN_DIR/depth.json or RUN_DIR/*/depth.json (optional) and, where a launcher wrote one, its exit
+codes (launch.jsonl).
 
 Table 1 (after the Curse of Depth paper's): one row per norm scheme, one column per value of the column keys
 (default: the keys the runs differ in, e.g. model.n_layers or model.preset), each cell the validation perplexity
@@ -17,7 +18,6 @@ the paper's criterion); diverged runs do not count when T is chosen.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import math
@@ -25,13 +25,13 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
+from pretrain import runs as run_folder
 from pretrain.errors import UserError
 
 # Config keys that never make runs different experiments (where they write, how often they log, ...).
 NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train.resume", "train.stop_at_step",
                        "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval")
 SCHEME_KEY = "model.norm_scheme"
-SWEEP_MANIFEST = "sweep.json"  # written by launch/sweep.py (format: pretrain/runs.py)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Run:
     depth: dict | None = None
     exit_codes: list[int] = field(default_factory=list)
     params: int | None = None
+    label: str = ""  # the run's name in a figure's legend (pretrain.analysis.figures.label_runs)
 
     @property
     def last_tokens(self) -> int | None:
@@ -62,44 +63,23 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    """Entries of a JSONL file; a torn last line (a run still writing) is skipped, a damaged earlier one refused."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, errors="replace") as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}: line {i + 1} is not valid JSON; fix or delete it") from None
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.yaml"))
-
-
 def expand_inputs(paths: list[str]) -> list[str]:
-    """Run folders from the arguments: run folders as given, a sweep folder as its runs (sweep.json's order)."""
+    """Run folders from the arguments: run folders as given, a sweep folder as its started runs (sweep.json's order;
+    a run only submitted has nothing to report yet)."""
     runs: list[str] = []
     for path in paths:
         if not os.path.isdir(path):
             raise UserError(f"{path} does not exist; give run folders or a sweep folder")
-        if is_run_dir(path):
+        if run_folder.is_run_dir(path):
             runs.append(path)
             continue
-        manifest = os.path.join(path, SWEEP_MANIFEST)
-        names = []
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                names = [r["dir"] for r in json.load(f).get("runs", []) if isinstance(r, dict) and "dir" in r]
+        manifest = run_folder.read_manifest(path) or {}
+        names = [r["dir"] for r in manifest.get("runs") or [] if isinstance(r, dict) and "dir" in r]
         names += sorted(n for n in os.listdir(path) if n not in names)
-        found = [os.path.join(path, n) for n in names if is_run_dir(os.path.join(path, n))]
+        found = [os.path.join(path, n) for n in names if run_folder.has_started(os.path.join(path, n))]
         if not found:
-            raise UserError(f"{path} is neither a run folder (no config.yaml) nor a sweep folder with run folders in it")
+            raise UserError(f"{path} is neither a run folder nor a sweep folder with started runs (a config.yaml) "
+                            "in it")
         runs += found
     unique = list(dict.fromkeys(os.path.abspath(p) for p in runs))
     return unique
@@ -107,11 +87,11 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 def _flat_config(path: str):
     """(flat {"section.key": value}, ExperimentConfig) of a run's config.yaml."""
-    from pretrain.config import load_config
+    from pretrain.config import load_config, to_dict  # they import the model code (torch): loaded when a run is read
 
-    cfg = load_config(os.path.join(path, "config.yaml"), stored=True)
+    cfg = load_config(os.path.join(path, run_folder.CONFIG_FILE), stored=True)
     flat = {}
-    for section, values in dataclasses.asdict(cfg).items():
+    for section, values in to_dict(cfg).items():  # the config keys (not the internal given_keys)
         if isinstance(values, dict) and section != "deepspeed":
             flat.update({f"{section}.{k}": v for k, v in values.items()})
         else:
@@ -136,24 +116,30 @@ def _newest_depth(path: str) -> dict | None:
 
 
 def read_run(path: str) -> Run:
+    """A started run folder, read once (pretrain report, pretrain plot); one-line UserErrors for a missing folder,
+    a run not started yet and a corrupted file."""
+    # torch and the model code (for the parameter count on the meta device) load only when a run is read
     import torch
-
     from models import Llama
 
+    if not os.path.isdir(path):
+        raise UserError(f"run folder {path} does not exist")
+    if not run_folder.has_started(path):
+        what = "a run submitted but not started yet" if run_folder.is_run_dir(path) else "not a run folder"
+        raise UserError(f"{path} has no {run_folder.CONFIG_FILE}: {what}")
     flat, cfg = _flat_config(path)
-    metrics = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+    metrics = run_folder.read_metrics(path)
     train = [m for m in metrics if "loss" in m]
     tokens_at = {m["step"]: m["consumed_tokens"] for m in train if "consumed_tokens" in m}
     per_step = cfg.train.global_batch_size * cfg.data.seq_len
     val = [{**m, "tokens": tokens_at.get(m["step"], m["step"] * per_step)} for m in metrics if "val_loss" in m]
-    events = _read_jsonl(os.path.join(path, "launch.jsonl"))
+    events = run_folder.read_events(path)
     with torch.device("meta"):
         params = Llama(cfg.model).num_params()
     return Run(
         path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
-        train=train, val=val, layer_stats=_read_jsonl(os.path.join(path, "layer_stats.jsonl")),
-        depth=_newest_depth(path), exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e],
-        params=params,
+        train=train, val=val, layer_stats=run_folder.read_layer_stats(path), depth=_newest_depth(path),
+        exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e], params=params,
     )
 
 
@@ -204,14 +190,12 @@ def row_differences(runs: list[Run], columns: list[str]) -> list[str]:
 
 def sweep_axes(paths: list[str]) -> list[str] | None:
     """The grid keys of a single sweep folder argument (its sweep.json), else None."""
-    if len(paths) != 1 or is_run_dir(paths[0]):
+    if len(paths) != 1 or run_folder.is_run_dir(paths[0]):
         return None
-    manifest = os.path.join(paths[0], SWEEP_MANIFEST)
-    if not os.path.isfile(manifest):
+    manifest = run_folder.read_manifest(paths[0])
+    if manifest is None:
         return None
-    with open(manifest) as f:
-        axes = json.load(f).get("axes") or {}
-    return list(axes)
+    return list(manifest.get("axes") or {})
 
 
 def _short(key: str) -> str:
@@ -252,7 +236,7 @@ class Table:
 
 
 def build_table(runs: list[Run], keys: list[str], diverged_ppl: float = 1000.0) -> Table:
-    from models.norms import NORM_SCHEMES
+    from models.norms import NORM_SCHEMES  # models imports torch: loaded when a table is built, not with this module
 
     for k in keys:
         if not any(k in r.config for r in runs):

@@ -1,24 +1,54 @@
-"""`pretrain attribute --checkpoint PATH --data DATA --out DIR`: exact direct logit attribution of an ln_free
-model (pretrain/analysis/attribution.py)."""
+"""`pretrain attribute --checkpoint PATH --data DATA --out DIR`: exact direct logit attribution of a norm-free model
+(pretrain/analysis/attribution.py); the model, batches and output rules are analyze-depth's
+(pretrain/cli/analyze_depth.py)."""
 
 from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from pretrain.analysis.attribution import check_norm_free, logit_attribution
+from pretrain.analysis.figures import attribution_figure
+from pretrain.cli.analyze_depth import add_analysis_args, analysis_batches, check_out, publish
+from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
     p = sub.add_parser("attribute", help="exact direct logit attribution per block of a norm-free (ln_free) model")
-    p.add_argument("--checkpoint", required=True,
-                   help="an ln_free checkpoint (e.g. RUN_DIR/ln_free of remove-norms), step/checkpoints/run folder")
-    p.add_argument("--data", required=True, help="a prepared data folder or bundled:tinyshakespeare")
-    p.add_argument("--out", required=True, help="output directory (must not exist): attribution.json and .png")
-    p.add_argument("--batches", type=int, default=4, help="validation micro-batches to evaluate (default 4)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="default: the run's train.micro_batch_size")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
-    p.add_argument("--split", default="val", help="data split to evaluate (default val)")
+    add_analysis_args(p, checkpoint_help="an ln_free checkpoint (e.g. RUN_DIR/ln_free of remove-norms), step/"
+                                         "checkpoints/run folder, or a Hugging Face Llama directory",
+                      out_help="output directory (must not exist): attribution.json and .png")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    # matplotlib and torch load only for the command that draws
-    from pretrain.analysis.attribution import cmd_attribute
+    out = check_out(args.out)
+    source = open_source(args.checkpoint, "--checkpoint")
+    check_norm_free(source.model_config)
+    settings, batches = analysis_batches(args, source)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = source.build(device)
+    result = {**source.description, "norm_scheme": source.model_config.norm_scheme, "data": settings["data"],
+              "split": settings["split"], "batches": len(batches), "micro_batch_size": settings["micro_batch_size"],
+              "seq_len": settings["seq_len"]}
+    result.update(logit_attribution(model, batches, device))
 
-    return cmd_attribute(args)
+    import matplotlib  # the headless backend, chosen before the figure draws; matplotlib only for this command
+
+    matplotlib.use("Agg")
+
+    def write(folder: str) -> None:
+        with open(os.path.join(folder, "attribution.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        attribution_figure(result).savefig(os.path.join(folder, "attribution.png"), dpi=120)
+
+    publish(out, args.out, write)
+    parts = [("embedding", result["embedding"])] + [(f"attn {l + 1}", v) for l, v in enumerate(result["attn"])] + \
+            [(f"mlp {l + 1}", v) for l, v in enumerate(result["mlp"])]
+    top = max(parts, key=lambda p: abs(p[1]))
+    print(f"wrote {args.out}/attribution.json and attribution.png: mean correct-token logit {result['logit']:.4f} "
+          f"on {result['tokens']:,} tokens, largest direct part {top[0]} ({top[1]:+.4f}); parts sum to the logit "
+          f"within {result['max_abs_error']:.1e}")
+    return 0

@@ -12,12 +12,14 @@ torch.profiler, after the warm-up and outside the timed steps: DIR/profile.txt (
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -124,6 +126,7 @@ class RandomTokens:
 
 
 def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
+    # DeepSpeed and megatron-core load here, for the command that trains
     from pretrain.diagnostics.hooks import LayerStatsHooks
     from pretrain.train.engine import build_engine
     from pretrain.train.hooks import TrainContext
@@ -186,11 +189,7 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
 def profile_step(one_step, device: torch.device, out_dir: str, about: dict) -> dict:
     """Trace one call of `one_step` (CPU activity, and CUDA kernels and runtime calls on a GPU); write the table,
     the summary and the trace into `out_dir`, return the summary."""
-    import gzip
-    import shutil
-    import warnings
-
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile, record_function  # the profiler: only for --profile
 
     warnings.filterwarnings("ignore", message=".*Profiler clears events.*")  # one trace, read once: not our case
     on_cuda = device.type == "cuda"
@@ -223,7 +222,7 @@ def summarize_profile(events, averages, on_cuda: bool) -> dict:
     Host-side events count only inside PROFILE_RANGE (the trace also holds the synchronize that closes it);
     device events (kernels, copies) are all the step's: nothing else ran on the device while tracing.
     """
-    from torch.autograd import DeviceType
+    from torch.autograd import DeviceType  # the profiler's types: only for --profile
 
     step = next((e for e in events if e.name == PROFILE_RANGE), None)
     if step is None:

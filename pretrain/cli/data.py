@@ -1,7 +1,10 @@
 """`pretrain tokenizer train`, `pretrain data prepare`, `pretrain data prepare-sft` and `pretrain data info`.
 
 `register(subparsers)` adds the commands to the main parser; each sets `func(args) -> int` (exit code).
-Problems the user can fix raise UserError, which `pretrain/cli.py` prints as one line.
+Problems the user can fix raise UserError, which `pretrain/cli/__init__.py` prints as one line.
+
+Every `pretrain` start imports this module: the tokenizer and prepare modules (numpy, sentencepiece) are imported
+at the top, pretrain.data.sft, which imports torch for its loaders, only by the two commands that use it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from pretrain.data.folders import read_meta
+from pretrain.data.prepare import prepare_dataset
+from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,8 +102,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from pretrain.data.tokenizer import Tokenizer, train_tokenizer
-
     path = train_tokenizer(
         args.input, args.vocab_size, args.out, args.model_type, text_field=args.text_field,
         max_sentences=args.max_sentences, seed=args.seed, overwrite=args.overwrite,
@@ -109,8 +113,6 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from pretrain.data.prepare import prepare_dataset, read_meta
-
     out = prepare_dataset(
         args.source, args.tokenizer, args.out, text_field=args.text_field, val_fraction=args.val_fraction,
         num_proc=args.num_proc, seed=args.seed, sample_by=args.sample_by, streaming=args.streaming,
@@ -121,8 +123,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
-    from pretrain.data.prepare import read_meta
-    from pretrain.data.sft import prepare_sft
+    from pretrain.data.sft import prepare_sft  # imports torch (SFT loaders): lazy, not at each `pretrain` start
 
     out = prepare_sft(
         args.source, args.tokenizer, args.out, fmt=args.format, template=args.template,
@@ -135,8 +136,7 @@ def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from pretrain.data.prepare import read_meta
-    from pretrain.data.sft import resolve_path
+    from pretrain.data.sft import resolve_path  # imports torch (SFT loaders): lazy, not at each `pretrain` start
 
     path = resolve_path(args.path)
     print(f"{path}: {summary(read_meta(path))}")

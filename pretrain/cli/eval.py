@@ -8,11 +8,12 @@ sum of the per-token losses over all label tokens, accumulated in float64, divid
 exp(loss). On one process, in fp32, this is the in-loop `val_loss` of the same weights, to float rounding
 (a bf16 run's in-loop value differs by bf16 rounding; this one is always fp32).
 
-Models:
+Models (both through `pretrain.state.sources.open_source`):
     training checkpoint   a step folder, checkpoints/ or a run folder (its latest), any TP/PP layout: read into
-                          one full model (`pretrain.state.checkpoint.load_model_state`), no torch.distributed
-    HF directory          config.json + weights (`pretrain.state.sources.is_hf_dir`), evaluated with transformers'
-                          AutoModelForCausalLM, so the export of a checkpoint scores what the checkpoint scores
+                          one full model (`ModelSource.build`), no torch.distributed
+    HF directory          config.json + weights, evaluated with transformers' AutoModelForCausalLM
+                          (`ModelSource.hf_causal_lm`), so the export of a checkpoint scores what the checkpoint
+                          scores, and any causal LM transformers knows can be scored, not only a Llama
 
 Defaults come from the checkpoint's config (eval.tokens, data.seq_len, train.micro_batch_size); an HF directory
 has none, so it gets the config defaults (seq_len clipped to max_position_embeddings): give --seq-len and
@@ -23,12 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
+from pretrain.config import ExperimentConfig
+from pretrain.data.batches import IGNORE_INDEX
+from pretrain.data.loader import check_seq_len, check_vocab, open_dataset, validation_batches
 from pretrain.errors import UserError
+from pretrain.state.sources import ModelSource, open_source
 
 
 def register(sub) -> None:
@@ -43,14 +48,12 @@ def register(sub) -> None:
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="samples per forward; changes memory, not the result (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, ppl, tokens, ...) instead of a line")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=run)
 
 
 @torch.no_grad()
 def evaluate_model(loss_sum_fn, batches, device: torch.device) -> tuple[float, int]:
     """(mean loss, label tokens) over `batches`; `loss_sum_fn(tokens, labels)` returns a batch's loss sum."""
-    from pretrain.data.loader import IGNORE_INDEX
-
     total, count = 0.0, 0
     for tokens, labels in batches:
         total += float(loss_sum_fn(tokens.to(device), labels.to(device)).double())
@@ -58,36 +61,15 @@ def evaluate_model(loss_sum_fn, batches, device: torch.device) -> tuple[float, i
     return (total / count if count else math.nan), count
 
 
-def _our_model(folder: str, device: torch.device):
-    """(loss-sum function, config, description) of a training checkpoint."""
-    from models import Llama
-    from pretrain.state.checkpoint import load_model_state, read_state
-
-    cfg, state = load_model_state(folder)  # one-line UserError for a missing or incomplete checkpoint
-    model = Llama(cfg.model)
-    model.load_state_dict(state, strict=True)
-    model.to(device).eval()
-    source = {"checkpoint": os.path.abspath(folder), "step": read_state(folder).get("step"),
-              "norm_scheme": cfg.model.norm_scheme}
-    return (lambda tokens, labels: model(tokens, labels, reduction="sum")), cfg, source
+def _our_model(source: ModelSource, device: torch.device):
+    """(loss-sum function, vocab size, max positions) of a training checkpoint."""
+    model = source.build(device)
+    return (lambda tokens, labels: model(tokens, labels, reduction="sum")), model.cfg.vocab_size, model.cfg.max_seq_len
 
 
-def _hf_model(folder: str, device: torch.device):
-    """(loss-sum function, vocab size, max positions, description) of a Hugging Face causal LM directory."""
-    import torch.nn.functional as F
-
-    from pretrain.data.loader import IGNORE_INDEX
-
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # one result line, not a loading bar
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--checkpoint {folder}: cannot load it as a Hugging Face causal LM: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+def _hf_model(source: ModelSource, device: torch.device):
+    """(loss-sum function, vocab size, max positions) of a Hugging Face causal LM directory."""
+    model = source.hf_causal_lm(device)
 
     def loss_sum(tokens, labels):
         logits = model(input_ids=tokens).logits
@@ -95,34 +77,26 @@ def _hf_model(folder: str, device: torch.device):
                                reduction="sum")
 
     c = model.config
-    source = {"checkpoint": os.path.abspath(folder), "step": None, "hf_model_type": c.model_type}
-    return loss_sum, c.vocab_size, getattr(c, "max_position_embeddings", None), source
+    return loss_sum, c.vocab_size, getattr(c, "max_position_embeddings", None)
 
 
-def cmd_eval(args) -> int:
-    from pretrain.state.checkpoint import find_checkpoint
-    from pretrain.config import ExperimentConfig
-    from pretrain.data.loader import check_seq_len, check_vocab, open_dataset, validation_batches
-    from pretrain.state.sources import is_hf_dir
-
+def run(args) -> int:
     for flag, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len),
                         ("--micro-batch-size", args.micro_batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if not os.path.exists(args.checkpoint):
-        raise UserError(f"--checkpoint {args.checkpoint} does not exist; give a run folder, a checkpoint folder or "
-                        "a Hugging Face model directory")
+    source = open_source(args.checkpoint, "--checkpoint")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = ExperimentConfig()
-    if is_hf_dir(args.checkpoint):
-        loss_sum, vocab, max_len, source = _hf_model(args.checkpoint, device)
+    if source.is_hf:  # no run config: the config defaults (seq_len clipped to the model's positions)
+        defaults = ExperimentConfig()
+        loss_sum, vocab, max_len = _hf_model(source, device)
         seq_len = args.seq_len or min(defaults.data.seq_len, max_len or defaults.data.seq_len)
         tokens = args.tokens or defaults.eval.tokens
         micro = args.micro_batch_size or 8
         cache_dir = None
     else:
-        loss_sum, cfg, source = _our_model(find_checkpoint(args.checkpoint), device)
-        vocab, max_len = cfg.model.vocab_size, cfg.model.max_seq_len
+        cfg = source.run_config
+        loss_sum, vocab, max_len = _our_model(source, device)
         seq_len = args.seq_len or cfg.data.seq_len
         tokens = args.tokens or cfg.eval.tokens
         micro = args.micro_batch_size or cfg.train.micro_batch_size
@@ -135,7 +109,8 @@ def cmd_eval(args) -> int:
     batches = validation_batches(dataset, tokens, micro, what="--tokens")
     loss, count = evaluate_model(loss_sum, batches, device)
     result = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "samples": count // seq_len,
-              "seq_len": seq_len, "data": dataset.path if hasattr(dataset, "path") else args.data, **source}
+              "seq_len": seq_len, "data": dataset.path if hasattr(dataset, "path") else args.data,
+              **source.description}
     if args.json:
         json.dump(result, sys.stdout)
         print()

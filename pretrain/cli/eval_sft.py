@@ -16,7 +16,10 @@ import sys
 
 import torch
 
+from models.generate import Sampling, generate
 from pretrain.cli.generate import _batched, _check_counts, _check_lengths, _common, _conversations, _prompts, load_model
+from pretrain.data.batches import IGNORE_INDEX
+from pretrain.data.sft import encode_conversations, get_template
 from pretrain.errors import UserError
 
 
@@ -39,8 +42,6 @@ def register(sub) -> None:
 @torch.no_grad()
 def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
     """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
-    from pretrain.data.loader import IGNORE_INDEX
-
     sums, counts = [], []
     device = model.rope_cos.device
     for _, chunk in _batched(examples, batch_size):
@@ -60,9 +61,6 @@ def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[f
 
 
 def run(args) -> int:
-    from models.generate import Sampling, generate
-    from pretrain.data.sft import encode_conversations, get_template
-
     _check_counts(args, "max-new-tokens", "batch-size", "limit")
     template = get_template(args.template)
     model, tok = load_model(args.checkpoint, args.tokenizer, args.device)

@@ -1,8 +1,8 @@
 """`pretrain generate`: sample completions of prompts from a checkpoint (`pretrain eval-sft` shares its model and
 prompt rules).
 
-Models: a training checkpoint (step folder, checkpoints/ or run folder, any TP/PP layout, read into one full model
-by `pretrain.state.checkpoint.load_model_state`) or a Hugging Face Llama directory; one process, CPU or GPU
+Models: a training checkpoint (step folder, checkpoints/ or run folder, any TP/PP layout, read into one full model)
+or a Hugging Face Llama directory, through `pretrain.state.sources.open_source`; one process, CPU or GPU
 (`--device`). The tokenizer is the one of the checkpoint's training data (its data.paths[0]), the
 `tokenizer.model` of an HF directory, or `--tokenizer`.
 
@@ -14,14 +14,14 @@ Prompts are rendered and tokenized by `pretrain.data.sft` exactly as `pretrain d
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
 import tempfile
 
 import torch
 
+from models.generate import Sampling, generate
+from pretrain.data.sft import TEMPLATES, Conversation, Turn, get_template, iter_records, prompt_ids
 from pretrain.errors import UserError
+from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
@@ -39,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=run)
 
 
 def _common(p, template_help: str) -> None:
@@ -54,34 +54,15 @@ def _common(p, template_help: str) -> None:
 
 def load_model(path: str, tokenizer: str | None = None, device: str = "auto"):
     """(fp32 `Llama` in eval mode on `device`, Tokenizer) of a training checkpoint or an HF Llama directory."""
-    from models.hf import _build, load_hf_state
-    from pretrain.state.checkpoint import find_checkpoint, load_model_state
-    from pretrain.data.sft import checkpoint_tokenizer, resolve_tokenizer
-    from pretrain.state.sources import is_hf_dir
-
-    if not os.path.exists(path):
-        raise UserError(f"--checkpoint {path} does not exist; give a run folder, a checkpoint folder or a Hugging Face "
-                        "Llama directory")
-    if is_hf_dir(path):
-        try:
-            model_cfg, state = load_hf_state(path)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"--checkpoint {path}: {e}") from None
-        try:
-            tok = resolve_tokenizer(tokenizer or path)
-        except UserError as e:
-            raise UserError(f"{e}; pass --tokenizer") from None
-    else:
-        cfg, state = load_model_state(find_checkpoint(path))
-        model_cfg = cfg.model
-        tok = resolve_tokenizer(tokenizer) if tokenizer else checkpoint_tokenizer(path)
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer {tok.path} has {tok.vocab_size} ids but the model only {model_cfg.vocab_size}; "
+    source = open_source(path, "--checkpoint")
+    tok = source.tokenizer(tokenizer)
+    vocab = source.model_config.vocab_size
+    if tok.vocab_size > vocab:
+        raise UserError(f"the tokenizer {tok.path} has {tok.vocab_size} ids but the model only {vocab}; "
                         "pass the model's --tokenizer")
     if tok.bos_id < 0 or tok.eos_id < 0:
         raise UserError(f"{tok.path}: the tokenizer needs BOS and EOS pieces")
-    model = _build(model_cfg, state).to(_device(device)).eval()
-    return model, tok
+    return source.build(_device(device)), tok
 
 
 def _device(name: str) -> torch.device:
@@ -105,8 +86,6 @@ def _check_counts(args, *names: str) -> None:
 
 def _conversations(source: str, fmt: str, need_response: bool, limit: int | None = None):
     """[(record, Conversation)] of a records file, read with a throwaway datasets cache."""
-    from pretrain.data.sft import iter_records
-
     with tempfile.TemporaryDirectory(prefix="pretrain-records-") as cache:
         out = []
         for _, _, convs, records in iter_records(source, fmt, cache_dir=cache, need_response=need_response,
@@ -118,8 +97,6 @@ def _conversations(source: str, fmt: str, need_response: bool, limit: int | None
 
 
 def _prompts(tok, template, convs) -> list[list[int]]:
-    from pretrain.data.sft import prompt_ids
-
     return [prompt_ids(tok, template, conv) for conv in convs]
 
 
@@ -128,10 +105,7 @@ def _batched(items: list, size: int):
         yield i, items[i:i + size]
 
 
-def cmd_generate(args) -> int:
-    from models.generate import Sampling, generate
-    from pretrain.data.sft import TEMPLATES, Conversation, Turn, get_template
-
+def run(args) -> int:
     _check_counts(args, "max-new-tokens", "batch-size")
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -57,6 +57,7 @@ def _argv_without_nproc(args) -> list[str]:
 
 def run_removal(starts: list, stop) -> int:
     """The removal run, then the control, in one process group; rank 0 writes removal.json when both are done."""
+    # DeepSpeed and megatron-core load here, for the command that trains
     from pretrain.features import hooks_for
     from pretrain.removal.report import report_line, write_report
     from pretrain.state import checkpoint

@@ -1,7 +1,13 @@
 """`pretrain report RUN_DIR...|SWEEP_ROOT --out DIR`: REPORT.md and report.html of runs or a sweep
-(pretrain/analysis/report.py)."""
+(the content: pretrain/analysis/report.py; Table 1: report_table.py; the pictures: figures.py)."""
 
 from __future__ import annotations
+
+import os
+
+from pretrain.analysis.report import REPORT_HTML, REPORT_MD, report_blocks, write_report
+from pretrain.analysis.report_table import build_table, column_keys, expand_inputs, read_run, sweep_axes
+from pretrain.errors import UserError
 
 
 def register(sub) -> None:
@@ -19,7 +25,24 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    # matplotlib and torch load only for the command that draws
-    from pretrain.analysis.report import cmd_report
+    import matplotlib  # the plotting library loads only for the command that draws
 
-    return cmd_report(args)
+    matplotlib.use("Agg")
+    out = os.path.abspath(args.out)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {args.out}: folder {parent} does not exist")
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, REPORT_MD)):
+        raise UserError(f"--out {args.out} exists and holds no earlier report; choose a new folder")
+    if args.diverged_ppl <= 1:
+        raise UserError(f"--diverged-ppl must be > 1, got {args.diverged_ppl}")
+    paths = expand_inputs(args.paths)
+    runs = [read_run(p) for p in paths]
+    keys = args.columns if args.columns is not None else column_keys(runs, sweep_axes(args.paths))
+    table = build_table(runs, keys, args.diverged_ppl)
+    blocks, images = report_blocks(runs, table, args.title, args.paths)
+    write_report(out, blocks, images)
+    best = [f"{col}: {s}" for (s, col), c in table.cells.items() if c.best]
+    print(f"wrote {args.out}/{REPORT_MD} and {REPORT_HTML}: {len(runs)} run(s), {len(table.rows)} scheme(s) x "
+          f"{len(table.columns)} column(s); best per column: {'; '.join(best) or 'none'}")
+    return 0

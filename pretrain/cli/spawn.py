@@ -12,10 +12,10 @@ def spawn_local_ranks(nproc: int, argv: list[str]) -> int:
     read it; each rank has already printed its own one-line error."""
     if nproc < 1:
         raise UserError("--nproc-per-node must be >= 1")
-    # torch.distributed.run pulls in the elastic agent (about a second): only a spawning command pays for it.
+    # torch.distributed.run pulls in the elastic agent and pretrain.train DeepSpeed (seconds): only a spawning
+    # command pays for them
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-
     from pretrain.train.distributed import free_port
 
     try:

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from pretrain.data.prepare import BUNDLED_PREFIX as PREFIX
-from pretrain.data.prepare import FORMAT_VERSION, OutputExists, bundled_corpus_path, prepare_dataset, read_meta
+from pretrain.data.folders import FORMAT_VERSION, OutputExists, incomplete_reason, read_meta
+from pretrain.data.prepare import prepare_dataset
+from pretrain.data.sources import BUNDLED_PREFIX as PREFIX
+from pretrain.data.sources import bundled_corpus_path
 from pretrain.data.tokenizer import train_tokenizer
 from pretrain.errors import UserError
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a bundled corpus (the text prepare.bundled_corpus_path finds) becomes tokens; every field goes into
+    """How a bundled corpus (the text sources.bundled_corpus_path finds) becomes tokens; every field goes into
     the cache key."""
 
     vocab_size: int = 2048
@@ -76,14 +78,12 @@ def resolve_data_path(spec: str, cache_dir: str | None = None) -> str:
     except UserError:
         pass
     if data_dir.exists():
-        raise UserError(
-            f"{data_dir} is an incomplete bundled-data cache (from an interrupted run); delete it and re-run"
-        )
+        raise UserError(damaged_cache_message(data_dir))
     try:
         train_tokenizer([str(text)], recipe.vocab_size, str(tok_dir), recipe.model_type, seed=recipe.seed)
     except OutputExists:
         pass  # built earlier or by another rank; training is deterministic, so it is the same model
-    with _quiet_datasets():
+    with quiet_datasets():
         try:
             prepare_dataset(
                 str(text), str(tok_dir), str(data_dir), sample_by=recipe.sample_by,
@@ -95,10 +95,17 @@ def resolve_data_path(spec: str, cache_dir: str | None = None) -> str:
     return str(data_dir)
 
 
+def damaged_cache_message(folder: Path) -> str:
+    """The error for a bundled-data cache folder that exists but is not complete. Only a prepare writes it (whole,
+    by renaming its staging folder), so it was damaged afterwards; it is a cache, rebuilt when missing."""
+    reason = (incomplete_reason(folder) or "files that do not match its meta.json") if folder.is_dir() else "not a folder"
+    return f"{folder}: a damaged bundled-data cache ({reason}); delete it, and the next use rebuilds it"
+
+
 @contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """No datasets progress bars while a training run builds its default data in passing."""
-    import datasets
+    import datasets  # 0.6 s to import: only building the bundled data needs it, not each training start
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from pretrain.data.batches import IGNORE_INDEX, LMBatch
-from pretrain.data.prepare import read_meta
+from pretrain.data.bundled import resolve_data_path
+from pretrain.data.folders import read_meta
 from pretrain.errors import UserError
 
 
@@ -267,8 +268,6 @@ class DataLoader:
         return len(self.dataset)
 
 
-
-
 def validation_size(dataset: Dataset, tokens: int, what: str = "eval.tokens") -> int:
     """Samples in the validation set of token budget `tokens`: min(tokens // seq_len, samples in the split).
 
@@ -384,8 +383,6 @@ def open_dataset(
     cache_dir: str | None = None,
 ) -> Dataset:
     """One prepared folder (or `bundled:NAME`) as a TokenDataset; several as a BlendedDataset."""
-    from pretrain.data.bundled import resolve_data_path
-
     paths = [paths] if isinstance(paths, str) else list(paths)
     datasets = [TokenDataset(resolve_data_path(p, cache_dir), seq_len, split) for p in paths]
     if len(datasets) == 1 and weights is None:

@@ -47,16 +47,21 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from pretrain.config import load_config
 from pretrain.data.batches import IGNORE_INDEX
-from pretrain.data.loader import DataLoader, ValidationBatches
-from pretrain.data.prepare import (
-    FORMAT_VERSION, META_FILE, OutputExists, _assign_val, is_prepared, load_source, read_meta, resolve_source,
-    staging_dir, token_dtype, write_meta,
+from pretrain.data.bundled import cache_root, damaged_cache_message, quiet_datasets, resolve_data_path
+from pretrain.data.folders import (
+    FORMAT_VERSION, META_FILE, MODEL_FILE, SFT_KIND, OutputExists, is_prepared, is_run_folder, read_meta, staging_dir,
+    token_dtype, write_meta,
 )
-from pretrain.data.tokenizer import MODEL_FILE, Tokenizer
+from pretrain.data.loader import DataLoader, ValidationBatches
+from pretrain.data.prepare import assign_val
+from pretrain.data.sources import BUNDLED_PREFIX, CORPORA_DIR, load_source, resolve_source
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.runs import find_checkpoint
 
-KIND = "sft"
+KIND = SFT_KIND
 SFT_VERSION = 1
 FORMATS = ("auto", "alpaca", "prompt-response", "messages")
 OVERLONG = ("error", "truncate", "drop")
@@ -371,7 +376,7 @@ def prepare_sft(
     dtype = token_dtype(tok.vocab_size)
     threads = num_proc or min(os.cpu_count() or 1, 16)
     out = Path(out_dir).expanduser().absolute()
-    with staging_dir(out, overwrite, is_sft_folder, what="a prepared SFT dataset", known=FILES) as tmp:
+    with staging_dir(out, overwrite, is_sft_folder, what="a prepared SFT dataset", known=FILES, kind=KIND) as tmp:
         cache = tmp / ".hf_cache"
         cache.mkdir()
         examples: list[tuple[np.ndarray, np.ndarray]] = []
@@ -401,7 +406,7 @@ def prepare_sft(
         if not examples:
             why = f" ({counts['dropped']} dropped as longer than --seq-len {seq_len})" if counts["dropped"] else ""
             raise UserError(f"{label}: no examples to write{why}")
-        is_val = _assign_val(np.array(kept_flags, bool), val_fraction, seed)[np.array(kept_flags, bool)]
+        is_val = assign_val(np.array(kept_flags, bool), val_fraction, seed)[np.array(kept_flags, bool)]
         if val_fraction > 0 and not is_val.any():
             raise UserError(f"{label}: the validation split came out empty ({len(examples)} example"
                             f"{'s' if len(examples) != 1 else ''}, --val-fraction {val_fraction:g}); give more "
@@ -470,8 +475,10 @@ def read_sft_meta(path) -> dict:
         for name, size in ((info["mask_file"], info["num_tokens"]), (info["index_file"], 8 * (info["num_examples"] + 1))):
             f = Path(path) / name
             if not f.is_file() or f.stat().st_size != size:
-                raise UserError(f"data {path}: {name} is missing or damaged; delete the folder and re-run "
-                                "`pretrain data prepare-sft`")
+                raise UserError(f"data {path}: {name} is missing or does not match meta.json; a prepare-sft publishes "
+                                "only whole folders, so this one was cut short while being copied or was changed "
+                                "since: copy it again, or re-create it with `pretrain data prepare-sft ... --out "
+                                f"{path} --overwrite`")
     return meta
 
 
@@ -714,10 +721,6 @@ class SFTValidationBatches(ValidationBatches):
 # ---------------------------------------------------------------------------------------------- bundled sets
 
 
-CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
-BUNDLED_PREFIX = "bundled:"
-
-
 @dataclass(frozen=True)
 class BundledSFT:
     """A shipped instruction set and how it becomes an SFT folder; every field goes into the cache key."""
@@ -746,8 +749,6 @@ def resolve_path(spec: str, cache_dir: str | None = None) -> str:
     """A prepared folder for a data path: `bundled:tiny-instruct` (and -test) is prepared on first use into the
     bundled cache with the bundled tiny-Shakespeare tokenizer; anything else goes to
     `pretrain.data.bundled.resolve_data_path`."""
-    from pretrain.data.bundled import _quiet_datasets, cache_root, resolve_data_path
-
     name = _bundled_name(spec)
     if name is None:
         return resolve_data_path(spec, cache_dir)
@@ -762,8 +763,8 @@ def resolve_path(spec: str, cache_dir: str | None = None) -> str:
     if is_sft_folder(folder):
         return str(folder)
     if folder.exists():
-        raise UserError(f"{folder} is an incomplete bundled-data cache (from an interrupted run); delete it and re-run")
-    with _quiet_datasets():
+        raise UserError(damaged_cache_message(folder))
+    with quiet_datasets():
         try:
             prepare_sft(spec, tok, str(folder), template=recipe.template, val_fraction=recipe.val_fraction,
                         seed=recipe.seed)
@@ -779,17 +780,13 @@ def resolve_tokenizer(spec: str, cache_dir: str | None = None) -> Tokenizer:
     if isinstance(spec, str) and spec.startswith(BUNDLED_PREFIX):
         return Tokenizer.load(resolve_path(spec, cache_dir))
     p = Path(spec).expanduser()
-    if p.is_dir() and not any(p.glob("*.model")) and (
-            (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / "latest").is_file()):
+    if is_run_folder(p) and not any(p.glob("*.model")):
         return checkpoint_tokenizer(str(p))
     return Tokenizer.load(spec)
 
 
 def checkpoint_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of the data a training checkpoint (step, checkpoints/ or run folder) was trained on."""
-    from pretrain.state.checkpoint import find_checkpoint
-    from pretrain.config import load_config
-
     folder = find_checkpoint(path)
     config = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config):

@@ -19,10 +19,11 @@ from typing import Iterable, Iterator, Literal
 
 import sentencepiece as spm
 
+from pretrain.data.folders import MODEL_FILE, SFT_KIND, describe, identify, is_tokenizer_dir, staging_dir
+from pretrain.data.folders import TOKENIZER_META_FILE as META_FILE
+from pretrain.data.sources import check_utf8, iter_source_texts, resolve_local
 from pretrain.errors import UserError
 
-MODEL_FILE = "tokenizer.model"
-META_FILE = "tokenizer_meta.json"
 ModelType = Literal["bpe", "unigram"]
 
 # Fixed special ids for every tokenizer we train; a loaded `.model` keeps its own (Llama: unk=0 bos=1 eos=2, no pad).
@@ -132,7 +133,7 @@ def find_model_file(path: str | os.PathLike) -> Path:
         if len(models) == 1:
             return models[0]
         if not models:
-            raise UserError(f"{p}: no sentencepiece .model file in this folder; train one with `pretrain tokenizer train`")
+            raise UserError(f"{p}: {_no_model_message(p)}")
         raise UserError(f"{p}: several .model files ({', '.join(m.name for m in models)}); pass the file itself")
     if not p.exists():
         raise UserError(f"tokenizer {p}: no such file or folder")
@@ -158,8 +159,6 @@ def train_tokenizer(
     `num_threads` is a fixed number, not the machine's core count: the model records it, and unigram
     results depend on it, so ranks on different machines would otherwise train different tokenizers.
     """
-    from pretrain.data.prepare import check_utf8, iter_source_texts, resolve_local, staging_dir
-
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"tokenizer model type {model_type!r} is not one of bpe, unigram")
     if vocab_size < MIN_VOCAB_SIZE:
@@ -179,7 +178,8 @@ def train_tokenizer(
                         yield line
 
     out = Path(out_dir).expanduser()
-    with staging_dir(out, overwrite, is_tokenizer_dir, what="a trained tokenizer", known={MODEL_FILE, META_FILE}) as tmp:
+    with staging_dir(out, overwrite, is_tokenizer_dir, what="a trained tokenizer", known={MODEL_FILE, META_FILE},
+                     kind="tokenizer") as tmp:
         model = io.BytesIO()
         it = sentences()
         first = next(it, None)
@@ -215,14 +215,16 @@ def train_tokenizer(
     return str(out / MODEL_FILE)
 
 
-def is_tokenizer_dir(path: Path) -> bool:
-    """Whether `path` holds a finished `train_tokenizer` output."""
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-        model = (path / MODEL_FILE).read_bytes()
-        return hashlib.sha256(model).hexdigest() == meta["sha256"]
-    except (OSError, ValueError, KeyError):
-        return False
+def _no_model_message(p: Path) -> str:
+    """Why folder `p`, which holds no .model file, is not a tokenizer, and what to pass instead."""
+    kind = identify(p)
+    if kind in ("data", SFT_KIND):
+        return (f"{describe(p, kind)} without a copy of its tokenizer (no {MODEL_FILE}); pass the tokenizer it was "
+                "prepared with (a .model file or its folder)")
+    if kind == "run":
+        return ("a training run folder, not a tokenizer; pass a tokenizer (a .model file or its folder), e.g. the "
+                "prepared data folder the run trained on, which holds a copy")
+    return "no sentencepiece .model file in this folder; train one with `pretrain tokenizer train`"
 
 
 def _chain(*iterables: Iterable[str]) -> Iterator[str]:

@@ -1,0 +1,91 @@
+"""Per-layer diagnostics: residual variance, branch contributions, angular distance and gradient norms.
+
+    stats.py   the registry of per-layer statistics (one entry each: file key, TensorBoard tag, figure panel)
+    taps.py    reading a block's activations through its declared slots (shared with pretrain/analysis/depth.py)
+    probes.py  activation statistics of one micro-batch, gradient norms per block, from a model of any layout
+    writer.py  layer_stats.jsonl and TensorBoard
+    hooks.py   the training-loop hooks (pretrain/features.py turns them on when diagnostics.interval > 0)
+
+Every `diagnostics.interval` optimizer steps (0 = off: nothing is registered or wrapped) the training loop
+measures, for each block l = 1..L of the model, and rank 0 appends one line to run.dir/layer_stats.jsonl and
+writes TensorBoard scalars.
+
+Definitions
+-----------
+A block computes (models/norms.py, read through pretrain/diagnostics/taps.py)  h = attn_post_norm(alpha x + a),  y = mlp_post_norm(alpha h + m)  with
+x the block input, a = attn_out_norm(Attn(attn_norm(x))) and m = mlp_out_norm(MLP(mlp_norm(h))). Over the
+B x T tokens of the measured micro-batch (D = d_model, statistics in at least fp32):
+
+    variance          mean over tokens of the per-token variance of y over the hidden dim:
+                      (1/BT) sum_t (1/D) sum_d (y_td - mean_d y_t)^2      (biased; the Curse of Depth paper's
+                      "output variance" of layer l, the quantity the next LayerNorm divides by)
+    rms               sqrt(mean over all elements of y^2)
+    attn_ratio        ||a||_F / ||alpha x||_F   (Frobenius norms over the micro-batch: the attention output
+                      relative to the residual it is added to, Csordas et al.'s ||a_l|| / ||h_l||)
+    mlp_ratio         ||m||_F / ||alpha h||_F   with h the input of mlp_norm, i.e. the residual m is added to
+                      (= ||m_l|| / ||h_l + a_l|| in Csordas et al.'s notation for pre-norm blocks)
+    angular_distance  mean over tokens of arccos(cos(x_t, y_t)) / pi, in [0, 1] (Gromov et al., "The
+                      Unreasonable Ineffectiveness of the Deeper Layers")
+    grad_norm         L2 norm of the gradient of block l's parameters; grad_norm_embedding, _final_norm,
+                      _head likewise (null when the model has no such parameters: a tied head is part of
+                      the embedding, ln_free/post_ln/deepnorm have no final norm); grad_norm_global over all
+                      parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
+
+Which data
+----------
+`step` is the optimizer step as in metrics.jsonl: activations and gradients of step s are those of its own
+forward/backward passes, i.e. of the weights before update s is applied (step 1 = the initial weights).
+Activation statistics come from ONE micro-batch per measured step: the first micro-batch of data-parallel
+rank 0. The data loader gives that rank the first micro_batch_size samples of the step's global batch, so
+the statistics cover the same samples in every TP/PP/DP layout with the same micro_batch_size. (With
+gradient accumulation the other micro-batches are not measured.) Gradient norms are those of the
+accumulated, data-parallel-averaged gradient of the whole global batch: the gradient the optimizer update
+uses, before clipping.
+
+How (cost and parallelism)
+--------------------------
+* Activations: forward hooks on each block and its attn_out_norm, mlp_norm and mlp_out_norm (nn.Identity
+  where a scheme has no norm, still a module call) are registered at the start of a measured step and each
+  block's hooks remove themselves after its first forward, so unmeasured steps and later micro-batches run
+  no hook at all. Statistics are reduced on the device to 5 scalars per block; one `.tolist()` per measured
+  step moves them to the host. Hooks run only on ranks with tp_rank == 0 and dp_rank == 0.
+* TP: after the row-parallel all-reduce the residual stream and both branch outputs are full (replicated) on
+  every TP rank, so activation statistics need no TP reduction. Gradient sums of squares count TP-sharded
+  weights (`tensor_model_parallel`) on every TP rank and replicated ones (norm gains) on TP rank 0 only, then
+  are summed over the model-parallel (TP x PP) group -- the rule the engine's own global norm uses.
+* PP: each stage measures its own blocks into a fixed-size vector (zeros elsewhere); one all-reduce over the
+  model-parallel group of data-parallel rank 0 assembles all layers on global rank 0, which writes. A tied
+  embedding is counted once: DeepSpeed marks the non-owning stage's copy `ds_pipe_replicated`.
+* Gradient hook point: the engine's `_take_model_step` (instance attribute, wrapped once at set-up). Both the
+  plain DeepSpeedEngine (inside `engine.step()` at the accumulation boundary) and the PipelineEngine (its
+  OptimizerStep instruction, inside `train_batch`) call it exactly once per optimizer step, after the
+  data-parallel and tied-weight gradient reductions and before clipping and the optimizer update. A
+  `torch.optim` step pre-hook would do for ZeRO 0 only; at ZeRO 1-2 the client optimizer sees flattened
+  partitions.
+* ZeRO: every gradient is read with `deepspeed.utils.safe_get_full_grad`: p.grad at ZeRO 0, the partitioned
+  fp32 gradient reassembled over the data-parallel group at ZeRO 1-2 (and the bf16 optimizer's fp32
+  accumulation buffer with train.precision=bf16). Its all-reduces run on every rank of the step, so at ZeRO
+  1-2 a measured step costs about one extra gradient all-reduce.
+* train.compile: a compiled block ignores hooks added after compilation, so the measured forward of each
+  block runs eagerly (its compiled version is restored by its own hook); the hooks themselves are excluded
+  from compilation (torch.compiler.disable).
+* The measured step's extra time is part of its step_time / tokens_per_s in metrics.jsonl.
+
+layer_stats.jsonl
+-----------------
+One JSON object per measured step; arrays have one entry per block, index 0 = block 1:
+
+    {"step": 100, "layers": 8, "norm_scheme": "lns",
+     "variance": [...], "rms": [...], "attn_ratio": [...], "mlp_ratio": [...], "angular_distance": [...],
+     "grad_norm": [...], "grad_norm_embedding": 0.41, "grad_norm_final_norm": 0.02, "grad_norm_head": 0.37,
+     "grad_norm_global": 0.93}
+
+A resumed run drops entries after the checkpoint's step (as metrics.jsonl does). Non-finite values are
+written as NaN/Infinity (Python's json reads them).
+
+TensorBoard (run.dir/tb): scalars layers/<stat>/lNN (NN = 01..L) for the five statistics and grad_norm,
+layers/grad_norm_{embedding,final_norm,head,global}, and per measured step a histogram
+layers/variance_vs_depth whose bucket l (x-axis: layer index 1..L) has height = variance of layer l (the
+histogram tab then shows variance against depth over training). At the end of the run an image
+layers/variance_vs_depth_image plots variance against depth for up to 8 measured steps.
+"""

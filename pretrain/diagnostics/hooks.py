@@ -4,30 +4,84 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pretrain.diagnostics.probes import LayerDiagnostics
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad  # p.grad at ZeRO 0; reassembled partitions at ZeRO 1-2
+from megatron.core import parallel_state
+
+from pretrain import compat
+from pretrain.diagnostics.probes import N_EXTRA_GROUPS, ActivationProbe, grad_square_sums, local_blocks, parameter_groups
+from pretrain.diagnostics.stats import ACTIVATION_STATS
+from pretrain.diagnostics.writer import LayerStatsWriter, make_record
 from pretrain.train.hooks import TrainContext, TrainHooks
 
 
 class LayerStatsHooks(TrainHooks):
-    """layer_stats.jsonl and TensorBoard's layers/* on every diagnostics.interval-th step.
+    """Measures every diagnostics.interval-th step into layer_stats.jsonl and TensorBoard's layers/*: the activation
+    statistics of the step's first micro-batch on data-parallel rank 0 (before step s), the gradient norms of the
+    whole global batch (inside the optimizer step, before clipping), written after the step.
 
     `figure(history)` draws variance against depth for TensorBoard's end-of-run image (pretrain/features.py hands
-    in pretrain.analysis.figures.variance_vs_depth_figure: no plotting library is imported on the training path
-    unless a run ends with diagnostics to draw)."""
+    in pretrain.analysis.figures.variance_vs_depth_figure, so no plotting library is imported here)."""
 
     def __init__(self, figure: Callable | None = None):
         self.figure = figure
-        self.diagnostics: LayerDiagnostics | None = None
+        self.measuring = False
+        self.grads: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_start(self, ctx: TrainContext) -> None:
-        self.diagnostics = LayerDiagnostics(ctx.cfg, ctx.built, ctx.topo, ctx.out.tb, ctx.step, self.figure)
+        cfg, topo, built = ctx.cfg, ctx.topo, ctx.built
+        self.interval, self.n_layers, self.norm_scheme = cfg.diagnostics.interval, cfg.model.n_layers, cfg.model.norm_scheme
+        self.device, self.tp_rank, self.dp_rank = topo.device, topo.tp_rank, topo.dp_rank
+        self.mp_group = parallel_state.get_model_parallel_group() if topo.tp * topo.pp > 1 else None
+        self.probe = None
+        if topo.tp_rank == 0 and topo.dp_rank == 0:
+            self.probe = ActivationProbe(local_blocks(built.model), self.n_layers)
+        self.entries = parameter_groups(built.model, self.n_layers)
+        self.n_groups = self.n_layers + N_EXTRA_GROUPS
+        self.writer = LayerStatsWriter(cfg.run.dir, ctx.step, ctx.out.tb, figure=self.figure) if topo.rank == 0 else None
+        compat.wrap_model_step(built.engine, self._before_model_step)
+
+    def _before_model_step(self) -> None:
+        """Inside the optimizer step, after the gradient reductions, before clipping (pretrain/compat.py)."""
+        if self.measuring:
+            self.grads = grad_square_sums(self.entries, self.n_groups, self.tp_rank, safe_get_full_grad)
 
     def before_step(self, ctx: TrainContext, step: int) -> None:
-        self.diagnostics.begin_step(step)
+        self.measuring = step % self.interval == 0
+        self.grads = None
+        if self.measuring and self.probe is not None:
+            self.probe.arm()
 
     def after_step(self, ctx: TrainContext, step: int) -> dict:
-        self.diagnostics.end_step(step)
+        if not self.measuring:
+            return {}
+        self.measuring = False
+        if self.probe is not None:
+            self.probe.disarm()
+        if self.dp_rank != 0:
+            return {}  # data-parallel replicas took part in the ZeRO collectives; rank 0's group has the rest
+        n_stats = len(ACTIVATION_STATS)
+        act = self.probe.result(self.device) if self.probe is not None else torch.zeros(
+            n_stats, self.n_layers, dtype=torch.float64, device=self.device)
+        if self.grads is None:  # the optimizer step did not run (should not happen)
+            nan = torch.full((self.n_groups,), float("nan"), dtype=torch.float64, device=self.device)
+            grad_sq, counts = nan, torch.zeros_like(nan)
+        else:
+            grad_sq, counts = (t.to(self.device) for t in self.grads)
+        packed = torch.cat([act.flatten(), grad_sq, counts])
+        if self.mp_group is not None:
+            dist.all_reduce(packed, group=self.mp_group)  # TP shards, PP stages (zeros where not held)
+        if self.writer is not None:
+            n_act = n_stats * self.n_layers
+            self.writer.write(make_record(
+                step, self.n_layers, self.norm_scheme, packed[:n_act].view(n_stats, self.n_layers),
+                packed[n_act:n_act + self.n_groups], packed[n_act + self.n_groups:],
+            ))
         return {}
 
     def on_finish(self, ctx: TrainContext, exit_code: int) -> None:
-        self.diagnostics.close()
+        if self.probe is not None:
+            self.probe.disarm()
+        if self.writer is not None:
+            self.writer.close()

@@ -9,7 +9,7 @@ from pretrain.config import ExperimentConfig, load_config
 from pretrain.errors import UserError
 from pretrain.removal import CONTROL_DIR
 from pretrain.state.resume import flatten
-from pretrain.state.sources import is_hf_dir, source_folder, source_model_config
+from pretrain.state.sources import open_source
 
 # The fine-tune of the recipe (GPT-2 small: lr 6e-4 -> 3e-4 cosine, warm-up 20, weight decay 0.01, clip 1.0).
 RECIPE = {"train.min_lr_ratio": 0.5, "train.weight_decay": 0.01, "train.grad_clip": 1.0}
@@ -28,18 +28,18 @@ def removal_configs(checkpoint: str, data: str, out: str, steps: int, order: lis
     """(the removal run's config, the control's or None); `overrides` are the command line's dotted overrides."""
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-    folder = source_folder(checkpoint)
     given_scheme = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.norm_scheme=")), None)
-    source = source_model_config(folder, given_scheme or "pre_ln")
+    origin = open_source(checkpoint, "--checkpoint", norm_scheme=given_scheme or "pre_ln")
+    source = origin.model_config
     scheme = given_scheme or source.norm_scheme
     if scheme not in NORM_SCHEMES or not NORM_SCHEMES[scheme].removable:
         removable = " or ".join(name for name, s in NORM_SCHEMES.items() if s.removable)
         raise UserError(f"remove-norms: {checkpoint} is a {scheme} model; norm removal fine-tunes a {removable} model")
     values: dict = {}
-    if is_hf_dir(folder):
+    if origin.is_hf:
         lr = HF_LR
     else:
-        stored = flatten(load_config(os.path.join(folder, "config.yaml"), stored=True))
+        stored = flatten(origin.run_config)
         values.update({k: stored[k] for k in INHERITED if k in stored})
         lr = stored["train.lr"] * LR_FRACTION
         values["eval.interval"] = stored["eval.interval"] if stored["eval.interval"] > 0 else steps

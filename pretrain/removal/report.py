@@ -8,13 +8,12 @@ import os
 
 from pretrain.config import ExperimentConfig
 from pretrain.removal import LN_FREE_DIR, REPORT
+from pretrain.runs import read_metrics
 from pretrain.state.checkpoint import write_atomic
 
 
 def _records(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(run_dir)
 
 
 def _val_at(records: list[dict], step: int) -> float | None:

@@ -17,6 +17,7 @@ removed by the next successful save. Old checkpoints beyond `checkpoint.keep` ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -27,11 +28,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models import Llama, ModelConfig
+from models.parallel import merge_state_dicts
+from models.pipeline import full_name_prefix
+from pretrain import compat
 from pretrain.config import ExperimentConfig, load_config, save_config
 from pretrain.errors import UserError
+from pretrain.runs import find_checkpoint  # noqa: F401  (re-exported: callers name it with the checkpoint API)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+PARAM_NAMES_FILE = "param_names.json"  # each pipeline stage's parameter names in optimizer order
 
 
 def tag_for(step: int) -> str:
@@ -75,15 +82,13 @@ def layout_of(cfg: ExperimentConfig, topo) -> dict:
 
 def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict, topo) -> str:
     """Save on every rank; returns the checkpoint folder. `latest` moves only once all ranks are done."""
-    from pretrain.state.reshard import optimizer_param_names, write_param_names
-
     rank = topo.rank
     tag = tag_for(step)
     folder = os.path.join(root, tag)
     if rank == 0 and os.path.isdir(folder):
         shutil.rmtree(folder)  # a partial folder from an interrupted save of this same step
     names = [None] * topo.world_size
-    dist.all_gather_object(names, (topo.pp_rank, optimizer_param_names(built.model, cfg)))
+    dist.all_gather_object(names, (topo.pp_rank, built.param_names))
     os.makedirs(root, exist_ok=True)
     # after a failed write the failed writer may still hold its file (and its space) until the process exits
     free_before = shutil.disk_usage(root).free
@@ -223,21 +228,10 @@ def read_layout(folder: str, cfg: ExperimentConfig | None = None) -> dict:
     if "layout" in state:
         return state["layout"]
     cfg = cfg or load_config(os.path.join(folder, "config.yaml"), stored=True)
-    from pretrain import compat
-
     dp = int(compat.load_file(compat.model_states_path(folder, 0))["dp_world_size"])
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     return {"tp": tp, "pp": pp, "dp": dp, "world_size": tp * pp * dp, "zero_stage": cfg.parallel.zero_stage,
             "precision": cfg.train.precision}
-
-
-def find_checkpoint(path: str) -> str:
-    """A step folder, or a checkpoints/ root (its `latest`), or a run folder (its checkpoints/latest)."""
-    for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            return os.path.join(root, open(latest).read().strip())
-    return path
 
 
 def load(engine, folder: str, rank: int) -> dict:
@@ -266,13 +260,22 @@ def load_rng(folder: str, rank: int) -> None:
         set_rng_state(torch.load(rng_file, weights_only=False))
 
 
+def meta_model(model_cfg: ModelConfig, tp: int = 1) -> Llama:
+    """`Llama(model_cfg)` on the meta device (no memory, no init) whose weights' `tp_split` describe a split over
+    `tp` ranks: the reference that merges TP shards into full tensors (`load_model_state`, reshard) and gives the
+    full model's parameter names and shapes."""
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    for p in model.parameters():
+        if hasattr(p, "tp_split"):
+            p.tp_split = dataclasses.replace(p.tp_split, size=tp, rank=0)
+    return model
+
+
 def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
     """The full (TP = 1, unpipelined) model state dict of a training checkpoint, any TP/PP layout; no
-    torch.distributed needed. Reads DeepSpeed's files directly."""
-    from models import Llama
-    from models.parallel import merge_state_dicts
-    from models.pipeline import full_name_prefix
-
+    torch.distributed needed. Reads DeepSpeed's files directly. (Commands read a model through
+    `pretrain.state.sources.open_source`, which also takes Hugging Face directories.)"""
     check_checkpoint(folder)
     cfg = load_config(os.path.join(folder, "config.yaml"), stored=True)
     tp = cfg.parallel.tp
@@ -297,11 +300,17 @@ def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Ten
     if cfg.model.tie_embeddings:
         for sd in per_rank:
             sd.pop("head.weight", None)
-    with torch.device("meta"):
-        reference = Llama(cfg.model)
-    if tp > 1:
-        for p in reference.parameters():
-            if hasattr(p, "tp_split"):
-                p.tp_split = type(p.tp_split)(p.tp_split.full_shape, p.tp_split.dim, tp, 0)
-    full = merge_state_dicts(per_rank, reference) if tp > 1 else per_rank[0]
+    full = merge_state_dicts(per_rank, meta_model(cfg.model, tp)) if tp > 1 else per_rank[0]
     return cfg, {k: v.float() for k, v in full.items()}
+
+
+def write_param_names(folder: str, names_by_stage: dict[int, list[list[str]]]) -> None:
+    write_atomic(os.path.join(folder, PARAM_NAMES_FILE), json.dumps({str(k): v for k, v in names_by_stage.items()}))
+
+
+def read_param_names(folder: str) -> dict[int, list[list[str]]] | None:
+    path = os.path.join(folder, PARAM_NAMES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return {int(k): v for k, v in json.load(f).items()}

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from models.parallel import tp_splits
+from models.pipeline import full_name_prefix
 from pretrain import compat
 from pretrain.errors import UserError
+from pretrain.state.checkpoint import PARAM_NAMES_FILE, load_model_state, meta_model, read_param_names
 
-PARAM_NAMES_FILE = "param_names.json"
 
 
 @dataclass
@@ -43,8 +45,6 @@ def full_name(model_cfg, local: str, pipelined: bool) -> str:
     """A parameter's name in the full `Llama` from its name in the (pipelined) module that trained it."""
     if not pipelined:
         return local
-    from models.pipeline import full_name_prefix
-
     head, rest = local.split(".", 1)
     if head == "tied_modules":  # tied_modules.<key>.tok_emb.weight: the embedding, on the first and last stage
         return rest.split(".", 1)[1]
@@ -56,28 +56,6 @@ def full_name(model_cfg, local: str, pipelined: bool) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def optimizer_param_names(model: torch.nn.Module, cfg) -> list[list[str]]:
-    """This rank's parameter names in optimizer order (group by group), as `engine.param_groups` builds them."""
-    from pretrain.train.engine import split_decay
-
-    decay, no_decay = split_decay(model, cfg)
-    return [[n for n, _ in decay]] + ([[n for n, _ in no_decay]] if no_decay else [])
-
-
-def write_param_names(folder: str, names_by_stage: dict[int, list[list[str]]]) -> None:
-    from pretrain.state.checkpoint import write_atomic
-
-    write_atomic(os.path.join(folder, PARAM_NAMES_FILE), json.dumps({str(k): v for k, v in names_by_stage.items()}))
-
-
-def read_param_names(folder: str) -> dict[int, list[list[str]]] | None:
-    path = os.path.join(folder, PARAM_NAMES_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return {int(k): v for k, v in json.load(f).items()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
@@ -85,8 +63,6 @@ def read_param_names(folder: str) -> dict[int, list[list[str]]] | None:
 
 def read(folder: str, layout: dict) -> FullState:
     """The whole training state of the checkpoint `folder`, saved on `layout` (checkpoint.read_layout)."""
-    from pretrain.state.checkpoint import load_model_state
-
     cfg, weights = load_model_state(folder)
     tp, pp = layout["tp"], layout["pp"]
     names = read_param_names(folder)
@@ -112,7 +88,7 @@ def read(folder: str, layout: dict) -> FullState:
             for local, state in states.items():
                 per_tp[tp_rank][full_name(cfg.model, local, pp > 1)] = state
     exp_avg, exp_avg_sq = {}, {}
-    splits = _full_splits(cfg.model, tp)
+    splits = tp_splits(meta_model(cfg.model, tp))
     for name, full in weights.items():
         shards = [per_tp[r].get(name) for r in range(tp)]
         if any(s is None for s in shards):
@@ -132,16 +108,6 @@ def read(folder: str, layout: dict) -> FullState:
         scheduler_step=compat.scheduler_position(model_states), global_steps=int(model_states["global_steps"]),
         global_samples=int(model_states["global_samples"]), skipped_steps=int(model_states["skipped_steps"]),
     )
-
-
-def _full_splits(model_cfg, tp: int) -> dict:
-    """name -> TPSplit (for `tp` ranks) of every tensor-parallel weight of the full model."""
-    from models import Llama
-    from models.parallel import tp_splits
-
-    with torch.device("meta"):
-        reference = Llama(model_cfg)
-    return {k: type(s)(s.full_shape, s.dim, tp, 0) for k, s in tp_splits(reference).items()}
 
 
 def _shard_shape(full_shape, split, tp: int) -> tuple[int, ...]:
@@ -191,6 +157,7 @@ def apply(built, cfg, state: FullState) -> None:
 
 def apply_weights(built, cfg, weights: dict[str, torch.Tensor]) -> None:
     """Only the weights (a fresh optimizer and schedule): `train.init_from`."""
+    # DeepSpeed picks its accelerator at import: here only once pretrain.train has built an engine
     from deepspeed.utils import safe_set_full_fp32_param
 
     for name, param in _local_params(built, cfg.model):

@@ -1,59 +1,156 @@
-"""Where a run's model comes from besides its own config: a checkpoint it resumes, or `train.init_from`.
+"""Where a model comes from: one model source for every command and for `train.init_from`.
 
-`resolve_model(cfg)` fills the model keys the config does not give (`ExperimentConfig.given_keys`): from the checkpoint a
-resume continues (so a run keeps its model when defaults change), else from the `train.init_from` source, a
-training checkpoint of any TP/PP layout or a Hugging Face Llama directory. A key the config gives that changes a
-weight's shape must agree with the source: a one-line error otherwise. `load_weights` reads the source's full
-(TP = 1) weights; pretrain/state/reshard.py `apply_weights` puts each rank's shard into the engine.
+`open_source(path, flag)` reads what `path` names -- a training checkpoint (a step folder, a checkpoints/ folder or a
+run folder: their `latest`; any TP/PP layout) or a Hugging Face directory (config.json and no trainer_state.json)
+-- into a `ModelSource`: the model config, the full (TP = 1) fp32 weights, the `models.Llama` built from them in
+eval mode on a device, the tokenizer, the checkpoint's step and a description for JSON outputs. Every error is
+one line that names `flag` (`--checkpoint`, `train.init_from`). generate, eval-sft, eval, analyze-depth,
+attribute, export-hf, remove-norms and `train.init_from` read their model through it.
+
+`resolve_model(cfg)` fills the model keys the config does not give (`ExperimentConfig.given_keys`): from the
+checkpoint a resume continues (so a run keeps its model when defaults change), else from the `train.init_from`
+source. A key the config gives that changes a weight's shape must agree with the source: a one-line error
+otherwise. `load_weights` reads the source's full (TP = 1) weights; pretrain/state/reshard.py `apply_weights`
+puts each rank's shard into the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from models import Llama
 from models.config import ModelConfig
+from models.hf import _build, from_hf_config, load_hf_state
 from pretrain.config import ExperimentConfig, load_config
+from pretrain.data.sft import checkpoint_tokenizer, resolve_tokenizer
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.state.checkpoint import STATE_FILE, find_checkpoint, load_model_state, meta_model, read_state
 
 # Keys whose change changes a weight's shape (or the set of weights): they must agree with the source.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
+WHAT = "give a run folder, a checkpoints/ or step folder, or a Hugging Face Llama directory"
 
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "trainer_state.json"))
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, STATE_FILE))
 
 
-def source_folder(path: str) -> str:
-    """The checkpoint folder (or HF directory) `train.init_from` names; a one-line error when there is none."""
-    from pretrain.state import checkpoint
+@dataclass
+class ModelSource:
+    """A model to read: a complete training checkpoint or a Hugging Face directory (`open_source` makes one)."""
 
+    path: str  # as given
+    folder: str  # the checkpoint's step folder, or the HF directory
+    flag: str  # what names the source in errors: "--checkpoint", "train.init_from"
+    run_config: ExperimentConfig | None  # a checkpoint's stored config; None for an HF directory
+    step: int | None  # a checkpoint's step; None for an HF directory
+    hf_config: dict | None = None  # an HF directory's config.json
+    norm_scheme: str = "pre_ln"  # the scheme an HF Llama is read as (models.hf: pre_ln, or lns to undo its fold)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.hf_config is not None
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        if not self.is_hf:
+            return self.run_config.model
+        try:
+            return from_hf_config(self.hf_config, norm_scheme=self.norm_scheme)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.flag} {self.path}: {_first_line(e)}") from None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The full (TP = 1) fp32 weights (and persistent buffers), read anew on each call."""
+        if not self.is_hf:
+            return load_model_state(self.folder)[1]
+        try:
+            _, weights = load_hf_state(self.folder, norm_scheme=self.norm_scheme)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"{self.flag} {self.path}: {_first_line(e)}") from None
+        return {k: v.float() for k, v in weights.items()}
+
+    def build(self, device: torch.device | str = "cpu") -> Llama:
+        """The fp32 `models.Llama` (TP = 1) holding the weights, in eval mode on `device`."""
+        return _build(self.model_config, self.weights()).to(device).eval()
+
+    def tokenizer(self, explicit: str | None = None) -> Tokenizer:
+        """`explicit` (a .model file or a folder holding one), else a checkpoint's training data's tokenizer or an
+        HF directory's tokenizer.model."""
+        if explicit:
+            return resolve_tokenizer(explicit)
+        if not self.is_hf:
+            return checkpoint_tokenizer(self.folder)
+        try:
+            return resolve_tokenizer(self.folder)
+        except UserError as e:
+            raise UserError(f"{e}; pass --tokenizer") from None
+
+    @property
+    def description(self) -> dict:
+        """What JSON outputs record of the model: checkpoint (absolute folder), step, norm_scheme or hf_model_type."""
+        about = {"checkpoint": os.path.abspath(self.folder), "step": self.step}
+        if self.is_hf:
+            return {**about, "hf_model_type": self.hf_config.get("model_type")}
+        return {**about, "norm_scheme": self.model_config.norm_scheme}
+
+    def hf_causal_lm(self, device: torch.device | str = "cpu"):
+        """An HF directory as transformers' AutoModelForCausalLM (any causal LM it knows, not only Llama), fp32, in
+        eval mode on `device`."""
+        if not self.is_hf:
+            raise UserError(f"{self.flag} {self.path}: a training checkpoint, not a Hugging Face directory")
+        # transformers loads only here: seconds of import time that no other path pays
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # one result line, not a loading bar
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{self.flag} {self.path}: cannot load it as a Hugging Face causal LM: "
+                            f"{_first_line(e)}") from None
+        return model.to(device).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def open_source(path: str, flag: str = "--checkpoint", norm_scheme: str = "pre_ln") -> ModelSource:
+    """The model `path` names (see the module docstring); reads only configs and the trainer state here.
+    `norm_scheme` is the scheme an HF Llama is read as."""
     if not os.path.exists(path):
-        raise UserError(f"train.init_from: {path} does not exist; give a run folder, a checkpoint folder or a "
-                        "Hugging Face Llama directory")
+        raise UserError(f"{flag}: {path} does not exist; {WHAT}")
     if is_hf_dir(path):
-        return path
-    folder = checkpoint.find_checkpoint(path)
-    if not os.path.isfile(os.path.join(folder, checkpoint.STATE_FILE)):
-        raise UserError(f"train.init_from: {path} is neither a complete training checkpoint (no "
-                        f"{checkpoint.STATE_FILE}) nor a Hugging Face directory (no config.json)")
-    return folder
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                hf_config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{flag} {path}: cannot read its config.json: {_first_line(e)}") from None
+        if not isinstance(hf_config, dict):
+            raise UserError(f"{flag} {path}: its config.json is not a JSON object")
+        return ModelSource(path, path, flag, None, None, hf_config, norm_scheme)
+    folder = find_checkpoint(path)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag}: {path} names checkpoint {folder} in its latest, which does not exist; {WHAT}")
+    if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+        raise UserError(f"{flag}: {folder} is incomplete or not a checkpoint (no {STATE_FILE}, which a save writes "
+                        f"last) and not a Hugging Face directory (no config.json); {WHAT}")
+    run_config = load_config(os.path.join(folder, "config.yaml"), stored=True)
+    return ModelSource(path, folder, flag, run_config, read_state(folder).get("step"), None, norm_scheme)
 
 
-def source_model_config(folder: str, norm_scheme: str) -> ModelConfig:
-    if is_hf_dir(folder):
-        import json
-
-        from models.hf import from_hf_config
-
-        with open(os.path.join(folder, "config.json")) as f:
-            try:
-                return from_hf_config(json.load(f), norm_scheme=norm_scheme)
-            except ValueError as e:
-                raise UserError(f"train.init_from {folder}: {e}") from None
-    return load_config(os.path.join(folder, "config.yaml"), stored=True).model
+# ----------------------------------------------------------------------------------------------------------
+# train.init_from
+# ----------------------------------------------------------------------------------------------------------
 
 
 def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> ExperimentConfig:
@@ -61,9 +158,9 @@ def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> Experimen
     if resume_folder is not None:
         source, what = load_config(os.path.join(resume_folder, "config.yaml"), stored=True).model, None
     elif cfg.train.init_from is not None:
-        folder = source_folder(cfg.train.init_from)
         scheme = cfg.model.norm_scheme if "model.norm_scheme" in cfg.given_keys else "pre_ln"
-        source, what = source_model_config(folder, scheme), f"train.init_from {cfg.train.init_from}"
+        source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=scheme).model_config
+        what = f"train.init_from {cfg.train.init_from}"
     else:
         return cfg
     given = cfg.given_keys
@@ -89,31 +186,20 @@ def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> Experimen
 
 def load_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The full (TP = 1) fp32 weights of `train.init_from`, checked against the model `cfg` builds."""
-    from models import Llama
-    from models.hf import load_hf_state
-    from pretrain.state.checkpoint import load_model_state
-
-    folder = source_folder(cfg.train.init_from)
-    if is_hf_dir(folder):
-        try:
-            _, weights = load_hf_state(folder, norm_scheme=cfg.model.norm_scheme)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"train.init_from {folder}: {e}") from None
-    else:
-        _, weights = load_model_state(folder)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Llama(cfg.model).named_parameters()}
+    source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=cfg.model.norm_scheme)
+    weights = source.weights()
+    expected = {k: v.shape for k, v in meta_model(cfg.model).named_parameters()}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected) - {"head.weight"})
     if missing or extra:
         raise UserError(
-            f"train.init_from {folder}: its weights do not fit model.norm_scheme={cfg.model.norm_scheme}"
+            f"train.init_from {source.folder}: its weights do not fit model.norm_scheme={cfg.model.norm_scheme}"
             + (f"; missing {', '.join(missing[:4])}" if missing else "")
             + (f"; not in this model {', '.join(extra[:4])}" if extra else "")
             + "; use a source trained with a scheme that has the same parameters"
         )
     for k, shape in expected.items():
         if weights[k].shape != shape:
-            raise UserError(f"train.init_from {folder}: {k} has shape {tuple(weights[k].shape)} in the source but "
-                            f"{tuple(shape)} in this model")
+            raise UserError(f"train.init_from {source.folder}: {k} has shape {tuple(weights[k].shape)} in the source "
+                            f"but {tuple(shape)} in this model")
     return {k: weights[k].float() for k in expected}

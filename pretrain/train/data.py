@@ -6,9 +6,10 @@ import torch.distributed as dist
 
 from pretrain.config import ExperimentConfig
 from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_size
+from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, folder_kind, read_sft_meta
 from pretrain.data.sft import resolve_path as resolve_data_path
-from pretrain.train.distributed import Topology
 from pretrain.errors import UserError
+from pretrain.train.distributed import Topology
 from pretrain.train.evaluate import build_validation
 
 
@@ -56,8 +57,6 @@ def build_loaders(cfg: ExperimentConfig, topo: Topology, consumed_samples: int):
 
 def is_sft(paths: list[str]) -> bool:
     """Whether the prepared folders are SFT folders; a mix of SFT and pretraining folders is refused."""
-    from pretrain.data.sft import folder_kind
-
     kinds = {p: folder_kind(p) for p in paths}
     if len(set(kinds.values())) > 1:
         sft = [p for p, k in kinds.items() if k == "sft"]
@@ -71,8 +70,6 @@ def build_sft_loaders(cfg: ExperimentConfig, topo: Topology, paths: list[str], c
 
     Several SFT folders are pooled into one set of examples; rows are packed (data.sft_packing) or padded, to
     data.seq_len under pipeline parallelism, which needs equal shapes (pretrain/data/sft.py)."""
-    from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, read_sft_meta
-
     if cfg.data.weights is not None:
         raise UserError("data.weights: SFT folders are pooled, not blended; leave data.weights null")
     for p in paths:

@@ -36,6 +36,14 @@ def use_cpu_accelerator_without_gpu() -> None:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
 
 
+use_cpu_accelerator_without_gpu()  # before DeepSpeed's import below picks its accelerator
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+
 @dataclass(frozen=True)
 class Topology:
     rank: int
@@ -164,10 +172,6 @@ def free_port() -> int:
 def init_distributed(tp: int, pp: int) -> Topology:
     """Start torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel_state for (tp, pp)."""
     use_cpu_accelerator_without_gpu()
-    import deepspeed
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     env = launcher_env()
     os.environ.update(env)
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
@@ -229,8 +233,6 @@ def placement(topo: Topology) -> list[str]:
 
 
 def deepspeed_topology(topo: Topology):
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     return PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
 
 
@@ -245,9 +247,6 @@ def check_topology_agrees(topo: Topology) -> None:
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -9,15 +9,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+from megatron.core import parallel_state
 
 from models import Llama
 from models.llama import Block
 from models.parallel import TensorParallel
+from models.pipeline import PipelineLoss, layer_specs
+from pretrain import compat
 from pretrain.config import ExperimentConfig
-from pretrain.train.distributed import Topology, deepspeed_topology
 from pretrain.errors import UserError
+from pretrain.train.distributed import Topology, deepspeed_topology
 
 
 def gradient_accumulation_steps(cfg: ExperimentConfig, topo: Topology) -> int:
@@ -123,6 +128,13 @@ def split_decay(model: torch.nn.Module, cfg: ExperimentConfig) -> tuple[list, li
     return decay, no_decay
 
 
+def optimizer_param_names(model: torch.nn.Module, cfg: ExperimentConfig) -> list[list[str]]:
+    """This rank's parameter names in optimizer order (group by group), as `param_groups` builds them: checkpoints
+    record them (param_names.json) so that pretrain/state/reshard.py can read a ZeRO-0 optimizer state by name."""
+    decay, no_decay = split_decay(model, cfg)
+    return [[n for n, _ in decay]] + ([[n for n, _ in no_decay]] if no_decay else [])
+
+
 def param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
     decay, no_decay = split_decay(model, cfg)
     groups = [{"params": [p for _, p in decay], "weight_decay": cfg.train.weight_decay}]
@@ -136,8 +148,6 @@ def apply_optimizer_settings(built: "Built", cfg: ExperimentConfig, schedule_pos
 
     After `engine.load_checkpoint` the optimizer and scheduler hold the values they were saved with (the saved
     learning rate would win over a changed train.lr); this makes every train.* optimizer key take effect."""
-    from pretrain import compat
-
     t = cfg.train
     optimizer = compat.wrapped_optimizer(built.engine)
     for i, group in enumerate(optimizer.param_groups):  # [decay, no-decay] as param_groups builds them
@@ -174,21 +184,15 @@ class Built:
     model: torch.nn.Module  # the module whose parameters train (Llama or PipelineModule)
     pipelined: bool
     gas: int
+    param_names: list[list[str]]  # this rank's parameter names in optimizer order (`optimizer_param_names`)
 
 
 def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
-    import deepspeed
-    from megatron.core import parallel_state
-
     check_parallel_support(cfg, topo)
     tp = TensorParallel.from_parallel_state()
     seed = cfg.train.seed
     try:
         if cfg.parallel.pp > 1:
-            from deepspeed.pipe import PipelineModule
-
-            from models.pipeline import PipelineLoss, layer_specs
-
             if cfg.parallel.pp > cfg.model.n_layers:
                 raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
             model = PipelineModule(
@@ -225,12 +229,13 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
         mpu=None if cfg.parallel.pp > 1 else parallel_state_mpu(),
     )
-    return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"])
+    return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"],
+                 param_names=optimizer_param_names(model, cfg))
 
 
 def parallel_state_mpu():
     """megatron's parallel_state under the method names DeepSpeed's `mpu` argument expects."""
-    from megatron.core import parallel_state as ps
+    ps = parallel_state
 
     class MPU:
         get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)

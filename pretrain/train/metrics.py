@@ -15,8 +15,10 @@ import sys
 import time
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from pretrain.errors import UserError
+from pretrain.runs import torn_line_message, truncate_jsonl
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, for the MFU estimate, from NVIDIA's datasheets. Matched
 # against torch.cuda.get_device_name in this order, so the PCIe and NVL cards are not taken for SXM ones
@@ -46,47 +48,6 @@ def peak_flops(device: torch.device) -> float | None:
     return peak_flops_for(torch.cuda.get_device_name(device))
 
 
-def truncate_jsonl(path: str, after_step: int) -> str | None:
-    """Drop entries logged after `after_step` (a run resumed from an earlier checkpoint re-logs them).
-
-    A node dying mid-write leaves a torn last line: it is dropped and returned (None when there was none), for
-    the caller to report. An unreadable line before the last is real corruption: a one-line UserError.
-    """
-    if not os.path.isfile(path):
-        return None
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
-    kept, torn = [], None
-    for i, (number, line) in enumerate(lines):
-        try:
-            entry = json.loads(line)
-            step = entry.get("step", 0) if isinstance(entry, dict) else None
-            if not isinstance(step, (int, float)) or isinstance(step, bool):
-                raise ValueError("not a JSON object with a numeric step")
-        except ValueError:
-            if i == len(lines) - 1:
-                torn = line.rstrip("\n")
-                break
-            raise UserError(
-                f"{path}: line {number} is not a JSON object with a numeric step (corrupted, not a torn last "
-                f"line); fix or delete that line (or move {name} away) and resume"
-            ) from None
-        if step <= after_step:
-            kept.append(line if line.endswith("\n") else line + "\n")  # appends must start on a new line
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    return torn
-
-
-def torn_line_message(path: str, torn: str) -> str:
-    """The log line for a dropped torn last line, e.g. metrics.jsonl: dropped a torn last line (...): '{"step": 1'."""
-    shown = torn if len(torn) <= 80 else torn[:77] + "..."
-    return f"{os.path.basename(path)}: dropped a torn last line (a write was cut off): {shown!r}"
-
-
 class MetricsWriter:
     def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool | None,
                  enabled: bool):
@@ -98,12 +59,8 @@ class MetricsWriter:
             return
         torn = truncate_jsonl(self.path, start_step)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
         if progress_bar or (progress_bar is None and sys.stderr.isatty()):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if torn is not None:
             self.say(torn_line_message(self.path, torn))

@@ -1,0 +1,76 @@
+"""layer_stats.jsonl and TensorBoard's layers/* (rank 0 only); the record format is documented in
+pretrain/diagnostics/__init__.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from pretrain import compat
+from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS, LAYER_STATS
+from pretrain.runs import LAYER_STATS_FILE, torn_line_message, truncate_jsonl
+
+
+def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, grad_sq: torch.Tensor,
+                counts: torch.Tensor) -> dict:
+    """The layer_stats.jsonl object from the reduced tensors (act [len(ACTIVATION_STATS), L], grad_sq/counts
+    [L + groups])."""
+    act_rows, sq, n = act.tolist(), grad_sq.tolist(), counts.tolist()
+    record = {"step": step, "layers": n_layers, "norm_scheme": norm_scheme}
+    record.update({s.name: row for s, row in zip(ACTIVATION_STATS, act_rows)})
+    record["grad_norm"] = [math.sqrt(v) for v in sq[:n_layers]]
+    for i, name in enumerate(GRADIENT_GROUPS):
+        record[f"grad_norm_{name}"] = math.sqrt(sq[n_layers + i]) if n[n_layers + i] > 0 else None
+    record["grad_norm_global"] = math.sqrt(sum(sq))
+    return record
+
+
+class LayerStatsWriter:
+    """layer_stats.jsonl and TensorBoard (rank 0 only). `figure(history)` draws variance against depth for the
+    end-of-run TensorBoard image (None: no image)."""
+
+    def __init__(self, run_dir: str, start_step: int, tb=None, say=None, figure=None):
+        self.path = os.path.join(run_dir, LAYER_STATS_FILE)
+        self.tb, self.figure = tb, figure
+        self.history: list[dict] = []
+        torn = truncate_jsonl(self.path, start_step)  # a torn last line (a write cut off) is dropped, and said
+        if torn is not None:
+            (say or self._say)(torn_line_message(self.path, torn))
+
+    @staticmethod
+    def _say(line: str) -> None:
+        """A log line that does not break the progress bar (tqdm.write prints above an active bar)."""
+        tqdm.write(line, file=sys.stdout)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.history.append({"step": record["step"], "variance": record["variance"]})
+        if self.tb is None:
+            return
+        step, n = record["step"], record["layers"]
+        scalars = [(f"layers/{s.name}/l{l:02d}", v) for s in LAYER_STATS for l, v in enumerate(record[s.name], start=1)]
+        scalars += [(f"layers/grad_norm_{name}", record[f"grad_norm_{name}"]) for name in (*GRADIENT_GROUPS, "global")]
+        compat.add_scalars(self.tb, [(tag, v) for tag, v in scalars if v is not None and math.isfinite(v)], step)
+        variance = record["variance"]
+        if all(math.isfinite(v) for v in variance):
+            # A "histogram" whose bucket l spans (l - 1/2, l + 1/2] and holds layer l's variance: TensorBoard's
+            # histogram tab draws variance against depth, one curve per measured step.
+            self.tb.add_histogram_raw(
+                "layers/variance_vs_depth", min=0.5, max=n + 0.5, num=n, sum=sum(variance),
+                sum_squares=sum(v * v for v in variance), bucket_limits=[l + 0.5 for l in range(1, n + 1)],
+                bucket_counts=variance, global_step=step,
+            )
+
+    def close(self) -> None:
+        if self.tb is None or not self.history or self.figure is None:
+            return
+        picked = self.history if len(self.history) <= 8 else [
+            self.history[round(i * (len(self.history) - 1) / 7)] for i in range(8)
+        ]
+        self.tb.add_figure("layers/variance_vs_depth_image", self.figure(picked), self.history[-1]["step"])
