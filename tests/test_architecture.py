@@ -17,7 +17,7 @@ def test_import_contracts_hold():
     proc = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
                            "sys.exit(lint_imports_command())"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "broken" not in proc.stdout.lower().split("contracts:")[-1], proc.stdout[-2000:]
+    assert " 0 broken" in proc.stdout.split("Contracts:")[-1], proc.stdout[-2000:]
 
 
 def function_level_imports() -> list[tuple[str, int, str, bool]]:

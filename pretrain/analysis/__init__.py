@@ -1,12 +1,11 @@
-"""Seeing what a model does: per-layer diagnostics during training, plots of runs, depth analyses of checkpoints.
+"""Seeing what a model did: depth analyses of a checkpoint, direct logit attribution, the sweep report, and every
+figure.
 
-    diagnostics.py  per-layer variance, branch ratios, angular distance and gradient norms (layer_stats.jsonl)
-    plot.py         `pretrain plot`: variance and gradient norm against depth, loss curves, from run folders
-    depth.py        `pretrain analyze-depth`: per-layer analyses of a checkpoint (Csordas et al.'s included)
-    report.py       `pretrain report`: REPORT.md + report.html of runs or a sweep
-    report_runs.py  the report's data: run folders read, Table 1 at equal tokens
-    report_figures.py  the report's pictures
-    cli.py          the subcommands' parsers
+    depth.py         per-layer analyses of a checkpoint (`pretrain analyze-depth`; Csordas et al.'s included)
+    attribution.py   exact direct logit attribution of a norm-free model (`pretrain attribute`)
+    report.py        REPORT.md + report.html of runs or a sweep (`pretrain report`)
+    report_table.py  the report's data: run folders read, Table 1 at equal tokens
+    figures.py       every figure, once (plot, report, analyze-depth, attribute, TensorBoard's variance image)
 
-Nothing here imports the `pretrain` CLI; the training loop imports `diagnostics` only.
+The commands live in pretrain/cli/; nothing here imports them or the training loop.
 """

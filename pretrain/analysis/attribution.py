@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 
 from models.norms import NORM_SCHEMES
-from pretrain.analysis.figures import attribution_figure  # noqa: F401  INTEGRATE: pretrain/cli/ imports it from figures
 from pretrain.errors import UserError
 
 

@@ -46,7 +46,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pretrain.analysis.figures import depth_figure  # noqa: F401  INTEGRATE: pretrain/cli/ imports it from figures
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 from pretrain.errors import UserError
 

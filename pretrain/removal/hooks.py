@@ -11,7 +11,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from models.config import ModelConfig
 from models.norms import _Removable
@@ -25,6 +24,9 @@ from pretrain.state.reshard import full_name
 from pretrain.train.engine import build_engine
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
+
+# after pretrain.train, which sets DeepSpeed's accelerator before DeepSpeed is first imported
+from megatron.core import parallel_state  # noqa: E402
 
 
 def removable_modules(built, model_cfg: ModelConfig) -> dict[str, _Removable]:
