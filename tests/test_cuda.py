@@ -797,7 +797,8 @@ def test_diagnostics_on_gpu(jobs, root, data_cache):
 def test_analyze_depth_on_gpu_matches_cpu(jobs, root, data_cache, monkeypatch):
     """`pretrain analyze-depth` runs on the GPU (it picks CUDA when there is one) and writes the numbers the same
     analysis gives on the CPU for the same checkpoint and batches (fp32 both)."""
-    from pretrain.analysis.depth import PER_LAYER, _load_batches, depth_analysis
+    from pretrain.analysis.depth import PER_LAYER, depth_analysis
+    from pretrain.cli.analyze_depth import load_batches
     from pretrain.state.checkpoint import find_checkpoint, load_model_state
 
     r = jobs.ok("depth")
@@ -812,7 +813,8 @@ def test_analyze_depth_on_gpu_matches_cpu(jobs, root, data_cache, monkeypatch):
     cfg, state = load_model_state(find_checkpoint(str(root / "zero2")))
     model = Llama(cfg.model)
     model.load_state_dict(state)
-    _, batches = _load_batches("bundled:tinyshakespeare", cfg, cfg.data.seq_len, cfg.train.micro_batch_size, 2, "val")
+    _, batches = load_batches("bundled:tinyshakespeare", cfg.data.cache_dir, cfg.model.vocab_size, cfg.data.seq_len,
+                              cfg.train.micro_batch_size, 2, "val")
     want = depth_analysis(model, batches, CPU)
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     for key in (*PER_LAYER, "skip_effect"):
