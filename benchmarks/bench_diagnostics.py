@@ -6,8 +6,10 @@ Three variants of the training loop's step (`pretrain.train.steps.train_step`, t
 builds, the config's batch and sequence length, random tokens):
 
     baseline  no diagnostics code at all (engine never wrapped, no calls)
-    off       diagnostics.interval=0: the loop's `begin_step` / `end_step` calls on the no-op object
-    every     diagnostics.interval=1: hooks, gradient norms, layer_stats.jsonl and TensorBoard every step
+    off       diagnostics.interval=0: the hooks `pretrain.features.hooks_for` gives (none but the signal's, which
+              runs once per step after it; left out here), called as the loop calls them
+    every     diagnostics.interval=1: `LayerStatsHooks`: slot taps, gradient norms, layer_stats.jsonl and
+              TensorBoard every step
 
 The machine may be shared, so the variants are interleaved round by round (baseline, off, every, then rotated)
 and each one's median step time is compared. Prints off/baseline (target ~1.00) and every/baseline (target
@@ -32,12 +34,11 @@ use_cpu_accelerator_without_gpu()
 import torch
 
 
+from pretrain.cli.bench import RandomTokens  # noqa: E402
+
+
 def random_batches(cfg, device):
-    gen = torch.Generator().manual_seed(0)
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
-    while True:
-        batch = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
-        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    return RandomTokens(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len)
 
 
 def main() -> int:
@@ -54,8 +55,13 @@ def main() -> int:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from pretrain.analysis import diagnostics
     from pretrain.config import load_config
+    from pretrain.diagnostics.hooks import LayerStatsHooks
+    from pretrain.features import hooks_for
+    from pretrain.runs import LAYER_STATS_FILE
+    from pretrain.train.hooks import TrainContext
+    from pretrain.train.metrics import MetricsWriter
+    from pretrain.train.signals import StopOnSignal
     from pretrain.train.distributed import init_distributed, shutdown
     from pretrain.train.engine import build_engine
     from pretrain.train.steps import train_step
@@ -71,12 +77,16 @@ def main() -> int:
             os.makedirs(cfg.run.dir)
             torch.manual_seed(cfg.train.seed)
             built = build_engine(cfg, topo)
-            diag = None
-            if interval is not None:
-                tb = SummaryWriter(os.path.join(cfg.run.dir, "tb")) if interval else None
-                diag = diagnostics.setup(cfg, built, topo, tb)
-            variants[name] = {"built": built, "diag": diag, "data": random_batches(cfg, topo.device), "step": 0,
-                              "times": []}
+            hooks = [] if interval is None else [h for h in hooks_for(cfg, StopOnSignal())
+                                                 if not isinstance(h, StopOnSignal)]
+            assert all(isinstance(h, LayerStatsHooks) for h in hooks)
+            out = MetricsWriter(cfg.run.dir, 10**6, 0, tensorboard=False, progress_bar=False, enabled=False)
+            out.tb = SummaryWriter(os.path.join(cfg.run.dir, "tb")) if interval else None
+            ctx = TrainContext(cfg, topo, built, out, None, "", 0)
+            for hook in hooks:
+                hook.on_start(ctx)
+            variants[name] = {"built": built, "hooks": hooks, "ctx": ctx, "data": random_batches(cfg, topo.device),
+                              "step": 0, "times": []}
         print(f"tiny preset ({cfg.model.norm_scheme}): micro-batch {cfg.train.micro_batch_size} x seq_len "
               f"{cfg.data.seq_len}, grad accum {variants['baseline']['built'].gas}, torch threads "
               f"{torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps per variant")
@@ -85,12 +95,12 @@ def main() -> int:
             for _ in range(n):
                 v["step"] += 1
                 t0 = time.perf_counter()
-                if v["diag"] is None:
-                    train_step(v["built"], v["data"], topo)
-                else:
-                    v["diag"].begin_step(v["step"])
-                    train_step(v["built"], v["data"], topo)
-                    v["diag"].end_step(v["step"])
+                for hook in v["hooks"]:
+                    hook.before_step(v["ctx"], v["step"])
+                train_step(v["built"], v["data"], topo)
+                v["ctx"].step = v["step"]
+                for hook in v["hooks"]:
+                    hook.after_step(v["ctx"], v["step"])
                 if record:
                     v["times"].append(time.perf_counter() - t0)
 
@@ -107,9 +117,9 @@ def main() -> int:
         print(f"off / baseline   = {med['off'] / med['baseline']:.3f}   (diagnostics.interval=0)")
         print(f"every / baseline = {med['every'] / med['baseline']:.3f}   (diagnostics.interval=1, target <= 1.05)")
         for v in variants.values():
-            if v["diag"] is not None:
-                v["diag"].close()
-        with open(os.path.join(tmp, "every", diagnostics.FILE)) as f:
+            for hook in v["hooks"]:
+                hook.on_finish(v["ctx"], 0)
+        with open(os.path.join(tmp, "every", LAYER_STATS_FILE)) as f:
             lines = sum(1 for _ in f)
         assert lines == variants["every"]["step"], "every step should have written one layer_stats.jsonl line"
     finally:

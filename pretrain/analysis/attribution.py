@@ -10,8 +10,8 @@ and the head is linear, so the logit of the correct next token y splits exactly 
     logit_y = W_y . e + sum_l W_y . a_l + sum_l W_y . m_l          (W_y: the head's row of y)
 
 For a model with norms the split is only approximate (a final norm divides by a per-token statistic), so the
-command refuses them. The branch outputs are read with forward hooks on each block's `attn_out_norm` and
-`mlp_out_norm` (identity for ln_free), the embedding with one on `tok_emb`, so the model's own forward runs.
+command refuses them. The branch outputs and the embedding (block 1's input) are read through the block slot taps
+the diagnostics use (pretrain/diagnostics/taps.py), so the model's own forward runs.
 
 Output (written to a temporary folder next to --out, then renamed; an existing --out is refused):
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from models.norms import NORM_SCHEMES
+from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 from pretrain.errors import UserError
 
 
@@ -47,23 +48,14 @@ def logit_attribution(model, batches, device=None) -> dict:
     device = device or next(model.parameters()).device
     n_layers = len(model.blocks)
     head = model.tok_emb.weight if model.head is None else model.head.weight  # [V, D]
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, inputs, output):
-            captured[name] = output
-        return hook
-
-    handles = [model.tok_emb.register_forward_hook(keep("embedding"))]
-    for l, block in enumerate(model.blocks):
-        handles.append(block.attn_out_norm.register_forward_hook(keep(f"attn{l}")))
-        handles.append(block.mlp_out_norm.register_forward_hook(keep(f"mlp{l}")))
+    branches: dict[int, BlockActivations] = {}
+    taps = [BlockTaps(l, b, lambda act: branches.__setitem__(act.index, act)) for l, b in enumerate(model.blocks)]
     sums = torch.zeros(2 * n_layers + 2, dtype=torch.float64)  # embedding, attn 1..L, mlp 1..L, logit
     tokens_seen, max_err = 0, 0.0
     try:
         for tokens, labels in batches:
             tokens, labels = tokens.to(device), labels.to(device)
-            captured.clear()
+            branches.clear()
             logits = model(tokens)
             keep_mask = labels != -100
             y = labels[keep_mask]
@@ -72,9 +64,9 @@ def logit_attribution(model, batches, device=None) -> dict:
             def direct(x):
                 return (model.final_norm(x)[keep_mask].double() * w).sum(-1)  # final_norm: identity (linear)
 
-            parts = [direct(captured["embedding"])]
-            parts += [direct(captured[f"attn{l}"]) for l in range(n_layers)]
-            parts += [direct(captured[f"mlp{l}"]) for l in range(n_layers)]
+            parts = [direct(branches[0].x)]  # the token embedding: block 1's input
+            parts += [direct(branches[l].a) for l in range(n_layers)]
+            parts += [direct(branches[l].m) for l in range(n_layers)]
             logit = logits[keep_mask].gather(-1, y[:, None]).squeeze(-1).double()
             stacked = torch.stack(parts)  # [2L + 1, N]
             max_err = max(max_err, (stacked.sum(0) - logit).abs().max().item() if logit.numel() else 0.0)
@@ -82,8 +74,8 @@ def logit_attribution(model, batches, device=None) -> dict:
             sums[-1] += logit.sum().cpu()
             tokens_seen += int(y.numel())
     finally:
-        for h in handles:
-            h.remove()
+        for t in taps:
+            t.remove()
     if tokens_seen == 0:
         raise UserError("no tokens to attribute; raise --batches")
     mean = (sums / tokens_seen).tolist()

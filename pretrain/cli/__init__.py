@@ -1,7 +1,7 @@
 """`pretrain` and its subcommands (also `python -m pretrain`).
 
 One module per command in this package, each with `register(subparsers)`, which adds its parser and sets
-`func(args) -> exit code`; `COMMANDS` lists them in the order `pretrain --help` shows them. Every command turns
+`func(args) -> exit code`; `commands()` lists them in the order `pretrain --help` shows them. Every command turns
 a `UserError` into one line on stderr and exit code 2. A command module imports what its parser needs at the
 top; the heavy libraries its command runs on (DeepSpeed, megatron-core, transformers, matplotlib) it imports in
 its `run`, so that `pretrain --help` and `pretrain config` start in a fraction of a second.
@@ -12,12 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_sft, export_hf, generate, params,
-                          plot, remove_norms, report, train)
-from pretrain.compat import check_versions
 from pretrain.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = (train, config, params, export_hf, data, bench, generate, eval_sft, eval, report, plot, analyze_depth,
+
+def commands() -> tuple:
+    """The command modules, in `pretrain --help` order."""
+    # Imported here, inside main's error handler: they import pretrain.compat, whose version check (run at its
+    # import) must reach the user as main's one-line error, not as a traceback.
+    from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_sft, export_hf, generate,
+                              params, plot, remove_norms, report, train)
+
+    return (train, config, params, export_hf, data, bench, generate, eval_sft, eval, report, plot, analyze_depth,
             attribute, remove_norms)
 
 
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "func"):
             parser.print_help()
             return EXIT_USER_ERROR
+        from pretrain.compat import check_versions  # as the command modules: see commands()
+
         check_versions()  # an untested package version: one line here, not a traceback from some import
         return args.func(args) or 0
     except UserError as e:
@@ -38,6 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="LLM pretraining for normalization research")
     sub = parser.add_subparsers(metavar="COMMAND")
-    for command in COMMANDS:
+    for command in commands():
         command.register(sub)
     return parser

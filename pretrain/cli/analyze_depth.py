@@ -81,11 +81,17 @@ def load_batches(data: str, cache_dir: str | None, vocab_size: int, seq_len: int
     return path, list(validation_batches(dataset, num_batches * micro_batch_size * seq_len, micro_batch_size))
 
 
-def publish(out: str, out_arg: str, write) -> None:
-    """`write(folder)` into a temporary folder next to `out`, then renamed to `out`."""
+def publish(out: str, out_arg: str, name: str, result: dict, figure) -> None:
+    """NAME.json (`result`) and NAME.png (`figure(result)`) into a temporary folder next to `out`, then renamed to
+    `out`."""
+    import matplotlib  # the headless backend, chosen before the figure draws; matplotlib only for these commands
+
+    matplotlib.use("Agg")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=os.path.dirname(out))
     try:
-        write(tmp)
+        with open(os.path.join(tmp, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        figure(result).savefig(os.path.join(tmp, f"{name}.png"), dpi=120)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -111,17 +117,7 @@ def run(args) -> int:
     started = time.perf_counter()
     result.update(depth_analysis(model, batches, device))
     result["seconds"] = time.perf_counter() - started
-
-    import matplotlib  # the headless backend, chosen before the figure draws; matplotlib only for this command
-
-    matplotlib.use("Agg")
-
-    def write(folder: str) -> None:
-        with open(os.path.join(folder, "depth.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        depth_figure(result).savefig(os.path.join(folder, "depth.png"), dpi=120)
-
-    publish(out, args.out, write)
+    publish(out, args.out, "depth", result, depth_figure)
     worst = max(range(result["layers"]), key=lambda l: result["skip_loss_increase"][l])
     print(
         f"wrote {args.out}/depth.json and depth.png: {describe(source)}, val loss "

@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from pretrain.analysis.attribution import check_norm_free, logit_attribution
@@ -34,17 +31,7 @@ def run(args) -> int:
               "split": settings["split"], "batches": len(batches), "micro_batch_size": settings["micro_batch_size"],
               "seq_len": settings["seq_len"]}
     result.update(logit_attribution(model, batches, device))
-
-    import matplotlib  # the headless backend, chosen before the figure draws; matplotlib only for this command
-
-    matplotlib.use("Agg")
-
-    def write(folder: str) -> None:
-        with open(os.path.join(folder, "attribution.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        attribution_figure(result).savefig(os.path.join(folder, "attribution.png"), dpi=120)
-
-    publish(out, args.out, write)
+    publish(out, args.out, "attribution", result, attribution_figure)
     parts = [("embedding", result["embedding"])] + [(f"attn {l + 1}", v) for l, v in enumerate(result["attn"])] + \
             [(f"mlp {l + 1}", v) for l, v in enumerate(result["mlp"])]
     top = max(parts, key=lambda p: abs(p[1]))
