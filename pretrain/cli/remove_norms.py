@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from pretrain.cli.spawn import spawn_local_ranks
+from pretrain.state import checkpoint
 
 
 def register(sub) -> None:
@@ -38,14 +39,14 @@ def run(args) -> int:
     from pretrain.state.resume import prepare_run
     from pretrain.train.signals import StopOnSignal
 
-    stop = StopOnSignal()  # from the start: a preemption signal during set-up must not kill the process
     order = [g.strip() for g in args.schedule.split(",") if g.strip()]
     removal, control = removal_configs(args.checkpoint, args.data, args.out, args.steps, order, args.control,
                                        args.overrides)
     # one-line errors (source, resume, config) before any rank starts
     starts = [prepare_run(removal)] + ([prepare_run(control)] if control is not None else [])
-    if args.nproc_per_node:
+    if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
         return spawn_local_ranks(args.nproc_per_node, ["remove-norms", *_argv_without_nproc(args)])
+    stop = StopOnSignal()  # before set-up: a preemption signal during set-up must not kill the process
     return run_removal(starts, stop)
 
 
@@ -60,7 +61,6 @@ def run_removal(starts: list, stop) -> int:
     # DeepSpeed and megatron-core load here, for the command that trains
     from pretrain.features import hooks_for
     from pretrain.removal.report import report_line, write_report
-    from pretrain.state import checkpoint
     from pretrain.train.distributed import init_distributed, shutdown
     from pretrain.train.loop import run
 
@@ -70,7 +70,7 @@ def run_removal(starts: list, stop) -> int:
     try:
         for start in starts:
             code = run(start, topo, hooks_for(start.cfg, stop))
-            done = code == 0 and _finished(start.cfg, checkpoint)
+            done = code == 0 and _finished(start.cfg)
             if not done:
                 break
     finally:
@@ -84,6 +84,6 @@ def run_removal(starts: list, stop) -> int:
     return code
 
 
-def _finished(cfg, checkpoint) -> bool:
+def _finished(cfg) -> bool:
     folder = checkpoint.resolve_resume("auto", os.path.join(cfg.run.dir, "checkpoints"))
     return folder is not None and checkpoint.read_state(folder)["step"] >= cfg.train.steps

@@ -23,8 +23,8 @@ def run(args) -> int:
     from pretrain.train.loop import train
     from pretrain.train.signals import StopOnSignal
 
-    stop = StopOnSignal()  # from the start: a preemption signal during set-up must not kill the process
     start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
-    if args.nproc_per_node:
+    if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
         return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])
+    stop = StopOnSignal()  # before set-up: a preemption signal during set-up must not kill the process
     return train(start, hooks_for(start.cfg, stop))

@@ -21,7 +21,7 @@ from models import Llama
 from pretrain.config import ExperimentConfig, save_config
 from pretrain.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_UNSTABLE
 from pretrain.state import checkpoint, reshard
-from pretrain.state.resume import RunStart, prepare_run
+from pretrain.state.resume import RunStart
 from pretrain.state.sources import load_weights
 from pretrain.train.data import build_loaders
 from pretrain.train.distributed import Topology, init_distributed, placement, shutdown
@@ -32,11 +32,9 @@ from pretrain.train.metrics import MetricsWriter, log_line, peak_flops
 from pretrain.train.steps import train_step
 
 
-def train(start: RunStart | ExperimentConfig, hooks: Sequence[TrainHooks] = ()) -> int:
+def train(start: RunStart, hooks: Sequence[TrainHooks] = ()) -> int:
     """A whole training process: the process group, one run (`run`), shutdown. `start` from
-    `pretrain.state.resume.prepare_run` (a bare config is prepared here)."""
-    if isinstance(start, ExperimentConfig):
-        start = prepare_run(start)
+    `pretrain.state.resume.prepare_run`."""
     topo = init_distributed(start.cfg.parallel.tp, start.cfg.parallel.pp)
     try:
         return run(start, topo, hooks)
