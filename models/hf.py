@@ -32,7 +32,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.llama import Llama, rope_cache
-from models.norms import NORM_SCHEMES, RMSNorm
+from models.norms import ATTN_IN, ATTN_OUT, ATTN_POST, MLP_IN, MLP_OUT, MLP_POST, NORM_SCHEMES, RMSNorm
 
 if TYPE_CHECKING:  # transformers is imported lazily: the training path never needs it
     from transformers import LlamaConfig  # transformers takes seconds to import: only HF conversions pay
@@ -54,7 +54,7 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 
 # Per-block names: ours -> HF (norm weights are handled separately because of the fold).
-_BLOCK_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_BLOCK_NORMS = {ATTN_IN: "input_layernorm", MLP_IN: "post_attention_layernorm"}  # our slot -> Llama's name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def check_exportable(cfg: ModelConfig, model: Llama | None = None) -> None:
     # is refused instead of silently exported as a different function.
     model = _meta_model(cfg) if model is None else model
     for l, block in enumerate(model.blocks, start=1):
-        for name in ("attn_out_norm", "attn_post_norm", "mlp_out_norm", "mlp_post_norm"):
+        for name in (ATTN_OUT, ATTN_POST, MLP_OUT, MLP_POST):
             if not isinstance(getattr(block, name), nn.Identity):
                 raise _refusal(f"model.norm_scheme={cfg.norm_scheme} (block {l} has a {name})")
         for name in _BLOCK_NORMS:

@@ -263,8 +263,8 @@ def embedding_init_gain(cfg: ModelConfig) -> float:
 # Norm removal: schedule group -> (the norm module's name in a block, or at the top for the final norm; the weights
 # that read its output, whose input columns the fold multiplies by the fixed site's per-channel scale).
 REMOVAL_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mlp": ("mlp_norm", ("mlp.gate.weight", "mlp.up.weight")),
-    "attn": ("attn_norm", ("attn.qkv.weight",)),
+    "mlp": (MLP_IN, ("mlp.gate.weight", "mlp.up.weight")),
+    "attn": (ATTN_IN, ("attn.qkv.weight",)),
     "final": ("final_norm", ("head.weight",)),
 }
 
