@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.norms import NORM_CLASSES, NORM_SCHEMES
+from models.norms import NORM_CLASSES, NORM_SCHEMES, QK_NORMS
 
 
 def doc(default, help: str, choices: tuple | None = None, **kwargs):
@@ -49,6 +49,13 @@ class ModelConfig:
         choices=NORM_CLASSES,
     )
     norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
+    qk_norm: str = doc(
+        "none",
+        "QK-norm, with any scheme that has norms: the run's norm_type on q and k before RoPE; head: per head over "
+        "head_dim, one gain shared by the heads (Qwen3, Gemma 3); full: over the full projected width, "
+        "n_heads*head_dim for q and n_kv_heads*head_dim for k (OLMo 2), exact under tensor parallelism.",
+        choices=QK_NORMS,
+    )
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
     )
@@ -103,6 +110,12 @@ class ModelConfig:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
+        if self.qk_norm != "none" and NORM_SCHEMES[self.norm_scheme].norm_free:
+            raise ValueError(f"model.qk_norm={self.qk_norm}: {self.norm_scheme} is norm-free by definition; use "
+                             "model.qk_norm=none or a scheme with norms")
+        if self.removable_norms and self.qk_norm != "none":
+            raise ValueError(f"model.removable_norms: norm removal does not cover the q/k norms "
+                             f"(model.qk_norm={self.qk_norm}) yet; set model.qk_norm=none")
         if self.removable_norms:
             removable = [name for name, scheme in NORM_SCHEMES.items() if scheme.removable]
             if not NORM_SCHEMES[self.norm_scheme].removable:

@@ -85,6 +85,8 @@ def check_exportable(cfg: ModelConfig, model: Llama | None = None) -> None:
         raise _refusal(f"model.norm_scheme={cfg.norm_scheme}")
     if cfg.norm_type != "rmsnorm":
         raise _refusal(f"model.norm_type={cfg.norm_type}")
+    if cfg.qk_norm != "none":
+        raise _refusal(f"model.qk_norm={cfg.qk_norm} (Llama has no q/k norms)")
     # The table says "compatible"; check the structure too, so that a scheme marked compatible by mistake
     # is refused instead of silently exported as a different function.
     model = _meta_model(cfg) if model is None else model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import NORM_SCHEMES, SLOTS, BlockParts, embedding_init_gain
+from models.norms import NORM_SCHEMES, QK_NORMS, SLOTS, BlockParts, embedding_init_gain
 from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
 
 
@@ -67,6 +67,7 @@ class Attention(nn.Module):
         row_gain[:, -1] *= parts.init_gain_value
         self.qkv.weight.init_gain = row_gain.reshape(-1, 1)
         self.o.weight.init_gain = parts.init_gain_attn_out
+        self.q_norm, self.k_norm = QK_NORMS[cfg.qk_norm](cfg, tp)  # model.qk_norm; nn.Identity for none
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -77,8 +78,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
         # split (not indexing): its backward is one concatenation instead of three zero-filled qkv-sized buffers
         q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
-        q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, E]
-        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # [B, K, T, E]
+        q = self.q_norm(q.reshape(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, E]
+        k = self.k_norm(k.squeeze(3)).transpose(1, 2)  # [B, K, T, E]
+        v = v.squeeze(3).transpose(1, 2)
         cos, sin = rope_at(cos, sin, positions, T, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -207,6 +209,9 @@ def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> 
     for name, p in module.named_parameters():
         split = getattr(p, "tp_split", None)
         if split is None or p.is_meta:
+            continue
+        if hasattr(p, "init_value"):  # a TP-split gain (models.parallel.WidthNorm)
+            p.fill_(p.init_value)
             continue
         gen = torch.Generator().manual_seed(stable_seed(seed, prefix + name))
         full = torch.randn(split.full_shape, generator=gen) * (std * getattr(p, "init_gain", 1.0))

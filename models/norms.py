@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.parallel import HeadNorm, TensorParallel, WidthNorm
+
 if TYPE_CHECKING:
     from models.config import ModelConfig  # annotations only: models/config.py imports this module's tables
 
@@ -367,6 +369,32 @@ def _final_norm(cfg: ModelConfig) -> nn.Module:
 
 def _no_final_norm(cfg: ModelConfig) -> nn.Module:
     return nn.Identity()
+
+
+def _no_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
+    return nn.Identity(), nn.Identity()
+
+
+def _head_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
+    # Qwen3 / Gemma 3: one norm over head_dim, its gain shared by every head (replicated under TP).
+    centred = cfg.norm_type == "layernorm"
+    return HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp), HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp)
+
+
+def _full_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
+    # OLMo 2: one norm over the whole projected width, n_heads * head_dim for q and n_kv_heads * head_dim for k.
+    centred = cfg.norm_type == "layernorm"
+    return (WidthNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps, centred, tp),
+            WidthNorm(cfg.n_kv_heads * cfg.head_dim, cfg.norm_eps, centred, tp))
+
+
+# model.qk_norm -> (q norm, k norm) of every block's attention, applied to q [B, T, H, E] and k [B, T, K, E] before
+# RoPE: the attention's q_norm / k_norm slots. Composable with every scheme that has norms (not ln_free).
+QK_NORMS: dict[str, Callable[[ModelConfig, TensorParallel | None], tuple[nn.Module, nn.Module]]] = {
+    "none": _no_qk_norm,
+    "head": _head_qk_norm,
+    "full": _full_qk_norm,
+}
 
 
 NORM_SCHEMES: dict[str, NormScheme] = {

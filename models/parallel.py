@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -168,6 +169,73 @@ def vocab_embedding(vocab_size: int, dim: int, tp: TensorParallel | None) -> nn.
         )
     _mark(layer.weight, (vocab_size, dim), 0, tp)
     return layer
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; the gradient summed over the TP group backward (a replicated weight that each rank applies
+    to its own heads only: its full gradient is the sum of the ranks' parts)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm (or bias-free LayerNorm with `centred`) over the last dim (head_dim), one gain shared by every head
+    and replicated over the TP ranks; each rank holds some heads, so the gain's gradient is summed over the group."""
+
+    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None):
+        super().__init__()
+        self.dim, self.eps, self.centred, self.tp = dim, eps, centred, tp
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.tp is None else _SumGradOverTP.apply(self.weight, self.tp.group)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        norm = F.layer_norm if self.centred else F.rms_norm
+        return norm(x32, (self.dim,), eps=self.eps).type_as(x) * w
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, {'layernorm' if self.centred else 'rmsnorm'}"
+
+
+class WidthNorm(nn.Module):
+    """RMSNorm (or bias-free LayerNorm with `centred`) over the last two dims [..., heads, E] taken as one vector of
+    `full_width` = all heads x E, its gain split over the TP ranks with the heads: each rank holds its heads' share
+    and the statistics are summed over the TP group (an all-reduce whose backward is an all-reduce too: every
+    rank's normalized slice depends on every rank's input). Computed in at least fp32, like the other norms."""
+
+    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None):
+        super().__init__()
+        self.full_width, self.eps, self.centred, self.tp = full_width, eps, centred, tp
+        self.weight = nn.Parameter(torch.ones(_divide(full_width, tp, "the q/k width")))
+        self.weight.init_value = 1.0  # models.llama.init_weights: a gain, not a random matrix
+        _mark(self.weight, (full_width,), 0, tp)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.tp is None else dist_fn.all_reduce(t, group=self.tp.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(-2).to(torch.promote_types(x.dtype, torch.float32))  # [..., local width]
+        if self.centred:
+            mean = self._sum(flat.sum(-1, keepdim=True)) / self.full_width
+            flat = flat - mean
+        var = self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width
+        y = (flat * torch.rsqrt(var + self.eps)).type_as(x) * self.weight
+        return y.view_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.full_width}, eps={self.eps}, {'layernorm' if self.centred else 'rmsnorm'}"
 
 
 def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:

@@ -350,3 +350,65 @@ def test_norms_keep_float64_precision(norm_type):
     with torch.no_grad():
         got = model.blocks[0].attn_norm(x)
     assert_close(got, N(x, model.blocks[0].attn_norm.weight, cfg.norm_eps), 1e-12, f"float64 {norm_type}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.qk_norm: the q and k norms of attention, before RoPE
+
+
+def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Causal GQA attention written out, with q and k normalized before RoPE: per head over head_dim (Qwen3,
+    Gemma 3), or over the whole projected width n_heads*E / n_kv_heads*E (OLMo 2)."""
+    B, T, _ = x.shape
+    E, K = cfg.head_dim, cfg.n_kv_heads
+    Q = cfg.n_heads // K
+    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
+    qkv = (x @ attn.qkv.weight.T).view(B, T, K, Q + 2, E)  # rows grouped per kv head: q_1..q_Q, k, v
+    q, k, v = qkv[:, :, :, :Q].reshape(B, T, K * Q, E), qkv[:, :, :, Q], qkv[:, :, :, Q + 1]
+    if cfg.qk_norm == "head":
+        q, k = N(q, attn.q_norm.weight, cfg.norm_eps), N(k, attn.k_norm.weight, cfg.norm_eps)
+    elif cfg.qk_norm == "full":
+        q = N(q.reshape(B, T, -1), attn.q_norm.weight, cfg.norm_eps).view(B, T, K * Q, E)
+        k = N(k.reshape(B, T, -1), attn.k_norm.weight, cfg.norm_eps).view(B, T, K, E)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, E]
+
+    def rope(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos[:T] + torch.cat([-t2, t1], dim=-1) * sin[:T]
+
+    q, k = rope(q), rope(k)
+    k, v = k.repeat_interleave(Q, dim=1), v.repeat_interleave(Q, dim=1)  # query head h reads kv head h // Q
+    scores = q @ k.transpose(-1, -2) / math.sqrt(E)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    y = scores.softmax(-1) @ v  # [B, H, T, E]
+    return y.transpose(1, 2).reshape(B, T, -1) @ attn.o.weight.T
+
+
+QK_CASES = [("pre_ln", "head", "rmsnorm"), ("pre_ln", "full", "rmsnorm"), ("lns", "head", "rmsnorm"),
+            ("lns", "full", "rmsnorm"), ("pre_ln", "full", "layernorm"), ("peri_ln", "head", "layernorm"),
+            ("deepnorm", "full", "rmsnorm"), ("dyt", "head", "rmsnorm")]
+
+
+@pytest.mark.parametrize("scheme,qk_norm,norm_type", QK_CASES, ids=["-".join(c) for c in QK_CASES])
+def test_qk_norm_matches_formula(scheme, qk_norm, norm_type):
+    """Every block's attention with q/k norms against the formula, and the block around it unchanged."""
+    cfg, model = make_model(scheme, norm_type, qk_norm=qk_norm)
+    x = residual_input(cfg)
+    cos, sin = model.rope_cos.double(), model.rope_sin.double()
+    for l, block in enumerate(model.blocks, start=1):
+        assert block.attn.q_norm.weight.shape == (cfg.head_dim if qk_norm == "head" else cfg.n_heads * cfg.head_dim,)
+        assert block.attn.k_norm.weight.shape == (cfg.head_dim if qk_norm == "head" else cfg.n_kv_heads * cfg.head_dim,)
+        with torch.no_grad():
+            assert_close(block.attn(x, cos, sin), attention_formula(cfg, block.attn, x, cos, sin), tol(cfg),
+                         f"{scheme} {qk_norm} block {l} attention")
+            assert_close(block(x, cos, sin), block_formula(cfg, block, l, x, cos, sin), tol(cfg),
+                         f"{scheme} {qk_norm} block {l}")
+
+
+def test_qk_norm_none_adds_nothing_and_ln_free_refuses_it():
+    _, plain = make_model("pre_ln")
+    assert not any("q_norm" in n or "k_norm" in n for n, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match="norm-free"):
+        ModelConfig(**{**TINY, "norm_scheme": "ln_free", "qk_norm": "head"})
+    with pytest.raises(ValueError, match="removable_norms"):
+        ModelConfig(**{**TINY, "qk_norm": "full", "removable_norms": True})

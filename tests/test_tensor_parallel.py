@@ -30,6 +30,11 @@ CASES: dict[str, dict] = {
 }
 CASES["pre_ln-mha"] = dict(n_kv_heads=4)
 CASES["pre_ln-layernorm"] = dict(norm_type="layernorm")
+# model.qk_norm: the full-width norm sums its statistics over the TP group; the per-head one is replicated.
+CASES["pre_ln-qk_head"] = dict(qk_norm="head")
+CASES["pre_ln-qk_full"] = dict(qk_norm="full")
+CASES["lns-qk_full"] = dict(norm_scheme="lns", qk_norm="full")
+CASES["peri_ln-qk_full-layernorm"] = dict(norm_scheme="peri_ln", qk_norm="full", norm_type="layernorm")
 
 
 # Configs that TP = 2 must refuse, and the field the error must name.
