@@ -15,6 +15,7 @@ to `NORM_SCHEMES`, never an `if` in the forward pass.
     post_ln   x = N(x + F(x))                                   no final norm (last block ends in N)
     mix_ln    post_ln in blocks l <= floor(0.25 L), pre_ln after final N
     peri_ln   x = x + N_out(F(N_in(x)))                         final N
+    reordered x = x + N(F(x))   (OLMo 2)                        final N
     deepnorm  x = N(alpha x + F(x)), alpha = (2L)^(1/4),        no final norm
               init gain beta = (8L)^(-1/4) on value, attention-output, MLP up and down weights
     dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b)  final DyT
@@ -334,6 +335,13 @@ def _peri_ln(cfg: ModelConfig, layer: int) -> BlockParts:
     return BlockParts(attn_norm=norm(cfg), attn_out_norm=norm(cfg), mlp_norm=norm(cfg), mlp_out_norm=norm(cfg))
 
 
+def _reordered(cfg: ModelConfig, layer: int) -> BlockParts:
+    # OLMo 2 (transformers Olmo2DecoderLayer): no norm on the sublayer inputs; each sublayer's output is normalized
+    # before it joins the residual (post_attention_layernorm, post_feedforward_layernorm); final norm. OLMo 2 pairs
+    # it with full-width QK-norm: model.qk_norm=full.
+    return BlockParts(attn_out_norm=norm(cfg), mlp_out_norm=norm(cfg))
+
+
 def _deepnorm(cfg: ModelConfig, layer: int) -> BlockParts:
     # DeepNet (Wang et al., 2022), decoder-only constants. DeepNet scales the value and output projections and
     # the FFN's two matrices by beta, so that each branch starts at ~beta^2 of its unscaled size. SwiGLU's
@@ -404,6 +412,7 @@ NORM_SCHEMES: dict[str, NormScheme] = {
     "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False),
     "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False),
     "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False),
+    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False),
     "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False),
     "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False),
 }

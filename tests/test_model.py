@@ -20,7 +20,7 @@ from models.norms import NORM_SCHEMES
 from models.parallel import TensorParallel
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMES = ["pre_ln", "lns", "ln_free", "post_ln", "mix_ln", "peri_ln", "deepnorm", "dyt"]
+SCHEMES = list(NORM_SCHEMES)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -39,9 +39,9 @@ def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
     V, D, L, H, K, E, F = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden
     per_block_norms = {
         "pre_ln": 2 * D, "lns": 2 * D, "ln_free": 0, "post_ln": 2 * D, "mix_ln": 2 * D,
-        "peri_ln": 4 * D, "deepnorm": 2 * D, "dyt": 2 * (D + 1),
+        "peri_ln": 4 * D, "reordered": 2 * D, "deepnorm": 2 * D, "dyt": 2 * (D + 1),
     }[cfg.norm_scheme]
-    final_norm = {"pre_ln": D, "lns": D, "mix_ln": D, "peri_ln": D, "dyt": D + 1}.get(cfg.norm_scheme, 0)
+    final_norm = {"pre_ln": D, "lns": D, "mix_ln": D, "peri_ln": D, "reordered": D, "dyt": D + 1}.get(cfg.norm_scheme, 0)
     attention = D * (H + 2 * K) * E + H * E * D  # fused q/k/v, output projection
     mlp = 3 * D * F  # SwiGLU gate, up, down
     return {

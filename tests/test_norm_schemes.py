@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # d 8, 2 query heads over 1 kv head (GQA), 4 layers: mix_ln has floor(0.25 * 4) = 1 Post-LN block.
 TINY = dict(vocab_size=32, d_model=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=16)
 FINAL_NORM = {  # what sits between the last block and the head
-    "pre_ln": "norm", "lns": "norm", "mix_ln": "norm", "peri_ln": "norm",
+    "pre_ln": "norm", "lns": "norm", "mix_ln": "norm", "peri_ln": "norm", "reordered": "norm",
     "dyt": "dyt",
     "ln_free": None, "post_ln": None, "deepnorm": None,
 }
@@ -80,6 +80,9 @@ def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) ->
     if scheme == "peri_ln":
         h = x + N(attn(N(x, block.attn_norm.weight, eps)), block.attn_out_norm.weight, eps)
         return h + N(mlp(N(h, block.mlp_norm.weight, eps)), block.mlp_out_norm.weight, eps)
+    if scheme == "reordered":  # OLMo 2: h = x + N(Attn(x)), out = h + N(MLP(h))
+        h = x + N(attn(x), block.attn_out_norm.weight, eps)
+        return h + N(mlp(h), block.mlp_out_norm.weight, eps)
     if scheme == "deepnorm":
         a = (2 * L) ** 0.25
         h = N(a * x + attn(x), block.attn_post_norm.weight, eps)
@@ -386,7 +389,7 @@ def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin) -> torc
 
 QK_CASES = [("pre_ln", "head", "rmsnorm"), ("pre_ln", "full", "rmsnorm"), ("lns", "head", "rmsnorm"),
             ("lns", "full", "rmsnorm"), ("pre_ln", "full", "layernorm"), ("peri_ln", "head", "layernorm"),
-            ("deepnorm", "full", "rmsnorm"), ("dyt", "head", "rmsnorm")]
+            ("deepnorm", "full", "rmsnorm"), ("dyt", "head", "rmsnorm"), ("reordered", "full", "rmsnorm")]
 
 
 @pytest.mark.parametrize("scheme,qk_norm,norm_type", QK_CASES, ids=["-".join(c) for c in QK_CASES])

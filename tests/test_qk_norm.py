@@ -1,4 +1,4 @@
-"""model.qk_norm in real training: the same losses on TP = 2 and PP = 2 as on one process, an exact resume,
+"""model.qk_norm (and OLMo 2's `reordered` scheme with it) in real training: the same losses on TP = 2 and PP = 2 as on one process, an exact resume,
 per-layer diagnostics and analyze-depth (the formulas: tests/test_norm_schemes.py; TP = 2 layers:
 tests/test_tensor_parallel.py)."""
 
@@ -18,6 +18,7 @@ STEPS = 5
 @pytest.mark.parametrize("scheme, qk_norm, layout", [
     pytest.param("pre_ln", "full", ["parallel.tp=2"], id="pre_ln-full-tp2"),
     pytest.param("lns", "head", ["parallel.pp=2"], id="lns-head-pp2"),
+    pytest.param("reordered", "full", ["parallel.pp=2"], id="reordered-full-pp2"),  # OLMo 2's pairing
 ])
 def test_qk_norm_trains_alike_on_layouts_resumes_and_is_diagnosed(tmp_path, data_cache, scheme, qk_norm, layout):
     model = [f"model.norm_scheme={scheme}", f"model.qk_norm={qk_norm}", f"train.steps={STEPS}"]
