@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -200,8 +202,9 @@ def test_init_from_hf_llama_reproduces_its_logits_packed_and_greedy(tmp_path):
     assert generate(model, [prompt.tolist()], eos_id=-1, sampling=Sampling(max_new_tokens=10))[0] == hf_out
 
 
-def test_generation_with_kv_cache_equals_generation_without():
-    model = Llama(CFG, seed=3).eval()
+@pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
+def test_generation_with_kv_cache_equals_generation_without(qk_norm):
+    model = Llama(dataclasses.replace(CFG, qk_norm=qk_norm), seed=3).eval()
     prompts = [[2, 17, 40], [2, 5, 9, 33, 60, 61, 12, 80, 4], [2, 70, 71, 72, 73]]
     for sampling in (Sampling(max_new_tokens=12), Sampling(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=4)):
         cached = generate(model, prompts, eos_id=-1, sampling=sampling)
