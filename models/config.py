@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.norms import NORM_CLASSES, NORM_SCHEMES, QK_NORMS
+from models.norms import ATTN_GATES, NORM_CLASSES, NORM_GAINS, NORM_SCHEMES, QK_NORMS, option_refusal
 
 
 def doc(default, help: str, choices: tuple | None = None, **kwargs):
@@ -56,6 +56,26 @@ class ModelConfig:
         "n_heads*head_dim for q and n_kv_heads*head_dim for k (OLMo 2), exact under tensor parallelism.",
         choices=QK_NORMS,
     )
+    attn_gate: str = doc(
+        "none",
+        "Gated attention (Qiu et al., 2025; Qwen3-Next): each head's attention output times sigmoid(X W_g) before the "
+        "output projection, X the attention's input; headwise: one gate per head; elementwise: one per head and "
+        "channel. W_g is split with the heads under tensor parallelism.",
+        choices=ATTN_GATES,
+    )
+    gpas: bool = doc(
+        False,
+        "GPAS (Chen et al., 2025): after each residual add x <- x - SiLU(g) * stopgrad(x), one scalar g per block "
+        "from 0 (deepnorm and mix_ln's Post-LN blocks scale the shortcut before the add); pre_ln, lns, mix_ln, "
+        "peri_ln, deepnorm.",
+    )
+    norm_gain: str = doc(
+        "one",
+        "Norm gains: one: output * w, w from 1; zero_centered: output * (1 + w), w from 0 (Megatron "
+        "layernorm_zero_centered_gamma, Gemma, Qwen3-Next), so weight decay (train.decay_norms_and_embeddings) pulls "
+        "the gain toward 1. Every fold (HF export, remove-norms) uses the gain 1 + w.",
+        choices=NORM_GAINS,
+    )
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
     )
@@ -67,18 +87,24 @@ class ModelConfig:
     )
     dyt_alpha_init: float | None = doc(
         None,
-        "dyt only: initial alpha in gamma*tanh(alpha*x) of the MLP-input and final DyT (null: the DyT paper's LLaMA "
-        "value for the width: 0.2 up to d_model 4096, 0.15 up to 5120, 0.05 above).",
+        "dyt and derf only: initial alpha in gamma*tanh(alpha*x) (derf: gamma*erf(alpha*x + s) + beta) of the "
+        "MLP-input and final site (null: the DyT paper's LLaMA value for the width: 0.2 up to d_model 4096, 0.15 up "
+        "to 5120, 0.05 above).",
     )
     dyt_alpha_init_attn: float | None = doc(
         None,
-        "dyt only: initial alpha of the attention-input DyT (null: 0.8 up to d_model 4096, 0.6 up to 5120, 0.2 above).",
+        "dyt and derf only: initial alpha of the attention-input site (null: 0.8 up to d_model 4096, 0.6 up to 5120, "
+        "0.2 above).",
     )
     dyt_bias: bool = doc(
         False, "dyt only: DyT with a learnable bias, gamma*tanh(alpha*x) + beta (the LLaMA setting has none)."
     )
     tie_embeddings: bool = doc(False, "Share the input embedding matrix with the output head.")
-    init_std: float = doc(0.02, "Std of the normal init of every linear and embedding weight (before scheme gains).")
+    init_std: float | None = doc(
+        None,
+        "Std of the normal init of every linear and embedding weight (before scheme gains); null: 0.02, or the "
+        "scheme paper's own (hybridnorm, hybridnorm_star: sqrt(2/(5 d_model)); ngpt: 1/sqrt(d_model)).",
+    )
     removable_norms: bool = doc(
         False,
         "pre_ln/lns only: every norm also holds a fixed scale sigma it can switch to (norm removal by fine-tuning; "
@@ -104,18 +130,27 @@ class ModelConfig:
             )
         if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
             raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
+        if self.init_std is None:
+            paper_std = NORM_SCHEMES[self.norm_scheme].init_std
+            self.init_std = 0.02 if paper_std is None else paper_std(self)
         for name in ("init_std", "norm_eps", "rope_theta", "dyt_alpha_init", "dyt_alpha_init_attn"):
             value = getattr(self, name)
             if value is None and name.startswith("dyt_"):
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
-        if self.qk_norm != "none" and NORM_SCHEMES[self.norm_scheme].norm_free:
-            raise ValueError(f"model.qk_norm={self.qk_norm}: {self.norm_scheme} is norm-free by definition; use "
-                             "model.qk_norm=none or a scheme with norms")
-        if self.removable_norms and self.qk_norm != "none":
-            raise ValueError(f"model.removable_norms: norm removal does not cover the q/k norms "
-                             f"(model.qk_norm={self.qk_norm}) yet; set model.qk_norm=none")
+        refusal = option_refusal(self)
+        if refusal:
+            raise ValueError(refusal)
+        if NORM_SCHEMES[self.norm_scheme].unit_weights and self.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings: {self.norm_scheme} keeps separate unit-norm input and output "
+                             "embeddings (the paper's); set model.tie_embeddings=false")
+        if self.removable_norms:
+            for key, what in (("qk_norm", "the q/k norms"), ("attn_gate", "the attention gate (it reads the attention's "
+                              "normalized input)"), ("gpas", "GPAS (the folded ln_free model has no scaling)")):
+                if getattr(self, key) != type(self).__dataclass_fields__[key].default:
+                    raise ValueError(f"model.removable_norms: norm removal does not cover {what} "
+                                     f"(model.{key}={getattr(self, key)}) yet; leave model.{key} at its default")
         if self.removable_norms:
             removable = [name for name, scheme in NORM_SCHEMES.items() if scheme.removable]
             if not NORM_SCHEMES[self.norm_scheme].removable:

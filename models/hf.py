@@ -87,6 +87,10 @@ def check_exportable(cfg: ModelConfig, model: Llama | None = None) -> None:
         raise _refusal(f"model.norm_type={cfg.norm_type}")
     if cfg.qk_norm != "none":
         raise _refusal(f"model.qk_norm={cfg.qk_norm} (Llama has no q/k norms)")
+    if cfg.attn_gate != "none":
+        raise _refusal(f"model.attn_gate={cfg.attn_gate} (Llama has no attention output gate)")
+    if cfg.gpas:
+        raise _refusal("model.gpas=true (Llama has no activation scaling)")
     # The table says "compatible"; check the structure too, so that a scheme marked compatible by mistake
     # is refused instead of silently exported as a different function.
     model = _meta_model(cfg) if model is None else model
@@ -103,11 +107,12 @@ def check_exportable(cfg: ModelConfig, model: Llama | None = None) -> None:
         raise _refusal(f"model.norm_scheme={cfg.norm_scheme} (no final RMSNorm)")
 
 
-def norm_output_scales(cfg: ModelConfig) -> dict[str, float]:
-    """`{our norm weight key: output_scale}` for every norm of the model `cfg` describes."""
+def norm_output_scales(cfg: ModelConfig) -> dict[str, tuple[float, float]]:
+    """`{our norm weight key: (gain_offset, output_scale)}` for every norm of the model `cfg` describes: its
+    effective gain is (weight + gain_offset) * output_scale (model.norm_gain, LayerNorm Scaling's 1/sqrt(l))."""
     model = _meta_model(cfg)
     return {
-        f"{name}.weight": float(module.output_scale)
+        f"{name}.weight": (float(module.gain_offset), float(module.output_scale))
         for name, module in model.named_modules()
         if hasattr(module, "output_scale")
     }
@@ -263,9 +268,9 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> d
     def norm_weight(key: str) -> torch.Tensor:
         w = sd[key].detach()
         _check_shape(key, w, (D,))
-        scale = scales[key]
+        offset, scale = scales[key]
         # Fold in fp32 (or wider) and cast back, so a bf16 checkpoint does not round twice.
-        return (w.double() * scale).to(w.dtype) if scale != 1.0 else w.clone()
+        return ((w.double() + offset) * scale).to(w.dtype) if (offset, scale) != (0.0, 1.0) else w.clone()
 
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["tok_emb.weight"].detach().clone()}
     _check_shape("tok_emb.weight", sd["tok_emb.weight"], (cfg.vocab_size, D))
@@ -333,8 +338,8 @@ def from_hf_state_dict(
         return t
 
     def norm_weight(key: str, ours: str) -> torch.Tensor:
-        w, scale = get(key, (D,)), scales[ours]
-        return (w.double() / scale).to(w.dtype) if scale != 1.0 else w.clone()
+        w, (offset, scale) = get(key, (D,)), scales[ours]
+        return (w.double() / scale - offset).to(w.dtype) if (offset, scale) != (0.0, 1.0) else w.clone()
 
     out: dict[str, torch.Tensor] = {"tok_emb.weight": get("model.embed_tokens.weight", (cfg.vocab_size, D)).clone()}
     for i in range(cfg.n_layers):

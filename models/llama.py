@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import NORM_SCHEMES, QK_NORMS, SLOTS, BlockParts, embedding_init_gain
+from models.norms import ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain
+from models.parts import normalize_unit_weights
 from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
 
 
@@ -67,7 +68,9 @@ class Attention(nn.Module):
         row_gain[:, -1] *= parts.init_gain_value
         self.qkv.weight.init_gain = row_gain.reshape(-1, 1)
         self.o.weight.init_gain = parts.init_gain_attn_out
-        self.q_norm, self.k_norm = QK_NORMS[cfg.qk_norm](cfg, tp)  # model.qk_norm; nn.Identity for none
+        for slot in ATTENTION_SLOTS:  # q/k/v norms, q/k scales, output gate (models/norms.py); nn.Identity if unused
+            setattr(self, slot, getattr(parts, slot)(tp))
+        self.softmax_scale = parts.softmax_scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -80,19 +83,20 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
         q = self.q_norm(q.reshape(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, E]
         k = self.k_norm(k.squeeze(3)).transpose(1, 2)  # [B, K, T, E]
-        v = v.squeeze(3).transpose(1, 2)
+        v = self.v_norm(v.squeeze(3)).transpose(1, 2)
         cos, sin = rope_at(cos, sin, positions, T, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.q_scale(apply_rope(q, cos, sin)), self.k_scale(apply_rope(k, cos, sin))
         if cache is not None:
             k, v = cache.append(k, v)
             if mask is None and k.shape[2] != T:  # causal, aligned to the newest key
                 S = k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is None:  # pretraining: one sequence per row, the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)  # [B, H, T, E]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                               enable_gqa=self.gqa)  # [B, H, T, E]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=self.gqa)
+        return self.o(self.out_gate(x, y.transpose(1, 2)).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -106,9 +110,11 @@ class MLP(nn.Module):
         self.down = row_linear(cfg.ffn_hidden, cfg.d_model, tp)
         self.gate.weight.init_gain, self.up.weight.init_gain = parts.init_gain_gate, parts.init_gain_up
         self.down.weight.init_gain = parts.init_gain_mlp_out
+        for slot in MLP_SLOTS:  # scales on the gate and up outputs (nGPT); nn.Identity if unused
+            setattr(self, slot, getattr(parts, slot)(tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.silu(self.gate_scale(self.gate(x))) * self.up_scale(self.up(x)))
 
 
 class Block(nn.Module):
@@ -120,14 +126,15 @@ class Block(nn.Module):
             setattr(self, slot, getattr(parts, slot)())
         self.attn = Attention(cfg, parts, tp)
         self.mlp = MLP(cfg, parts, tp)
+        self.residual = parts.residual(parts.residual_alpha)  # alpha x + F, or GPAS / nGPT's update (models/parts.py)
         self.residual_alpha = parts.residual_alpha
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, positions, mask, cache))
-        h = self.attn_post_norm(torch.add(a, x, alpha=self.residual_alpha))  # alpha * x + a
+        h = self.attn_post_norm(self.residual(x, a, 0))  # alpha * x + a
         m = self.mlp_out_norm(self.mlp(self.mlp_norm(h)))
-        return self.mlp_post_norm(torch.add(m, h, alpha=self.residual_alpha))
+        return self.mlp_post_norm(self.residual(h, m, 1))
 
 
 class Llama(nn.Module):
@@ -144,13 +151,16 @@ class Llama(nn.Module):
         scheme = NORM_SCHEMES[cfg.norm_scheme]
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, scheme.block(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
+        self.embed_scale = scheme.embedding(cfg)  # nn.Identity, or dyt/derf's learnable sqrt(d) scalar
+        self.blocks = nn.ModuleList(Block(cfg, block_parts(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
         self.final_norm = scheme.final_norm(cfg)
         self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
+        self.logit_scale = scheme.logit_scale(cfg, tp)  # nn.Identity, or ngpt's s_z
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init_std, seed)
+        normalize_unit_weights(self, scheme.unit_weights)  # ngpt: every weight starts on the sphere
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -163,14 +173,14 @@ class Llama(nn.Module):
         sequence per row, positions 0..T-1, causal attention."""
         if doc_ids is not None:
             mask = document_mask(doc_ids)
-        x = self.tok_emb(tokens)  # [B, T, D]
+        x = self.embed_scale(self.tok_emb(tokens))  # [B, T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope_cos, self.rope_sin, positions, mask, None if cache is None else cache.layers[i])
         logits = self.logits(self.final_norm(x))  # [B, T, V]
         return logits if labels is None else cross_entropy(logits, labels, self.tp, reduction=reduction)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x)
+        return self.logit_scale(tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full (unsharded) model."""

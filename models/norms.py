@@ -29,14 +29,15 @@ schedule and the weights each site feeds, into which a fixed site folds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.parallel import HeadNorm, TensorParallel, WidthNorm
+from models.parallel import HeadNorm, SplitScale, TensorParallel, WidthNorm
+from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Ungated, UnitScaled
 
 if TYPE_CHECKING:
     from models.config import ModelConfig  # annotations only: models/config.py imports this module's tables
@@ -47,29 +48,37 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as Llama does), times a learnable gain and a fixed `output_scale`."""
+    """RMSNorm computed in fp32 (as Llama does), times a learnable gain and a fixed `output_scale`.
 
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0):
+    The gain is `weight + gain_offset` (model.norm_gain, `NORM_GAINS`): offset 0 with `weight` from 1, or the
+    zero-centred offset 1 with `weight` from 0 -- the same function at init, but weight decay on `weight` then pulls
+    the gain toward 1 instead of 0. Folds (HF export, norm removal) read `gain()`, never `weight`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
         super().__init__()
-        self.dim, self.eps, self.output_scale = dim, eps, output_scale
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim, self.eps, self.output_scale, self.gain_offset = dim, eps, output_scale, gain_offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
+
+    def gain(self) -> torch.Tensor:
+        return self.weight + self.gain_offset if self.gain_offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.weight
+        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
         return y * self.output_scale if self.output_scale != 1.0 else y
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, output_scale={self.output_scale:.4g}"
+        offset = f", gain=1+w" if self.gain_offset else ""
+        return f"{self.dim}, eps={self.eps}, output_scale={self.output_scale:.4g}{offset}"
 
 
 class LayerNorm(RMSNorm):
     """Bias-free LayerNorm (the project uses no biases), fp32 statistics, fixed `output_scale`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.weight
+        y = F.layer_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
         return y * self.output_scale if self.output_scale != 1.0 else y
 
 
@@ -100,7 +109,7 @@ class _Removable:
             x32 = _at_least_fp32(x)
             if self.centred:
                 x32 = x32 - x32.mean(-1, keepdim=True)
-            y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.weight
+            y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
             return y * self.output_scale if self.output_scale != 1.0 else y
         if self.tracking and self.training:
             self._record(x)
@@ -150,41 +159,85 @@ class _Removable:
 
 
 class RemovableRMSNorm(_Removable, RMSNorm):
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0):
-        super().__init__(dim, eps, output_scale)
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
         self._init_removable()
 
 
 class RemovableLayerNorm(_Removable, LayerNorm):
     centred = True
 
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0):
-        super().__init__(dim, eps, output_scale)
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
         self._init_removable()
 
 
 class DyT(nn.Module):
-    """Dynamic Tanh (Zhu et al., 2025): gamma * tanh(alpha * x) (+ beta with `bias`), a learnable scalar alpha."""
+    """Dynamic Tanh (Zhu et al., 2025): gamma * tanh(alpha * x) (+ beta with `bias`), a learnable scalar alpha.
+    gamma = weight + gain_offset, as the norms' gains (model.norm_gain)."""
 
-    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False):
+    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, gain_offset: float = 0.0):
         super().__init__()
-        self.dim, self.alpha_init = dim, alpha_init
+        self.dim, self.alpha_init, self.gain_offset = dim, alpha_init, gain_offset
         self.alpha = nn.Parameter(torch.full((1,), alpha_init))
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
+    def gain(self) -> torch.Tensor:
+        return self.weight + self.gain_offset if self.gain_offset else self.weight
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha * x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.weight * torch.tanh(self.alpha * x)
+        y = self.gain() * self.squash(x)
         return y if self.bias is None else y + self.bias
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
+
+
+class Derf(DyT):
+    """Dynamic erf (Chen et al., 2025, arXiv 2512.10938; zlab-princeton/Derf): gamma * erf(alpha * x + s) + beta,
+    learnable scalars alpha (per-site initial value, as DyT's) and shift s (from 0), per-channel gamma and beta (the
+    reference always has beta)."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, gain_offset: float = 0.0):
+        super().__init__(dim, alpha_init, bias=True, gain_offset=gain_offset)
+        self.shift = nn.Parameter(torch.zeros(1))
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(self.alpha * x + self.shift)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.shift)
+
+
+class EmbeddingScale(nn.Module):
+    """A learnable scalar times the token embedding, from `init` (the DyT paper's LLaMA and Derf's language model:
+    sqrt(d_model)): a norm-free model's first block would otherwise read inputs of std model.init_std, deep in the
+    linear range of tanh / erf."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.init = init
+        self.scale = nn.Parameter(torch.full((1,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.scale, self.init)
+
+    def extra_repr(self) -> str:
+        return f"init={self.init:.4g}"
 
 
 # The DyT paper's LLaMA settings (its Table of alpha0 per model; repository other_tasks/LLaMA): width of the
@@ -221,15 +274,36 @@ ATTN_IN, ATTN_OUT, ATTN_POST = "attn_norm", "attn_out_norm", "attn_post_norm"
 MLP_IN, MLP_OUT, MLP_POST = "mlp_norm", "mlp_out_norm", "mlp_post_norm"
 SLOTS = (ATTN_IN, ATTN_OUT, ATTN_POST, MLP_IN, MLP_OUT, MLP_POST)
 
+# The attention's slots (models/llama.py `Attention`): q/k/v norms on q [B, T, H, E] and k, v [B, T, K, E] before RoPE,
+# q/k scales on q [B, H, T, E] and k [B, K, T, E] after it, the output gate on the heads' output [B, T, H, E].
+Q_NORM, K_NORM, V_NORM, Q_SCALE, K_SCALE, ATTN_GATE = "q_norm", "k_norm", "v_norm", "q_scale", "k_scale", "out_gate"
+ATTENTION_SLOTS = (Q_NORM, K_NORM, V_NORM, Q_SCALE, K_SCALE, ATTN_GATE)
+# The MLP's: scales on the gate and up projections' outputs [B, T, F] (nGPT's s_v, s_u).
+MLP_GATE_SCALE, MLP_UP_SCALE = "gate_scale", "up_scale"
+MLP_SLOTS = (MLP_GATE_SCALE, MLP_UP_SCALE)
+
 NORM_CLASSES = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 REMOVABLE_NORM_CLASSES = {"rmsnorm": RemovableRMSNorm, "layernorm": RemovableLayerNorm}
+# model.norm_gain -> the constant added to every learnable norm gain w (output * (w + offset)); w starts at 1 - offset,
+# so both start as the same model. zero_centered: Megatron's layernorm_zero_centered_gamma, Gemma / Qwen3-Next's
+# (1 + w): weight decay on w (train.decay_norms_and_embeddings) then pulls the gain toward 1 instead of 0.
+NORM_GAINS = {"one": 0.0, "zero_centered": 1.0}
 NormFactory = Callable[[], nn.Module]
+TPFactory = Callable[["TensorParallel | None"], nn.Module]  # parts that may be split with the heads
+
+
+def _identity(tp: TensorParallel | None = None) -> nn.Module:
+    return nn.Identity()
+
+
+def _ungated(tp: TensorParallel | None = None) -> nn.Module:
+    return Ungated()
 
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The swappable parts of one block, one factory per slot of `SLOTS` (see the module docstring for where each
-    one sits)."""
+    """The swappable parts of one block: one factory per slot of `SLOTS` (see the module docstring for where each one
+    sits), of `ATTENTION_SLOTS` and `MLP_SLOTS`, and the residual update (models/parts.py)."""
 
     attn_norm: NormFactory = nn.Identity
     attn_out_norm: NormFactory = nn.Identity
@@ -237,7 +311,18 @@ class BlockParts:
     mlp_norm: NormFactory = nn.Identity
     mlp_out_norm: NormFactory = nn.Identity
     mlp_post_norm: NormFactory = nn.Identity
+    q_norm: TPFactory = _identity
+    k_norm: TPFactory = _identity
+    v_norm: TPFactory = _identity
+    q_scale: TPFactory = _identity
+    k_scale: TPFactory = _identity
+    out_gate: TPFactory = _ungated
+    gate_scale: TPFactory = _identity
+    up_scale: TPFactory = _identity
+    softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
+    residual: Callable[[float], nn.Module] = Residual  # (residual_alpha) -> the block's residual update
     residual_alpha: float = 1.0
+    post_norm: bool = False  # the block normalizes after its residual adds (model.gpas scales the shortcut then)
     # Multipliers of model.init_std for the block's weights.
     init_gain_qkv: float = 1.0  # all of q, k, v (v also gets init_gain_value)
     init_gain_value: float = 1.0
@@ -255,6 +340,13 @@ class NormScheme:
     removable: bool = False  # `pretrain remove-norms` can fine-tune its norms away (its sites: REMOVAL_SITES)
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
+    embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: nn.Identity()  # on the token embedding's output
+    logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: nn.Identity()
+    init_std: Callable[[ModelConfig], float] | None = None  # the paper's std where model.init_std is null (0.02)
+    # Weights kept on the unit sphere after every optimizer step: {name suffix: dim whose vectors have norm 1}.
+    unit_weights: dict[str, int] = field(default_factory=dict)
+    # The composable model keys (`OPTIONS`) this scheme takes; any other set off its default is refused.
+    options: frozenset[str] = frozenset()
 
 
 def embedding_init_gain(cfg: ModelConfig) -> float:
@@ -274,11 +366,27 @@ REMOVAL_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
     cls = (REMOVABLE_NORM_CLASSES if cfg.removable_norms else NORM_CLASSES)[cfg.norm_type]
-    return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale)
+    return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale, gain_offset=NORM_GAINS[cfg.norm_gain])
+
+
+def head_norm(cfg: ModelConfig) -> TPFactory:
+    """The run's norm over head_dim, one gain shared by the heads (replicated under TP)."""
+    return lambda tp: HeadNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
+                               gain_offset=NORM_GAINS[cfg.norm_gain])
+
+
+def width_norm(cfg: ModelConfig, heads: int) -> TPFactory:
+    """The run's norm over heads * head_dim, its gain split with the heads and its statistics summed over TP."""
+    return lambda tp: WidthNorm(heads * cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
+                                gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def dyt(cfg: ModelConfig, alpha_init: float) -> NormFactory:
-    return lambda: DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias)
+    return lambda: DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias, gain_offset=NORM_GAINS[cfg.norm_gain])
+
+
+def derf(cfg: ModelConfig, alpha_init: float) -> NormFactory:
+    return lambda: Derf(cfg.d_model, alpha_init, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def _pre_ln(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -323,7 +431,7 @@ def _ln_free(cfg: ModelConfig, layer: int) -> BlockParts:
 
 
 def _post_ln(cfg: ModelConfig, layer: int) -> BlockParts:
-    return BlockParts(attn_post_norm=norm(cfg), mlp_post_norm=norm(cfg))
+    return BlockParts(attn_post_norm=norm(cfg), mlp_post_norm=norm(cfg), post_norm=True)
 
 
 def _mix_ln(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -352,12 +460,36 @@ def _deepnorm(cfg: ModelConfig, layer: int) -> BlockParts:
     return BlockParts(
         attn_post_norm=norm(cfg),
         mlp_post_norm=norm(cfg),
+        post_norm=True,
         residual_alpha=(2 * cfg.n_layers) ** 0.25,
         init_gain_value=beta,
         init_gain_attn_out=beta,
         init_gain_up=beta,
         init_gain_mlp_out=beta,
     )
+
+
+def hybridnorm_init_std(cfg: ModelConfig) -> float:
+    # HybridNorm's OLMo configs (init_fn full_megatron): std sqrt(2 / (5 d)) (the "small init" of Nguyen & Salazar),
+    # the attention and FFN output projections divided by sqrt(2 L).
+    return math.sqrt(2.0 / (5.0 * cfg.d_model))
+
+
+def _hybridnorm(cfg: ModelConfig, layer: int, star: bool = False) -> BlockParts:
+    # HybridNorm (Zhuo et al., 2025; BryceZhuo/HybridNorm olmo/model.py): q, k and v each normalized per head before
+    # RoPE (one gain over head_dim each), no norm before attention, Y = X + Attn(QKVNorm(X)); then the FFN around the
+    # normalized sum, X' = N(Y) + FFN(N(Y)): our attention post-norm. HybridNorm* makes block 1 a Pre-Norm block that
+    # keeps its QKV norms: Y = X + Attn(QKVNorm(N(X))), X' = Y + FFN(N(Y)).
+    out = 1.0 / math.sqrt(2 * cfg.n_layers)
+    common = dict(q_norm=head_norm(cfg), k_norm=head_norm(cfg), v_norm=head_norm(cfg),
+                  init_gain_attn_out=out, init_gain_mlp_out=out)
+    if star and layer == 1:
+        return BlockParts(attn_norm=norm(cfg), mlp_norm=norm(cfg), **common)
+    return BlockParts(attn_post_norm=norm(cfg), **common)
+
+
+def _hybridnorm_star(cfg: ModelConfig, layer: int) -> BlockParts:
+    return _hybridnorm(cfg, layer, star=True)
 
 
 def _dyt(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -371,6 +503,52 @@ def _final_dyt(cfg: ModelConfig) -> nn.Module:
     return dyt(cfg, dyt_alpha_inits(cfg)[1])()
 
 
+def _derf(cfg: ModelConfig, layer: int) -> BlockParts:
+    # Derf's per-site alpha0 (attention input, FFN input, final), as DyT's: the same config keys and width rule.
+    attn, other = dyt_alpha_inits(cfg)
+    return BlockParts(attn_norm=derf(cfg, attn), mlp_norm=derf(cfg, other))
+
+
+def _final_derf(cfg: ModelConfig) -> nn.Module:
+    return derf(cfg, dyt_alpha_inits(cfg)[1])()
+
+
+def _embedding_scale(cfg: ModelConfig) -> nn.Module:
+    # DyT's LLaMA (fms_fsdp models/llama.py shared_scale) and Derf's nanoGPT patch: a learnable scalar times the token
+    # embedding, from sqrt(d_model).
+    return EmbeddingScale(math.sqrt(cfg.d_model))
+
+
+def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
+    # nGPT (Loshchilov et al., 2024; NVIDIA/ngpt model.py): no input norms; each sublayer's output is projected on the
+    # sphere (L2Norm) and the residual moves toward it by the eigen learning rates (NGPTResidual); q and k normalized
+    # per head and scaled by s_qk (init 1, scaling 1/sqrt(d)) after RoPE, softmax scale sqrt(head_dim); SwiGLU's two
+    # projections scaled by s_u, s_v (init 1, scaling 1) times sqrt(d). s_qk is one vector for q and one for k (as in
+    # OLMo-core; NVIDIA/ngpt shares one, which needs n_kv_heads = n_heads), equal at init.
+    d, E = cfg.d_model, cfg.head_dim
+    scaling = d ** -0.5
+    return BlockParts(
+        attn_out_norm=L2Norm, mlp_out_norm=L2Norm,
+        q_scale=lambda tp: UnitScaled(SplitScale(cfg.n_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        k_scale=lambda tp: UnitScaled(SplitScale(cfg.n_kv_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        softmax_scale=math.sqrt(E),
+        gate_scale=lambda tp: SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        up_scale=lambda tp: SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        residual=lambda alpha: NGPTResidual(d),
+    )
+
+
+def _ngpt_logit_scale(cfg: ModelConfig, tp: TensorParallel | None) -> nn.Module:
+    # s_z (init 1, scaling 1/sqrt(d)) per vocabulary entry, split with the head's rows.
+    return SplitScale(cfg.vocab_size, 1.0, cfg.d_model ** -0.5, tp)
+
+
+# nGPT's unit-norm weights (NVIDIA/ngpt train.py normalize_matrices): the vectors along the embedding dimension. Every
+# matrix's d_model dim is whole on each tensor-parallel rank.
+NGPT_UNIT_WEIGHTS = {"tok_emb.weight": 1, "head.weight": 1, "attn.qkv.weight": 1, "attn.o.weight": 0,
+                     "mlp.gate.weight": 1, "mlp.up.weight": 1, "mlp.down.weight": 0}
+
+
 def _final_norm(cfg: ModelConfig) -> nn.Module:
     return norm(cfg)()
 
@@ -379,40 +557,102 @@ def _no_final_norm(cfg: ModelConfig) -> nn.Module:
     return nn.Identity()
 
 
-def _no_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
-    return nn.Identity(), nn.Identity()
+# ---------------------------------------------------------------------------------------------------------------------
+# Composable keys: each one rewrites a scheme's parts, for the schemes whose `options` name it.
+
+# model.qk_norm -> (q norm, k norm) of every block's attention before RoPE (the q_norm / k_norm slots).
+QK_NORMS: dict[str, Callable[[ModelConfig], tuple[TPFactory, TPFactory]]] = {
+    "none": lambda cfg: (_identity, _identity),
+    "head": lambda cfg: (head_norm(cfg), head_norm(cfg)),  # Qwen3 / Gemma 3: over head_dim, one gain for all heads
+    "full": lambda cfg: (width_norm(cfg, cfg.n_heads), width_norm(cfg, cfg.n_kv_heads)),  # OLMo 2: whole width
+}
+# model.attn_gate -> the attention's output gate (the out_gate slot).
+ATTN_GATES: dict[str, Callable[[ModelConfig], TPFactory]] = {
+    "none": lambda cfg: _ungated,
+    "headwise": lambda cfg: lambda tp: AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, False, tp),
+    "elementwise": lambda cfg: lambda tp: AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, True, tp),
+}
 
 
-def _head_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
-    # Qwen3 / Gemma 3: one norm over head_dim, its gain shared by every head (replicated under TP).
-    centred = cfg.norm_type == "layernorm"
-    return HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp), HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp)
+def _with_qk_norm(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    q, k = QK_NORMS[cfg.qk_norm](cfg)
+    return replace(parts, q_norm=q, k_norm=k)
 
 
-def _full_qk_norm(cfg: ModelConfig, tp: TensorParallel | None) -> tuple[nn.Module, nn.Module]:
-    # OLMo 2: one norm over the whole projected width, n_heads * head_dim for q and n_kv_heads * head_dim for k.
-    centred = cfg.norm_type == "layernorm"
-    return (WidthNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps, centred, tp),
-            WidthNorm(cfg.n_kv_heads * cfg.head_dim, cfg.norm_eps, centred, tp))
+def _with_gate(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    return replace(parts, out_gate=ATTN_GATES[cfg.attn_gate](cfg))
 
 
-# model.qk_norm -> (q norm, k norm) of every block's attention, applied to q [B, T, H, E] and k [B, T, K, E] before
-# RoPE: the attention's q_norm / k_norm slots. Composable with every scheme that has norms (not ln_free).
-QK_NORMS: dict[str, Callable[[ModelConfig, TensorParallel | None], tuple[nn.Module, nn.Module]]] = {
-    "none": _no_qk_norm,
-    "head": _head_qk_norm,
-    "full": _full_qk_norm,
+def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    return replace(parts, residual=lambda alpha: GPAS(alpha, shortcut=parts.post_norm))
+
+
+@dataclass(frozen=True)
+class Option:
+    default: object
+    apply: Callable[[ModelConfig, BlockParts], BlockParts]  # the block's parts with the option set
+
+
+# model key -> how it composes with a scheme's parts. norm_gain acts inside every norm factory (NORM_GAINS).
+OPTIONS: dict[str, Option] = {
+    "qk_norm": Option("none", _with_qk_norm),
+    "attn_gate": Option("none", _with_gate),
+    "gpas": Option(False, _with_gpas),
+    "norm_gain": Option("one", lambda cfg, parts: parts),
+}
+
+
+def block_parts(cfg: ModelConfig, layer: int) -> BlockParts:
+    """The parts of block `layer` (1..L): the scheme's, rewritten by every composable key set off its default."""
+    parts = NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer)
+    for key, option in OPTIONS.items():
+        if getattr(cfg, key) != option.default:
+            parts = option.apply(cfg, parts)
+    return parts
+
+
+def option_refusal(cfg: ModelConfig) -> str | None:
+    """Why `cfg` sets a composable key its scheme does not take (one line), or None."""
+    for key, option in OPTIONS.items():
+        value = getattr(cfg, key)
+        if value != option.default and key not in NORM_SCHEMES[cfg.norm_scheme].options:
+            takers = [name for name, scheme in NORM_SCHEMES.items() if key in scheme.options]
+            return (f"model.{key}={value} does not compose with model.norm_scheme={cfg.norm_scheme} "
+                    f"({NOT_COMPOSABLE.get((cfg.norm_scheme, key), 'not part of that design')}); it composes with "
+                    f"{', '.join(takers)}")
+    return None
+
+
+_NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain"})
+_GPAS = _NORMED | {"gpas"}
+# Why a scheme refuses a key (README "Composing designs").
+NOT_COMPOSABLE = {
+    ("ln_free", "qk_norm"): "norm-free by definition",
+    ("ln_free", "norm_gain"): "it has no norm gains",
+    ("hybridnorm", "qk_norm"): "it normalizes q, k and v itself",
+    ("hybridnorm_star", "qk_norm"): "it normalizes q, k and v itself",
+    ("ngpt", "qk_norm"): "it normalizes q and k itself",
+    ("ngpt", "norm_gain"): "it has no norm gains",
+    ("ngpt", "attn_gate"): "its residual update is on the sphere; the paper has no gate",
 }
 
 
 NORM_SCHEMES: dict[str, NormScheme] = {
-    "pre_ln": NormScheme(_pre_ln, _final_norm, llama_compatible=True, removable=True),
-    "lns": NormScheme(_lns, _final_norm, llama_compatible=True, removable=True),
-    "ln_free": NormScheme(_ln_free, _no_final_norm, llama_compatible=False, norm_free=True, unit_embedding=True),
-    "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False),
-    "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False),
-    "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False),
-    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False),
-    "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False),
-    "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False),
+    "pre_ln": NormScheme(_pre_ln, _final_norm, llama_compatible=True, removable=True, options=_GPAS),
+    "lns": NormScheme(_lns, _final_norm, llama_compatible=True, removable=True, options=_GPAS),
+    "ln_free": NormScheme(_ln_free, _no_final_norm, llama_compatible=False, norm_free=True, unit_embedding=True,
+                          options=frozenset({"attn_gate"})),
+    "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False, options=_NORMED),
+    "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False, options=_GPAS),
+    "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False, options=_GPAS),
+    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False, options=_NORMED),
+    "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False, options=_GPAS),
+    "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),
+    "derf": NormScheme(_derf, _final_derf, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),
+    "hybridnorm": NormScheme(_hybridnorm, _final_norm, llama_compatible=False, init_std=hybridnorm_init_std,
+                             options=frozenset({"attn_gate", "norm_gain"})),
+    "hybridnorm_star": NormScheme(_hybridnorm_star, _final_norm, llama_compatible=False,
+                                  init_std=hybridnorm_init_std, options=frozenset({"attn_gate", "norm_gain"})),
+    "ngpt": NormScheme(_ngpt, _no_final_norm, llama_compatible=False, logit_scale=_ngpt_logit_scale,
+                       init_std=lambda cfg: cfg.d_model ** -0.5, unit_weights=NGPT_UNIT_WEIGHTS),
 }

@@ -191,19 +191,23 @@ class HeadNorm(nn.Module):
     """RMSNorm (or bias-free LayerNorm with `centred`) over the last dim (head_dim), one gain shared by every head
     and replicated over the TP ranks; each rank holds some heads, so the gain's gradient is summed over the group."""
 
-    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None):
+    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None, gain_offset: float = 0.0):
         super().__init__()
-        self.dim, self.eps, self.centred, self.tp = dim, eps, centred, tp
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim, self.eps, self.centred, self.tp, self.gain_offset = dim, eps, centred, tp, gain_offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
+
+    def gain(self) -> torch.Tensor:
+        """weight + gain_offset (model.norm_gain; models/norms.py RMSNorm)."""
+        w = self.weight if self.tp is None else _SumGradOverTP.apply(self.weight, self.tp.group)
+        return w + self.gain_offset if self.gain_offset else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.tp is None else _SumGradOverTP.apply(self.weight, self.tp.group)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         norm = F.layer_norm if self.centred else F.rms_norm
-        return norm(x32, (self.dim,), eps=self.eps).type_as(x) * w
+        return norm(x32, (self.dim,), eps=self.eps).type_as(x) * self.gain()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, {'layernorm' if self.centred else 'rmsnorm'}"
@@ -215,12 +219,17 @@ class WidthNorm(nn.Module):
     and the statistics are summed over the TP group (an all-reduce whose backward is an all-reduce too: every
     rank's normalized slice depends on every rank's input). Computed in at least fp32, like the other norms."""
 
-    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None):
+    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None,
+                 gain_offset: float = 0.0):
         super().__init__()
-        self.full_width, self.eps, self.centred, self.tp = full_width, eps, centred, tp
-        self.weight = nn.Parameter(torch.ones(_divide(full_width, tp, "the q/k width")))
-        self.weight.init_value = 1.0  # models.llama.init_weights: a gain, not a random matrix
+        self.full_width, self.eps, self.centred, self.tp, self.gain_offset = full_width, eps, centred, tp, gain_offset
+        self.weight = nn.Parameter(torch.full((_divide(full_width, tp, "the q/k width"),), 1.0 - gain_offset))
+        self.weight.init_value = 1.0 - gain_offset  # models.llama.init_weights: a gain, not a random matrix
         _mark(self.weight, (full_width,), 0, tp)
+
+    def gain(self) -> torch.Tensor:
+        """weight + gain_offset (model.norm_gain; models/norms.py RMSNorm)."""
+        return self.weight + self.gain_offset if self.gain_offset else self.weight
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.tp is None else dist_fn.all_reduce(t, group=self.tp.group)
@@ -231,11 +240,32 @@ class WidthNorm(nn.Module):
             mean = self._sum(flat.sum(-1, keepdim=True)) / self.full_width
             flat = flat - mean
         var = self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width
-        y = (flat * torch.rsqrt(var + self.eps)).type_as(x) * self.weight
+        y = (flat * torch.rsqrt(var + self.eps)).type_as(x) * self.gain()
         return y.view_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.full_width}, eps={self.eps}, {'layernorm' if self.centred else 'rmsnorm'}"
+
+
+class SplitScale(nn.Module):
+    """A learnable per-channel scale, split over the TP ranks with the channels it scales (nGPT's scaling vectors,
+    Loshchilov et al., 2024, sec. 2.6): stored as s from `init_scaling` and applied as s * init_value / init_scaling
+    (times a fixed `multiplier`), so that Adam moves it at the paper's rate. `shape`: how the local vector is viewed
+    against the input (default: the last dim)."""
+
+    def __init__(self, full_width: int, init_value: float, init_scaling: float, tp: TensorParallel | None,
+                 shape: tuple[int, ...] = (-1,), multiplier: float = 1.0):
+        super().__init__()
+        self.shape, self.factor = shape, init_value / init_scaling * multiplier
+        self.weight = nn.Parameter(torch.full((_divide(full_width, tp, "the scaled width"),), init_scaling))
+        self.weight.init_value = init_scaling  # models.llama.init_weights: a scale, not a random matrix
+        _mark(self.weight, (full_width,), 0, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.weight * self.factor).to(x.dtype).view(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.tp_split.full_shape)[0]}, factor={self.factor:.4g}"
 
 
 def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParallel | None) -> torch.Tensor:

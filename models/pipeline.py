@@ -19,7 +19,8 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.llama import Block, document_mask, init_weights, rope_cache
-from models.norms import NORM_SCHEMES, embedding_init_gain
+from models.norms import NORM_SCHEMES, block_parts, embedding_init_gain
+from models.parts import normalize_unit_weights
 from models.parallel import TensorParallel, column_linear, cross_entropy, tied_logits, vocab_embedding
 
 
@@ -29,13 +30,15 @@ class EmbeddingPipe(nn.Module):
         self.tp = tp
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
+        self.embed_scale = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
         init_weights(self, cfg.init_std, seed)
+        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, inputs):
         if isinstance(inputs, tuple):  # (tokens, positions, doc_ids) of packed sequences
             tokens, *rest = inputs
-            return (self.tok_emb(tokens), *rest)
-        return self.tok_emb(inputs)
+            return (self.embed_scale(self.tok_emb(tokens)), *rest)
+        return self.embed_scale(self.tok_emb(inputs))
 
     @property
     def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties
@@ -50,11 +53,12 @@ class BlockPipe(Block):
     """A Block that carries its own RoPE tables, since a pipeline layer sees only the activations."""
 
     def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel | None, seed: int):
-        super().__init__(cfg, NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer), tp)
+        super().__init__(cfg, block_parts(cfg, layer), tp)
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, cfg.init_std, seed, prefix=f"blocks.{layer - 1}.")
+        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, inputs):
         if isinstance(inputs, tuple):  # (x, positions, doc_ids) of packed sequences
@@ -76,10 +80,12 @@ class HeadPipe(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
         super().__init__()
         self.head = column_linear(cfg.d_model, cfg.vocab_size, tp)
+        self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
         init_weights(self, cfg.init_std, seed)
+        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        return self.logit_scale(self.head(x))
 
 
 class PipelineLoss:

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig, check_choices, doc, literal_choices
-from models.norms import REMOVAL_SITES
+from models.norms import NORM_SCHEMES, REMOVAL_SITES
 from pretrain.errors import UserError
 
 
@@ -253,6 +254,11 @@ class ExperimentConfig:
                 f"tokens); raise eval.tokens to at least {self.data.seq_len} or set eval.interval=0"
             )
         check_deepspeed_section(self.deepspeed)
+        if NORM_SCHEMES[self.model.norm_scheme].unit_weights and self.train.weight_decay > 0:
+            raise ValueError(
+                f"train.weight_decay={self.train.weight_decay}: {self.model.norm_scheme} puts its matrices back on the "
+                "unit sphere after every step, which undoes any decay (the paper trains with 0); set train.weight_decay=0"
+            )
         if self.model.removable_norms:
             last = self.removal.switch_steps(self.model.n_layers)
             if last > self.train.steps:
@@ -342,6 +348,11 @@ REMOVED_KEYS = {
 LEGACY_DEFAULTS = {
     "model.ln_free_base_depth": 0,  # ln_free before its depth-muP multipliers: plain x + F(x)
 }
+# Training settings a scheme's paper fixes, used where the config does not give the key (a given other value is
+# trained as given, with a warning): nGPT trains without warm-up (NVIDIA/ngpt train.py, OLMo-core's example).
+SCHEME_TRAIN_DEFAULTS = {
+    "ngpt": {"train.warmup_steps": 0},
+}
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), stored: bool = False,
@@ -375,7 +386,19 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
     given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
     if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
         given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
+    _scheme_train_defaults(raw, given)
     return dataclasses.replace(from_dict(raw), given_keys=frozenset(given))
+
+
+def _scheme_train_defaults(raw: dict, given: set[str]) -> None:
+    scheme = raw.get("model", {}).get("norm_scheme") if isinstance(raw.get("model"), dict) else None
+    for dotted, value in SCHEME_TRAIN_DEFAULTS.get(scheme, {}).items():
+        section, key = dotted.split(".")
+        if dotted not in given:
+            raw.setdefault(section, {})[key] = value
+        elif raw[section][key] != value:
+            print(f"warning: {dotted}={raw[section][key]} with model.norm_scheme={scheme}, whose paper trains with "
+                  f"{dotted}={value}; training as given", file=sys.stderr)
 
 
 def _drop_removed_keys(raw: dict, refuse: bool) -> None:

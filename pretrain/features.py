@@ -6,19 +6,25 @@ the loop sees only `TrainHooks`. A new feature is a `TrainHooks` subclass in its
 
 from __future__ import annotations
 
+from models.norms import NORM_SCHEMES
 from pretrain.analysis.figures import variance_vs_depth_figure
 from pretrain.config import ExperimentConfig
 from pretrain.diagnostics.hooks import LayerStatsHooks
 from pretrain.removal.hooks import RemovalHooks
 from pretrain.train.hooks import TrainHooks
 from pretrain.train.signals import StopOnSignal
+from pretrain.train.unit_weights import KeepUnitWeights
 
 
 def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
     """The hooks of a run of `cfg`: the preemption signal `stop` (built by the command before any set-up, so that a
-    signal during set-up is not lost), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal
-    schedule (model.removable_norms)."""
+    signal during set-up is not lost), a scheme's unit-norm weights (ngpt; first, so that everything after a step
+    sees them), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal schedule
+    (model.removable_norms)."""
     hooks: list[TrainHooks] = [stop]
+    unit_weights = NORM_SCHEMES[cfg.model.norm_scheme].unit_weights
+    if unit_weights:
+        hooks.append(KeepUnitWeights(unit_weights))
     if cfg.diagnostics.interval > 0:
         hooks.append(LayerStatsHooks(figure=variance_vs_depth_figure))
     if cfg.model.removable_norms:

@@ -10,6 +10,7 @@ that use them are compared to 1e-6; ln_free and dyt have no float32 step and are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = dict(vocab_size=32, d_model=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=16)
 FINAL_NORM = {  # what sits between the last block and the head
     "pre_ln": "norm", "lns": "norm", "mix_ln": "norm", "peri_ln": "norm", "reordered": "norm",
-    "dyt": "dyt",
-    "ln_free": None, "post_ln": None, "deepnorm": None,
+    "hybridnorm": "norm", "hybridnorm_star": "norm",
+    "dyt": "dyt", "derf": "derf",
+    "ln_free": None, "post_ln": None, "deepnorm": None, "ngpt": None,
 }
 
 
@@ -51,13 +53,45 @@ def dyt(x, alpha, w, b=None):
     return y if b is None else y + b
 
 
+def derf(x, site, gamma):
+    """Derf (arXiv 2512.10938): gamma * erf(alpha x + s) + beta."""
+    return gamma * torch.erf(site.alpha * x + site.shift) + site.bias
+
+
+def unit(x):
+    """nGPT's Norm: x / |x| over the last dim."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def ngpt_mlp(cfg, mlp, h):
+    """nGPT's SwiGLU (NVIDIA/ngpt): u = s_u sqrt(d) W_u h, v = s_v sqrt(d) W_v h, W_o (u * SiLU(v))."""
+    d = cfg.d_model
+    u = (h @ mlp.up.weight.T) * mlp.up_scale.weight * math.sqrt(d)
+    v = (h @ mlp.gate.weight.T) * mlp.gate_scale.weight * math.sqrt(d)
+    return (u * torch.nn.functional.silu(v)) @ mlp.down.weight.T
+
+
 def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Block l (1-based) of `cfg.norm_scheme`, with the block's attention and MLP as F."""
+    """Block l (1-based) of `cfg.norm_scheme` with the composable keys it sets: the attention written out by
+    `attention_formula` (q/k/v norms, output gate), the block's MLP as F, norm gains per model.norm_gain. GPAS
+    (Chen et al., 2025): P(z) = z - SiLU(g) stopgrad(z), forward value z (1 - SiLU(g)), after each add in pre-norm
+    blocks, on the shortcut alpha P(x) + F in post-norm ones (deepnorm, mix_ln's Post-LN blocks)."""
     L, eps = cfg.n_layers, cfg.norm_eps
-    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
+    N0 = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
+
+    def N(y, w, eps):  # the norm with the run's gain convention (w is the module's weight)
+        return N0(y, w + (1.0 if cfg.norm_gain == "zero_centered" else 0.0), eps)
 
     def attn(y):
-        return block.attn(y, cos, sin)
+        return attention_formula(cfg, block.attn, y, cos, sin)
+
+    s = 1.0 - torch.nn.functional.silu(block.residual.gate) if cfg.gpas else 1.0
+
+    def add(y, f):  # a pre-norm block's residual add
+        return (y + f) * s
+
+    def post_add(y, f, alpha=1.0):  # a post-norm block's: GPAS on the shortcut
+        return alpha * y * s + f
 
     mlp = block.mlp
     scheme = cfg.norm_scheme
@@ -65,31 +99,51 @@ def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) ->
         scheme = "post_ln" if l <= math.floor(0.25 * L) else "pre_ln"
 
     if scheme == "pre_ln":
-        h = x + attn(N(x, block.attn_norm.weight, eps))
-        return h + mlp(N(h, block.mlp_norm.weight, eps))
+        h = add(x, attn(N(x, block.attn_norm.weight, eps)))
+        return add(h, mlp(N(h, block.mlp_norm.weight, eps)))
     if scheme == "lns":
-        s = 1.0 / math.sqrt(l)
-        h = x + attn(N(x, block.attn_norm.weight, eps) * s)
-        return h + mlp(N(h, block.mlp_norm.weight, eps) * s)
+        r = 1.0 / math.sqrt(l)
+        h = add(x, attn(N(x, block.attn_norm.weight, eps) * r))
+        return add(h, mlp(N(h, block.mlp_norm.weight, eps) * r))
     if scheme == "ln_free":
         h = x + attn(x)
         return h + mlp(h)
     if scheme == "post_ln":
-        h = N(x + attn(x), block.attn_post_norm.weight, eps)
-        return N(h + mlp(h), block.mlp_post_norm.weight, eps)
+        h = N(post_add(x, attn(x)), block.attn_post_norm.weight, eps)
+        return N(post_add(h, mlp(h)), block.mlp_post_norm.weight, eps)
     if scheme == "peri_ln":
-        h = x + N(attn(N(x, block.attn_norm.weight, eps)), block.attn_out_norm.weight, eps)
-        return h + N(mlp(N(h, block.mlp_norm.weight, eps)), block.mlp_out_norm.weight, eps)
+        h = add(x, N(attn(N(x, block.attn_norm.weight, eps)), block.attn_out_norm.weight, eps))
+        return add(h, N(mlp(N(h, block.mlp_norm.weight, eps)), block.mlp_out_norm.weight, eps))
     if scheme == "reordered":  # OLMo 2: h = x + N(Attn(x)), out = h + N(MLP(h))
         h = x + N(attn(x), block.attn_out_norm.weight, eps)
         return h + N(mlp(h), block.mlp_out_norm.weight, eps)
     if scheme == "deepnorm":
         a = (2 * L) ** 0.25
-        h = N(a * x + attn(x), block.attn_post_norm.weight, eps)
-        return N(a * h + mlp(h), block.mlp_post_norm.weight, eps)
+        h = N(post_add(x, attn(x), a), block.attn_post_norm.weight, eps)
+        return N(post_add(h, mlp(h), a), block.mlp_post_norm.weight, eps)
     if scheme == "dyt":
-        h = x + attn(dyt(x, block.attn_norm.alpha, block.attn_norm.weight, block.attn_norm.bias))
-        return h + mlp(dyt(h, block.mlp_norm.alpha, block.mlp_norm.weight, block.mlp_norm.bias))
+        h = x + attn(dyt(x, block.attn_norm.alpha, gain(cfg, block.attn_norm), block.attn_norm.bias))
+        return h + mlp(dyt(h, block.mlp_norm.alpha, gain(cfg, block.mlp_norm), block.mlp_norm.bias))
+    if scheme == "derf":
+        h = x + attn(derf(x, block.attn_norm, gain(cfg, block.attn_norm)))
+        return h + mlp(derf(h, block.mlp_norm, gain(cfg, block.mlp_norm)))
+    if scheme in ("hybridnorm", "hybridnorm_star"):
+        # HybridNorm: Y = X + Attn(QKVNorm(X)), X' = N(Y) + FFN(N(Y)); HybridNorm*'s first block is Pre-Norm with QKV
+        # norms: Y = X + Attn(QKVNorm(N(X))), X' = Y + FFN(N(Y)). The attention (with its q, k, v norms) is written
+        # out by attention_formula.
+        def qkv_attn(y):
+            return attention_formula(cfg, block.attn, y, cos, sin)
+
+        if scheme == "hybridnorm_star" and l == 1:
+            h = x + qkv_attn(N(x, block.attn_norm.weight, eps))
+            return h + mlp(N(h, block.mlp_norm.weight, eps))
+        y = N(x + qkv_attn(x), block.attn_post_norm.weight, eps)
+        return y + mlp(y)
+    if scheme == "ngpt":
+        # nGPT eq. 10-11: h <- Norm(h + alpha_A (Norm(h_A) - h)), the MLP alike; alpha = |stored * 0.05 sqrt(d)|.
+        rates = (block.residual.rates * 0.05 * math.sqrt(cfg.d_model)).abs()
+        h = unit(unit(x) + rates[0] * (unit(attention_formula(cfg, block.attn, x, cos, sin)) - unit(x)))
+        return unit(h + rates[1] * (unit(ngpt_mlp(cfg, block.mlp, h)) - h))
     raise AssertionError(f"no formula for {scheme}")
 
 
@@ -98,9 +152,11 @@ def final_formula(cfg: ModelConfig, model, x: torch.Tensor) -> torch.Tensor:
     if kind is None:
         return x
     if kind == "dyt":
-        return dyt(x, model.final_norm.alpha, model.final_norm.weight, model.final_norm.bias)
+        return dyt(x, model.final_norm.alpha, gain(cfg, model.final_norm), model.final_norm.bias)
+    if kind == "derf":
+        return derf(x, model.final_norm, gain(cfg, model.final_norm))
     N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
-    return N(x, model.final_norm.weight, cfg.norm_eps)  # never depth-scaled
+    return N(x, gain(cfg, model.final_norm), cfg.norm_eps)  # never depth-scaled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,10 +176,12 @@ def make_model(scheme: str, norm_type: str = "rmsnorm", seed: int = 0, **overrid
         for name, p in model.named_parameters():
             if name.endswith(".alpha"):
                 p.copy_(0.3 + 0.6 * torch.rand(p.shape, generator=gen, dtype=p.dtype))
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", ".shift", "residual.gate")):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
             elif "norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            elif "scale" in name or name.endswith(".rates"):  # ngpt's scaling vectors, dyt/derf's embedding scale
+                p.mul_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return cfg, model
 
 
@@ -173,10 +231,14 @@ def test_whole_model_matches_formula(scheme, norm_type):
     with torch.no_grad():
         got = model(tokens)
         x = model.tok_emb.weight[tokens]
+        if scheme in ("dyt", "derf"):  # the DyT paper's LLaMA, Derf: a learnable scalar after the embedding
+            x = x * model.embed_scale.scale
         for l, block in enumerate(model.blocks, start=1):
             x = block_formula(cfg, block, l, x, model.rope_cos, model.rope_sin)
         head = model.tok_emb.weight if cfg.tie_embeddings else model.head.weight
         want = final_formula(cfg, model, x) @ head.T
+        if scheme == "ngpt":  # logits = s_z (stored * 1 / (1/sqrt(d))) * (E_out h)
+            want = want * model.logit_scale.weight * math.sqrt(cfg.d_model)
     assert_close(got, want, tol(cfg), f"{scheme}/{norm_type} logits")
 
 
@@ -185,7 +247,7 @@ def test_final_norm(scheme):
     cfg, model = make_model(scheme)
     kind = FINAL_NORM[scheme]
     n_params = sum(p.numel() for p in model.final_norm.parameters())
-    assert n_params == {None: 0, "norm": cfg.d_model, "dyt": cfg.d_model + 1}[kind]
+    assert n_params == {None: 0, "norm": cfg.d_model, "dyt": cfg.d_model + 1, "derf": 2 * cfg.d_model + 2}[kind]
     x = residual_input(cfg)
     with torch.no_grad():
         got = model.final_norm(x)
@@ -359,20 +421,29 @@ def test_norms_keep_float64_precision(norm_type):
 # model.qk_norm: the q and k norms of attention, before RoPE
 
 
+def gain(cfg: ModelConfig, norm) -> torch.Tensor:
+    """A norm's gain: w, or 1 + w with model.norm_gain=zero_centered."""
+    return norm.weight + (1.0 if cfg.norm_gain == "zero_centered" else 0.0)
+
+
 def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Causal GQA attention written out, with q and k normalized before RoPE: per head over head_dim (Qwen3,
-    Gemma 3), or over the whole projected width n_heads*E / n_kv_heads*E (OLMo 2)."""
+    """Causal GQA attention written out. q and k normalized before RoPE with model.qk_norm: per head over head_dim
+    (Qwen3, Gemma 3), or over the whole projected width n_heads*E / n_kv_heads*E (OLMo 2); hybridnorm: q, k and v
+    each per head; ngpt: q and k per head after RoPE times s_q, s_k, softmax scale sqrt(E). model.attn_gate: the
+    heads' output times sigmoid(x W_g), one gate per head or per head and channel (Qiu et al., 2025, G1)."""
     B, T, _ = x.shape
     E, K = cfg.head_dim, cfg.n_kv_heads
     Q = cfg.n_heads // K
     N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
     qkv = (x @ attn.qkv.weight.T).view(B, T, K, Q + 2, E)  # rows grouped per kv head: q_1..q_Q, k, v
     q, k, v = qkv[:, :, :, :Q].reshape(B, T, K * Q, E), qkv[:, :, :, Q], qkv[:, :, :, Q + 1]
-    if cfg.qk_norm == "head":
-        q, k = N(q, attn.q_norm.weight, cfg.norm_eps), N(k, attn.k_norm.weight, cfg.norm_eps)
+    if cfg.qk_norm == "head" or cfg.norm_scheme.startswith("hybridnorm"):
+        q, k = N(q, gain(cfg, attn.q_norm), cfg.norm_eps), N(k, gain(cfg, attn.k_norm), cfg.norm_eps)
     elif cfg.qk_norm == "full":
-        q = N(q.reshape(B, T, -1), attn.q_norm.weight, cfg.norm_eps).view(B, T, K * Q, E)
-        k = N(k.reshape(B, T, -1), attn.k_norm.weight, cfg.norm_eps).view(B, T, K, E)
+        q = N(q.reshape(B, T, -1), gain(cfg, attn.q_norm), cfg.norm_eps).view(B, T, K * Q, E)
+        k = N(k.reshape(B, T, -1), gain(cfg, attn.k_norm), cfg.norm_eps).view(B, T, K, E)
+    if cfg.norm_scheme.startswith("hybridnorm"):
+        v = N(v, gain(cfg, attn.v_norm), cfg.norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, E]
 
     def rope(t):
@@ -380,11 +451,18 @@ def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin) -> torc
         return t * cos[:T] + torch.cat([-t2, t1], dim=-1) * sin[:T]
 
     q, k = rope(q), rope(k)
+    scale = 1 / math.sqrt(E)
+    if cfg.norm_scheme == "ngpt":  # s_qk = stored * 1 / (1/sqrt(d))
+        s_q = (attn.q_scale.scale.weight * math.sqrt(cfg.d_model)).view(K * Q, 1, E)
+        s_k = (attn.k_scale.scale.weight * math.sqrt(cfg.d_model)).view(K, 1, E)
+        q, k, scale = unit(q) * s_q, unit(k) * s_k, math.sqrt(E)
     k, v = k.repeat_interleave(Q, dim=1), v.repeat_interleave(Q, dim=1)  # query head h reads kv head h // Q
-    scores = q @ k.transpose(-1, -2) / math.sqrt(E)
+    scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    y = scores.softmax(-1) @ v  # [B, H, T, E]
-    return y.transpose(1, 2).reshape(B, T, -1) @ attn.o.weight.T
+    y = (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, E]
+    if cfg.attn_gate != "none":
+        y = y * torch.sigmoid(x @ attn.out_gate.proj.weight.T).view(B, T, K * Q, -1)
+    return y.reshape(B, T, -1) @ attn.o.weight.T
 
 
 QK_CASES = [("pre_ln", "head", "rmsnorm"), ("pre_ln", "full", "rmsnorm"), ("lns", "head", "rmsnorm"),
@@ -415,3 +493,84 @@ def test_qk_norm_none_adds_nothing_and_ln_free_refuses_it():
         ModelConfig(**{**TINY, "norm_scheme": "ln_free", "qk_norm": "head"})
     with pytest.raises(ValueError, match="removable_norms"):
         ModelConfig(**{**TINY, "qk_norm": "full", "removable_norms": True})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The composable keys (models/norms.py OPTIONS), crossed with pre_ln, lns and the schemes each is meant for
+
+OPTION_CASES = [
+    ("pre_ln", dict(attn_gate="headwise")), ("lns", dict(attn_gate="elementwise")),
+    ("peri_ln", dict(attn_gate="elementwise")), ("ln_free", dict(attn_gate="headwise")),
+    ("hybridnorm", dict(attn_gate="elementwise")),
+    ("pre_ln", dict(gpas=True)), ("lns", dict(gpas=True)), ("mix_ln", dict(gpas=True)), ("peri_ln", dict(gpas=True)),
+    ("deepnorm", dict(gpas=True)),
+    ("pre_ln", dict(norm_gain="zero_centered")), ("lns", dict(norm_gain="zero_centered", norm_type="layernorm")),
+    ("dyt", dict(norm_gain="zero_centered")), ("derf", dict(norm_gain="zero_centered")),
+    ("hybridnorm_star", dict(norm_gain="zero_centered")), ("pre_ln", dict(qk_norm="head", norm_gain="zero_centered")),
+    ("lns", dict(qk_norm="full", attn_gate="headwise", gpas=True, norm_gain="zero_centered")),
+]
+OPTION_IDS = [scheme + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for scheme, o in OPTION_CASES]
+
+
+@pytest.mark.parametrize("scheme,options", OPTION_CASES, ids=OPTION_IDS)
+def test_composable_keys_match_formula(scheme, options):
+    """Every block and the whole model with the keys set, against the formulas above; and the keys change the model
+    (the formula without them differs), so none is silently ignored."""
+    cfg, model = make_model(scheme, **options)
+    if cfg.gpas:  # g from 0 is the identity: move it
+        with torch.no_grad():
+            for block in model.blocks:
+                block.residual.gate.fill_(0.4)
+    x = residual_input(cfg)
+    cos, sin = model.rope_cos, model.rope_sin
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks, start=1):
+            got = block(x, cos, sin)
+            assert_close(got, block_formula(cfg, block, l, x, cos, sin), tol(cfg), f"{scheme} {options} block {l}")
+            plain = dataclasses.replace(cfg, qk_norm="none", attn_gate="none", gpas=False, norm_gain="one")
+            assert (got - block_formula(plain, block, l, x, cos, sin)).abs().max() > 1e-6, "a key changed nothing"
+
+
+def test_gpas_scales_forward_and_keeps_the_gradient():
+    """P(z) = z - SiLU(g) stopgrad(z): the forward is z (1 - SiLU(g)); the gradient through z is untouched, and g's
+    is -SiLU'(g) sum(z * upstream)."""
+    from models.parts import GPAS
+
+    gpas = GPAS().double()
+    with torch.no_grad():
+        gpas.gate.fill_(0.7)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(2, 3, 8, dtype=torch.float64)
+    up = torch.randn(2, 3, 8, dtype=torch.float64)
+    y = gpas(x, f, 0)
+    g = torch.tensor(0.7, dtype=torch.float64)
+    assert_close(y, (x + f) * (1 - torch.nn.functional.silu(g)), 1e-14, "GPAS forward")
+    (y * up).sum().backward()
+    assert torch.equal(x.grad, up)
+    silu_grad = torch.sigmoid(g) * (1 + g * (1 - torch.sigmoid(g)))
+    assert_close(gpas.gate.grad, -silu_grad * ((x + f) * up).sum(), 1e-12, "GPAS gate gradient")
+    assert GPAS().gate.item() == 0.0  # the identity at init
+
+
+def test_zero_centered_gain_starts_at_zero_and_is_the_same_model():
+    a = Llama(ModelConfig(**TINY, qk_norm="head"), seed=2)
+    b = Llama(ModelConfig(**TINY, qk_norm="head", norm_gain="zero_centered"), seed=2)
+    gains = [n for n, _ in b.named_parameters() if "norm" in n]
+    assert gains and all(torch.equal(b.get_parameter(n), torch.zeros_like(b.get_parameter(n))) for n in gains)
+    tokens = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(a(tokens), b(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key,value", [("qk_norm", "head"), ("attn_gate", "headwise"), ("gpas", True),
+                                       ("norm_gain", "zero_centered")])
+def test_schemes_refuse_keys_they_do_not_compose_with(key, value):
+    """Every scheme either takes a composable key or refuses it in one line that names the schemes that do."""
+    for scheme, entry in NORM_SCHEMES.items():
+        overrides = {**TINY, "norm_scheme": scheme, key: value}
+        if key in entry.options:
+            ModelConfig(**overrides)
+            continue
+        with pytest.raises(ValueError, match=rf"^model\.{key}={value} does not compose with model\.norm_scheme={scheme} "
+                                             rf"\(.+\); it composes with .*pre_ln"):
+            ModelConfig(**overrides)

@@ -27,6 +27,7 @@ CASES: dict[str, dict] = {
     f"{scheme}-{'tied' if tie else 'untied'}": dict(norm_scheme=scheme, tie_embeddings=tie)
     for scheme in SCHEMES
     for tie in (False, True)
+    if not (tie and NORM_SCHEMES[scheme].unit_weights)  # ngpt refuses tied embeddings
 }
 CASES["pre_ln-mha"] = dict(n_kv_heads=4)
 CASES["pre_ln-layernorm"] = dict(norm_type="layernorm")
@@ -35,6 +36,12 @@ CASES["pre_ln-qk_head"] = dict(qk_norm="head")
 CASES["pre_ln-qk_full"] = dict(qk_norm="full")
 CASES["lns-qk_full"] = dict(norm_scheme="lns", qk_norm="full")
 CASES["peri_ln-qk_full-layernorm"] = dict(norm_scheme="peri_ln", qk_norm="full", norm_type="layernorm")
+# The attention gate is split with the heads; GPAS's g and zero-centred gains are replicated.
+CASES["pre_ln-gate_headwise"] = dict(attn_gate="headwise")
+CASES["lns-gate_elementwise-gpas"] = dict(norm_scheme="lns", attn_gate="elementwise", gpas=True)
+CASES["deepnorm-gpas"] = dict(norm_scheme="deepnorm", gpas=True)
+CASES["pre_ln-zero_centered-qk_full"] = dict(norm_gain="zero_centered", qk_norm="full")
+CASES["ngpt-mha"] = dict(norm_scheme="ngpt", n_kv_heads=4)
 
 
 # Configs that TP = 2 must refuse, and the field the error must name.
@@ -54,11 +61,13 @@ def make_config(**overrides) -> ModelConfig:
 
 
 def perturbed_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The seed's full model with its norm gains (and DyT alphas) moved off their init, so they matter."""
+    """The seed's full model with its norm gains, DyT/Derf scalars, GPAS gates and nGPT scales moved off their init,
+    so they matter."""
     sd = Llama(cfg, seed=SEED).state_dict()
     gen = torch.Generator().manual_seed(SEED)
     for name in sorted(sd):
-        if name.endswith(".alpha") or ("norm" in name and name.endswith(".weight")):
+        if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "embed_scale.scale")) or (
+                "norm" in name and name.endswith(".weight")):
             sd[name] = sd[name] + 0.3 * torch.randn(sd[name].shape, generator=gen)
     return sd
 

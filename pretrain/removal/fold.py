@@ -14,11 +14,13 @@ from pretrain.errors import UserError
 from pretrain.removal.schedule import schedule
 
 
-def site_scales(model_cfg: ModelConfig) -> dict[str, float]:
-    """{site name: the norm's fixed output_scale} (1/sqrt(l) for lns blocks, else 1)."""
+def site_scales(model_cfg: ModelConfig) -> dict[str, tuple[float, float]]:
+    """{site name: (the norm's gain offset, its fixed output_scale)}: its gain is (weight + offset) * output_scale
+    (offset 1 with model.norm_gain=zero_centered; output_scale 1/sqrt(l) for lns blocks)."""
     with torch.device("meta"):
         model = Llama(model_cfg)
-    return {name: float(m.output_scale) for name, m in model.named_modules() if isinstance(m, _Removable)}
+    return {name: (float(m.gain_offset), float(m.output_scale))
+            for name, m in model.named_modules() if isinstance(m, _Removable)}
 
 
 def ln_free_model_config(model_cfg: ModelConfig) -> ModelConfig:
@@ -45,7 +47,8 @@ def fold_norms(model_cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> tupl
         if not bool(fixed.reshape(-1)[0]) or not float(sigma.reshape(-1)[0]) > 0:
             raise UserError(f"cannot fold {site.name}: it was never switched to its fixed scale (the removal run did "
                             "not reach the end of its schedule)")
-        scale = gamma * scales[site.name] / sigma  # [D]
+        offset, output_scale = scales[site.name]
+        scale = (gamma + offset) * output_scale / sigma  # [D]
         prefix = site.name.rsplit(".", 1)[0] + "." if site.layer is not None else ""
         for consumer in REMOVAL_SITES[site.group][1]:
             key = prefix + consumer

@@ -1,6 +1,7 @@
-"""model.qk_norm (and OLMo 2's `reordered` scheme with it) in real training: the same losses on TP = 2 and PP = 2 as on one process, an exact resume,
-per-layer diagnostics and analyze-depth (the formulas: tests/test_norm_schemes.py; TP = 2 layers:
-tests/test_tensor_parallel.py)."""
+"""The 2025-26 designs in real training (QK-norm, OLMo 2's reordered norm, HybridNorm*, gated attention, GPAS, Derf,
+zero-centred gains, nGPT): the same losses on TP = 2 or PP = 2 as on one process, an exact resume, per-layer
+diagnostics and analyze-depth. The formulas: tests/test_norm_schemes.py; every scheme and key on TP = 2 layers:
+tests/test_tensor_parallel.py; nGPT's unit rows under TP x ZeRO-1: tests/test_ngpt_unit_weights.py."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ from train_helpers import REPO, metrics, run_train, train_env, train_losses
 STEPS = 5
 
 
-@pytest.mark.parametrize("scheme, qk_norm, layout", [
-    pytest.param("pre_ln", "full", ["parallel.tp=2"], id="pre_ln-full-tp2"),
-    pytest.param("lns", "head", ["parallel.pp=2"], id="lns-head-pp2"),
-    pytest.param("reordered", "full", ["parallel.pp=2"], id="reordered-full-pp2"),  # OLMo 2's pairing
+@pytest.mark.parametrize("scheme, keys, layout", [
+    pytest.param("pre_ln", ["model.qk_norm=full"], ["parallel.tp=2"], id="pre_ln-qk_full-tp2"),
+    pytest.param("lns", ["model.qk_norm=head"], ["parallel.pp=2"], id="lns-qk_head-pp2"),
+    pytest.param("reordered", ["model.qk_norm=full"], ["parallel.pp=2"], id="reordered-qk_full-pp2"),  # OLMo 2
+    pytest.param("hybridnorm_star", ["model.attn_gate=elementwise"], ["parallel.tp=2"], id="hybridnorm_star-gate-tp2"),
+    pytest.param("mix_ln", ["model.gpas=true", "model.attn_gate=headwise"], ["parallel.pp=2"], id="mix_ln-gpas-gate-pp2"),
+    pytest.param("derf", ["model.norm_gain=zero_centered"], ["parallel.pp=2"], id="derf-zero_centered-pp2"),
+    pytest.param("ngpt", ["model.n_kv_heads=4"], ["parallel.tp=2"], id="ngpt-tp2"),
 ])
-def test_qk_norm_trains_alike_on_layouts_resumes_and_is_diagnosed(tmp_path, data_cache, scheme, qk_norm, layout):
-    model = [f"model.norm_scheme={scheme}", f"model.qk_norm={qk_norm}", f"train.steps={STEPS}"]
+def test_designs_train_alike_on_layouts_resume_and_are_diagnosed(tmp_path, data_cache, scheme, keys, layout):
+    model = [f"model.norm_scheme={scheme}", *keys, f"train.steps={STEPS}"]
     single, split, parallel = (str(tmp_path / name) for name in ("single", "split", "parallel"))
     run_train(single, *model, "diagnostics.interval=1", "checkpoint.interval=3", cache_dir=data_cache)
     run_train(parallel, *model, *layout, nproc=2, cache_dir=data_cache)
