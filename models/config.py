@@ -51,7 +51,7 @@ class ModelConfig:
     norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
     qk_norm: str = doc(
         "none",
-        "QK-norm, with any scheme that has norms: the run's norm_type on q and k before RoPE; head: per head over "
+        "QK-norm (see the README for the schemes that take it): the run's norm_type on q and k before RoPE; head: per head over "
         "head_dim, one gain shared by the heads (Qwen3, Gemma 3); full: over the full projected width, "
         "n_heads*head_dim for q and n_kv_heads*head_dim for k (OLMo 2), exact under tensor parallelism.",
         choices=QK_NORMS,

@@ -2,12 +2,14 @@
 
 A block (models/llama.py) always computes
 
-    h   = attn_post_norm(alpha * x + attn_out_norm(Attn(attn_norm(x))))
-    out = mlp_post_norm (alpha * h + mlp_out_norm (MLP (mlp_norm (h))))
+    h   = attn_post_norm(R(x, attn_out_norm(Attn(attn_norm(x)))))
+    out = mlp_post_norm (R(h, mlp_out_norm (MLP (mlp_norm (h)))))
 
-and a scheme is nothing but the choice of those six parts (nn.Identity where a scheme has no norm), the
-residual weight alpha and a few init gains, per layer l = 1..L. Adding a scheme means adding one entry
-to `NORM_SCHEMES`, never an `if` in the forward pass.
+with the residual update R(x, F) = alpha x + F (GPAS and nGPT replace it, models/parts.py). Attention has slots of its
+own (`ATTENTION_SLOTS`: q, k, v norms before RoPE, q/k scales after it, the output gate) and so has the MLP
+(`MLP_SLOTS`). A scheme is nothing but the choice of those parts (nn.Identity where it has none), alpha and a few
+init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain)
+rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
 
     pre_ln    x = x + F(N(x))                                   final N
     lns       x = x + F(N(x) / sqrt(l))   (LayerNorm Scaling)   final N, unscaled
@@ -18,7 +20,11 @@ to `NORM_SCHEMES`, never an `if` in the forward pass.
     reordered x = x + N(F(x))   (OLMo 2)                        final N
     deepnorm  x = N(alpha x + F(x)), alpha = (2L)^(1/4),        no final norm
               init gain beta = (8L)^(-1/4) on value, attention-output, MLP up and down weights
-    dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b)  final DyT
+    hybridnorm      y = x + Attn_QKVnorm(x), x' = N(y) + FFN(N(y))      final N; init sqrt(2/(5d)), outputs / sqrt(2L)
+    hybridnorm_star hybridnorm with a Pre-Norm first block (QKV norms kept)
+    dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b); embedding x learnable sqrt(d)   final DyT
+    derf      N replaced by gamma * erf(alpha x + s) + beta; embedding x learnable sqrt(d)        final Derf
+    ngpt      x = n(x + alpha (n(F(x)) - x)) on the unit sphere; unit-norm weights after every step   no final norm
 
 Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
 `removable` scheme (pre_ln, lns) are `RemovableRMSNorm` / `RemovableLayerNorm` sites, each of which can switch
@@ -591,13 +597,15 @@ def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
 class Option:
     default: object
     apply: Callable[[ModelConfig, BlockParts], BlockParts]  # the block's parts with the option set
+    refused: str = "not part of that design"  # why a scheme whose `options` lack the key refuses it (NOT_COMPOSABLE
+    # gives a scheme's own reason)
 
 
 # model key -> how it composes with a scheme's parts. norm_gain acts inside every norm factory (NORM_GAINS).
 OPTIONS: dict[str, Option] = {
     "qk_norm": Option("none", _with_qk_norm),
     "attn_gate": Option("none", _with_gate),
-    "gpas": Option(False, _with_gpas),
+    "gpas": Option(False, _with_gpas, refused="the GPAS paper stacks it on Pre-LN, LNS, Mix-LN, Sandwich and DeepNorm"),
     "norm_gain": Option("one", lambda cfg, parts: parts),
 }
 
@@ -618,9 +626,12 @@ def option_refusal(cfg: ModelConfig) -> str | None:
         if value != option.default and key not in NORM_SCHEMES[cfg.norm_scheme].options:
             takers = [name for name, scheme in NORM_SCHEMES.items() if key in scheme.options]
             return (f"model.{key}={value} does not compose with model.norm_scheme={cfg.norm_scheme} "
-                    f"({NOT_COMPOSABLE.get((cfg.norm_scheme, key), 'not part of that design')}); it composes with "
-                    f"{', '.join(takers)}")
+                    f"({refusal_reason(cfg.norm_scheme, key)}); it composes with {', '.join(takers)}")
     return None
+
+
+def refusal_reason(scheme: str, key: str) -> str:
+    return NOT_COMPOSABLE.get((scheme, key), OPTIONS[key].refused)
 
 
 _NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain"})

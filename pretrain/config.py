@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig, check_choices, doc, literal_choices
-from models.norms import NORM_SCHEMES, REMOVAL_SITES
+from models.norms import NORM_SCHEMES, OPTIONS, REMOVAL_SITES, refusal_reason
 from pretrain.errors import UserError
 
 
@@ -534,6 +534,17 @@ def save_config(cfg: ExperimentConfig, path: str) -> None:
     with open(tmp, "w") as f:
         f.write(dump_yaml(cfg))
     os.replace(tmp, path)
+
+
+def composition_reference() -> str:
+    """Markdown table: which composable model keys (models/norms.py `OPTIONS`) each norm scheme takes, and why one
+    refuses a key where the table says so."""
+    keys = list(OPTIONS)
+    rows = ["| scheme | " + " | ".join(f"`model.{k}`" for k in keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for name, scheme in NORM_SCHEMES.items():
+        cells = ["yes" if k in scheme.options else f"refused: {refusal_reason(name, k)}" for k in keys]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def config_reference() -> str:

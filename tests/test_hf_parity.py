@@ -71,6 +71,7 @@ EXPORT_CASES = [
     pytest.param("lns", dict(), "eager", id="lns-gqa"),
     pytest.param("lns", dict(tie_embeddings=True), "sdpa", id="lns-gqa-tied-sdpa"),
     pytest.param("lns", dict(n_kv_heads=1, n_layers=3), "eager", id="lns-mqa"),
+    pytest.param("lns", dict(norm_gain="zero_centered"), "eager", id="lns-zero_centered"),  # 1 + w folded too
 ]
 
 

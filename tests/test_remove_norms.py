@@ -123,7 +123,8 @@ def _fixed_model(seed: int = 0, **overrides) -> tuple[ModelConfig, Llama]:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"norm_scheme": "lns"}, {"tie_embeddings": True},
-                                       {"norm_type": "layernorm"}], ids=["pre_ln", "lns", "tied", "layernorm"])
+                                       {"norm_type": "layernorm"}, {"norm_scheme": "lns", "norm_gain": "zero_centered"}],
+                         ids=["pre_ln", "lns", "tied", "layernorm", "lns-zero_centered"])
 def test_fold_is_exact(overrides):
     """The frozen-sigma model and the folded ln_free model give the same logits within 1e-5 (float32)."""
     cfg, model = _fixed_model(**overrides)

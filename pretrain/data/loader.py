@@ -268,6 +268,14 @@ class DataLoader:
         return len(self.dataset)
 
 
+def unigram_cross_entropy(path: str) -> float:
+    """Cross-entropy (nats/token) of a prepared folder's validation tokens under its training tokens' add-one-smoothed
+    unigram distribution: the loss of the best context-free predictor, where a model that stopped learning settles."""
+    train, val = TokenDataset(path, 1, "train"), TokenDataset(path, 1, "val")
+    counts = np.bincount(train.tokens, minlength=train.vocab_size).astype(np.float64) + 1.0
+    return float(-np.log(counts / counts.sum())[val.tokens].mean())
+
+
 def validation_size(dataset: Dataset, tokens: int, what: str = "eval.tokens") -> int:
     """Samples in the validation set of token budget `tokens`: min(tokens // seq_len, samples in the split).
 

@@ -25,9 +25,10 @@ def site_scales(model_cfg: ModelConfig) -> dict[str, tuple[float, float]]:
 
 def ln_free_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config of the folded result: ln_free, plain x + F(x) (no depth-muP multipliers: they are for
-    training from scratch), untied (the head carries the final norm's scale)."""
+    training from scratch), untied (the head carries the final norm's scale), no gains (a zero-centred 1 + w is
+    folded like any gain)."""
     return dataclasses.replace(model_cfg, norm_scheme="ln_free", removable_norms=False, tie_embeddings=False,
-                               ln_free_base_depth=0)
+                               ln_free_base_depth=0, norm_gain="one")
 
 
 @torch.no_grad()

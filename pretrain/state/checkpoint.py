@@ -242,9 +242,12 @@ def load(engine, folder: str, rank: int) -> dict:
     try:
         path, _ = engine.load_checkpoint(root, tag=tag)
     except (RuntimeError, KeyError, FileNotFoundError, AssertionError, ValueError) as e:
+        # load_state_dict names the keys on the lines after its first ("Missing key(s) in state_dict: ...").
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:3] if line.strip())[:400]
         raise UserError(
-            f"cannot load checkpoint {folder}: {str(e).splitlines()[0][:300]}; it must come from a run with the same "
-            "model"
+            f"cannot load checkpoint {folder}: {detail}; it must come from a run with the same model (a model of an "
+            "earlier normlab version whose scheme gained a parameter since, e.g. dyt's embedding scale, continues "
+            "under that version)"
         ) from None
     if path is None:
         raise UserError(f"cannot load checkpoint {folder}: DeepSpeed found no model states for this rank's layout")
