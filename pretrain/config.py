@@ -61,6 +61,11 @@ class TrainConfig:
     betas: list = doc([0.9, 0.95], "AdamW betas.")
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this (0 = off).")
+    gpas_gate_clip: float = doc(
+        0.0,
+        "model.gpas only: clip the joint gradient norm of the GPAS gates g to this, besides train.grad_clip (the GPAS "
+        "code's clip_gate_grad: 0.01 at 7B and for Sandwich at 1B, off below); 0 = off.",
+    )
     precision: Literal["fp32", "bf16"] = doc(
         "fp32", "fp32, or bf16 (mixed: fp32 master weights, gradients and Adam state; needs parallel.zero_stage >= 1 "
         "or parallel.pp > 1; meant for GPUs, runs on CPU too)."
@@ -93,6 +98,7 @@ class TrainConfig:
         _number(self, "train.", "weight_decay", low=0.0)
         _number(self, "train.", "eps", low=0.0, low_ok=False)
         _number(self, "train.", "grad_clip", low=0.0, hint="0 turns clipping off")
+        _number(self, "train.", "gpas_gate_clip", low=0.0, hint="0 turns it off")
         if (
             not isinstance(self.betas, list) or len(self.betas) != 2
             or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)
@@ -254,6 +260,9 @@ class ExperimentConfig:
                 f"tokens); raise eval.tokens to at least {self.data.seq_len} or set eval.interval=0"
             )
         check_deepspeed_section(self.deepspeed)
+        if self.train.gpas_gate_clip > 0 and not self.model.gpas:
+            raise ValueError(f"train.gpas_gate_clip={self.train.gpas_gate_clip}: the model has no GPAS gates; set "
+                             "model.gpas=true or train.gpas_gate_clip=0")
         if NORM_SCHEMES[self.model.norm_scheme].unit_weights and self.train.weight_decay > 0:
             raise ValueError(
                 f"train.weight_decay={self.train.weight_decay}: {self.model.norm_scheme} puts its matrices back on the "

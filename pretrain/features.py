@@ -11,6 +11,7 @@ from pretrain.analysis.figures import variance_vs_depth_figure
 from pretrain.config import ExperimentConfig
 from pretrain.diagnostics.hooks import LayerStatsHooks
 from pretrain.removal.hooks import RemovalHooks
+from pretrain.train.gate_clip import ClipGateGradients
 from pretrain.train.hooks import TrainHooks
 from pretrain.train.signals import StopOnSignal
 from pretrain.train.unit_weights import KeepUnitWeights
@@ -19,12 +20,14 @@ from pretrain.train.unit_weights import KeepUnitWeights
 def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
     """The hooks of a run of `cfg`: the preemption signal `stop` (built by the command before any set-up, so that a
     signal during set-up is not lost), a scheme's unit-norm weights (ngpt; first, so that everything after a step
-    sees them), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal schedule
+    sees them), GPAS's gate clip (train.gpas_gate_clip), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal schedule
     (model.removable_norms)."""
     hooks: list[TrainHooks] = [stop]
     unit_weights = NORM_SCHEMES[cfg.model.norm_scheme].unit_weights
     if unit_weights:
         hooks.append(KeepUnitWeights(unit_weights))
+    if cfg.train.gpas_gate_clip > 0:
+        hooks.append(ClipGateGradients(cfg.train.gpas_gate_clip))
     if cfg.diagnostics.interval > 0:
         hooks.append(LayerStatsHooks(figure=variance_vs_depth_figure))
     if cfg.model.removable_norms:

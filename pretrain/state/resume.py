@@ -44,6 +44,7 @@ CLASSES: dict[str, str] = {
     "train.betas": TAKES_EFFECT,
     "train.eps": TAKES_EFFECT,
     "train.grad_clip": TAKES_EFFECT,
+    "train.gpas_gate_clip": TAKES_EFFECT,
     "train.precision": TAKES_EFFECT,
     "train.seed": IDENTITY,
     "train.init_from": IDENTITY,
