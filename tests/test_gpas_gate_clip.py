@@ -6,26 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_distributed_test
+from train_helpers import random_lm_batches
 
 from pretrain.config import load_config
 from pretrain.errors import UserError
-
-
-class _Batches:
-    token_weighted = False
-
-    def __init__(self, batches):
-        self.batches = iter(batches)
-
-    def __next__(self):
-        return next(self.batches)
 
 
 def _clipped_gate_gradients(max_norm: float):
     from deepspeed.utils import safe_get_full_grad
 
     from pretrain import compat
-    from pretrain.data.batches import LMBatch
     from pretrain.train.distributed import init_distributed
     from pretrain.train.engine import build_engine
     from pretrain.train.gate_clip import ClipGateGradients
@@ -46,12 +36,7 @@ def _clipped_gate_gradients(max_norm: float):
         norm=float(torch.stack([safe_get_full_grad(p).double().norm() for p in gates]).norm())))
     hook = ClipGateGradients(max_norm)
     hook.on_start(type("Ctx", (), {"built": built, "topo": topo})())  # runs before the capture above
-    gen = torch.Generator().manual_seed(topo.dp_rank)
-    batches = []
-    for _ in range(built.gas):
-        t = torch.randint(cfg.model.vocab_size, (2, 17), generator=gen)
-        batches.append(LMBatch(t[:, :-1], t[:, 1:]))
-    train_step(built, _Batches(batches), topo)
+    train_step(built, random_lm_batches(cfg.model.vocab_size, built.gas, seed=topo.dp_rank), topo)
     return {"before": hook.last_norm, "after": seen["norm"], "gates": len(gates)}
 
 

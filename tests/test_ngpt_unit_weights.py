@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import torch
 from distributed import run_distributed_test
+from train_helpers import random_lm_batches
 
 from models.norms import NGPT_UNIT_WEIGHTS
-
-
-class _Batches:
-    token_weighted = False
-
-    def __init__(self, batches):
-        self.batches = iter(batches)
-
-    def __next__(self):
-        return next(self.batches)
 
 
 def _full_norms(p: torch.Tensor, dim: int, tp_group, split_dim: int | None) -> torch.Tensor:
@@ -35,7 +26,6 @@ def _steps_keep_unit_rows():
 
     from models.parts import unit_weight_norms
     from pretrain.config import load_config
-    from pretrain.data.batches import LMBatch
     from pretrain.train.distributed import init_distributed
     from pretrain.train.engine import build_engine
     from pretrain.train.steps import train_step
@@ -49,14 +39,9 @@ def _steps_keep_unit_rows():
     built = build_engine(cfg, topo)
     hook = KeepUnitWeights(NGPT_UNIT_WEIGHTS)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    gen = torch.Generator().manual_seed(topo.dp_rank)
     drift = []
-    for _ in range(3):
-        batches = []
-        for _ in range(built.gas):
-            t = torch.randint(cfg.model.vocab_size, (2, 17), generator=gen)
-            batches.append(LMBatch(t[:, :-1], t[:, 1:]))
-        train_step(built, _Batches(batches), topo)
+    for step in range(3):
+        train_step(built, random_lm_batches(cfg.model.vocab_size, built.gas, seed=10 * step + topo.dp_rank), topo)
         weights = unit_weight_norms(built.engine.module, NGPT_UNIT_WEIGHTS)
         # Before the hook: the step moved the master rows off the sphere (so the checks below can fail).
         drift.append(max((safe_get_full_fp32_param(p).double().norm(dim=d) - 1).abs().max().item()

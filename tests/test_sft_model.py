@@ -9,6 +9,7 @@ import torch
 
 from distributed import run_distributed_test
 from sft_helpers import pack
+from train_helpers import BatchIter
 from models.config import ModelConfig
 from models.generate import KVCache, Sampling, generate
 from models.llama import Llama
@@ -100,16 +101,6 @@ def _micro_batches() -> list[SFTBatch]:
     return out
 
 
-class _Iter:
-    token_weighted = True
-
-    def __init__(self, batches):
-        self.batches = iter(batches)
-
-    def __next__(self):
-        return next(self.batches)
-
-
 def _engine_step(overrides: list[str]):
     """One train_step of the real engine (dp = world size) on _micro_batches; returns loss and averaged gradients."""
     from pretrain.config import load_config
@@ -135,7 +126,7 @@ def _engine_step(overrides: list[str]):
     optimizer.step = capture
     batches = _micro_batches()
     mine = [batches[k * topo.dp + topo.dp_rank] for k in range(len(batches) // topo.dp)]  # the loader's dealing
-    loss = train_step(built, _Iter(mine), topo)
+    loss = train_step(built, BatchIter(mine, token_weighted=True), topo)
     return {"loss": loss, "grads": captured}
 
 

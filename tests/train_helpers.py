@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny preset on short sequences and small batches: a step takes a fraction of a second on 2 cores.
@@ -55,3 +57,26 @@ def train_losses(run_dir: str) -> dict[int, float]:
 def latest(run_dir: str) -> str:
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         return f.read().strip()
+
+
+class BatchIter:
+    """What `pretrain.train.steps.train_step` reads from a loader, for in-process engine tests: next() gives the
+    next micro-batch; `token_weighted` says how the step weighs them."""
+
+    def __init__(self, batches, token_weighted: bool = False):
+        self.batches, self.token_weighted = iter(batches), token_weighted
+
+    def __next__(self):
+        return next(self.batches)
+
+
+def random_lm_batches(vocab_size: int, n: int, seed: int, rows: int = 2, seq_len: int = 16) -> BatchIter:
+    """`n` random pretraining micro-batches of `rows` x `seq_len` tokens."""
+    from pretrain.data.batches import LMBatch  # tests that spawn ranks import this module before torch.distributed starts
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        t = torch.randint(vocab_size, (rows, seq_len + 1), generator=gen)
+        batches.append(LMBatch(t[:, :-1], t[:, 1:]))
+    return BatchIter(batches)
