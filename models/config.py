@@ -130,12 +130,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.mix_ln_post_fraction <= 1.0:
             raise ValueError(f"model.mix_ln_post_fraction: must be in [0, 1], got {self.mix_ln_post_fraction}")
-        if self.init_std is None:
-            paper_std = NORM_SCHEMES[self.norm_scheme].init_std
-            self.init_std = 0.02 if paper_std is None else paper_std(self)
         for name in ("init_std", "norm_eps", "rope_theta", "dyt_alpha_init", "dyt_alpha_init_attn"):
             value = getattr(self, name)
-            if value is None and name.startswith("dyt_"):
+            if value is None and name in ("init_std", "dyt_alpha_init", "dyt_alpha_init_attn"):
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
@@ -162,6 +159,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def weight_std(self) -> float:
+        """The std weights are drawn with: model.init_std, or where it is null the scheme paper's (0.02 otherwise).
+        Resolved here rather than stored, so that a config whose scheme is replaced gets the new scheme's."""
+        if self.init_std is not None:
+            return self.init_std
+        paper_std = NORM_SCHEMES[self.norm_scheme].init_std
+        return 0.02 if paper_std is None else paper_std(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -159,7 +159,7 @@ class Llama(nn.Module):
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        init_weights(self, cfg.init_std, seed)
+        init_weights(self, cfg.weight_std, seed)
         normalize_unit_weights(self, scheme.unit_weights)  # ngpt: every weight starts on the sphere
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",

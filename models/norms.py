@@ -358,7 +358,7 @@ class NormScheme:
 def embedding_init_gain(cfg: ModelConfig) -> float:
     """Multiplier of model.init_std for the token embedding (see `unit_embedding`)."""
     unit = NORM_SCHEMES[cfg.norm_scheme].unit_embedding and not cfg.tie_embeddings
-    return 1.0 / cfg.init_std if unit else 1.0
+    return 1.0 / cfg.weight_std if unit else 1.0
 
 
 # Norm removal: schedule group -> (the norm module's name in a block, or at the top for the final norm; the weights

@@ -31,7 +31,7 @@ class EmbeddingPipe(nn.Module):
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
         self.embed_scale = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
-        init_weights(self, cfg.init_std, seed)
+        init_weights(self, cfg.weight_std, seed)
         normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, inputs):
@@ -57,7 +57,7 @@ class BlockPipe(Block):
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        init_weights(self, cfg.init_std, seed, prefix=f"blocks.{layer - 1}.")
+        init_weights(self, cfg.weight_std, seed, prefix=f"blocks.{layer - 1}.")
         normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, inputs):
@@ -81,7 +81,7 @@ class HeadPipe(nn.Module):
         super().__init__()
         self.head = column_linear(cfg.d_model, cfg.vocab_size, tp)
         self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
-        init_weights(self, cfg.init_std, seed)
+        init_weights(self, cfg.weight_std, seed)
         normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

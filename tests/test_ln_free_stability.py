@@ -89,7 +89,7 @@ def _train(stabilised: bool, lr: float, steps: int = 40) -> list[float]:
     model = Llama(cfg, seed=0)
     if not stabilised:
         with torch.no_grad():
-            model.tok_emb.weight.mul_(cfg.init_std)
+            model.tok_emb.weight.mul_(cfg.weight_std)
     loader = DataLoader(TokenDataset(resolve_data_path("bundled:tinyshakespeare"), 32, "train"), micro_batch_size=8)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []

@@ -182,7 +182,7 @@ def test_forward_backward_smoke(scheme):
     assert loss.ndim == 0 and torch.isfinite(loss)
     # Small init: near-uniform predictions (logits of std about init_std * sqrt(d) behind a unit-RMS final norm:
     # 0.23 at 0.02, 0.63 at hybridnorm's sqrt(2/(5d))).
-    assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1 + cfg.init_std ** 2 * cfg.d_model, loss.item()
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1 + cfg.weight_std ** 2 * cfg.d_model, loss.item()
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"

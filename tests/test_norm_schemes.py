@@ -311,20 +311,22 @@ def _std(t: torch.Tensor) -> float:
     return t.double().std().item()
 
 
-@pytest.mark.parametrize("scheme", ["pre_ln", "deepnorm", "ln_free"])
+@pytest.mark.parametrize("scheme", ["pre_ln", "deepnorm", "ln_free", "hybridnorm"])
 def test_init_gains(scheme):
     """deepnorm: beta = (8L)^(-1/4) where DeepNet puts it, on the value and attention-output projections and the
     FFN's two matrices, which in SwiGLU are up and down (gate, like q and k, stays at init_std: scaling it too would
     start the branch near beta^3). ln_free (4 layers: no depth multipliers): 1/sqrt(2L) on the two output
-    projections and an embedding at std 1 (tests/test_ln_free_stability.py). pre_ln: no gains."""
+    projections and an embedding at std 1 (tests/test_ln_free_stability.py). hybridnorm (model.init_std null): its
+    OLMo config's full_megatron init, std sqrt(2/(5d)) and the output projections / sqrt(2L). pre_ln: no gains."""
     cfg = ModelConfig(
         vocab_size=64, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=1024, max_seq_len=16,
-        norm_scheme=scheme, init_std=0.02,
+        norm_scheme=scheme, init_std=None if scheme == "hybridnorm" else 0.02,
     )
     model = Llama(cfg, seed=5)
-    L, s = cfg.n_layers, cfg.init_std
+    L, s = cfg.n_layers, cfg.weight_std
+    assert s == (math.sqrt(2 / (5 * 512)) if scheme == "hybridnorm" else 0.02)
     beta = (8 * L) ** -0.25 if scheme == "deepnorm" else 1.0
-    out_gain = beta if scheme == "deepnorm" else (1 / math.sqrt(2 * L) if scheme == "ln_free" else 1.0)
+    out_gain = beta if scheme == "deepnorm" else (1 / math.sqrt(2 * L) if scheme in ("ln_free", "hybridnorm") else 1.0)
     q_per_kv = cfg.n_heads // cfg.n_kv_heads
     # Pool the four blocks so the estimates are tight (>= 500k samples each, std error < 0.2%).
     qkv = torch.stack([b.attn.qkv.weight.view(cfg.n_kv_heads, q_per_kv + 2, cfg.head_dim, cfg.d_model) for b in model.blocks])

@@ -193,9 +193,15 @@ def test_init_from_hf_llama_reproduces_its_logits_packed_and_greedy(tmp_path):
     assert generate(model, [prompt.tolist()], eos_id=-1, sampling=Sampling(max_new_tokens=10))[0] == hf_out
 
 
-@pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
-def test_generation_with_kv_cache_equals_generation_without(qk_norm):
-    model = Llama(dataclasses.replace(CFG, qk_norm=qk_norm), seed=3).eval()
+KV_CASES = [dict(), dict(qk_norm="head"), dict(qk_norm="full"), dict(attn_gate="elementwise", gpas=True),
+            dict(norm_scheme="hybridnorm_star"), dict(norm_scheme="ngpt")]
+
+
+@pytest.mark.parametrize("keys", KV_CASES, ids=["-".join(f"{v}" for v in c.values()) or "plain" for c in KV_CASES])
+def test_generation_with_kv_cache_equals_generation_without(keys):
+    """Every attention slot (q/k/v norms, q/k scales after RoPE, the output gate) sees the new tokens only; the cache
+    holds the keys as attention used them."""
+    model = Llama(dataclasses.replace(CFG, **keys), seed=3).eval()
     prompts = [[2, 17, 40], [2, 5, 9, 33, 60, 61, 12, 80, 4], [2, 70, 71, 72, 73]]
     for sampling in (Sampling(max_new_tokens=12), Sampling(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=4)):
         cached = generate(model, prompts, eos_id=-1, sampling=sampling)
