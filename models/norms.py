@@ -22,8 +22,8 @@ rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEME
               init gain beta = (8L)^(-1/4) on value, attention-output, MLP up and down weights
     hybridnorm      y = x + Attn_QKVnorm(x), x' = N(y) + FFN(N(y))      final N; init sqrt(2/(5d)), outputs / sqrt(2L)
     hybridnorm_star hybridnorm with a Pre-Norm first block (QKV norms kept)
-    dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b); embedding x learnable sqrt(d)   final DyT
-    derf      N replaced by gamma * erf(alpha x + s) + beta; embedding x learnable sqrt(d)        final Derf
+    dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b); embedding x learnable sqrt(max(d, 4096))   final DyT
+    derf      N replaced by gamma * erf(alpha x + s) + beta; embedding as dyt                final Derf
     ngpt      x = n(x + alpha (n(F(x)) - x)) on the unit sphere; unit-norm weights after every step   no final norm
 
 Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
@@ -184,8 +184,8 @@ class DyT(nn.Module):
 
     def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, gain_offset: float = 0.0):
         super().__init__()
-        self.dim, self.alpha_init, self.gain_offset = dim, alpha_init, gain_offset
-        self.alpha = nn.Parameter(torch.full((1,), alpha_init))
+        self.dim, self.alpha_init, self.gain_offset = dim, float(alpha_init), gain_offset  # YAML may give an int
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
@@ -227,14 +227,12 @@ class Derf(DyT):
 
 
 class EmbeddingScale(nn.Module):
-    """A learnable scalar times the token embedding, from `init` (the DyT paper's LLaMA and Derf's language model:
-    sqrt(d_model)): a norm-free model's first block would otherwise read inputs of std model.init_std, deep in the
-    linear range of tanh / erf."""
+    """A learnable scalar times the token embedding, from `init` (dyt, derf: `dyt_embedding_scale_init`)."""
 
     def __init__(self, init: float):
         super().__init__()
-        self.init = init
-        self.scale = nn.Parameter(torch.full((1,), init))
+        self.init = float(init)
+        self.scale = nn.Parameter(torch.full((1,), self.init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
@@ -519,10 +517,21 @@ def _final_derf(cfg: ModelConfig) -> nn.Module:
     return derf(cfg, dyt_alpha_inits(cfg)[1])()
 
 
+# The DyT paper's smallest LLaMA (7B): the width up to which DYT_LLAMA_ALPHA0 takes its values.
+DYT_LLAMA_REFERENCE_WIDTH = 4096
+
+
+def dyt_embedding_scale_init(cfg: ModelConfig) -> float:
+    # DyT's LLaMA (fms_fsdp models/llama.py shared_scale) and Derf's nanoGPT patch multiply the token embedding by a
+    # learnable scalar from sqrt(d): with weights at std 0.02 its output has std 0.02 sqrt(d), 1.28 at the 7B width,
+    # the operating point the paper's alpha0 are tuned for. Below 4096, where the paper has no model and we take the
+    # 7B alpha0 (DYT_LLAMA_ALPHA0), the scalar starts at sqrt(4096) to keep that operating point: from sqrt(d) every
+    # DyT/Derf model here stayed at the unigram level (README, "DyT as its paper trains it").
+    return math.sqrt(max(cfg.d_model, DYT_LLAMA_REFERENCE_WIDTH))
+
+
 def _embedding_scale(cfg: ModelConfig) -> nn.Module:
-    # DyT's LLaMA (fms_fsdp models/llama.py shared_scale) and Derf's nanoGPT patch: a learnable scalar times the token
-    # embedding, from sqrt(d_model).
-    return EmbeddingScale(math.sqrt(cfg.d_model))
+    return EmbeddingScale(dyt_embedding_scale_init(cfg))
 
 
 def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
