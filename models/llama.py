@@ -151,7 +151,7 @@ class Llama(nn.Module):
         scheme = NORM_SCHEMES[cfg.norm_scheme]
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
-        self.embed_scale = scheme.embedding(cfg)  # nn.Identity, or dyt/derf's learnable sqrt(d) scalar
+        self.emb_out = scheme.embedding(cfg)  # on the embedding's output: dyt/derf's scalar, peri_ln's norm; else nn.Identity
         self.blocks = nn.ModuleList(Block(cfg, block_parts(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
         self.final_norm = scheme.final_norm(cfg)
         self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
@@ -173,7 +173,7 @@ class Llama(nn.Module):
         sequence per row, positions 0..T-1, causal attention."""
         if doc_ids is not None:
             mask = document_mask(doc_ids)
-        x = self.embed_scale(self.tok_emb(tokens))  # [B, T, D]
+        x = self.emb_out(self.tok_emb(tokens))  # [B, T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope_cos, self.rope_sin, positions, mask, None if cache is None else cache.layers[i])
         logits = self.logits(self.final_norm(x))  # [B, T, V]

@@ -16,7 +16,7 @@ rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEME
     ln_free   x = x + c_out F(c_in x), fixed depth-muP multipliers    no final norm; depth-scaled output init
     post_ln   x = N(x + F(x))                                   no final norm (last block ends in N)
     mix_ln    post_ln in blocks l <= floor(0.25 L), pre_ln after final N
-    peri_ln   x = x + N_out(F(N_in(x)))                         final N
+    peri_ln   x = x + N_out(F(N_in(x))), embedding output normalized   final N
     reordered x = x + N(F(x))   (OLMo 2)                        final N
     deepnorm  x = N(alpha x + F(x)), alpha = (2L)^(1/4),        no final norm
               init gain beta = (8L)^(-1/4) on value, attention-output, MLP up and down weights
@@ -345,6 +345,7 @@ class NormScheme:
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
     embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: nn.Identity()  # on the token embedding's output
+    # (the model's `emb_out`: dyt/derf's learnable scalar, peri_ln's norm)
     logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: nn.Identity()
     init_std: Callable[[ModelConfig], float] | None = None  # the paper's std where model.init_std is null (0.02)
     # Weights kept on the unit sphere after every optimizer step: {name suffix: dim whose vectors have norm 1}.
@@ -445,6 +446,14 @@ def _mix_ln(cfg: ModelConfig, layer: int) -> BlockParts:
 
 def _peri_ln(cfg: ModelConfig, layer: int) -> BlockParts:
     return BlockParts(attn_norm=norm(cfg), attn_out_norm=norm(cfg), mlp_norm=norm(cfg), mlp_out_norm=norm(cfg))
+
+
+def _embedding_norm(cfg: ModelConfig) -> nn.Module:
+    # Peri-LN normalizes every module's output before it joins the residual, the embedding's too (OLMo-core's
+    # embedding_norm; Gemma's sqrt(d) multiplier gives the same unit scale only at its widths): otherwise the embedding
+    # (std model.init_std) starts ~50 times smaller than each of the 2L unit-RMS sublayer outputs added to it, and the
+    # tokens are drowned out for the first ~100 steps (README, "Peri-LN as its paper trains it").
+    return norm(cfg)()
 
 
 def _reordered(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -664,7 +673,7 @@ NORM_SCHEMES: dict[str, NormScheme] = {
                           options=frozenset({"attn_gate"})),
     "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False, options=_NORMED),
     "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False, options=_GPAS),
-    "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False, options=_GPAS),
+    "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False, embedding=_embedding_norm, options=_GPAS),
     "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False, options=_NORMED),
     "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False, options=_GPAS),
     "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),

@@ -30,15 +30,15 @@ class EmbeddingPipe(nn.Module):
         self.tp = tp
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
-        self.embed_scale = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
+        self.emb_out = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
         init_weights(self, cfg.weight_std, seed)
         normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
 
     def forward(self, inputs):
         if isinstance(inputs, tuple):  # (tokens, positions, doc_ids) of packed sequences
             tokens, *rest = inputs
-            return (self.embed_scale(self.tok_emb(tokens)), *rest)
-        return self.embed_scale(self.tok_emb(inputs))
+            return (self.emb_out(self.tok_emb(tokens)), *rest)
+        return self.emb_out(self.tok_emb(inputs))
 
     @property
     def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties

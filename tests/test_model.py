@@ -50,7 +50,7 @@ def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
     mlp = 3 * D * F  # SwiGLU gate, up, down
     return {
         "embedding": V * D,
-        "embedding_scale": 1 if cfg.norm_scheme in ("dyt", "derf") else 0,
+        "embedding_out": {"dyt": 1, "derf": 1, "peri_ln": D}.get(cfg.norm_scheme, 0),  # scalar, or peri_ln's norm
         "head": 0 if cfg.tie_embeddings else V * D,
         "blocks": L * (attention + mlp + per_block_norms) + (D if cfg.norm_scheme == "hybridnorm_star" else 0),
         "final_norm": final_norm,

@@ -232,7 +232,9 @@ def test_whole_model_matches_formula(scheme, norm_type):
         got = model(tokens)
         x = model.tok_emb.weight[tokens]
         if scheme in ("dyt", "derf"):  # the DyT paper's LLaMA, Derf: a learnable scalar after the embedding
-            x = x * model.embed_scale.scale
+            x = x * model.emb_out.scale
+        if scheme == "peri_ln":  # Peri-LN normalizes the embedding's output too
+            x = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type](x, model.emb_out.weight, cfg.norm_eps)
         for l, block in enumerate(model.blocks, start=1):
             x = block_formula(cfg, block, l, x, model.rope_cos, model.rope_sin)
         head = model.tok_emb.weight if cfg.tie_embeddings else model.head.weight
@@ -586,5 +588,5 @@ def test_dyt_and_derf_embedding_scale_starts_at_the_papers_operating_point(d_mod
         cfg = ModelConfig(**{**TINY, "d_model": d_model, "n_heads": 2, "norm_scheme": scheme})
         with torch.device("meta"):
             model = Llama(cfg)
-        assert model.embed_scale.init == pytest.approx(init)
-        assert isinstance(Llama(ModelConfig(**TINY)).embed_scale, torch.nn.Identity)  # other schemes: none
+        assert model.emb_out.init == pytest.approx(init)
+        assert isinstance(Llama(ModelConfig(**TINY)).emb_out, torch.nn.Identity)  # other schemes: none

@@ -66,7 +66,7 @@ def perturbed_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd = Llama(cfg, seed=SEED).state_dict()
     gen = torch.Generator().manual_seed(SEED)
     for name in sorted(sd):
-        if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "embed_scale.scale")) or (
+        if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "emb_out.scale")) or (
                 "norm" in name and name.endswith(".weight")):
             sd[name] = sd[name] + 0.3 * torch.randn(sd[name].shape, generator=gen)
     return sd

@@ -246,8 +246,8 @@ def load(engine, folder: str, rank: int) -> dict:
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3] if line.strip())[:400]
         raise UserError(
             f"cannot load checkpoint {folder}: {detail}; it must come from a run with the same model (a model of an "
-            "earlier normlab version whose scheme gained a parameter since, e.g. dyt's embedding scale, continues "
-            "under that version)"
+            "earlier normlab version whose scheme gained a parameter since, e.g. dyt's embedding scale or peri_ln's "
+            "embedding norm, continues under that version)"
         ) from None
     if path is None:
         raise UserError(f"cannot load checkpoint {folder}: DeepSpeed found no model states for this rank's layout")
