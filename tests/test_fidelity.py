@@ -6,8 +6,8 @@ test noticed. Here every scheme, and every composable key on pre_ln, trains a sh
 AdamW with warm-up, cosine and clipping as `pretrain train`, nGPT's unit-weight step included) on the bundled corpus,
 and its validation loss must end below that level by MARGIN, at the learning rate the README's fidelity table gives
 for it (`FIDELITY_LR`: nGPT's scales learn at 1/sqrt(d) of their effective size, README "nGPT's learning rate"). dyt
-and derf from the paper's sqrt(d) embedding scalar, and peri_ln without its embedding norm, end at the unigram level
-here (README, "DyT as its paper trains it", "Peri-LN as its paper trains it"). The runs are split over two worker processes (CI has two cores). The full 400-step, 16-layer
+and derf with the paper's sqrt(d) embedding scalar ended at the unigram level here (6.01), as at full size (README,
+"DyT as its paper trains it"). The runs are split over two worker processes (CI has two cores). The full 400-step, 16-layer
 table: benchmarks/fidelity.py (README, "Fidelity on CPU").
 """
 
