@@ -145,3 +145,16 @@ def test_cli_prints_one_error_line_and_exits_2(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: logging.interval: must be >= 1") and captured.err.count("\n") == 1
+
+
+def test_ngpt_settings_its_paper_needs(capsys):
+    """nGPT trains without warm-up (the default when train.warmup_steps is not given; a given value trains as given,
+    with a warning) and refuses weight decay (renormalizing every step undoes it) and tied embeddings."""
+    assert load_config(None, ["model.norm_scheme=ngpt"]).train.warmup_steps == 0
+    assert load_config(None, []).train.warmup_steps == 30  # other schemes keep the default
+    assert load_config(None, ["model.norm_scheme=ngpt", "train.warmup_steps=10"]).train.warmup_steps == 10
+    assert "warning: train.warmup_steps=10 with model.norm_scheme=ngpt" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^train.weight_decay=0.1: ngpt puts its matrices back on the unit sphere"):
+        load_config(None, ["model.norm_scheme=ngpt", "train.weight_decay=0.1"])
+    with pytest.raises(UserError, match=r"^model.tie_embeddings: ngpt keeps separate unit-norm"):
+        load_config(None, ["model.norm_scheme=ngpt", "model.tie_embeddings=true"])
