@@ -35,7 +35,7 @@ def hand_analysis(model, batches):
         return -logits.log_softmax(-1).gather(-1, labels[..., None]).sum().item()
 
     for tokens, labels in batches:
-        e = model.tok_emb(tokens)
+        e = model.emb_out(model.tok_emb(tokens))  # the embedding as the first block reads it (peri_ln: normalized)
         a1, hm1, m1, y1 = block_parts(b1, e, cos, sin)
         a2, hm2, m2, y2 = block_parts(b2, y1, cos, sin)
         final = decode(y2)

@@ -32,7 +32,7 @@ def layer_stats(run_dir: str) -> list[dict]:
 def hand_stats(model: Llama, tokens: torch.Tensor) -> dict[str, list[float]]:
     """The documented definitions, written out from the block's submodules (no diagnostics code)."""
     out = {name: [] for name in STATS}
-    x = model.tok_emb(tokens)
+    x = model.emb_out(model.tok_emb(tokens))  # the embedding as the first block reads it (peri_ln: normalized)
     for blk in model.blocks:
         alpha = blk.residual_alpha
         a = blk.attn_out_norm(blk.attn(blk.attn_norm(x), model.rope_cos, model.rope_sin))

@@ -91,7 +91,7 @@ def depth_analysis(model, batches, device=None) -> dict:
         branches: dict[int, BlockActivations] = {}  # the same slot taps as the in-loop diagnostics
         taps = [BlockTaps(l, b, lambda act: branches.__setitem__(act.index, act)) for l, b in enumerate(blocks)]
         try:
-            hidden = [model.tok_emb(tokens_)]
+            hidden = [model.emb_out(model.tok_emb(tokens_))]  # as the model feeds its first block
             for block in blocks:
                 hidden.append(block(hidden[-1], cos_tab, sin_tab))
         finally:

@@ -33,11 +33,13 @@ def parameter_groups(model: nn.Module, n_layers: int) -> list[tuple[nn.Parameter
             group_of[id(p)] = index
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, EmbeddingPipe) or leaf == "tok_emb":
+        # emb_out (dyt's scalar, peri_ln's norm) and logit_scale (ngpt) belong to the embedding and the head, as in
+        # the pipeline's EmbeddingPipe and HeadPipe
+        if isinstance(module, EmbeddingPipe) or leaf in ("tok_emb", "emb_out"):
             group = EMBEDDING
         elif isinstance(module, FinalNormPipe) or leaf == "final_norm":
             group = FINAL_NORM
-        elif isinstance(module, HeadPipe) or leaf == "head":
+        elif isinstance(module, HeadPipe) or leaf in ("head", "logit_scale"):
             group = HEAD
         else:
             continue
