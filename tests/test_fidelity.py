@@ -26,7 +26,9 @@ from models.llama import Llama
 from models.norms import NORM_SCHEMES, OPTIONS
 from models.parts import normalize_unit_weights
 from pretrain.data.bundled import resolve_data_path
+from pretrain.config import load_config
 from pretrain.data.loader import TokenDataset, unigram_cross_entropy
+from pretrain.train.engine import lr_lambda
 
 STEPS, BATCH, SEQ, LR, WARMUP = 200, 16, 64, 2e-3, 20
 MARGIN = 0.1  # nats below the unigram level: slow starters (peri_ln, reordered) are there by step 200, a collapse never
@@ -53,8 +55,8 @@ def short_run(case: dict, path: str) -> float:
     model = Llama(cfg, seed=0)
     unit = NORM_SCHEMES[cfg.norm_scheme].unit_weights
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / STEPS)))))
+    schedule = load_config(None, [f"train.steps={STEPS}", f"train.warmup_steps={WARMUP}", "train.min_lr_ratio=0.1"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule))  # `pretrain train`'s own schedule
     gen = torch.Generator().manual_seed(0)
 
     def windows(tokens, n, g):
