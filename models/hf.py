@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -370,13 +370,16 @@ def save_hf(
     state_dict: dict[str, torch.Tensor],
     out_dir: str | os.PathLike,
     overwrite: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a `LlamaForCausalLM.from_pretrained`-loadable directory: config.json + model.safetensors.
 
     Written into a temporary sibling directory and renamed into place, so a failure leaves no half-written
     `out_dir`. An existing non-empty `out_dir` is refused (FileExistsError) unless `overwrite`.
-    `config_overrides` go to `to_hf_config` (e.g. bos_token_id, eos_token_id).
+    `config_overrides` go to `to_hf_config` (e.g. bos_token_id, eos_token_id). `write_extra(tmp_dir)` adds files
+    (tokenizer, generation config) to the directory before it is renamed into place, so they are part of the same
+    all-or-nothing write.
     """
     from safetensors.torch import save_file  # with transformers: only HF conversions need it
 
@@ -393,6 +396,8 @@ def save_hf(
     try:
         hf_cfg.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        if write_extra is not None:
+            write_extra(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
