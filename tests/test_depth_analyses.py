@@ -1,8 +1,9 @@
 """`pretrain.analysis.depth.depth_analysis` against a hand computation on a 2-layer model (float64).
 
 The hand side writes every block out from its parts (models/norms.py: h = attn_post_norm(alpha x + a),
-y = mlp_post_norm(alpha h + m)) instead of hooks, runs the two skips explicitly and evaluates each formula of
-the module docstring directly, per token.
+y = mlp_post_norm(alpha h + m)) instead of hooks, runs the two skips explicitly (with the first `keep_first`
+positions not skipped: the block's own output there, as Csordas et al.'s `merge_io`) and evaluates each formula of
+the module docstring directly, per token; the logit lens starts at the embedding (layer 0).
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ def block_parts(block, x, cos, sin):
     return a, h, m, block.mlp_post_norm(block.residual_alpha * h + m)
 
 
-def hand_analysis(model, batches):
+def kept(orig, skipped, keep_first):
+    """The skipped block's output: its input, except at the first keep_first positions, where it ran."""
+    return torch.cat([orig[:, :keep_first], skipped[:, keep_first:]], dim=1)
+
+
+def hand_analysis(model, batches, keep_first=0):
     b1, b2 = model.blocks
     cos, sin = model.rope_cos, model.rope_sin
     decode = lambda x: model.logits(model.final_norm(x))  # noqa: E731
-    per_token = {k: [[], []] for k in ("angle", "attn", "mlp", "block", "kl")}
+    per_token = {k: [[], []] for k in ("angle", "attn", "mlp", "block")}
+    per_token["kl"] = [[], [], []]  # the embedding, block 1, block 2
     loss, skip_loss, n = 0.0, [0.0, 0.0], 0
     effect, out_change = 0.0, [0.0, 0.0]
 
@@ -40,6 +47,8 @@ def hand_analysis(model, batches):
         a2, hm2, m2, y2 = block_parts(b2, y1, cos, sin)
         final = decode(y2)
         p_final = final.softmax(-1)
+        p_emb = decode(e).softmax(-1)
+        per_token["kl"][0].append((p_emb * (p_emb.log() - p_final.log())).sum(-1))
         loss += nll(final, labels)
         n += labels.numel()
         for l, (x, y, a, hm, m, blk) in enumerate([(e, y1, a1, hm1, m1, b1), (y1, y2, a2, hm2, m2, b2)]):
@@ -49,17 +58,20 @@ def hand_analysis(model, batches):
             per_token["mlp"][l].append(m.norm(dim=-1) / (alpha * hm.norm(dim=-1)))
             per_token["block"][l].append((a + m).norm(dim=-1) / (alpha * x.norm(dim=-1)))
             p = decode(y).softmax(-1)
-            per_token["kl"][l].append((p * (p.log() - p_final.log())).sum(-1))
-        # skip block 1: block 2 runs on the embedding
-        y2_skip = block_parts(b2, e, cos, sin)[3]
-        change = ((y2_skip - e) - (y2 - y1)).norm(dim=-1) / (y2 - y1).norm(dim=-1)
+            per_token["kl"][l + 1].append((p * (p.log() - p_final.log())).sum(-1))
+        # skip block 1: block 2 runs on the embedding (on block 1's output at the kept positions)
+        x2 = kept(y1, e, keep_first)
+        y2_skip = block_parts(b2, x2, cos, sin)[3]
+        change = ((y2_skip - x2) - (y2 - y1)).norm(dim=-1) / (y2 - y1).norm(dim=-1)
         effect = max(effect, change.max().item())
         skip_loss[0] += nll(decode(y2_skip), labels)
         out_change[0] = max(out_change[0], (decode(y2_skip).softmax(-1) - p_final).norm(dim=-1).max().item())
-        # skip block 2: the output is block 1's
-        skip_loss[1] += nll(decode(y1), labels)
-        out_change[1] = max(out_change[1], (decode(y1).softmax(-1) - p_final).norm(dim=-1).max().item())
-    mean = {k: [torch.cat([t.flatten() for t in v[l]]).mean().item() for l in range(2)] for k, v in per_token.items()}
+        # skip block 2: the output is block 1's (block 2's at the kept positions)
+        out = kept(y2, y1, keep_first)
+        skip_loss[1] += nll(decode(out), labels)
+        out_change[1] = max(out_change[1], (decode(out).softmax(-1) - p_final).norm(dim=-1).max().item())
+    mean = {k: [torch.cat([t.flatten() for t in v[l]]).mean().item() for l in range(len(v))]
+            for k, v in per_token.items()}
     return {
         "val_loss": loss / n, "tokens": n, "skip_loss": [s / n for s in skip_loss],
         "angular_distance": mean["angle"], "attn_contribution": mean["attn"], "mlp_contribution": mean["mlp"],
@@ -68,8 +80,8 @@ def hand_analysis(model, batches):
     }
 
 
-@pytest.mark.parametrize("scheme", ["pre_ln", "peri_ln", "deepnorm"])
-def test_depth_analysis_matches_hand_computation(scheme):
+@pytest.mark.parametrize("scheme,keep_first", [("pre_ln", 0), ("pre_ln", 1), ("peri_ln", 0), ("deepnorm", 3)])
+def test_depth_analysis_matches_hand_computation(scheme, keep_first):
     cfg = ModelConfig(vocab_size=97, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16,
                       norm_scheme=scheme)
     torch.manual_seed(0)
@@ -81,17 +93,44 @@ def test_depth_analysis_matches_hand_computation(scheme):
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 97, (2, 11), generator=gen), torch.randint(0, 97, (2, 11), generator=gen))
                for _ in range(3)]
-    got = depth_analysis(model, batches)
+    got = depth_analysis(model, batches, keep_first=keep_first)
     with torch.no_grad():
-        want = hand_analysis(model, batches)
+        want = hand_analysis(model, batches, keep_first)
     assert got["layers"] == 2 and got["batches"] == 3 and got["tokens"] == want["tokens"] == 66
+    assert got["keep_first"] == keep_first
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-10)
     for key in ("skip_loss", "angular_distance", "attn_contribution", "mlp_contribution", "block_contribution",
                 "skip_output_change"):
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     assert got["logit_lens_kl"] == pytest.approx(want["logit_lens_kl"], rel=1e-8, abs=1e-12)
-    assert got["logit_lens_kl"][1] == 0.0 and got["logit_lens_kl"][0] > 0
+    assert len(got["logit_lens_kl"]) == 3 and got["logit_lens_kl"][2] == 0.0
+    assert got["logit_lens_kl"][0] > 0 and got["logit_lens_kl"][1] > 0
     assert [v for row in got["skip_effect"] for v in row] == pytest.approx(
         [v for row in want["skip_effect"] for v in row], rel=1e-9)
     assert 0 < got["skip_effect"][0][1] and got["skip_output_change"][0] > 0
     assert got["skip_loss_increase"] == pytest.approx([s - got["val_loss"] for s in got["skip_loss"]])
+
+
+def test_keep_first_changes_only_the_skips():
+    """Keeping position 0 unskipped changes the skip results (position 0 feeds every later position through
+    attention) and nothing measured on the unskipped forward."""
+    cfg = ModelConfig(vocab_size=97, d_model=24, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16)
+    model = Llama(cfg, seed=3).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 97, (2, 11), generator=gen), torch.randint(0, 97, (2, 11), generator=gen))]
+    plain, kept_one = depth_analysis(model, batches), depth_analysis(model, batches, keep_first=1)
+    for key in ("val_loss", "angular_distance", "block_contribution", "logit_lens_kl"):
+        assert plain[key] == kept_one[key], key
+    assert all(a != b for a, b in zip(plain["skip_loss"], kept_one["skip_loss"]))
+    assert plain["skip_effect"][0][1:] != kept_one["skip_effect"][0][1:]
+
+
+def test_keep_first_defaults_to_one_only_when_every_sequence_starts_with_bos():
+    from pretrain.cli.analyze_depth import default_keep_first
+
+    bos = 2
+    starts_with_bos = [(torch.tensor([[bos, 5, 6], [bos, 7, 8]]), None), (torch.tensor([[bos, 9, 9]]), None)]
+    one_without = starts_with_bos + [(torch.tensor([[bos, 1, 1], [4, bos, 1]]), None)]
+    assert default_keep_first(starts_with_bos, bos) == 1
+    assert default_keep_first(one_without, bos) == 0
+    assert default_keep_first(starts_with_bos, None) == 0 and default_keep_first(starts_with_bos, -1) == 0

@@ -103,10 +103,13 @@ def test_analyze_depth_trained_model(runs, tmp_path, env_cache, capsys):
     assert result["tokens"] == 3 * 4 * 64 and result["batches"] == 3
     for key in ("angular_distance", "skip_loss", "skip_loss_increase", "attn_contribution", "mlp_contribution",
                 "block_contribution", "logit_lens_kl", "skip_output_change"):
-        assert len(result[key]) == L and all(math.isfinite(v) for v in result[key]), key
+        want = L + 1 if key == "logit_lens_kl" else L  # the logit lens starts at the embedding
+        assert len(result[key]) == want and all(math.isfinite(v) for v in result[key]), key
     assert all(0 <= d <= 1 for d in result["angular_distance"])
     # logit lens: KL >= 0, and 0 at the last block (its decoded distribution is the output)
     assert result["logit_lens_kl"][-1] == 0 and all(v >= -1e-6 for v in result["logit_lens_kl"])
+    # packed pretraining sequences start mid-document: no position is kept from the skips by default
+    assert result["keep_first"] == 0
     effect = result["skip_effect"]  # L x L: 0 before the skipped block, 1 on the diagonal, measured after it
     assert [len(row) for row in effect] == [L] * L
     assert all(effect[s][l] == (1.0 if l == s else 0.0) for s in range(L) for l in range(s + 1))
@@ -133,10 +136,30 @@ def test_analyze_depth_accepts_step_and_checkpoints_folders(runs, tmp_path, env_
         assert len(result["skip_loss"]) == 8
 
 
+def test_analyze_depth_of_an_hf_export_equals_the_checkpoint(runs, tmp_path, env_cache):
+    """An HF directory is analyzed like the checkpoint it was exported from; --keep-first is recorded and used."""
+    hf = str(tmp_path / "hf")
+    assert main(["export-hf", "--checkpoint", runs["trained"], "--out", hf]) == 0
+    results = {}
+    for name, path, extra in (("ckpt", runs["trained"], []), ("hf", hf, []), ("hf_keep", hf, ["--keep-first", "1"])):
+        out = str(tmp_path / f"depth_{name}")
+        assert main(["analyze-depth", "--checkpoint", path, "--data", "bundled:tinyshakespeare", "--out", out,
+                     "--batches", "1", "--micro-batch-size", "2", "--seq-len", "32", *extra]) == 0
+        with open(os.path.join(out, "depth.json")) as f:
+            results[name] = json.load(f)
+    ckpt, exported, keep = results["ckpt"], results["hf"], results["hf_keep"]
+    assert exported["step"] is None and exported["hf_model_type"] == "llama" and exported["keep_first"] == 0
+    for key in ("val_loss", "skip_loss", "block_contribution", "logit_lens_kl"):
+        assert exported[key] == pytest.approx(ckpt[key], rel=1e-5, abs=1e-6), key
+    assert keep["keep_first"] == 1 and keep["val_loss"] == exported["val_loss"]
+    assert keep["skip_loss"] != exported["skip_loss"]
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("existing_out", "already exists"),
+        ("bad_keep_first", "--keep-first"),
         ("bad_checkpoint", "does not exist"),
         ("bad_data", "no such folder"),
         ("bad_out_parent", "does not exist"),
@@ -156,6 +179,8 @@ def test_analyze_depth_errors(runs, tmp_path, env_cache, capsys, case, message):
         args["--out"] = str(tmp_path / "a" / "b")
     elif case == "bad_seq_len":
         extra = ["--seq-len", "100000"]
+    elif case == "bad_keep_first":
+        extra = ["--seq-len", "32", "--keep-first", "32"]
     argv = ["analyze-depth"] + [x for kv in args.items() for x in kv] + extra
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -15,9 +15,10 @@ deepnorm); "mean over tokens" is over all B x T positions of all batches:
     attn_contribution[l]   mean over tokens of ||a_l|| / ||alpha x_l||       (Csordas et al., "Do Language Models
     mlp_contribution[l]    mean over tokens of ||m_l|| / ||alpha h_l||        Use Their Depth Efficiently?": the
     block_contribution[l]  mean over tokens of ||a_l + m_l|| / ||alpha x_l||  sublayer's relative contribution)
-    logit_lens_kl[l]       logit lens: mean over tokens of KL(p_l || p_L), p_l = softmax(head(final_norm(y_l))),
-                           the distribution decoded from the residual after block l, p_L the model's output
-                           (so the last entry is 0)
+    logit_lens_kl[l]       logit lens, l = 0..L (L + 1 entries): mean over tokens of KL(p_l || p_L),
+                           p_l = softmax(head(final_norm(y_l))), the distribution decoded from the residual after
+                           block l; y_0 is the embedding as the first block reads it (Csordas et al. start there
+                           too), p_L the model's output (so the last entry is 0)
     skip_effect[s][l]      the effect of skipping block s on block l's contribution y_l - x_l: the max over
                            positions (and batches) of ||(y_l - x_l)_skip - (y_l - x_l)_orig|| / ||(y_l - x_l)_orig||
                            (Csordas et al.'s layer-skip heat map; per-token norms over the hidden dim,
@@ -25,6 +26,14 @@ deepnorm); "mean over tokens" is over all B x T positions of all batches:
                            1 on the diagonal (the skipped block contributes nothing) and 0 below it by definition.
     skip_output_change[s]  max over positions of ||softmax(logits_skip) - softmax(logits_orig)||_2, the skip's
                            effect on the output distribution
+
+Skipping block s means y_s = x_s at every position except the first `keep_first` ones, where the block still runs
+(y_s = block(x_s)): Csordas et al.'s `no_skip_front`, which keeps the attention sink a sequence-initial BOS token
+becomes. skip_loss, skip_effect and skip_output_change all use that skip; at the kept positions nothing changes,
+so they add zeros to the maxima and the loss is the model's own there. `pretrain analyze-depth --keep-first`
+defaults to 1 when every analyzed sequence starts with the data's BOS token, else 0 (packed pretraining data
+starts sequences mid-document, where no token is special); the diagonal of skip_effect is then still 1 by
+definition, not measured.
 
 Cost: one forward with hooks gives everything but the skips; each skipped block s then re-runs blocks s+1..L
 from x_s once, which gives skip_loss, skip_effect and skip_output_change together: L(L+1)/2 block forwards and
@@ -34,8 +43,8 @@ from x_s once, which gives skip_loss, skip_effect and skip_output_change togethe
 Output (written to a temporary folder next to --out, then renamed; an existing --out is refused):
 
     DIR/depth.json   {"checkpoint", "step", "norm_scheme", "layers", "data", "split", "batches", "micro_batch_size",
-                      "seq_len", "tokens", "val_loss", "seconds", and the per-layer lists above (index 0 = block 1;
-                      skip_effect is L x L)}; for an HF directory "step" is null and "hf_model_type" is added
+                      "seq_len", "keep_first", "tokens", "val_loss", "seconds", and the per-layer lists above
+                      (index 0 = block 1, except logit_lens_kl whose index 0 is the embedding; skip_effect is L x L)}; for an HF directory "step" is null and "hf_model_type" is added
     DIR/depth.png    all of them against layer, the skip effect as a heat map
 """
 
@@ -64,8 +73,11 @@ def _token_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def depth_analysis(model, batches, device=None) -> dict:
-    """The per-layer analyses of the module docstring for a (TP = 1) `models.Llama` over `batches`."""
+def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
+    """The per-layer analyses of the module docstring for a (TP = 1) `models.Llama` over `batches`; the first
+    `keep_first` positions of each sequence are never skipped."""
+    if keep_first < 0:
+        raise UserError(f"--keep-first must be >= 0, got {keep_first}")
     model.eval()
     device = device or next(model.parameters()).device
     blocks = list(model.blocks)
@@ -74,6 +86,7 @@ def depth_analysis(model, batches, device=None) -> dict:
     # Accumulated on the device in float64 and read once at the end: no host sync per layer on a GPU.
     sums = {k: torch.zeros(n_layers, dtype=torch.float64, device=device)
             for k in PER_LAYER if k not in ("skip_loss_increase", "skip_output_change")}
+    sums["logit_lens_kl"] = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)  # index 0: the embedding
     base_sum = torch.zeros((), dtype=torch.float64, device=device)
     skip_effect = torch.eye(n_layers, dtype=torch.float64, device=device)  # 1 on the diagonal by definition
     out_change = torch.zeros(n_layers, dtype=torch.float64, device=device)
@@ -114,14 +127,17 @@ def depth_analysis(model, batches, device=None) -> dict:
             sums["attn_contribution"][l] += (_token_norm(a) / x_norm).sum()
             sums["mlp_contribution"][l] += (_token_norm(m) / (alpha * _token_norm(h)).clamp_min(EPS)).sum()
             sums["block_contribution"][l] += (_token_norm(_wide(a) + _wide(m)) / x_norm).sum()
-            logp = decode(y).log_softmax(-1)
-            sums["logit_lens_kl"][l] += (logp.exp() * (logp - final_logp)).sum()
             deltas.append(y - x)
             delta_norms.append(_token_norm(y - x).clamp_min(EPS))
+        for l, y in enumerate(hidden):  # the logit lens, from the embedding (l = 0) to the last block
+            logp = decode(y).log_softmax(-1)
+            sums["logit_lens_kl"][l] += (logp.exp() * (logp - final_logp)).sum()
         del branches, logp
-        # --- each block skipped once: rerun the blocks after it from its input
+        # --- each block skipped once (except at the first keep_first positions): rerun the blocks after it
         for s in range(n_layers):
             x = hidden[s]
+            if keep_first:
+                x = torch.cat([hidden[s + 1][:, :keep_first], x[:, keep_first:]], dim=1)
             for l in range(s + 1, n_layers):
                 y = blocks[l](x, cos_tab, sin_tab)
                 change = (_token_norm((y - x) - deltas[l]) / delta_norms[l]).max()
@@ -134,7 +150,8 @@ def depth_analysis(model, batches, device=None) -> dict:
     if tokens == 0:
         raise UserError("no validation batches to evaluate; lower --micro-batch-size or --seq-len")
     val_loss = base_sum.item() / tokens
-    result = {"layers": n_layers, "batches": n_batches, "tokens": tokens, "val_loss": val_loss}
+    result = {"layers": n_layers, "batches": n_batches, "keep_first": keep_first, "tokens": tokens,
+              "val_loss": val_loss}
     for key, total in sums.items():
         result[key] = (total / tokens).tolist()
     result["skip_loss_increase"] = [s - val_loss for s in result["skip_loss"]]

@@ -227,7 +227,7 @@ def loss_figure(runs: list[Run], title: str):
 DEPTH_PANELS = {
     "angular_distance": ("angular distance / pi", "linear", "Input vs output of each block"),
     "block_contribution": ("||a+m|| / ||x||", "log", "Block contribution (Csordas et al.)"),
-    "logit_lens_kl": ("KL(p_l || p_L)", "linear", "Logit lens"),
+    "logit_lens_kl": ("KL(p_l || p_L)", "linear", "Logit lens (layer 0: the embedding)"),
     "skip_loss_increase": ("validation loss increase", "linear", "Skipping one block"),
 }
 SKIP_EFFECT_LABEL = "max relative change of contribution"
@@ -237,6 +237,13 @@ def _depth_axes(ax, key: str, xlabel: str = "layer", title: str | None = None) -
     ylabel, scale, default_title = DEPTH_PANELS[key]
     ax.set(xlabel=xlabel, ylabel=ylabel, yscale=scale, title=title or default_title)
     _layer_axes(ax)
+
+
+def _layer_positions(result: dict, key: str) -> list[int]:
+    """x positions of a per-layer list: blocks 1..L, or 0..L where the list starts at the embedding (the logit lens;
+    depth.json files written before it did have L entries)."""
+    start = 0 if len(result[key]) == result["layers"] + 1 else 1
+    return list(range(start, result["layers"] + 1))
 
 
 def _skip_effect_matrix(result: dict) -> np.ndarray:
@@ -268,7 +275,7 @@ def depth_figure(result: dict):
                            ("block_contribution", "block ||a+m||/||x||")):
             ax_contrib.plot(layers, result[key], "o-", ms=3, label=label)
         ax_contrib.legend(fontsize=8)
-        ax_lens.plot(layers, result["logit_lens_kl"], "o-", ms=4, color="C4")
+        ax_lens.plot(_layer_positions(result, "logit_lens_kl"), result["logit_lens_kl"], "o-", ms=4, color="C4")
         ax_out.bar(layers, result["skip_output_change"], color="C1")
         effect = _skip_effect_matrix(result)
         im = _skip_effect_panel(ax_map, effect, max(1.0, float(np.nanmax(effect))),
@@ -305,8 +312,8 @@ def depth_runs_figure(runs: list[Run], title: str):
     for ax, key in zip(axes, DEPTH_PANELS):
         for r in analysed:
             if key in r.depth:
-                layers = list(range(1, r.depth["layers"] + 1))
-                ax.plot(layers, _finite_or_nan(r.depth[key]), "o-", ms=3, color=scheme_color(r.scheme),
+                ax.plot(_layer_positions(r.depth, key), _finite_or_nan(r.depth[key]), "o-", ms=3,
+                        color=scheme_color(r.scheme),
                         label=f"{labels[r.path]} @ {r.depth.get('step')}")
         _depth_axes(ax, key)
         if ax.lines:

@@ -21,6 +21,7 @@ from pretrain.analysis.depth import depth_analysis
 from pretrain.analysis.figures import depth_figure
 from pretrain.config import ExperimentConfig
 from pretrain.data.bundled import resolve_data_path
+from pretrain.data.folders import read_meta
 from pretrain.data.loader import TokenDataset, check_vocab, validation_batches
 from pretrain.errors import UserError
 from pretrain.state.sources import ModelSource, open_source
@@ -29,8 +30,12 @@ from pretrain.state.sources import ModelSource, open_source
 def register(sub) -> None:
     p = sub.add_parser("analyze-depth", help="per-layer angular distance and skip-one-block loss of a checkpoint")
     add_analysis_args(p, checkpoint_help="a checkpoints/step_XXXXXXXX folder, a checkpoints/ folder or a run folder "
-                                         "(its latest), or a Hugging Face Llama directory",
+                                         "(its latest), or a Hugging Face directory (see README, Hugging Face interop)",
                       out_help="output directory (must not exist): depth.json and depth.png")
+    p.add_argument("--keep-first", type=int, default=None, metavar="N",
+                   help="positions at the start of each sequence that a skipped block still processes (the BOS "
+                        "attention sink); default 1 when every analyzed sequence starts with the data's BOS token, "
+                        "else 0")
     p.set_defaults(func=run)
 
 
@@ -81,6 +86,19 @@ def load_batches(data: str, cache_dir: str | None, vocab_size: int, seq_len: int
     return path, list(validation_batches(dataset, num_batches * micro_batch_size * seq_len, micro_batch_size))
 
 
+def default_keep_first(batches: list, bos_id: int | None) -> int:
+    """1 when every sequence of `batches` starts with the BOS token `bos_id` (Csordas et al. never skip it: it is
+    the attention sink), else 0 (packed pretraining sequences start mid-document, where no position is special)."""
+    if bos_id is None or bos_id < 0 or not batches:
+        return 0
+    return int(all(bool((tokens[:, 0] == bos_id).all()) for tokens, _ in batches))
+
+
+def data_bos_id(data_path: str) -> int | None:
+    """The BOS id of the tokenizer a prepared folder was made with (None when it records none)."""
+    return (read_meta(data_path).get("tokenizer") or {}).get("bos_id")
+
+
 def publish(out: str, out_arg: str, name: str, result: dict, figure) -> None:
     """NAME.json (`result`) and NAME.png (`figure(result)`) into a temporary folder next to `out`, then renamed to
     `out`."""
@@ -111,11 +129,16 @@ def run(args) -> int:
     out = check_out(args.out)
     source = open_source(args.checkpoint, "--checkpoint")
     settings, batches = analysis_batches(args, source)
+    keep_first = args.keep_first
+    if keep_first is None:
+        keep_first = default_keep_first(batches, data_bos_id(settings["data"]))
+    elif not 0 <= keep_first < settings["seq_len"]:
+        raise UserError(f"--keep-first {keep_first} must be between 0 and --seq-len - 1 = {settings['seq_len'] - 1}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = source.build(device)
     result = {**source.description, "norm_scheme": source.model_config.norm_scheme, **settings}
     started = time.perf_counter()
-    result.update(depth_analysis(model, batches, device))
+    result.update(depth_analysis(model, batches, device, keep_first=keep_first))
     result["seconds"] = time.perf_counter() - started
     publish(out, args.out, "depth", result, depth_figure)
     worst = max(range(result["layers"]), key=lambda l: result["skip_loss_increase"][l])
