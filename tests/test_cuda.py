@@ -807,8 +807,8 @@ def test_analyze_depth_on_gpu_matches_cpu(jobs, root, data_cache, monkeypatch):
     assert sorted(os.listdir(out)) == ["depth.json", "depth.png"]
     got = json.loads((out / "depth.json").read_text())
     assert got["layers"] == 8 and got["step"] == STEPS and got["tokens"] == 2 * 4 * 64
-    for key in PER_LAYER:
-        assert len(got[key]) == 8 and finite(got[key]), key
+    for key in PER_LAYER:  # the logit lens starts at the embedding: one entry more
+        assert len(got[key]) == 8 + (key == "logit_lens_kl") and finite(got[key]), key
     monkeypatch.setenv("PRETRAIN_CACHE", data_cache)
     cfg, state = load_model_state(find_checkpoint(str(root / "zero2")))
     model = Llama(cfg.model)
