@@ -22,7 +22,7 @@ NEWEST_TORCH ?= torch==2.15.0
 UNCAPPED := PIP_CONSTRAINT=/dev/null
 COMPAT_TMP := .cache/compat
 
-.PHONY: install quickstart test compat compat-gpu-stack compat-newest clean-venv
+.PHONY: install quickstart test test-all compat compat-gpu-stack compat-newest clean-venv
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ quickstart: $(STAMP)
 	$(BIN)/pretrain train configs/tiny.yaml train.resume=auto
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+
+# Everything, the `slow` tests included (more cases of paths the default run already covers end to end).
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25
 
 compat: compat-gpu-stack compat-newest
@@ -55,7 +59,7 @@ compat-gpu-stack: $(GPU_STACK)/.installed
 	$(GPU_STACK)/bin/python scripts/gpu_kit.py wheels
 	rm -rf $(COMPAT_TMP)/gpu-stack && mkdir -p $(COMPAT_TMP)/gpu-stack
 	$(GPU_STACK)/bin/python scripts/gpu_kit.py run --cpu --out $(COMPAT_TMP)/gpu-stack/kit
-	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -m compat -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider
 	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) PRETRAIN_CACHE=$(COMPAT_TMP)/gpu-stack/cache \
 		$(GPU_STACK)/bin/python -m pretrain train configs/tiny.yaml run.dir=$(COMPAT_TMP)/gpu-stack/tiny
 
@@ -70,7 +74,7 @@ $(NEWEST)/.installed: setup.cfg pyproject.toml
 
 compat-newest: $(NEWEST)/.installed
 	rm -rf $(COMPAT_TMP)/newest && mkdir -p $(COMPAT_TMP)/newest
-	$(NEWEST)/bin/python -m pytest -q -m compat -p no:cacheprovider
+	$(NEWEST)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider
 	PRETRAIN_CACHE=$(COMPAT_TMP)/newest/cache $(NEWEST)/bin/pretrain train configs/tiny.yaml \
 		run.dir=$(COMPAT_TMP)/newest/tiny
 
