@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model.py [--repeats 10] [--warmup 3] [--profile]
 
-fp32 on CPU, torch's default thread count. Both models get the same weights (through models/hf.py), HF uses
+fp32 on CPU, torch's default thread count. Both models get the same weights (through models/hf/), HF uses
 its sdpa attention and no KV cache, and both compute the mean next-token loss over the same T positions:
 ours as `model(tokens, labels)`, HF through its `labels` argument with `shift_labels` given explicitly (so
 HF does not shift again and drop a position). Steps of the two models are interleaved so that machine noise

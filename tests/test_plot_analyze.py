@@ -129,30 +129,41 @@ def test_analyze_depth_accepts_step_and_checkpoints_folders(runs, tmp_path, env_
     for i, path in enumerate([step, os.path.join(runs["lns"], "checkpoints")]):
         out = str(tmp_path / f"d{i}")
         assert main(["analyze-depth", "--checkpoint", path, "--data", "bundled:tinyshakespeare", "--out", out,
-                     "--batches", "1", "--micro-batch-size", "2", "--seq-len", "32"]) == 0
+                     "--batches", "1", "--micro-batch-size", "2", "--seq-len", "32", "--keep-first", str(i)]) == 0
         with open(os.path.join(out, "depth.json")) as f:
             result = json.load(f)
         assert result["step"] == 10 and result["norm_scheme"] == "lns" and result["tokens"] == 2 * 32
+        assert result["keep_first"] == i
         assert len(result["skip_loss"]) == 8
 
 
-def test_analyze_depth_of_an_hf_export_equals_the_checkpoint(runs, tmp_path, env_cache):
-    """An HF directory is analyzed like the checkpoint it was exported from; --keep-first is recorded and used."""
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory, data_cache):
+    """The trained run as an HF directory (with its tokenizer)."""
+    hf = str(tmp_path_factory.mktemp("export") / "hf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRETRAIN_CACHE", data_cache)
+        assert main(["export-hf", "--checkpoint", runs["trained"], "--out", hf]) == 0
+    return hf
+
+
+def test_attribute_of_an_ln_free_export_equals_the_checkpoint(runs, tmp_path, env_cache):
+    """An ln_free model exports as a stock Llama with linear norms, which reads back as ln_free: attribute takes the
+    HF directory and gives the checkpoint's numbers."""
     hf = str(tmp_path / "hf")
-    assert main(["export-hf", "--checkpoint", runs["trained"], "--out", hf]) == 0
+    assert main(["export-hf", "--checkpoint", runs["off"], "--out", hf]) == 0
     results = {}
-    for name, path, extra in (("ckpt", runs["trained"], []), ("hf", hf, []), ("hf_keep", hf, ["--keep-first", "1"])):
-        out = str(tmp_path / f"depth_{name}")
-        assert main(["analyze-depth", "--checkpoint", path, "--data", "bundled:tinyshakespeare", "--out", out,
-                     "--batches", "1", "--micro-batch-size", "2", "--seq-len", "32", *extra]) == 0
-        with open(os.path.join(out, "depth.json")) as f:
+    for name, path in (("ckpt", runs["off"]), ("hf", hf)):
+        out = str(tmp_path / f"dla_{name}")
+        assert main(["attribute", "--checkpoint", path, "--data", "bundled:tinyshakespeare", "--out", out,
+                     "--batches", "1", "--micro-batch-size", "2", "--seq-len", "32"]) == 0
+        with open(os.path.join(out, "attribution.json")) as f:
             results[name] = json.load(f)
-    ckpt, exported, keep = results["ckpt"], results["hf"], results["hf_keep"]
-    assert exported["step"] is None and exported["hf_model_type"] == "llama" and exported["keep_first"] == 0
-    for key in ("val_loss", "skip_loss", "block_contribution", "logit_lens_kl"):
+    ckpt, exported = results["ckpt"], results["hf"]
+    assert exported["norm_scheme"] == "ln_free" and exported["hf_model_type"] == "llama" and exported["step"] is None
+    for key in ("logit", "embedding", "attn", "mlp"):
         assert exported[key] == pytest.approx(ckpt[key], rel=1e-5, abs=1e-6), key
-    assert keep["keep_first"] == 1 and keep["val_loss"] == exported["val_loss"]
-    assert keep["skip_loss"] != exported["skip_loss"]
+    assert exported["max_abs_error"] < 1e-3
 
 
 @pytest.mark.parametrize(
@@ -187,3 +198,51 @@ def test_analyze_depth_errors(runs, tmp_path, env_cache, capsys, case, message):
     assert err.startswith("error: ") and message in err and "\n" not in err
     if case != "existing_out":
         assert not os.path.exists(args["--out"])
+
+
+def test_depth_analyses_equal_csordas_et_al_through_nnsight(runs, exported):
+    """The logit lens from the embedding and the layer skips that keep position 0 (BOS), computed the way
+    Csordas et al.'s llm_effective_depth computes them (nnsight on the transformers model: taps on each layer's
+    input, `merge_io` with no_skip_front=1), equal ours on our model for the same text."""
+    import nnsight  # a dev dependency (setup.cfg): the interpretability tool researchers load exports into
+    import torch
+
+    from pretrain.analysis.depth import depth_analysis
+    from pretrain.state.sources import open_source
+
+    # The export's own tokenizer (BOS first). dispatch=True: nnsight 0.8.1's lazy (meta) load of a local directory
+    # finds no tokenizer with transformers >= 5.2x (its pipeline declares the tokenizer optional), for any model.
+    lm = nnsight.LanguageModel(exported, dtype=torch.float32, dispatch=True)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == lm.tokenizer.bos_token_id and ids.shape[1] > 8
+    layers, n = lm.model.layers, len(lm.model.layers)
+    with torch.no_grad():
+        with lm.trace(ids):
+            lens, deltas = nnsight.save([]), nnsight.save([])
+            for l in range(n):
+                x = layers[l].inputs[0][0]
+                lens.append(lm.lm_head(lm.model.norm(x)))
+                deltas.append(layers[l].output - x)
+            logits = lm.output.logits.save()
+        out_logp = logits.log_softmax(-1)
+        kl = [(ll.log_softmax(-1).exp() * (ll.log_softmax(-1) - out_logp)).sum(-1).mean().item() for ll in lens]
+        effects, out_change = [], []
+        for s in range(n):
+            with lm.trace(ids):
+                skipped = nnsight.save([])
+                for l in range(n):
+                    x = layers[l].inputs[0][0]
+                    if l == s:  # merge_io: the block's own output at position 0, its input elsewhere
+                        layers[l].output = torch.cat([layers[l].output[:, :1], x[:, 1:]], dim=1)
+                    skipped.append(layers[l].output - x)
+                skip_logits = lm.output.logits.save()
+            effects.append([((a - b).norm(dim=-1) / a.norm(dim=-1).clamp(min=1e-6)).max().item()
+                            for a, b in zip(deltas, skipped)])
+            out_change.append((skip_logits.softmax(-1) - logits.softmax(-1)).norm(dim=-1).max().item())
+    labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    ours = depth_analysis(open_source(runs["trained"]).build(), [(ids, labels)], keep_first=1)
+    assert ours["logit_lens_kl"][:n] == pytest.approx(kl, rel=1e-4, abs=1e-6)  # theirs stops before the output
+    assert [v for row in ours["skip_effect"] for v in row] == pytest.approx(
+        [v for row in effects for v in row], rel=1e-4, abs=1e-6)
+    assert ours["skip_output_change"] == pytest.approx(out_change, rel=1e-4, abs=1e-6)

@@ -1,6 +1,6 @@
 """`pretrain analyze-depth --checkpoint PATH --data PATH --out DIR`: how much each block of a trained model does.
 
-For a training checkpoint (any TP/PP layout) or a Hugging Face Llama directory (loaded as one full model, no
+For a training checkpoint (any TP/PP layout) or a Hugging Face directory (Llama, Qwen3, OLMo 2) (loaded as one full model, no
 torch.distributed, by `pretrain.state.sources`; the command is pretrain/cli/analyze_depth.py) and a bounded
 number of validation micro-batches of `--data` (a prepared data folder or bundled:tinyshakespeare), per block
 l = 1..L with input x_l, output y_l, attention branch a_l = attn_out_norm(Attn(attn_norm(x_l))), MLP branch

@@ -19,11 +19,11 @@ def commands() -> tuple:
     """The command modules, in `pretrain --help` order."""
     # Imported here, inside main's error handler: they import pretrain.compat, whose version check (run at its
     # import) must reach the user as main's one-line error, not as a traceback.
-    from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_sft, export_hf, generate,
-                              params, plot, remove_norms, report, train)
+    from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_choices, eval_sft, export_hf,
+                              generate, params, plot, remove_norms, report, train)
 
-    return (train, config, params, export_hf, data, bench, generate, eval_sft, eval, report, plot, analyze_depth,
-            attribute, remove_norms)
+    return (train, config, params, export_hf, data, bench, generate, eval_sft, eval, eval_choices, report, plot,
+            analyze_depth, attribute, remove_norms)
 
 
 def main(argv: list[str] | None = None) -> int:

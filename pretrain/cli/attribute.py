@@ -15,7 +15,7 @@ from pretrain.state.sources import open_source
 def register(sub) -> None:
     p = sub.add_parser("attribute", help="exact direct logit attribution per block of a norm-free (ln_free) model")
     add_analysis_args(p, checkpoint_help="an ln_free checkpoint (e.g. RUN_DIR/ln_free of remove-norms), step/"
-                                         "checkpoints/run folder, or a Hugging Face Llama directory",
+                                         "checkpoints/run folder, or a Hugging Face directory (an ln_free export)",
                       out_help="output directory (must not exist): attribution.json and .png")
     p.set_defaults(func=run)
 

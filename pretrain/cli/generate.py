@@ -2,7 +2,7 @@
 prompt rules).
 
 Models: a training checkpoint (step folder, checkpoints/ or run folder, any TP/PP layout, read into one full model)
-or a Hugging Face Llama directory, through `pretrain.state.sources.open_source`; one process, CPU or GPU
+or a Hugging Face Llama, Qwen3 or OLMo 2 directory, through `pretrain.state.sources.open_source`; one process, CPU or GPU
 (`--device`). The tokenizer is the one of the checkpoint's training data (its data.paths[0]), the
 `tokenizer.model` of an HF directory, or `--tokenizer`.
 
@@ -25,9 +25,9 @@ from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="sample completions of prompts from a checkpoint or HF Llama (KV cache)")
+    p = sub.add_parser("generate", help="sample completions of prompts from a checkpoint or HF directory (KV cache)")
     p.add_argument("--checkpoint", required=True,
-                   help="a run folder, checkpoints/ folder or step folder (any TP/PP layout), or a Hugging Face Llama "
+                   help="a run folder, checkpoints/ folder or step folder (any TP/PP layout), or a Hugging Face "
                         "directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt, rendered as prepare-sft renders an instruction without input")
@@ -53,7 +53,7 @@ def _common(p, template_help: str) -> None:
 
 
 def load_model(path: str, tokenizer: str | None = None, device: str = "auto"):
-    """(fp32 `Llama` in eval mode on `device`, Tokenizer) of a training checkpoint or an HF Llama directory."""
+    """(fp32 `Llama` in eval mode on `device`, Tokenizer) of a training checkpoint or an HF directory (Llama, Qwen3, OLMo 2)."""
     source = open_source(path, "--checkpoint")
     tok = source.tokenizer(tokenizer)
     vocab = source.model_config.vocab_size

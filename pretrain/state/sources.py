@@ -1,7 +1,9 @@
 """Where a model comes from: one model source for every command and for `train.init_from`.
 
 `open_source(path, flag)` reads what `path` names -- a training checkpoint (a step folder, a checkpoints/ folder or a
-run folder: their `latest`; any TP/PP layout) or a Hugging Face directory (config.json and no trainer_state.json)
+run folder: their `latest`; any TP/PP layout) or a Hugging Face directory (config.json and no trainer_state.json; a
+Llama, Qwen3 or OLMo 2, which `models.hf` reads by model_type as pre_ln or ln_free, pre_ln with qk_norm=head,
+reordered with qk_norm=full)
 -- into a `ModelSource`: the model config, the full (TP = 1) fp32 weights, the `models.Llama` built from them in
 eval mode on a device, the tokenizer, the checkpoint's step and a description for JSON outputs. Every error is
 one line that names `flag` (`--checkpoint`, `train.init_from`). generate, eval-sft, eval, analyze-depth,
@@ -35,7 +37,7 @@ from pretrain.state.checkpoint import STATE_FILE, find_checkpoint, load_model_st
 
 # Keys whose change changes a weight's shape (or the set of weights): they must agree with the source.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
-WHAT = "give a run folder, a checkpoints/ or step folder, or a Hugging Face Llama directory"
+WHAT = "give a run folder, a checkpoints/ or step folder, or a Hugging Face Llama, Qwen3 or OLMo 2 directory"
 
 
 def is_hf_dir(path: str) -> bool:
@@ -52,7 +54,9 @@ class ModelSource:
     run_config: ExperimentConfig | None  # a checkpoint's stored config; None for an HF directory
     step: int | None  # a checkpoint's step; None for an HF directory
     hf_config: dict | None = None  # an HF directory's config.json
-    norm_scheme: str = "pre_ln"  # the scheme an HF Llama is read as (models.hf: pre_ln, or lns to undo its fold)
+    # The scheme an HF directory is read as: None picks by config.json's model_type (models.hf.from_hf_config); lns
+    # undoes an lns export's fold.
+    norm_scheme: str | None = None
 
     @property
     def is_hf(self) -> bool:
@@ -124,9 +128,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def open_source(path: str, flag: str = "--checkpoint", norm_scheme: str = "pre_ln") -> ModelSource:
+def open_source(path: str, flag: str = "--checkpoint", norm_scheme: str | None = None) -> ModelSource:
     """The model `path` names (see the module docstring); reads only configs and the trainer state here.
-    `norm_scheme` is the scheme an HF Llama is read as."""
+    `norm_scheme` is the scheme an HF directory is read as (None: by its model_type)."""
     if not os.path.exists(path):
         raise UserError(f"{flag}: {path} does not exist; {WHAT}")
     if is_hf_dir(path):
@@ -158,7 +162,7 @@ def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> Experimen
     if resume_folder is not None:
         source, what = load_config(os.path.join(resume_folder, "config.yaml"), stored=True).model, None
     elif cfg.train.init_from is not None:
-        scheme = cfg.model.norm_scheme if "model.norm_scheme" in cfg.given_keys else "pre_ln"
+        scheme = cfg.model.norm_scheme if "model.norm_scheme" in cfg.given_keys else None
         source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=scheme).model_config
         what = f"train.init_from {cfg.train.init_from}"
     else:

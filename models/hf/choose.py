@@ -1,0 +1,156 @@
+"""Which stock transformers class a model exports to, or why none can hold it: the one table (`NO_STOCK_CLASS`,
+`KEY_REFUSALS`) behind both the export's refusals and the README's per-scheme table (`export_reference`, kept
+current by tests/test_hf_stock_classes.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.config import ModelConfig
+from models.hf.common import meta_model
+from models.hf.llama import LLAMA
+from models.hf.olmo2 import OLMO2
+from models.hf.qwen3 import QWEN3
+from models.hf.target import Target
+from models.llama import Llama
+from models.norms import ATTN_POST, MLP_POST, NORM_SCHEMES, SLOTS, RMSNorm, Scale
+from models.parallel import HeadNorm, WidthNorm
+from models.parts import Residual, Ungated
+
+TARGETS = {t.model_type: t for t in (LLAMA, QWEN3, OLMO2)}
+
+# (scheme, model.qk_norm) -> the class it exports to and what the export does on the way.
+EXPORTS: dict[tuple[str, str], tuple[Target, str]] = {
+    ("pre_ln", "none"): (LLAMA, "as is"),
+    ("lns", "none"): (LLAMA, "1/√l folded into the norm gains"),
+    ("ln_free", "none"): (LLAMA, "norms made linear (rms_norm_eps 2^40, every gain 2^20); c_in, c_out folded into "
+                                 "q/k/v, gate, up and o, down"),
+    ("pre_ln", "head"): (QWEN3, "as is"),
+    ("lns", "head"): (QWEN3, "1/√l folded into the block norm gains"),
+    ("reordered", "full"): (OLMO2, "as is"),
+}
+
+# Why a scheme (with any model.qk_norm) or a (scheme, qk_norm) pair has no stock class.
+NO_STOCK_CLASS: dict[str | tuple[str, str], str] = {
+    "post_ln": "it normalizes after the residual add, which no stock class does",
+    "mix_ln": "its first blocks are Post-LN (normalized after the residual add), which no stock class has",
+    "peri_ln": "it normalizes the embedding's output, which no stock class does (Gemma 2/3 have its block norms but "
+               "scale the embedding by √d)",
+    "deepnorm": "Post-LN with the residual weighted by (2L)^¼, which no stock class has",
+    "dyt": "tanh in place of the norms and a learnable embedding scalar, which no stock class computes",
+    "derf": "erf in place of the norms and a learnable embedding scalar, which no stock class computes",
+    "hybridnorm": "it normalizes v per head and feeds the FFN a post-norm sum, which no stock class does",
+    "hybridnorm_star": "it normalizes v per head and feeds the FFN a post-norm sum, which no stock class does",
+    "ngpt": "its residual update moves on the unit sphere with learned q/k, MLP and logit scales, which no stock "
+            "class has",
+    ("pre_ln", "full"): "full-width q/k norms come only with OLMo 2's reordered blocks; Qwen3's are per head "
+                        "(model.qk_norm=head)",
+    ("lns", "full"): "full-width q/k norms come only with OLMo 2's reordered blocks; Qwen3's are per head "
+                     "(model.qk_norm=head)",
+    ("reordered", "none"): "OLMo 2 always normalizes q and k (model.qk_norm=full), and its one rms_norm_eps serves "
+                           "every norm, so its q/k norms cannot be made linear alone",
+    ("reordered", "head"): "OLMo 2 normalizes q and k over the full width (model.qk_norm=full), not per head",
+}
+
+# Model keys off their default that no stock class expresses, whatever the scheme: key -> (value to show, why).
+KEY_REFUSALS: dict[str, tuple[str, str]] = {
+    "norm_type": ("layernorm", "the stock classes use RMSNorm"),
+    "attn_gate": ("headwise/elementwise", "Llama, Qwen3 and OLMo 2 have no attention output gate"),
+    "gpas": ("true", "no stock class scales the residual stream's activations"),
+    "removable_norms": ("true", "a model in norm removal holds its σ state; export the ln_free checkpoint "
+                                "`pretrain remove-norms` writes at the end"),
+}
+_KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False}
+
+
+class NotExportable(ValueError):
+    """A model no stock class computes; the message is one line that says why and what exports."""
+
+
+def _exportable() -> str:
+    by_class: dict[str, list[str]] = {}
+    for (scheme, qk), (target, _) in EXPORTS.items():
+        by_class.setdefault(target.architecture, []).append(scheme + ("" if qk == "none" else f"+qk_norm={qk}"))
+    return "; ".join(f"{cls}: {', '.join(v)}" for cls, v in by_class.items())
+
+
+def refusal(what: str, why: str) -> NotExportable:
+    return NotExportable(f"{what} cannot be exported to a stock transformers class ({why}); exportable: "
+                         f"{_exportable()}")
+
+
+def export_target(cfg: ModelConfig) -> tuple[Target, str]:
+    """The stock class `cfg` exports to and what the export does, or a one-line `NotExportable` saying why not."""
+    for key, (_, why) in KEY_REFUSALS.items():
+        value = getattr(cfg, key)
+        if key == "norm_type" and NORM_SCHEMES[cfg.norm_scheme].norm_free:
+            continue  # a norm-free model builds no norm of that type
+        if value != _KEY_DEFAULTS[key]:
+            raise refusal(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}", why)
+    found = EXPORTS.get((cfg.norm_scheme, cfg.qk_norm))
+    if found is not None:
+        return found
+    why = NO_STOCK_CLASS.get((cfg.norm_scheme, cfg.qk_norm)) or NO_STOCK_CLASS.get(cfg.norm_scheme)
+    what = f"model.norm_scheme={cfg.norm_scheme}"
+    what += "" if cfg.qk_norm == "none" else f" with model.qk_norm={cfg.qk_norm}"
+    raise refusal(what, why or "no entry in models/hf/choose.py")
+
+
+def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None) -> None:
+    """The table says "exports"; check the built structure too, so that a scheme changed in models/norms.py without
+    this table is refused instead of silently exported as a different function."""
+    model = meta_model(cfg) if model is None else model
+    linear = NORM_SCHEMES[cfg.norm_scheme].norm_free
+    what = f"model.norm_scheme={cfg.norm_scheme}"
+
+    def bad(where: str, module: nn.Module) -> NotExportable:
+        return refusal(what, f"{where} is a {type(module).__name__}, which {target.architecture} does not hold there")
+
+    qk_type = {"none": nn.Identity, "head": HeadNorm, "full": WidthNorm}[target.qk_norm]
+    for l, block in enumerate(model.blocks, start=1):
+        for slot in SLOTS:
+            module = getattr(block, slot)
+            if linear:  # every slot a fixed multiplier, folded into the next or previous matrix; none after an add
+                ok = type(module) is nn.Identity or (type(module) is Scale and slot not in (ATTN_POST, MLP_POST))
+            else:
+                ok = type(module) is (RMSNorm if slot in target.block_norms else nn.Identity)
+            if not ok:
+                raise bad(f"block {l}'s {slot}", module)
+        for slot, expected in (("q_norm", qk_type), ("k_norm", qk_type), ("v_norm", nn.Identity),
+                               ("q_scale", nn.Identity), ("k_scale", nn.Identity), ("out_gate", Ungated)):
+            if type(getattr(block.attn, slot)) is not expected:
+                raise bad(f"block {l}'s attention {slot}", getattr(block.attn, slot))
+        for slot in ("gate_scale", "up_scale"):
+            if type(getattr(block.mlp, slot)) is not nn.Identity:
+                raise bad(f"block {l}'s MLP {slot}", getattr(block.mlp, slot))
+        if type(block.residual) is not Residual or block.residual_alpha != 1.0:
+            raise refusal(what, f"block {l}'s residual update is not x + F")
+        if block.attn.softmax_scale is not None:
+            raise refusal(what, f"block {l}'s softmax scale is not 1/√head_dim")
+    final_ok = type(model.final_norm) is (nn.Identity if linear else RMSNorm)
+    if not final_ok:
+        raise bad("the final norm", model.final_norm)
+    for name in ("emb_out", "logit_scale"):
+        if type(getattr(model, name)) is not nn.Identity:
+            raise bad(name, getattr(model, name))
+
+
+def export_reference() -> str:
+    """The README's per-scheme export table (markdown), from `EXPORTS`, `NO_STOCK_CLASS` and `KEY_REFUSALS`."""
+    rows = ["| scheme | `model.qk_norm` | exports as | how, or why not |", "| --- | --- | --- | --- |"]
+    for scheme, entry in NORM_SCHEMES.items():
+        variants = ("none", "head", "full") if "qk_norm" in entry.options else ("none",)
+        results = []
+        for qk in variants:
+            found = EXPORTS.get((scheme, qk))
+            if found is not None:
+                results.append((qk, f"`{found[0].architecture}`", found[1]))
+            else:
+                results.append((qk, "refused", NO_STOCK_CLASS.get((scheme, qk)) or NO_STOCK_CLASS[scheme]))
+        if len({(r[1], r[2]) for r in results}) == 1:  # one answer whatever qk_norm: one row
+            results = [("any" if len(variants) > 1 else "none", results[0][1], results[0][2])]
+        rows += [f"| `{scheme}` | {qk} | {cls} | {how} |" for qk, cls, how in results]
+    rows.append("| any, `model.norm_gain=zero_centered` | | as the scheme | gains folded as 1 + w |")
+    for key, (value, why) in KEY_REFUSALS.items():
+        rows.append(f"| any, `model.{key}={value}` | | refused | {why} |")
+    return "\n".join(rows)
