@@ -107,8 +107,8 @@ class ModelConfig:
     )
     removable_norms: bool = doc(
         False,
-        "pre_ln/lns only: every norm also holds a fixed scale sigma it can switch to (norm removal by fine-tuning; "
-        "set by `pretrain remove-norms`, see the README).",
+        "pre_ln/lns/reordered only: every norm (q/k norms included) also holds a fixed scale sigma it can switch "
+        "to (norm removal by fine-tuning; set by `pretrain remove-norms`, see the README).",
     )
 
     def __post_init__(self) -> None:
@@ -143,17 +143,17 @@ class ModelConfig:
             raise ValueError(f"model.tie_embeddings: {self.norm_scheme} keeps separate unit-norm input and output "
                              "embeddings (the paper's); set model.tie_embeddings=false")
         if self.removable_norms:
-            for key, what in (("qk_norm", "the q/k norms"), ("attn_gate", "the attention gate (it reads the attention's "
-                              "normalized input)"), ("gpas", "GPAS (the folded ln_free model has no scaling)")):
+            # q/k norms are removal sites (models/norms.py REMOVAL_SITES); these two have no fixed-scale form yet
+            for key, what in (("attn_gate", "the attention gate (it reads the attention's normalized input)"),
+                              ("gpas", "GPAS (the folded ln_free model has no scaling)")):
                 if getattr(self, key) != type(self).__dataclass_fields__[key].default:
                     raise ValueError(f"model.removable_norms: norm removal does not cover {what} "
                                      f"(model.{key}={getattr(self, key)}) yet; leave model.{key} at its default")
-        if self.removable_norms:
             removable = [name for name, scheme in NORM_SCHEMES.items() if scheme.removable]
             if not NORM_SCHEMES[self.norm_scheme].removable:
                 raise ValueError(
-                    f"model.removable_norms: norm removal works on {' and '.join(removable)} models, not "
-                    f"{self.norm_scheme}; set model.removable_norms=false"
+                    f"model.removable_norms: norm removal works on {', '.join(removable[:-1])} and {removable[-1]} "
+                    f"models, not {self.norm_scheme}; set model.removable_norms=false"
                 )
 
     @property

@@ -27,9 +27,10 @@ rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEME
     ngpt      x = n(x + alpha (n(F(x)) - x)) on the unit sphere; unit-norm weights after every step   no final norm
 
 Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
-`removable` scheme (pre_ln, lns) are `RemovableRMSNorm` / `RemovableLayerNorm` sites, each of which can switch
-from its live statistic to a fixed scale sigma; `REMOVAL_SITES` names the sites, the order groups of the
-schedule and the weights each site feeds, into which a fixed site folds.
+`removable` scheme (pre_ln, lns, reordered; with model.qk_norm its q/k norms too) are `_Removable` sites
+(`RemovableRMSNorm` / `RemovableLayerNorm`, `RemovableHeadNorm` / `RemovableWidthNorm` for q/k), each of which can
+switch from its live statistic to a fixed scale sigma; `REMOVAL_SITES` names the kinds of site, their schedule groups
+and the weights (input columns, or output rows) into which a fixed site folds.
 """
 
 from __future__ import annotations
@@ -94,32 +95,41 @@ class _Removable:
     Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
     it also records the statistic the norm divides by, RMS(x) (LayerNorm: the standard deviation), averaged over
     every token but those at position 0 (see README "Removing norms": the first position's residual is several
-    times larger and would set sigma for the rare case). Fixed: x / sigma * weight * output_scale (LayerNorm:
-    (x - mean(x)) / sigma ...), one scalar sigma for every token -- a per-channel constant scale the fold
-    multiplies into the next linear layer. `sigma` (0 = never measured) and `fixed` are persistent buffers, so
-    checkpoints hold them; sigma stays float32 when the model is cast to bf16 (it is a statistic, like the
-    norm's own, which is computed in float32).
+    times larger and would set sigma for the rare case). Fixed: x / sigma * gain * output_scale (LayerNorm:
+    (x - mean(x)) / sigma ...), sigma one constant for every token -- a per-channel constant scale the fold
+    multiplies into the linear layer next to the norm. `sigma` (0 = never measured) and `fixed` are persistent
+    buffers, so checkpoints hold them; sigma stays float32 when the model is cast to bf16 (it is a statistic, like
+    the norm's own, which is computed in float32).
+
+    `sigma` has `n_sigma` entries: one for a norm over the model width or the full q/k width, one per head for a
+    per-head q/k norm (`RemovableHeadNorm`). It is the full vector on every tensor-parallel rank (replicated, like
+    the gain of a head norm), so checkpoints and reshards need no split rule for it; a rank's statistic fills its own
+    heads' entries and the hooks sum the (sum, count) pairs over the tensor- and data-parallel ranks.
+    Subclasses give the per-token statistic (`token_statistic`) and the fixed formula (`fixed_forward`).
     """
 
     centred = False
 
-    def _init_removable(self) -> None:
-        self.register_buffer("sigma", torch.zeros(1))
+    def _init_removable(self, n_sigma: int = 1) -> None:
+        self.register_buffer("sigma", torch.zeros(n_sigma))
         self.register_buffer("fixed", torch.zeros(1, dtype=torch.bool))
         self.is_fixed = False  # mirrors `fixed` without a device sync per forward
         self.tracking = False
-        self._stat: torch.Tensor | None = None  # (sum, count) of the statistic since the last take_statistic()
+        self._stat: torch.Tensor | None = None  # [2, n_sigma]: (sum, count) of the statistic since take_statistic()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_fixed:
-            x32 = _at_least_fp32(x)
-            if self.centred:
-                x32 = x32 - x32.mean(-1, keepdim=True)
-            y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
-            return y * self.output_scale if self.output_scale != 1.0 else y
+            return self.fixed_forward(x)
         if self.tracking and self.training:
             self._record(x)
         return super().forward(x)
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        if self.centred:
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
+        return y * self.output_scale if self.output_scale != 1.0 else y
 
     def statistic(self, x: torch.Tensor) -> torch.Tensor:
         """What the live norm divides each token by: sqrt(mean(x^2) + eps), or sqrt(var(x) + eps) (LayerNorm)."""
@@ -128,23 +138,38 @@ class _Removable:
             x32 = x32 - x32.mean(-1, keepdim=True)
         return x32.pow(2).mean(-1).add(self.eps).sqrt()
 
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, local entries of sigma]: the statistic of every token (and head, for a per-head norm)."""
+        return self.statistic(x).unsqueeze(-1)
+
+    def local_sigma(self, local: int) -> slice:
+        """The entries of `sigma` this rank's `local` heads use (all of them unless split per head)."""
+        return slice(0, self.sigma.numel())
+
     @torch.no_grad()
     def _record(self, x: torch.Tensor) -> None:
-        if x.dim() >= 2 and x.shape[-2] > 1:
-            x = x[..., 1:, :]  # [B, T, D]: position 0 left out
-        s = self.statistic(x.detach()).double()
-        total = torch.stack([s.sum(), torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device)])
+        s = self.token_statistic(x.detach()).double()  # [B, T, n]
+        if s.dim() >= 2 and s.shape[-2] > 1:
+            s = s[..., 1:, :]  # [B, T, n]: position 0 left out
+        s = s.reshape(-1, s.shape[-1])
+        total = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=s.device)
+        part = self.local_sigma(s.shape[-1])
+        total[0, part] = s.sum(0)
+        total[1, part] = float(s.shape[0])
         self._stat = total if self._stat is None else self._stat + total
 
     def take_statistic(self) -> torch.Tensor:
-        """(sum, count) recorded since the last call, float64 on the module's device; zeros when nothing was."""
-        stat = self._stat if self._stat is not None else torch.zeros(2, dtype=torch.float64, device=self.sigma.device)
+        """[2, n_sigma] float64 on the module's device: (sum, count) per entry of sigma recorded since the last call;
+        zeros when nothing was (and for the heads of other tensor-parallel ranks)."""
+        stat = self._stat
+        if stat is None:
+            stat = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=self.sigma.device)
         self._stat = None
         return stat
 
     @torch.no_grad()
     def set_fixed(self, fixed: bool) -> None:
-        if fixed and not self.sigma.item() > 0:
+        if fixed and not bool((self.sigma > 0).all()):
             raise ValueError("a norm site cannot be fixed before its sigma was measured (sigma = 0)")
         self.fixed.fill_(fixed)
         self.is_fixed = bool(fixed)
@@ -176,6 +201,60 @@ class RemovableLayerNorm(_Removable, LayerNorm):
     def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
         super().__init__(dim, eps, output_scale, gain_offset)
         self._init_removable()
+
+
+class RemovableHeadNorm(_Removable, HeadNorm):
+    """A per-head q/k norm (`model.qk_norm=head`, x [B, T, heads, E]) as a removal site with one sigma per head.
+
+    Per head, because the fold multiplies each head's own q (or k) rows of the fused projection (separate rows, so
+    any per-head constant folds exactly) and heads differ: the live norm brings every head's q to RMS 1 per token,
+    whatever its projection's scale; one sigma shared by the heads would leave the heads' relative sizes, and so each
+    head's attention temperature, to their raw scales after the switch, where per-head sigmas keep each head's
+    average at what its live norm gave. `sigma` holds all heads of the model on every TP rank (`local_sigma`)."""
+
+    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
+
+    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None, heads: int,
+                 gain_offset: float = 0.0):
+        super().__init__(dim, eps, centred, tp, gain_offset)
+        self._init_removable(heads)
+
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return self.statistic(x)  # over head_dim, the last dim: [B, T, heads]
+
+    def local_sigma(self, local: int) -> slice:
+        first = 0 if self.tp is None else self.tp.rank * local
+        return slice(first, first + local)
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        if self.centred:
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        sigma = self.sigma[self.local_sigma(x.shape[-2])].to(x32.dtype).unsqueeze(-1)  # [heads, 1]
+        return (x32 / sigma).type_as(x) * self.gain()
+
+
+class RemovableWidthNorm(_Removable, WidthNorm):
+    """A full-width q/k norm (`model.qk_norm=full`) as a removal site: one sigma for the whole q (or k) vector of a
+    token, its statistic summed over the tensor-parallel ranks like the live norm's."""
+
+    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
+
+    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None,
+                 gain_offset: float = 0.0):
+        super().__init__(full_width, eps, centred, tp, gain_offset)
+        self._init_removable()
+
+    def _centre(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat - self._sum(flat.sum(-1, keepdim=True)) / self.full_width if self.centred else flat
+
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._centre(_at_least_fp32(x).flatten(-2))
+        return (self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width).add(self.eps).sqrt()  # [B, T, 1]
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._centre(_at_least_fp32(x).flatten(-2))
+        return ((flat / self.sigma.to(flat.dtype)).type_as(x) * self.gain()).view_as(x)
 
 
 class DyT(nn.Module):
@@ -360,13 +439,54 @@ def embedding_init_gain(cfg: ModelConfig) -> float:
     return 1.0 / cfg.weight_std if unit else 1.0
 
 
-# Norm removal: schedule group -> (the norm module's name in a block, or at the top for the final norm; the weights
-# that read its output, whose input columns the fold multiplies by the fixed site's per-channel scale).
-REMOVAL_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mlp": (MLP_IN, ("mlp.gate.weight", "mlp.up.weight")),
-    "attn": (ATTN_IN, ("attn.qkv.weight",)),
-    "final": ("final_norm", ("head.weight",)),
+@dataclass(frozen=True)
+class RemovalSite:
+    """A kind of norm site of norm removal: where the norm sits and where its fixed scale folds (pretrain/removal/)."""
+
+    module: str  # the norm module's name in a block (`blocks.i.` + it), or at the top (the final norm)
+    group: str  # its schedule group (removal.order)
+    weights: tuple[str, ...]  # the weights the fold multiplies by the site's per-channel scale
+    # "columns": the input columns of the weights that read the norm's output; "rows": the output rows of the weight
+    # whose output the norm reads (q/k norms sit before RoPE and post-sublayer norms after the output projection, so
+    # a constant per-channel scale there is one of the projection's rows); "q_rows" / "k_rows": the q (k) rows of the
+    # fused qkv weight ([kv heads, q per kv + 2, head_dim] rows: q_1..q_Q, k, v per kv head).
+    fold: str
+    top: bool = False  # a model-level norm (no block prefix)
+
+
+# Norm removal: every kind of site, in the order the sites of one block are switched within a group. A scheme's
+# removable sites are those of its norms that are `_Removable` (a slot it fills); a new site is a new entry here.
+REMOVAL_SITES: dict[str, RemovalSite] = {
+    "mlp_in": RemovalSite(MLP_IN, "mlp", ("mlp.gate.weight", "mlp.up.weight"), "columns"),
+    "mlp_out": RemovalSite(MLP_OUT, "mlp", ("mlp.down.weight",), "rows"),  # reordered
+    "attn_in": RemovalSite(ATTN_IN, "attn", ("attn.qkv.weight",), "columns"),
+    "attn_out": RemovalSite(ATTN_OUT, "attn", ("attn.o.weight",), "rows"),  # reordered
+    "q": RemovalSite(f"attn.{Q_NORM}", "qk", ("attn.qkv.weight",), "q_rows"),  # model.qk_norm
+    "k": RemovalSite(f"attn.{K_NORM}", "qk", ("attn.qkv.weight",), "k_rows"),
+    "final": RemovalSite("final_norm", "final", ("head.weight",), "columns", top=True),
 }
+REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values()))  # mlp, attn, qk, final
+
+
+def removal_sites(cfg: ModelConfig, order) -> list[tuple[str, RemovalSite, int | None]]:
+    """(full module name, kind, block l in 1..L or None) of every removable norm of the model, in switching order:
+    the groups of `order`, each block by block (a group without sites in this model contributes none)."""
+    with torch.device("meta"):  # only which slots hold a removable norm matters
+        blocks = [_removable_slots(block_parts(cfg, l)) for l in range(1, cfg.n_layers + 1)]
+        top = isinstance(NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg), _Removable)
+    sites = []
+    for group in order:
+        kinds = [site for site in REMOVAL_SITES.values() if site.group == group]
+        sites += [(site.module, site, None) for site in kinds if site.top and top]
+        for l, present in enumerate(blocks, start=1):
+            sites += [(f"blocks.{l - 1}.{site.module}", site, l) for site in kinds
+                      if not site.top and site.module in present]
+    return sites
+
+
+def _removable_slots(parts: BlockParts) -> set[str]:
+    found = {slot for slot in SLOTS if isinstance(getattr(parts, slot)(), _Removable)}
+    return found | {f"attn.{slot}" for slot in (Q_NORM, K_NORM) if isinstance(getattr(parts, slot)(None), _Removable)}
 
 
 def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
@@ -374,16 +494,20 @@ def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
     return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
-def head_norm(cfg: ModelConfig) -> TPFactory:
-    """The run's norm over head_dim, one gain shared by the heads (replicated under TP)."""
-    return lambda tp: HeadNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
-                               gain_offset=NORM_GAINS[cfg.norm_gain])
+def head_norm(cfg: ModelConfig, heads: int | None = None) -> TPFactory:
+    """The run's norm over head_dim, one gain shared by the heads (replicated under TP); with
+    `model.removable_norms` a removal site with one sigma for each of the model's `heads` (q or k heads)."""
+    gain_offset, centred = NORM_GAINS[cfg.norm_gain], cfg.norm_type == "layernorm"
+    if cfg.removable_norms:
+        return lambda tp: RemovableHeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, heads, gain_offset=gain_offset)
+    return lambda tp: HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, gain_offset=gain_offset)
 
 
 def width_norm(cfg: ModelConfig, heads: int) -> TPFactory:
     """The run's norm over heads * head_dim, its gain split with the heads and its statistics summed over TP."""
-    return lambda tp: WidthNorm(heads * cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
-                                gain_offset=NORM_GAINS[cfg.norm_gain])
+    cls = RemovableWidthNorm if cfg.removable_norms else WidthNorm
+    return lambda tp: cls(heads * cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
+                          gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def dyt(cfg: ModelConfig, alpha_init: float) -> NormFactory:
@@ -587,7 +711,8 @@ def _no_final_norm(cfg: ModelConfig) -> nn.Module:
 # model.qk_norm -> (q norm, k norm) of every block's attention before RoPE (the q_norm / k_norm slots).
 QK_NORMS: dict[str, Callable[[ModelConfig], tuple[TPFactory, TPFactory]]] = {
     "none": lambda cfg: (_identity, _identity),
-    "head": lambda cfg: (head_norm(cfg), head_norm(cfg)),  # Qwen3 / Gemma 3: over head_dim, one gain for all heads
+    "head": lambda cfg: (head_norm(cfg, cfg.n_heads), head_norm(cfg, cfg.n_kv_heads)),  # Qwen3 / Gemma 3: over
+    # head_dim, one gain for all heads
     "full": lambda cfg: (width_norm(cfg, cfg.n_heads), width_norm(cfg, cfg.n_kv_heads)),  # OLMo 2: whole width
 }
 # model.attn_gate -> the attention's output gate (the out_gate slot).
@@ -674,7 +799,7 @@ NORM_SCHEMES: dict[str, NormScheme] = {
     "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False, options=_NORMED),
     "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False, options=_GPAS),
     "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False, embedding=_embedding_norm, options=_GPAS),
-    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False, options=_NORMED),
+    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False, removable=True, options=_NORMED),
     "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False, options=_GPAS),
     "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),
     "derf": NormScheme(_derf, _final_derf, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),

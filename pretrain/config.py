@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig, check_choices, doc, literal_choices
-from models.norms import NORM_SCHEMES, OPTIONS, REMOVAL_SITES, refusal_reason
+from models.norms import NORM_SCHEMES, OPTIONS, REMOVAL_GROUPS, refusal_reason, removal_sites
 from pretrain.errors import UserError
 
 
@@ -75,8 +75,8 @@ class TrainConfig:
     init_from: str | None = doc(
         None,
         "Start a fresh run (step 0, new optimizer and schedule) from the model weights of a checkpoint (step, "
-        "checkpoints/ or run folder, any TP/PP layout) or a Hugging Face Llama directory; model keys the config "
-        "does not give come from it.",
+        "checkpoints/ or run folder, any TP/PP layout) or a Hugging Face directory (Llama, Qwen3, OLMo 2); model "
+        "keys the config does not give come from it.",
     )
     stop_at_step: int | None = doc(
         None, "Save and exit (code 0) once this step is done; the lr schedule still runs to train.steps."
@@ -201,26 +201,31 @@ class DiagnosticsConfig:
             raise ValueError(f"diagnostics.interval: must be >= 0 (0 = off), got {self.interval}")
 
 
-REMOVAL_GROUPS = tuple(REMOVAL_SITES)  # mlp, attn, final: the site groups of models/norms.py
+# mlp, attn, qk, final: the site groups of models/norms.py REMOVAL_SITES. Every removable scheme has sites in mlp,
+# attn and final; qk only with model.qk_norm, so an order written before q/k sites existed (without qk) stays valid
+# for the models it was written for (ExperimentConfig checks that every group with sites is named).
+REMOVAL_GROUPS_ALWAYS = ("mlp", "attn", "final")
 
 
 @dataclass
 class RemovalConfig:
     order: list = doc(
-        ["mlp", "attn", "final"],
-        "Norm removal (model.removable_norms): the order of the site groups, each block by block: mlp (MLP-input "
-        "norms), attn (attention-input norms), final (the final norm); all three, once each.",
+        ["mlp", "attn", "qk", "final"],
+        "Norm removal (model.removable_norms): the order of the site groups, each block by block: mlp (the MLP's "
+        "input norms, or its output norms in reordered), attn (the attention's, likewise), qk (the q and k norms "
+        "of model.qk_norm), final (the final norm); each once (qk may be left out for a model without q/k norms).",
     )
     start: int = doc(20, "Norm removal: the step at which the first site is switched to its fixed scale.")
     gap: int = doc(2, "Norm removal: steps between two sites' switches (0 = all at once).")
     ema: float = doc(0.9, "Norm removal: momentum of each live site's EMA of its statistic (RMS or std).")
 
     def __post_init__(self):
-        if (not isinstance(self.order, list) or sorted(self.order) != sorted(REMOVAL_GROUPS)
-                or len(set(self.order)) != len(self.order)):
+        if (not isinstance(self.order, list) or not all(isinstance(g, str) for g in self.order)
+                or not set(REMOVAL_GROUPS_ALWAYS) <= set(self.order)
+                or not set(self.order) <= set(REMOVAL_GROUPS) or len(set(self.order)) != len(self.order)):
             raise ValueError(
-                f"removal.order: {self.order!r} must name each of {', '.join(REMOVAL_GROUPS)} once, e.g. "
-                "[mlp, attn, final]"
+                f"removal.order: {self.order!r} must name each of {', '.join(REMOVAL_GROUPS)} once (qk may be left "
+                "out for a model without q/k norms), e.g. [mlp, attn, qk, final]"
             )
         _at_least(self, "removal.", "start", 2, hint="sigma is measured on the steps before the first switch")
         _at_least(self, "removal.", "gap", 0, hint="0 switches every site at once")
@@ -228,9 +233,9 @@ class RemovalConfig:
         if self.ema == 1.0:
             raise ValueError("removal.ema: must be below 1 (1 would never move sigma from its first measurement)")
 
-    def switch_steps(self, n_layers: int) -> int:
-        """The step of the last switch: start + gap * (sites - 1), sites = 2 n_layers + 1."""
-        return self.start + self.gap * 2 * n_layers
+    def switch_steps(self, n_sites: int) -> int:
+        """The step of the last switch: start + gap * (sites - 1)."""
+        return self.start + self.gap * (n_sites - 1)
 
 
 @dataclass
@@ -269,12 +274,17 @@ class ExperimentConfig:
                 "unit sphere after every step, which undoes any decay (the paper trains with 0); set train.weight_decay=0"
             )
         if self.model.removable_norms:
-            last = self.removal.switch_steps(self.model.n_layers)
+            sites = removal_sites(self.model, REMOVAL_GROUPS)
+            unnamed = sorted({site.group for _, site, _ in sites} - set(self.removal.order))
+            if unnamed:
+                raise ValueError(f"removal.order: {self.removal.order!r} leaves out {', '.join(unnamed)}, where this "
+                                 f"model has norms; name it, e.g. removal.order=[{','.join(REMOVAL_GROUPS)}]")
+            last = self.removal.switch_steps(len(sites))
             if last > self.train.steps:
                 raise ValueError(
                     f"removal: the schedule switches its last site at step {last} (removal.start + removal.gap * "
-                    f"2 * n_layers) but train.steps={self.train.steps}; raise train.steps (remove-norms --steps) or "
-                    "lower removal.start/gap"
+                    f"({len(sites)} sites - 1)) but train.steps={self.train.steps}; raise train.steps (remove-norms "
+                    "--steps) or lower removal.start/gap"
                 )
             if self.eval.interval == 0:
                 raise ValueError(

@@ -132,3 +132,31 @@ def test_trained_ln_free_activations_keep_the_linear_norm_exact(runs, data_cache
             norm.weight.fill_(LINEAR_EPS ** 0.5)
             for s in seen:
                 assert torch.equal(norm(s.to(dtype)), s.to(dtype))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "olmo2"])
+def test_generate_and_remove_norms_take_the_stock_export(runs, name, tmp_path, env_cache, data_cache, capsys):
+    """A Qwen3 or OLMo 2 export generates the checkpoint's greedy tokens, and `remove-norms` takes it (q/k norms,
+    and OLMo 2's post-sublayer norms, removed): its ln_free result exports to a stock Llama."""
+    run, hf_dir = runs[name], str(tmp_path / "hf")
+    assert main(["export-hf", "--checkpoint", run, "--out", hf_dir]) == 0
+    texts = []
+    for path in (run, hf_dir):
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", path, "--prompt", "ROMEO:", "--raw", "--max-new-tokens", "12",
+                     "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0]  # (a 1-step model: mostly newlines, the same ones)
+
+    out = str(tmp_path / "removal")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "remove-norms", "--checkpoint", hf_dir, "--data", DATA, "--out", out,
+         "--steps", "12", *TINY, "removal.start=2", "removal.gap=1", "eval.interval=12", "logging.tensorboard=false"],
+        cwd=REPO, env=train_env(data_cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "removal.json")))
+    sites = [s["site"] for s in report["schedule"]]
+    assert any("q_norm" in s for s in sites) and any("k_norm" in s for s in sites), sites
+    assert abs(report["ce_ln_free"] - report["ce_fixed_sigma"]) < 1e-5
+    assert main(["export-hf", "--checkpoint", os.path.join(out, "ln_free"), "--out", str(tmp_path / "ln_free_hf")]) == 0
+    assert json.load(open(tmp_path / "ln_free_hf" / "config.json"))["model_type"] == "llama"

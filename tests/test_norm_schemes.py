@@ -496,7 +496,7 @@ def test_qk_norm_none_adds_nothing_and_ln_free_refuses_it():
     with pytest.raises(ValueError, match="norm-free"):
         ModelConfig(**{**TINY, "norm_scheme": "ln_free", "qk_norm": "head"})
     with pytest.raises(ValueError, match="removable_norms"):
-        ModelConfig(**{**TINY, "qk_norm": "full", "removable_norms": True})
+        ModelConfig(**{**TINY, "attn_gate": "headwise", "removable_norms": True})  # q/k norms are removal sites
 
 
 # ---------------------------------------------------------------------------------------------------------

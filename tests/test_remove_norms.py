@@ -1,10 +1,12 @@
 """Norm removal by fine-tuning (`pretrain remove-norms`, pretrain/removal/) and exact logit attribution.
 
-Unit tests pin the removable norm (live = the plain norm, fixed = a constant scale, position 0 left out of its
-statistic), the schedule and the fold (the frozen-sigma model and the folded ln_free model give the same logits
-within 1e-5). One real end-to-end run (tiny, 2 layers) removes every norm with a control, checks the log, the
-metrics, removal.json and the ln_free checkpoint (loads, same logits, init_from, attribution); a second run
-stopped mid-schedule and resumed on another layout gives the uninterrupted run's losses and sigmas.
+Unit tests pin the removable norms (live = the plain norm, fixed = a constant scale, position 0 left out of its
+statistic; per-head and full-width q/k norms), the schedule and the fold (the frozen-sigma model and the folded
+ln_free model give the same logits within 1e-5, for input norms, q/k norms folded into qkv's rows before RoPE and
+reordered's output norms folded into o/down). One real end-to-end run (tiny, 2 layers) removes every norm with a
+control, checks the log, the metrics, removal.json and the ln_free checkpoint (loads, same logits, init_from,
+attribution); a second run stopped mid-schedule and resumed on another layout gives the uninterrupted run's losses
+and sigmas; a third, with per-head q/k norms, gives the same losses and per-head sigmas on TP = 2 as on one rank.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from train_helpers import REPO, metrics, train_env
 
 from models.config import ModelConfig
 from models.llama import Llama
-from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm
+from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm, _Removable
 from pretrain.config import RemovalConfig, load_config
 from pretrain.errors import UserError
 from pretrain.removal.hooks import fold_norms, schedule
@@ -48,11 +50,11 @@ def test_removable_norm_live_fixed_and_statistic(plain, removable):
     spiked = x.clone()
     spiked[:, 0] *= 100.0  # position 0 does not enter the statistic
     b(spiked)
-    total, count = b.take_statistic().tolist()
+    total, count = b.take_statistic().flatten().tolist()
     x32 = x[:, 1:] - (x[:, 1:].mean(-1, keepdim=True) if b.centred else 0)
     want = x32.pow(2).mean(-1).add(1e-6).sqrt().mean().item()
     assert count == 2 * 4 and total / count == pytest.approx(want, rel=1e-6)
-    assert b.take_statistic().tolist() == [0.0, 0.0]
+    assert b.take_statistic().flatten().tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="before its sigma was measured"):
         b.set_fixed(True)
     b.sigma.fill_(2.5)
@@ -60,7 +62,7 @@ def test_removable_norm_live_fixed_and_statistic(plain, removable):
     centred = x - x.mean(-1, keepdim=True) if b.centred else x
     torch.testing.assert_close(b(x), centred / 2.5 * b.weight * 0.5, rtol=1e-6, atol=1e-6)
     b(x)
-    assert b.take_statistic().tolist() == [0.0, 0.0]  # a fixed site measures nothing
+    assert b.take_statistic().flatten().tolist() == [0.0, 0.0]  # a fixed site measures nothing
     state = b.state_dict()
     assert set(state) == {"weight", "sigma", "fixed"}
     c = removable(16, 1e-6, output_scale=0.5)
@@ -69,12 +71,55 @@ def test_removable_norm_live_fixed_and_statistic(plain, removable):
     assert c.bfloat16().sigma.dtype == torch.float32  # a statistic stays float32 in a bf16 model
 
 
+@pytest.mark.parametrize("centred", [False, True], ids=["rmsnorm", "layernorm"])
+def test_removable_qk_norms_per_head_and_full_width(centred):
+    """q/k norms (x [B, T, heads, E]): live = the plain norm; a per-head norm measures one statistic per head
+    (position 0 left out), a full-width one over all heads; fixed, each divides by its frozen sigma(s)."""
+    from models.parallel import HeadNorm, WidthNorm
+    from models.norms import RemovableHeadNorm, RemovableWidthNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=gen) * torch.tensor([0.5, 2.0, 7.0]).view(3, 1) + 0.3
+    x_spiked = x.clone()
+    x_spiked[:, 0] *= 100.0
+    head, whole = RemovableHeadNorm(8, 1e-6, centred, None, heads=3), RemovableWidthNorm(24, 1e-6, centred, None)
+    with torch.no_grad():
+        head.weight.copy_(1 + 0.3 * torch.randn(8, generator=gen))
+        whole.weight.copy_(1 + 0.3 * torch.randn(24, generator=gen))
+    plain_head, plain_whole = HeadNorm(8, 1e-6, centred, None), WidthNorm(24, 1e-6, centred, None)
+    plain_head.load_state_dict({"weight": head.weight})
+    plain_whole.load_state_dict({"weight": whole.weight})
+    assert torch.equal(head(x), plain_head(x)) and torch.equal(whole(x), plain_whole(x))
+    for m in (head, whole):
+        m.tracking = True
+        m.train()
+        m(x_spiked)
+    rest = x[:, 1:]
+    per_head = rest - rest.mean(-1, keepdim=True) if centred else rest
+    flat = rest.flatten(-2)
+    flat = flat - flat.mean(-1, keepdim=True) if centred else flat
+    total, count = head.take_statistic()
+    assert count.tolist() == [8.0] * 3
+    torch.testing.assert_close(total / count, per_head.pow(2).mean(-1).add(1e-6).sqrt().mean((0, 1)).double())
+    total, count = whole.take_statistic()
+    assert count.tolist() == [8.0] and (total / count).item() == pytest.approx(
+        flat.pow(2).mean(-1).add(1e-6).sqrt().mean().item(), rel=1e-6)
+    head.sigma.copy_(torch.tensor([0.4, 1.9, 6.5]))
+    head.set_fixed(True)
+    whole.sigma.fill_(3.0)
+    whole.set_fixed(True)
+    centred_head = x - x.mean(-1, keepdim=True) if centred else x
+    torch.testing.assert_close(head(x), centred_head / head.sigma.view(3, 1) * head.weight)
+    centred_flat = x.flatten(-2) - x.flatten(-2).mean(-1, keepdim=True) if centred else x.flatten(-2)
+    torch.testing.assert_close(whole(x), (centred_flat / 3.0 * whole.weight).view_as(x))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Schedule and config
 
 
 def test_schedule_switches_sites_in_the_stated_order_at_the_stated_steps():
-    cfg = ModelConfig(**SMALL)
+    cfg = ModelConfig(**SMALL, removable_norms=True)
     got = [(s.name, s.step) for s in schedule(cfg, RemovalConfig(start=5, gap=2))]
     assert got == [("blocks.0.mlp_norm", 5), ("blocks.1.mlp_norm", 7), ("blocks.2.mlp_norm", 9),
                    ("blocks.0.attn_norm", 11), ("blocks.1.attn_norm", 13), ("blocks.2.attn_norm", 15),
@@ -86,12 +131,17 @@ def test_schedule_switches_sites_in_the_stated_order_at_the_stated_steps():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["removal.order=[mlp,attn]"], "removal.order: ['mlp', 'attn'] must name each of mlp, attn, final once"),
+    (["removal.order=[mlp,attn]"], "removal.order: ['mlp', 'attn'] must name each of mlp, attn, qk, final once"),
+    (["removal.order=[mlp,attn,final,norms]"], "removal.order"),
+    (["model.removable_norms=true", "model.qk_norm=head", "removal.order=[mlp,attn,final]"],
+     "leaves out qk, where this model has norms"),
+    (["model.removable_norms=true", "model.qk_norm=head", "train.steps=60"], "switches its last site at step 84"),
+    (["model.removable_norms=true", "model.attn_gate=headwise"], "does not cover the attention gate"),
     (["removal.order=[mlp,attn,attn]"], "removal.order"),
     (["removal.start=1"], "removal.start: must be >= 2"),
     (["removal.ema=1"], "removal.ema: must be below 1"),
     (["model.removable_norms=true", "train.steps=30"], "switches its last site at step 52"),
-    (["model.removable_norms=true", "model.norm_scheme=post_ln"], "norm removal works on pre_ln and lns models"),
+    (["model.removable_norms=true", "model.norm_scheme=post_ln"], "norm removal works on pre_ln, lns and reordered"),
     (["model.removable_norms=true", "eval.interval=0"], "eval.interval=0: a norm-removal run"),
 ])
 def test_removal_config_errors_are_one_line(overrides, message):
@@ -105,26 +155,43 @@ def test_removal_config_errors_are_one_line(overrides, message):
 
 
 def _fixed_model(seed: int = 0, **overrides) -> tuple[ModelConfig, Llama]:
-    """A float32 removal model with gains off 1, every site fixed at the sigma measured on a random batch."""
+    """A float32 removal model with gains off 1, every site fixed in turn at the sigma measured on a random batch with
+    the sites before it fixed (as the schedule does: measured all at once, the sigmas of a reordered model's later sites
+    would not match their fixed inputs and its logits grow into the thousands, where float32 itself errs by 1e-2)."""
     cfg = ModelConfig(**{**SMALL, "removable_norms": True, "init_std": 0.05, **overrides})
     model = Llama(cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    sites = [m for m in model.modules() if isinstance(m, (RemovableRMSNorm, RemovableLayerNorm))]
+    sites = [m for m in model.modules() if isinstance(m, _Removable)]
+    tokens = torch.randint(cfg.vocab_size, (4, 16), generator=gen)
     with torch.no_grad():
         for module in sites:
-            module.weight.copy_(1 + 0.3 * torch.randn(cfg.d_model, generator=gen))
+            module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=gen))
             module.tracking = True
-        model(torch.randint(cfg.vocab_size, (4, 16), generator=gen))
         for module in sites:
-            total, count = module.take_statistic().tolist()
-            module.sigma.fill_(total / count)
+            for other in sites:
+                other.take_statistic()  # drop what the last forward recorded
+            model(tokens)
+            total, count = module.take_statistic()
+            module.sigma.copy_(total / count)
             module.set_fixed(True)
     return cfg, model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"norm_scheme": "lns"}, {"tie_embeddings": True},
-                                       {"norm_type": "layernorm"}, {"norm_scheme": "lns", "norm_gain": "zero_centered"}],
-                         ids=["pre_ln", "lns", "tied", "layernorm", "lns-zero_centered"])
+FOLD_CASES = {
+    "pre_ln": {}, "lns": {"norm_scheme": "lns"}, "tied": {"tie_embeddings": True}, "layernorm": {"norm_type": "layernorm"},
+    "lns-zero_centered": {"norm_scheme": "lns", "norm_gain": "zero_centered"},
+    "pre_ln-qk_head": {"qk_norm": "head"}, "pre_ln-qk_full": {"qk_norm": "full"},
+    "lns-qk_head": {"norm_scheme": "lns", "qk_norm": "head", "tie_embeddings": True},
+    "reordered-qk_full": {"norm_scheme": "reordered", "qk_norm": "full"},
+    "reordered": {"norm_scheme": "reordered", "norm_gain": "zero_centered"},
+    "reordered-layernorm-qk_head": {"norm_scheme": "reordered", "norm_type": "layernorm", "qk_norm": "head"},
+    "pre_ln-layernorm-qk_full": {"norm_type": "layernorm", "qk_norm": "full"},
+    "gqa4-qk_head": {"n_heads": 8, "n_kv_heads": 2, "d_model": 32, "qk_norm": "head"},  # 4 q heads per kv head
+    "mha-qk_full": {"n_kv_heads": 4, "qk_norm": "full"},
+}
+
+
+@pytest.mark.parametrize("overrides", list(FOLD_CASES.values()), ids=list(FOLD_CASES))
 def test_fold_is_exact(overrides):
     """The frozen-sigma model and the folded ln_free model give the same logits within 1e-5 (float32)."""
     cfg, model = _fixed_model(**overrides)
@@ -279,3 +346,37 @@ def test_remove_norms_resumes_mid_schedule_on_another_layout(removal, source, tm
     assert sig_b == pytest.approx(sig_a, rel=1e-5)
     ce_a, ce_b = (json.load(open(os.path.join(r, "removal.json")))["ce_ln_free"] for r in (whole, parts))
     assert ce_b == pytest.approx(ce_a, rel=1e-5)
+
+
+def test_remove_norms_with_per_head_qk_norms_on_tensor_parallel(tmp_path, data_cache):
+    """A Qwen3-shaped source (pre_ln, per-head q/k norms, 4 q heads on 2 kv heads): the q/k sites come after the
+    attention group with one sigma per head, and the removal on TP = 2 (each rank holds half the heads, whose
+    statistics it contributes) gives the losses, per-head sigmas and folded result of the run on one process."""
+    source = str(tmp_path / "source")
+    model = ["model.n_layers=2", "model.qk_norm=head"]
+    _pretrain("train", os.path.join(REPO, "configs", "tiny.yaml"), f"run.dir={source}", *model, "train.steps=6",
+              "train.warmup_steps=2", "eval.interval=0", *FAST, cache_dir=data_cache)
+    single, split = str(tmp_path / "single"), str(tmp_path / "tp2")
+    _pretrain(*_removal_args(source, single), cache_dir=data_cache)
+    args = _removal_args(source, split)
+    _pretrain(*args[:-len(REMOVAL)], "--nproc-per-node", "2", *REMOVAL, "parallel.tp=2", cache_dir=data_cache)
+    a, b = metrics(single), metrics(split)
+    switches = [r for r in a if "removed" in r]
+    assert [r["removed"] for r in switches] == [
+        "blocks.0.mlp_norm", "blocks.1.mlp_norm", "blocks.0.attn_norm", "blocks.1.attn_norm", "blocks.0.attn.q_norm",
+        "blocks.0.attn.k_norm", "blocks.1.attn.q_norm", "blocks.1.attn.k_norm", "final_norm"]
+    heads = {r["removed"]: r.get("sigma_heads") for r in switches}
+    assert len(heads["blocks.1.attn.q_norm"]) == 4 and len(heads["blocks.1.attn.k_norm"]) == 2
+    assert heads["final_norm"] is None and max(heads["blocks.0.attn.q_norm"]) > min(heads["blocks.0.attn.q_norm"])
+    for r, s in zip(switches, [r for r in b if "removed" in r]):
+        assert s["removed"] == r["removed"] and s["sigma"] == pytest.approx(r["sigma"], rel=1e-4)
+        assert s.get("sigma_heads") == (None if r.get("sigma_heads") is None else pytest.approx(r["sigma_heads"], rel=1e-4))
+    losses = [({r["step"]: r["loss"] for r in m if "loss" in r}) for m in (a, b)]
+    assert sorted(losses[0]) == list(range(1, 11))
+    for step, loss in losses[0].items():
+        assert losses[1][step] == pytest.approx(loss, rel=1e-4), step
+    ce = [[r["ce_ln_free"] for r in m if "ce_ln_free" in r][-1] for m in (a, b)]
+    assert ce[1] == pytest.approx(ce[0], rel=1e-5)
+    assert ce[0] == pytest.approx([r["val_loss"] for r in a if r.get("step") == 10 and "val_loss" in r][-1], abs=1e-5)
+    ln_cfg, ln = _state(os.path.join(split, "ln_free"))
+    assert ln_cfg.model.norm_scheme == "ln_free" and ln_cfg.model.qk_norm == "none" and not any("norm" in k for k in ln)

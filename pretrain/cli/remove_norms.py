@@ -1,5 +1,6 @@
-"""`pretrain remove-norms --checkpoint PATH --data DATA --out RUN_DIR`: fine-tune a trained pre_ln or lns model while
-its norms are switched, one site at a time, to fixed scales, then fold them into the weights (pretrain/removal/).
+"""`pretrain remove-norms --checkpoint PATH --data DATA --out RUN_DIR`: fine-tune a trained pre_ln, lns or reordered
+model (q/k norms included) while its norms are switched, one site at a time, to fixed scales, then fold them into
+the weights (pretrain/removal/).
 
 The removal run and, with --control, the same fine-tune with the norms kept run one after the other in one process
 group; rank 0 then writes RUN_DIR/removal.json. Running the same command again continues where it stopped.
@@ -14,16 +15,16 @@ from pretrain.state import checkpoint
 
 
 def register(sub) -> None:
-    p = sub.add_parser("remove-norms", help="fine-tune a pre_ln/lns model into an ln_free one (norm removal)")
+    p = sub.add_parser("remove-norms", help="fine-tune a pre_ln/lns/reordered model into an ln_free one (norm removal)")
     p.add_argument("--checkpoint", required=True,
-                   help="the trained pre_ln or lns model: a step folder, checkpoints/ or run folder (any TP/PP "
+                   help="the trained pre_ln, lns or reordered model (q/k norms too): a step folder, checkpoints/ or run folder (any TP/PP "
                         "layout), or a Hugging Face Llama directory")
     p.add_argument("--data", required=True, help="a prepared data folder or bundled:tinyshakespeare")
     p.add_argument("--out", required=True, help="the run folder (run the same command again to continue it)")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
-    p.add_argument("--schedule", default="mlp,attn,final",
-                   help="order of the site groups, comma-separated (default mlp,attn,final); removal.start and "
-                        "removal.gap set when")
+    p.add_argument("--schedule", default="mlp,attn,qk,final",
+                   help="order of the site groups, comma-separated (default mlp,attn,qk,final; qk: the q/k norms, "
+                        "may be left out without them); removal.start and removal.gap set when")
     p.add_argument("--control", action="store_true",
                    help="also run the same fine-tune with the norms kept (RUN_DIR/control): ce_control")
     p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")

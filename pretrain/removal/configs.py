@@ -29,7 +29,7 @@ def removal_configs(checkpoint: str, data: str, out: str, steps: int, order: lis
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     given_scheme = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.norm_scheme=")), None)
-    origin = open_source(checkpoint, "--checkpoint", norm_scheme=given_scheme or "pre_ln")
+    origin = open_source(checkpoint, "--checkpoint", norm_scheme=given_scheme)  # None: by the HF model_type
     source = origin.model_config
     scheme = given_scheme or source.norm_scheme
     if scheme not in NORM_SCHEMES or not NORM_SCHEMES[scheme].removable:

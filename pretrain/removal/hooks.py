@@ -17,7 +17,7 @@ from models.norms import _Removable
 from pretrain.config import ExperimentConfig, RemovalConfig, RunConfig, save_config
 from pretrain.errors import UserError
 from pretrain.removal import LN_FREE_DIR
-from pretrain.removal.fold import fold_norms
+from pretrain.removal.fold import fold_norms, sigma_shapes
 from pretrain.removal.schedule import schedule
 from pretrain.state import checkpoint, reshard
 from pretrain.state.reshard import full_name
@@ -44,6 +44,7 @@ class RemovalHooks(TrainHooks):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.sites = schedule(cfg.model, cfg.removal)
+        self.sigma_sizes = {name: sizes[-1] for name, sizes in sigma_shapes(cfg.model).items()}
         self.local: dict[str, _Removable] = {}
         self.ctx: TrainContext | None = None
 
@@ -67,46 +68,68 @@ class RemovalHooks(TrainHooks):
         for site in self.sites:
             module = self.local.get(site.name)
             if module is not None and module.is_fixed != (step >= site.step):
-                if step >= site.step and not module.sigma.item() > 0:
+                if step >= site.step and not bool((module.sigma > 0).all()):
                     raise UserError(f"removal: {site.name} has no measured sigma at step {step} (every step before it "
                                     "was skipped); raise removal.start")
                 module.set_fixed(step >= site.step)
         out = self.ctx.out
         for site in switching:
             n = self.sites.index(site) + 1
-            out.write({"step": step, "removed": site.name, "group": site.group, "sigma": sigmas[site.name],
-                       "sites_removed": n}, "removal")
-            out.say(f"step {step:>6} | removal: {site.name} fixed, sigma {sigmas[site.name]:.4g} "
-                    f"({n}/{len(self.sites)})")
+            values = sigmas[site.name]
+            sigma = sum(values) / len(values)  # per-head sites: the mean over heads here, every head's in sigma_heads
+            record = {"step": step, "removed": site.name, "group": site.group, "sigma": sigma, "sites_removed": n}
+            if len(values) > 1:
+                record["sigma_heads"] = values
+            out.write(record, "removal")
+            shown = f"sigma {sigma:.4g}" + (f" (mean of {len(values)} heads)" if len(values) > 1 else "")
+            out.say(f"step {step:>6} | removal: {site.name} fixed, {shown} ({n}/{len(self.sites)})")
             if out.tb is not None:  # the site's name next to the removal/* scalars
-                out.tb.add_text("removal/switched", f"{site.name} (sigma {sigmas[site.name]:.4g})", step)
+                out.tb.add_text("removal/switched", f"{site.name} ({shown})", step)
 
     def after_step(self, ctx: TrainContext, step: int) -> dict:
         live = [(name, m) for name, m in self.local.items() if not m.is_fixed]
         if live:
-            stats = torch.stack([m.take_statistic() for _, m in live])  # [sites, (sum, count)]
-            group = parallel_state.get_data_parallel_group()
-            if dist.get_world_size(group) > 1:
-                dist.all_reduce(stats, group=group)
+            # [2, entries of every live sigma]: (sum, count). Every rank of a tensor- and data-parallel group holds the
+            # same stage, so the same live sites. Summed over data parallelism: every rank's tokens. Over tensor
+            # parallelism: a per-head site's entries come from the ranks holding those heads (zeros elsewhere); any
+            # other site sees the same tokens on every TP rank, which multiplies sum and count alike.
+            stats = torch.cat([m.take_statistic() for _, m in live], dim=1)
+            for group in (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group()):
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(stats, group=group)
             momentum = self.cfg.removal.ema
-            for (name, module), (total, count) in zip(live, stats.tolist()):
-                if count > 0 and math.isfinite(total):
-                    mean = total / count
-                    old = float(module.sigma.item())
-                    module.sigma.fill_(mean if old == 0 else momentum * old + (1 - momentum) * mean)
+            for (name, module), (total, count) in zip(live, self._split(stats, live)):
+                measured = (count > 0) & torch.isfinite(total)
+                mean = (total / count.clamp(min=1)).to(module.sigma)
+                old = module.sigma
+                new = torch.where(old == 0, mean, momentum * old + (1 - momentum) * mean)
+                module.sigma.copy_(torch.where(measured.to(old.device), new, old))
         return {"sites_removed": self.removed_by(step)}
 
-    def _all_sigmas(self) -> dict[str, float]:
-        """Every site's current sigma on every rank (each pipeline stage contributes its own sites once)."""
+    @staticmethod
+    def _split(stats: torch.Tensor, live) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        parts = stats.split([m.sigma.numel() for _, m in live], dim=1)
+        return [(p[0], p[1]) for p in parts]
+
+    def _all_sigmas(self) -> dict[str, list[float]]:
+        """Every site's current sigma (all its entries) on every rank (each pipeline stage contributes its own sites
+        once; a sigma is replicated over tensor parallelism)."""
         topo = self.ctx.topo
-        values = torch.zeros(len(self.sites), dtype=torch.float64, device=topo.device)
+        sizes = [self._size(site) for site in self.sites]
+        values = torch.zeros(sum(sizes), dtype=torch.float64, device=topo.device)
         if topo.tp_rank == 0 and topo.dp_rank == 0:
-            for i, site in enumerate(self.sites):
+            offset = 0
+            for site, size in zip(self.sites, sizes):
                 if site.name in self.local:
-                    values[i] = float(self.local[site.name].sigma.item())
+                    values[offset:offset + size] = self.local[site.name].sigma.double()
+                offset += size
         if dist.get_world_size() > 1:
             dist.all_reduce(values)
-        return {site.name: v for site, v in zip(self.sites, values.tolist())}
+        return {site.name: v.tolist() for site, v in zip(self.sites, values.split(sizes))}
+
+    def _size(self, site) -> int:
+        """Entries of a site's sigma, known on every rank (a per-head q/k site: one per q or k head)."""
+        return self.sigma_sizes[site.name]
 
     def on_finish(self, ctx: TrainContext, exit_code: int) -> None:
         if exit_code != 0 or ctx.step < self.cfg.train.steps:
