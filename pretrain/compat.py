@@ -50,6 +50,7 @@ TESTED = {
     "sentencepiece": ("0.2.2", "0.3"),
     "numpy": ("2.2", "3"),  # 2.3 and later need Python >= 3.11
     "pyyaml": ("6.0.1", "7"),
+    "jinja2": ("3.1", "4"),  # lm-eval task templates (pretrain eval-choices); torch depends on it too
     "tensorboard": ("2.18", "3"),
     "matplotlib": ("3.9", "4"),
     "tqdm": ("4.66", "5"),
