@@ -59,7 +59,7 @@ compat-gpu-stack: $(GPU_STACK)/.installed
 	$(GPU_STACK)/bin/python scripts/gpu_kit.py wheels
 	rm -rf $(COMPAT_TMP)/gpu-stack && mkdir -p $(COMPAT_TMP)/gpu-stack
 	$(GPU_STACK)/bin/python scripts/gpu_kit.py run --cpu --out $(COMPAT_TMP)/gpu-stack/kit
-	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider
+	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) $(GPU_STACK)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider --durations=15
 	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) PRETRAIN_CACHE=$(COMPAT_TMP)/gpu-stack/cache \
 		$(GPU_STACK)/bin/python -m pretrain train configs/tiny.yaml run.dir=$(COMPAT_TMP)/gpu-stack/tiny
 
@@ -74,7 +74,7 @@ $(NEWEST)/.installed: setup.cfg pyproject.toml
 
 compat-newest: $(NEWEST)/.installed
 	rm -rf $(COMPAT_TMP)/newest && mkdir -p $(COMPAT_TMP)/newest
-	$(NEWEST)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider
+	$(NEWEST)/bin/python -m pytest -q -m "compat and not slow" -p no:cacheprovider --durations=15
 	PRETRAIN_CACHE=$(COMPAT_TMP)/newest/cache $(NEWEST)/bin/pretrain train configs/tiny.yaml \
 		run.dir=$(COMPAT_TMP)/newest/tiny
 

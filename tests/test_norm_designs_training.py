@@ -14,8 +14,8 @@ import pytest
 from train_helpers import REPO, metrics, run_train, train_env, train_losses
 
 STEPS = 5
-# The default run keeps one case per layout and per kind of part (q/k norms, gate, sphere): these three repeat the
-# PP = 2 path with other parts, which tests/test_norm_schemes.py and tests/test_tensor_parallel.py cover per formula.
+# The default run keeps one case per layout (TP = 2, PP = 2) and the sphere (nGPT's unit weights): the slow ones repeat
+# those paths with other parts, which tests/test_norm_schemes.py and tests/test_tensor_parallel.py cover per formula.
 SLOW = pytest.mark.slow
 
 
@@ -23,7 +23,7 @@ SLOW = pytest.mark.slow
     pytest.param("pre_ln", ["model.qk_norm=full"], ["parallel.tp=2"], id="pre_ln-qk_full-tp2"),
     pytest.param("lns", ["model.qk_norm=head"], ["parallel.pp=2"], id="lns-qk_head-pp2"),
     pytest.param("reordered", ["model.qk_norm=full"], ["parallel.pp=2"], id="reordered-qk_full-pp2", marks=SLOW),  # OLMo 2
-    pytest.param("hybridnorm_star", ["model.attn_gate=elementwise"], ["parallel.tp=2"], id="hybridnorm_star-gate-tp2"),
+    pytest.param("hybridnorm_star", ["model.attn_gate=elementwise"], ["parallel.tp=2"], id="hybridnorm_star-gate-tp2", marks=SLOW),
     pytest.param("mix_ln", ["model.gpas=true", "model.attn_gate=headwise"], ["parallel.pp=2"], id="mix_ln-gpas-gate-pp2", marks=SLOW),
     pytest.param("derf", ["model.norm_gain=zero_centered"], ["parallel.pp=2"], id="derf-zero_centered-pp2", marks=SLOW),
     pytest.param("ngpt", ["model.n_kv_heads=4"], ["parallel.tp=2"], id="ngpt-tp2"),

@@ -55,10 +55,12 @@ PAIRS = [
 # The compatibility set (CI's other stacks) resumes TP x PP onto one process and a bf16 pipeline onto ZeRO-2 data
 # parallelism: between them every reader and writer of full_state.py and compat.py's checkpoint formats.
 COMPAT = {"tp2xpp2-to-tp1xpp1", "bf16-pp2-to-zero2-dp2"}
+SLOW = {"dp1-to-dp2-zero1"}  # a data-parallel change is also in tp1-to-tp2xdp2-zero2 and bf16-pp2-to-zero2-dp2
+MARKS = {**{name: [pytest.mark.compat] for name in COMPAT}, **{name: [pytest.mark.slow] for name in SLOW}}
 
 
 @pytest.mark.parametrize("name, layout_a, nproc_a, layout_b, nproc_b, reference, tolerance",
-                         [pytest.param(*p, marks=[pytest.mark.compat] if p[0] in COMPAT else [], id=p[0]) for p in PAIRS])
+                         [pytest.param(*p, marks=MARKS.get(p[0], []), id=p[0]) for p in PAIRS])
 def test_resume_on_another_layout_continues_exactly(tmp_path, data_cache, uninterrupted, name, layout_a, nproc_a,
                                                     layout_b, nproc_b, reference, tolerance):
     run = str(tmp_path)
