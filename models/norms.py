@@ -245,15 +245,11 @@ class RemovableWidthNorm(_Removable, WidthNorm):
         super().__init__(full_width, eps, centred, tp, gain_offset)
         self._init_removable()
 
-    def _centre(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat - self._sum(flat.sum(-1, keepdim=True)) / self.full_width if self.centred else flat
-
     def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self._centre(_at_least_fp32(x).flatten(-2))
-        return (self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width).add(self.eps).sqrt()  # [B, T, 1]
+        return self.mean_square(self.flat(x)).add(self.eps).sqrt()  # [B, T, 1]: what the live norm divides by
 
     def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self._centre(_at_least_fp32(x).flatten(-2))
+        flat = self.flat(x)
         return ((flat / self.sigma.to(flat.dtype)).type_as(x) * self.gain()).view_as(x)
 
 

@@ -234,13 +234,20 @@ class WidthNorm(nn.Module):
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.tp is None else dist_fn.all_reduce(t, group=self.tp.group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(-2).to(torch.promote_types(x.dtype, torch.float32))  # [..., local width]
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., local width] in at least fp32, centred over the full width with `centred`."""
+        flat = x.flatten(-2).to(torch.promote_types(x.dtype, torch.float32))
         if self.centred:
-            mean = self._sum(flat.sum(-1, keepdim=True)) / self.full_width
-            flat = flat - mean
-        var = self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width
-        y = (flat * torch.rsqrt(var + self.eps)).type_as(x) * self.gain()
+            flat = flat - self._sum(flat.sum(-1, keepdim=True)) / self.full_width
+        return flat
+
+    def mean_square(self, flat: torch.Tensor) -> torch.Tensor:
+        """[..., 1]: mean of flat^2 over the full width (all TP ranks' heads)."""
+        return self._sum(flat.pow(2).sum(-1, keepdim=True)) / self.full_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.flat(x)
+        y = (flat * torch.rsqrt(self.mean_square(flat) + self.eps)).type_as(x) * self.gain()
         return y.view_as(x)
 
     def extra_repr(self) -> str:
