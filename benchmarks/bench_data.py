@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402  (imported up front so its import time is not billed to tokenization)
 import torch  # noqa: E402
 
-from pretrain.data.bundled import corpus_path, resolve_data_path  # noqa: E402
+from pretrain.data.resolve import corpus_path, resolve_data_path  # noqa: E402
 from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset  # noqa: E402
 from pretrain.data.prepare import prepare_dataset  # noqa: E402
 

@@ -216,7 +216,8 @@ def pretraining_path(repeats: int, warmup: int) -> None:
 def engine_steps(repeats: int, warmup: int) -> None:
     from pretrain.config import load_config
     from pretrain.data.loader import DataLoader, TokenDataset
-    from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, resolve_path
+    from pretrain.data.resolve import resolve_data_path
+    from pretrain.data.sft_loader import SFTDataset, SFTLoader, SFTSamples
     from pretrain.train.distributed import init_distributed, shutdown
     from pretrain.train.engine import build_engine
     from pretrain.train.steps import train_step
@@ -227,8 +228,8 @@ def engine_steps(repeats: int, warmup: int) -> None:
     try:
         pre = build_engine(load_config("configs/tiny.yaml", common), topo)
         sft = build_engine(load_config("configs/tiny.yaml", common), topo)
-        pre_data = DataLoader(TokenDataset(resolve_path("bundled:tinyshakespeare"), T), B)
-        sft_data = SFTLoader(SFTSamples(SFTDataset(resolve_path("bundled:tiny-instruct"), "train"), T), B)
+        pre_data = DataLoader(TokenDataset(resolve_data_path("bundled:tinyshakespeare"), T), B)
+        sft_data = SFTLoader(SFTSamples(SFTDataset(resolve_data_path("bundled:tiny-instruct"), "train"), T), B)
         medians = run({"pretraining": lambda: train_step(pre, pre_data, topo), "SFT (packed)": lambda: train_step(sft, sft_data, topo)},
                       repeats, warmup)
         report(f"4. training step through the engine, tiny preset, batch {B} x {T}", medians, "pretraining", {})

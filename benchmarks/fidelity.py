@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from models.norms import NORM_SCHEMES, OPTIONS  # noqa: E402
-from pretrain.data.bundled import resolve_data_path  # noqa: E402
+from pretrain.data.resolve import resolve_data_path  # noqa: E402
 from pretrain.data.loader import unigram_cross_entropy  # noqa: E402
 
 # Every scheme at its defaults, then each composable key set on pre_ln (and GPAS also on lns, the combination the

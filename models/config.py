@@ -15,9 +15,10 @@ from typing import Literal
 from models.norms import ATTN_GATES, NORM_CLASSES, NORM_GAINS, NORM_SCHEMES, QK_NORMS, option_refusal
 
 
-def doc(default, help: str, choices: tuple | None = None, **kwargs):
+def doc(default, help: str, choices: dict | None = None, **kwargs):
     """A dataclass field with its one-line documentation (and, where the valid values live in a table, them)."""
-    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
+    # A table's valid values are its keys when a value is checked (an entry added after this import counts too).
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)

@@ -7,6 +7,7 @@ below is the same, the layers come from models/parallel.py.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import torch
@@ -137,30 +138,107 @@ class Block(nn.Module):
         return self.mlp_post_norm(self.residual(h, m, 1))
 
 
-class Llama(nn.Module):
-    """tokens [B, T] -> logits [B, T, V] (vocab-sharded under TP), or the mean loss when labels are given."""
+class EmbeddingPart:
+    """The model's input end, as a mixin of `Llama` and of the pipeline's first stage: the token embedding and the
+    scheme's part on its output (dyt/derf's scalar, peri_ln's norm; else nn.Identity). Its children are named as in
+    the full model's state dict (`tok_emb`, `emb_out`) wherever it sits."""
+
+    def add_embedding(self, cfg: ModelConfig, tp: TensorParallel | None) -> None:
+        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
+        self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
+        self.emb_out = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.emb_out(self.tok_emb(tokens))  # [B, T] -> [B, T, D]
+
+
+class ReadoutPart:
+    """The end of the residual stream, as a mixin of `Llama` and of the pipeline's final-norm stage: the scheme's
+    final norm (nn.Identity where it has none)."""
+
+    def add_readout(self, cfg: ModelConfig) -> None:
+        self.final_norm = NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(x)  # [B, T, D]
+
+
+class HeadPart:
+    """The output end, as a mixin of `Llama` and of the pipeline's last stage: the head (None when tied to the token
+    embedding, whose `tok_emb` the module then holds too) and the scheme's logit scale (ngpt's s_z; else
+    nn.Identity)."""
+
+    def add_head(self, cfg: ModelConfig, tp: TensorParallel | None) -> None:
+        self.tp = tp
+        self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
+        self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, T, D] -> [B, T, V] (this rank's vocabulary shard under TP)
+        return self.logit_scale(tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x))
+
+
+def initialize(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
+    """The model's initialization of `module`: the whole `Llama`, or one pipeline stage whose parameters are named
+    `prefix` + their name within it in the full model. The same seed gives the same weights at any TP/PP layout."""
+    init_weights(module, cfg.weight_std, seed, prefix)
+    normalize_unit_weights(module, NORM_SCHEMES[cfg.norm_scheme].unit_weights)  # ngpt: every weight on the sphere
+
+
+def check_tp_divides(cfg: ModelConfig, tp: TensorParallel | None) -> None:
+    tp_size = 1 if tp is None else tp.size
+    for what, n in (("model.vocab_size", cfg.vocab_size), ("model.n_heads", cfg.n_heads),
+                    ("model.n_kv_heads", cfg.n_kv_heads), ("model.ffn_hidden", cfg.ffn_hidden)):
+        if n % tp_size:  # checked before any (megatron) layer is built
+            raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp_size}; choose a tp that divides it")
+
+
+class Llama(EmbeddingPart, ReadoutPart, HeadPart, nn.Module):
+    """tokens [B, T] -> logits [B, T, V] (vocab-sharded under TP), or the mean loss when labels are given.
+
+    The embedding, the blocks, the final norm and the head are the parts models/pipeline.py cuts into pipeline
+    stages; what each computes and how it is initialized is written once, here."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0):
         super().__init__()
-        self.cfg, self.tp = cfg, tp
-        tp_size = 1 if tp is None else tp.size
-        for what, n in (("model.vocab_size", cfg.vocab_size), ("model.n_heads", cfg.n_heads),
-                        ("model.n_kv_heads", cfg.n_kv_heads), ("model.ffn_hidden", cfg.ffn_hidden)):
-            if n % tp_size:  # checked before any (megatron) layer is built
-                raise ValueError(f"{what}={n} is not divisible by parallel.tp={tp_size}; choose a tp that divides it")
-        scheme = NORM_SCHEMES[cfg.norm_scheme]
-        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
-        self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
-        self.emb_out = scheme.embedding(cfg)  # on the embedding's output: dyt/derf's scalar, peri_ln's norm; else nn.Identity
+        check_tp_divides(cfg, tp)
+        self.cfg = cfg
+        self.add_embedding(cfg, tp)
         self.blocks = nn.ModuleList(Block(cfg, block_parts(cfg, l), tp) for l in range(1, cfg.n_layers + 1))
-        self.final_norm = scheme.final_norm(cfg)
-        self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
-        self.logit_scale = scheme.logit_scale(cfg, tp)  # nn.Identity, or ngpt's s_z
-        cos, sin = rope_cache(cfg)
+        self.add_readout(cfg)
+        self.add_head(cfg, tp)
+        self.reset_rope()
+        initialize(self, cfg, seed)
+
+    def reset_rope(self) -> None:
+        cos, sin = rope_cache(self.cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        init_weights(self, cfg.weight_std, seed)
-        normalize_unit_weights(self, scheme.unit_weights)  # ngpt: every weight starts on the sphere
+
+    @classmethod
+    def meta(cls, cfg: ModelConfig, tp: int = 1) -> Llama:
+        """The model's structure on the meta device: no memory, no init. Its weights' `tp_split` describe a split
+        over `tp` ranks, the reference that merges TP shards into full tensors; the names and shapes are those of
+        the full model."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if tp != 1:
+            for p in model.parameters():
+                if hasattr(p, "tp_split"):
+                    p.tp_split = dataclasses.replace(p.tp_split, size=tp, rank=0)
+        return model
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Llama:
+        """The model holding `state_dict` (full, TP = 1; every key, strictly), on the CPU, without spending time on
+        a random init that is overwritten."""
+        model = cls.meta(cfg).to_empty(device="cpu")
+        model.reset_rope()  # the only buffers (checked below): computed, not stored
+        extra = {name for name, _ in model.named_buffers()} - {"rope_cos", "rope_sin"}
+        if extra:
+            raise RuntimeError(f"Llama.from_state_dict does not know how to fill the buffers {sorted(extra)}")
+        model.load_state_dict(state_dict, strict=True)
+        return model
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
                 positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -173,14 +251,11 @@ class Llama(nn.Module):
         sequence per row, positions 0..T-1, causal attention."""
         if doc_ids is not None:
             mask = document_mask(doc_ids)
-        x = self.emb_out(self.tok_emb(tokens))  # [B, T, D]
+        x = self.embed(tokens)  # [B, T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope_cos, self.rope_sin, positions, mask, None if cache is None else cache.layers[i])
-        logits = self.logits(self.final_norm(x))  # [B, T, V]
+        logits = self.logits(self.readout(x))  # [B, T, V]
         return logits if labels is None else cross_entropy(logits, labels, self.tp, reduction=reduction)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale(tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full (unsharded) model."""

@@ -27,7 +27,7 @@ rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEME
     ngpt      x = n(x + alpha (n(F(x)) - x)) on the unit sphere; unit-norm weights after every step   no final norm
 
 Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
-`removable` scheme (pre_ln, lns, reordered; with model.qk_norm its q/k norms too) are `_Removable` sites
+`removable` scheme (pre_ln, lns, reordered; with model.qk_norm its q/k norms too) are `RemovableNorm` sites
 (`RemovableRMSNorm` / `RemovableLayerNorm`, `RemovableHeadNorm` / `RemovableWidthNorm` for q/k), each of which can
 switch from its live statistic to a fixed scale sigma; `REMOVAL_SITES` names the kinds of site, their schedule groups
 and the weights (input columns, or output rows) into which a fixed site folds.
@@ -89,7 +89,7 @@ class LayerNorm(RMSNorm):
         return y * self.output_scale if self.output_scale != 1.0 else y
 
 
-class _Removable:
+class RemovableNorm:
     """A norm site that norm removal (pretrain/removal/) can switch to a fixed scale.
 
     Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
@@ -189,13 +189,13 @@ class _Removable:
         return f"{super().extra_repr()}, removable"
 
 
-class RemovableRMSNorm(_Removable, RMSNorm):
+class RemovableRMSNorm(RemovableNorm, RMSNorm):
     def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
         super().__init__(dim, eps, output_scale, gain_offset)
         self._init_removable()
 
 
-class RemovableLayerNorm(_Removable, LayerNorm):
+class RemovableLayerNorm(RemovableNorm, LayerNorm):
     centred = True
 
     def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
@@ -203,7 +203,7 @@ class RemovableLayerNorm(_Removable, LayerNorm):
         self._init_removable()
 
 
-class RemovableHeadNorm(_Removable, HeadNorm):
+class RemovableHeadNorm(RemovableNorm, HeadNorm):
     """A per-head q/k norm (`model.qk_norm=head`, x [B, T, heads, E]) as a removal site with one sigma per head.
 
     Per head, because the fold multiplies each head's own q (or k) rows of the fused projection (separate rows, so
@@ -234,7 +234,7 @@ class RemovableHeadNorm(_Removable, HeadNorm):
         return (x32 / sigma).type_as(x) * self.gain()
 
 
-class RemovableWidthNorm(_Removable, WidthNorm):
+class RemovableWidthNorm(RemovableNorm, WidthNorm):
     """A full-width q/k norm (`model.qk_norm=full`) as a removal site: one sigma for the whole q (or k) vector of a
     token, its statistic summed over the tensor-parallel ranks like the live norm's."""
 
@@ -412,10 +412,25 @@ class BlockParts:
 
 
 @dataclass(frozen=True)
+class HFExport:
+    """A stock transformers class a scheme exports to (models/hf/): its config's `model_type`, and what the export
+    does on the way (shown in the README's export table)."""
+
+    model_type: str  # llama, qwen3, olmo2 (models/hf/choose.py TARGETS)
+    how: str = "as is"
+
+
+NO_STOCK_CLASS = "no stock transformers class computes it"
+
+
+@dataclass(frozen=True)
 class NormScheme:
+    """Everything the project knows about one scheme: `block` and `final_norm` are required, every other fact has a
+    default that fits a new design (no embedding or logit part, model.init_std, no composable keys, not removable,
+    no paper-fixed training settings, no stock transformers class)."""
+
     block: Callable[[ModelConfig, int], BlockParts]  # (config, l in 1..L) -> parts of block l
     final_norm: Callable[[ModelConfig], nn.Module]
-    llama_compatible: bool  # exportable to transformers' LlamaForCausalLM (norm scales folded into weights)
     removable: bool = False  # `pretrain remove-norms` can fine-tune its norms away (its sites: REMOVAL_SITES)
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
@@ -427,6 +442,18 @@ class NormScheme:
     unit_weights: dict[str, int] = field(default_factory=dict)
     # The composable model keys (`OPTIONS`) this scheme takes; any other set off its default is refused.
     options: frozenset[str] = frozenset()
+    # Training settings its paper fixes ({dotted config key: value}), used where a config does not give the key (a
+    # given other value is trained as given, with a warning; pretrain/config.py).
+    train_defaults: dict[str, object] = field(default_factory=dict)
+    # The stock transformers class each model.qk_norm value exports to (models/hf/); every other value is refused
+    # with `no_hf_class`: one reason, or {qk_norm value: reason} with the scheme's reason under "any".
+    hf_exports: dict[str, HFExport] = field(default_factory=dict)
+    no_hf_class: str | dict[str, str] = NO_STOCK_CLASS
+
+    def why_no_hf_class(self, qk_norm: str) -> str:
+        if isinstance(self.no_hf_class, str):
+            return self.no_hf_class
+        return self.no_hf_class.get(qk_norm, self.no_hf_class.get("any", NO_STOCK_CLASS))
 
 
 def embedding_init_gain(cfg: ModelConfig) -> float:
@@ -451,7 +478,8 @@ class RemovalSite:
 
 
 # Norm removal: every kind of site, in the order the sites of one block are switched within a group. A scheme's
-# removable sites are those of its norms that are `_Removable` (a slot it fills); a new site is a new entry here.
+# removable sites are those of its norms that are `RemovableNorm` (a slot it fills; models/removal.py finds them); a new
+# site is a new entry here.
 REMOVAL_SITES: dict[str, RemovalSite] = {
     "mlp_in": RemovalSite(MLP_IN, "mlp", ("mlp.gate.weight", "mlp.up.weight"), "columns"),
     "mlp_out": RemovalSite(MLP_OUT, "mlp", ("mlp.down.weight",), "rows"),  # reordered
@@ -462,27 +490,6 @@ REMOVAL_SITES: dict[str, RemovalSite] = {
     "final": RemovalSite("final_norm", "final", ("head.weight",), "columns", top=True),
 }
 REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values()))  # mlp, attn, qk, final
-
-
-def removal_sites(cfg: ModelConfig, order) -> list[tuple[str, RemovalSite, int | None]]:
-    """(full module name, kind, block l in 1..L or None) of every removable norm of the model, in switching order:
-    the groups of `order`, each block by block (a group without sites in this model contributes none)."""
-    with torch.device("meta"):  # only which slots hold a removable norm matters
-        blocks = [_removable_slots(block_parts(cfg, l)) for l in range(1, cfg.n_layers + 1)]
-        top = isinstance(NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg), _Removable)
-    sites = []
-    for group in order:
-        kinds = [site for site in REMOVAL_SITES.values() if site.group == group]
-        sites += [(site.module, site, None) for site in kinds if site.top and top]
-        for l, present in enumerate(blocks, start=1):
-            sites += [(f"blocks.{l - 1}.{site.module}", site, l) for site in kinds
-                      if not site.top and site.module in present]
-    return sites
-
-
-def _removable_slots(parts: BlockParts) -> set[str]:
-    found = {slot for slot in SLOTS if isinstance(getattr(parts, slot)(), _Removable)}
-    return found | {f"attn.{slot}" for slot in (Q_NORM, K_NORM) if isinstance(getattr(parts, slot)(None), _Removable)}
 
 
 def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
@@ -787,22 +794,60 @@ NOT_COMPOSABLE = {
 }
 
 
+_FULL_QK_ONLY_OLMO2 = ("full-width q/k norms come only with OLMo 2's reordered blocks; Qwen3's are per head "
+                       "(model.qk_norm=head)")
+_NO_VALUE_NORM = "it normalizes v per head and feeds the FFN a post-norm sum, which no stock class does"
+
 NORM_SCHEMES: dict[str, NormScheme] = {
-    "pre_ln": NormScheme(_pre_ln, _final_norm, llama_compatible=True, removable=True, options=_GPAS),
-    "lns": NormScheme(_lns, _final_norm, llama_compatible=True, removable=True, options=_GPAS),
-    "ln_free": NormScheme(_ln_free, _no_final_norm, llama_compatible=False, norm_free=True, unit_embedding=True,
-                          options=frozenset({"attn_gate"})),
-    "post_ln": NormScheme(_post_ln, _no_final_norm, llama_compatible=False, options=_NORMED),
-    "mix_ln": NormScheme(_mix_ln, _final_norm, llama_compatible=False, options=_GPAS),
-    "peri_ln": NormScheme(_peri_ln, _final_norm, llama_compatible=False, embedding=_embedding_norm, options=_GPAS),
-    "reordered": NormScheme(_reordered, _final_norm, llama_compatible=False, removable=True, options=_NORMED),
-    "deepnorm": NormScheme(_deepnorm, _no_final_norm, llama_compatible=False, options=_GPAS),
-    "dyt": NormScheme(_dyt, _final_dyt, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),
-    "derf": NormScheme(_derf, _final_derf, llama_compatible=False, embedding=_embedding_scale, options=_NORMED),
-    "hybridnorm": NormScheme(_hybridnorm, _final_norm, llama_compatible=False, init_std=hybridnorm_init_std,
-                             options=frozenset({"attn_gate", "norm_gain"})),
-    "hybridnorm_star": NormScheme(_hybridnorm_star, _final_norm, llama_compatible=False,
-                                  init_std=hybridnorm_init_std, options=frozenset({"attn_gate", "norm_gain"})),
-    "ngpt": NormScheme(_ngpt, _no_final_norm, llama_compatible=False, logit_scale=_ngpt_logit_scale,
-                       init_std=lambda cfg: cfg.d_model ** -0.5, unit_weights=NGPT_UNIT_WEIGHTS),
+    "pre_ln": NormScheme(
+        _pre_ln, _final_norm, removable=True, options=_GPAS,
+        hf_exports={"none": HFExport("llama"), "head": HFExport("qwen3")},
+        no_hf_class={"full": _FULL_QK_ONLY_OLMO2}),
+    "lns": NormScheme(
+        _lns, _final_norm, removable=True, options=_GPAS,
+        hf_exports={"none": HFExport("llama", "1/√l folded into the norm gains"),
+                    "head": HFExport("qwen3", "1/√l folded into the block norm gains")},
+        no_hf_class={"full": _FULL_QK_ONLY_OLMO2}),
+    "ln_free": NormScheme(
+        _ln_free, _no_final_norm, norm_free=True, unit_embedding=True, options=frozenset({"attn_gate"}),
+        hf_exports={"none": HFExport("llama", "norms made linear (rms_norm_eps 2^40, every gain 2^20); c_in, c_out "
+                                              "folded into q/k/v, gate, up and o, down")}),
+    "post_ln": NormScheme(
+        _post_ln, _no_final_norm, options=_NORMED,
+        no_hf_class="it normalizes after the residual add, which no stock class does"),
+    "mix_ln": NormScheme(
+        _mix_ln, _final_norm, options=_GPAS,
+        no_hf_class="its first blocks are Post-LN (normalized after the residual add), which no stock class has"),
+    "peri_ln": NormScheme(
+        _peri_ln, _final_norm, embedding=_embedding_norm, options=_GPAS,
+        no_hf_class="it normalizes the embedding's output, which no stock class does (Gemma 2/3 have its block "
+                    "norms but scale the embedding by √d)"),
+    "reordered": NormScheme(
+        _reordered, _final_norm, removable=True, options=_NORMED,
+        hf_exports={"full": HFExport("olmo2")},
+        no_hf_class={"none": "OLMo 2 always normalizes q and k (model.qk_norm=full), and its one rms_norm_eps serves "
+                             "every norm, so its q/k norms cannot be made linear alone",
+                     "head": "OLMo 2 normalizes q and k over the full width (model.qk_norm=full), not per head"}),
+    "deepnorm": NormScheme(
+        _deepnorm, _no_final_norm, options=_GPAS,
+        no_hf_class="Post-LN with the residual weighted by (2L)^¼, which no stock class has"),
+    "dyt": NormScheme(
+        _dyt, _final_dyt, embedding=_embedding_scale, options=_NORMED,
+        no_hf_class="tanh in place of the norms and a learnable embedding scalar, which no stock class computes"),
+    "derf": NormScheme(
+        _derf, _final_derf, embedding=_embedding_scale, options=_NORMED,
+        no_hf_class="erf in place of the norms and a learnable embedding scalar, which no stock class computes"),
+    "hybridnorm": NormScheme(
+        _hybridnorm, _final_norm, init_std=hybridnorm_init_std, options=frozenset({"attn_gate", "norm_gain"}),
+        no_hf_class=_NO_VALUE_NORM),
+    "hybridnorm_star": NormScheme(
+        _hybridnorm_star, _final_norm, init_std=hybridnorm_init_std, options=frozenset({"attn_gate", "norm_gain"}),
+        no_hf_class=_NO_VALUE_NORM),
+    "ngpt": NormScheme(
+        _ngpt, _no_final_norm, logit_scale=_ngpt_logit_scale, init_std=lambda cfg: cfg.d_model ** -0.5,
+        unit_weights=NGPT_UNIT_WEIGHTS,
+        # nGPT trains without warm-up (NVIDIA/ngpt train.py, OLMo-core's example)
+        train_defaults={"train.warmup_steps": 0},
+        no_hf_class="its residual update moves on the unit sphere with learned q/k, MLP and logit scales, which no "
+                    "stock class has"),
 }

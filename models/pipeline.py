@@ -1,8 +1,10 @@
-"""The Llama parts as DeepSpeed `LayerSpec`s, for `PipelineModule` (pipeline parallelism).
+"""The Llama's parts as DeepSpeed `LayerSpec`s, for `PipelineModule` (pipeline parallelism).
 
-Layer list: [embedding, block 1, ..., block L, final norm, head]. With tied embeddings the first and the last
-entries are one `TiedLayerSpec` ("embed"), so DeepSpeed keeps the copies on the first and last stage in sync.
-Each part initializes its weights under its name in the whole `Llama` (`init_weights(prefix=...)`), so a
+Layer list: [embedding, block 1, ..., block L, final norm, head], each stage built from the part `Llama` itself is
+made of (models/llama.py: `EmbeddingPart`, `Block`, `ReadoutPart`, `HeadPart`, and `initialize`), so what a part
+computes and how it is initialized is written once; a stage here only adapts it to what DeepSpeed passes. With tied
+embeddings the first and the last entries are one `TiedLayerSpec` ("embed"), so DeepSpeed keeps the copies on the
+first and last stage in sync. Each stage initializes its weights under its name in the whole `Llama`, so a
 pipelined model from seed s holds exactly the weights of `Llama(cfg, seed=s)`.
 
 Between stages DeepSpeed passes one tensor (pretraining: the activations) or a tuple of tensors. Packed
@@ -18,47 +20,48 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.llama import Block, document_mask, init_weights, rope_cache
-from models.norms import NORM_SCHEMES, block_parts, embedding_init_gain
-from models.parts import normalize_unit_weights
-from models.parallel import TensorParallel, column_linear, cross_entropy, tied_logits, vocab_embedding
+from models.llama import Block, EmbeddingPart, HeadPart, ReadoutPart, document_mask, initialize, rope_cache
+from models.norms import block_parts
+from models.parallel import TensorParallel, cross_entropy
 
 
-class EmbeddingPipe(nn.Module):
+class EmbeddingStage(EmbeddingPart, HeadPart, nn.Module):
+    """The first stage; with tied embeddings also the last (the same module, `tied_logits_forward`)."""
+
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
         super().__init__()
-        self.tp = tp
-        self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
-        self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
-        self.emb_out = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
-        init_weights(self, cfg.weight_std, seed)
-        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
+        self.add_embedding(cfg, tp)
+        if cfg.tie_embeddings:
+            self.add_head(cfg, tp)  # head None: the logits read tok_emb
+            if any(True for _ in self.logit_scale.parameters()):
+                raise ValueError(f"model.norm_scheme={cfg.norm_scheme} has a learned logit scale, which the tied "
+                                 "pipeline stage would hold twice; set model.tie_embeddings=false")
+        initialize(self, cfg, seed)
 
     def forward(self, inputs):
         if isinstance(inputs, tuple):  # (tokens, positions, doc_ids) of packed sequences
             tokens, *rest = inputs
-            return (self.emb_out(self.tok_emb(tokens)), *rest)
-        return self.emb_out(self.tok_emb(inputs))
+            return (self.embed(tokens), *rest)
+        return self.embed(inputs)
 
     @property
     def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties
         return self.tok_emb.weight
 
 
-def tied_head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
-    return tied_logits(x, embedding.tok_emb.weight, embedding.tp)
+def tied_logits_forward(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
+    return stage.logits(x)
 
 
-class BlockPipe(Block):
-    """A Block that carries its own RoPE tables, since a pipeline layer sees only the activations."""
+class BlockStage(Block):
+    """A Block that carries its own RoPE tables, since a pipeline stage sees only the activations."""
 
     def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel | None, seed: int):
         super().__init__(cfg, block_parts(cfg, layer), tp)
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        init_weights(self, cfg.weight_std, seed, prefix=f"blocks.{layer - 1}.")
-        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
+        initialize(self, cfg, seed, prefix=full_name_prefix(cfg, layer))
 
     def forward(self, inputs):
         if isinstance(inputs, tuple):  # (x, positions, doc_ids) of packed sequences
@@ -67,25 +70,26 @@ class BlockPipe(Block):
         return super().forward(inputs, self.rope_cos, self.rope_sin)
 
 
-class FinalNormPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class ReadoutStage(ReadoutPart, nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int):
         super().__init__()
-        self.final_norm = NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg)
+        self.add_readout(cfg)
+        initialize(self, cfg, seed)
 
     def forward(self, inputs):
-        return self.final_norm(inputs[0] if isinstance(inputs, tuple) else inputs)
+        return self.readout(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
-class HeadPipe(nn.Module):
+class HeadStage(HeadPart, nn.Module):
+    """The last stage of an untied model."""
+
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
         super().__init__()
-        self.head = column_linear(cfg.d_model, cfg.vocab_size, tp)
-        self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
-        init_weights(self, cfg.weight_std, seed)
-        normalize_unit_weights(self, NORM_SCHEMES[cfg.norm_scheme].unit_weights)
+        self.add_head(cfg, tp)
+        initialize(self, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale(self.head(x))
+        return self.logits(x)
 
 
 class PipelineLoss:
@@ -105,20 +109,26 @@ class PipelineLoss:
         return cross_entropy(logits, labels, self.tp, reduction="mean")
 
 
+# What `PipelineModule(partition_method=...)` balances: the blocks, by count.
+PARTITION_METHOD = f"type:{BlockStage.__name__}"
+
+
 def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed picks its accelerator at import: pretrain.train sets it first
 
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingPipe, cfg, tp, seed, tied_weight_attr="weight")
-        last = TiedLayerSpec("embed", EmbeddingPipe, cfg, tp, seed, forward_fn=tied_head_forward, tied_weight_attr="weight")
+        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="weight")
+        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, forward_fn=tied_logits_forward,
+                             tied_weight_attr="weight")
     else:
-        first, last = LayerSpec(EmbeddingPipe, cfg, tp, seed), LayerSpec(HeadPipe, cfg, tp, seed)
-    blocks = [LayerSpec(BlockPipe, cfg, l, tp, seed) for l in range(1, cfg.n_layers + 1)]
-    return [first, *blocks, LayerSpec(FinalNormPipe, cfg), last]
+        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(HeadStage, cfg, tp, seed)
+    blocks = [LayerSpec(BlockStage, cfg, l, tp, seed) for l in range(1, cfg.n_layers + 1)]
+    return [first, *blocks, LayerSpec(ReadoutStage, cfg, seed), last]
 
 
 def full_name_prefix(cfg: ModelConfig, layer_index: int) -> str:
     """Prefix that turns a key of pipeline layer `layer_index` into its name in the full `Llama` state dict.
 
-    The non-block parts name their submodules as `Llama` does (tok_emb, final_norm, head)."""
+    The stages of the other parts name their children as `Llama` does (tok_emb, emb_out, final_norm, head,
+    logit_scale)."""
     return f"blocks.{layer_index - 1}." if 1 <= layer_index <= cfg.n_layers else ""

@@ -40,13 +40,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
 from pretrain.errors import UserError
+from pretrain.files import atomic_write
+
+if TYPE_CHECKING:
+    # annotations only: pretrain.config loads torch, which launch/ (importing this module) must not
+    from pretrain.config import ExperimentConfig
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -126,10 +130,7 @@ def truncate_jsonl(path: str, after_step: int) -> str | None:
                              f"fix or delete that line (or move {name} away) and resume")
     kept = [line if line.endswith("\n") else line + "\n"  # appends must start on a new line
             for _, line, entry in entries if entry.get("step", 0) <= after_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
     return torn
 
 
@@ -150,13 +151,26 @@ def read_layer_stats(run_dir: str) -> list[dict]:
 
 def read_config(run_dir: str) -> dict | None:
     """config.yaml as stored (plain YAML, no validation: for launchers and status); None when missing or unreadable.
-    pretrain.config.load_config(..., stored=True) reads it as an ExperimentConfig."""
+    `read_stored_config` reads it as an ExperimentConfig."""
     try:
         with open(os.path.join(run_dir, CONFIG_FILE)) as f:
             cfg = yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError):
         return None
     return cfg if isinstance(cfg, dict) else None
+
+
+def read_stored_config(folder: str) -> ExperimentConfig:
+    """The experiment config a run folder or a checkpoint's step folder stores (CONFIG_FILE), validated: the one
+    reader of a stored config for the trainer and the commands (keys of earlier versions are dropped, not refused).
+    `read_config` is the launchers' plain-YAML view of the same file."""
+    # pretrain.config imports the model code (torch), which launch/ (importing this module) must not load
+    from pretrain.config import load_config
+
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no {CONFIG_FILE}: not a run folder or a checkpoint")
+    return load_config(path, stored=True)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -212,7 +226,7 @@ def read_manifest(sweep_dir: str) -> dict | None:
 
 def update_manifest(sweep_dir: str, name: str, config: str, overrides: list[str], axes: list[tuple[str, list[str]]],
                     runs: list[tuple[str, dict[str, str]]]) -> None:
-    """Write sweep.json (temp file, then rename), keeping the runs of earlier launches of the same sweep."""
+    """Write sweep.json (atomically), keeping the runs of earlier launches of the same sweep."""
     old = read_manifest(sweep_dir) or {}
     merged_axes = {k: list(v) for k, v in (old.get("axes") or {}).items()}
     for key, values in axes:
@@ -223,11 +237,4 @@ def update_manifest(sweep_dir: str, name: str, config: str, overrides: list[str]
     manifest = {"name": name, "config": config, "overrides": list(overrides), "axes": merged_axes,
                 "runs": list(by_dir.values())}
     os.makedirs(sweep_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=sweep_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(sweep_dir, MANIFEST_FILE))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(os.path.join(sweep_dir, MANIFEST_FILE), json.dumps(manifest, indent=1))

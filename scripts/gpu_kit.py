@@ -47,6 +47,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# `python scripts/gpu_kit.py` puts scripts/, not the repository, on the path. The kit's outputs go through the
+# project's one atomic write, pretrain/files.py: the standard library only, so it imports before anything is installed.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+from pretrain.files import atomic_write  # noqa: E402
 WHEEL_DIR = REPO / ".whl"
 SITE = WHEEL_DIR / "site"
 MAX_WHEEL_BYTES = 64 * 2**20  # all the ignored paths the device tool carries, together
@@ -264,9 +269,7 @@ class Kit:
             log.write(stamped + "\n")
 
     def save(self) -> None:
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
-        os.replace(tmp, self.out / "results.json")  # a kill mid-write never leaves half a file
+        atomic_write(self.out / "results.json", json.dumps(self.results, indent=1) + "\n")  # never half a file
 
     def stage(self, name: str, fn) -> dict:
         """Run stage `name` (fn(kit) issues its runs); record its status and time; save results.json."""
@@ -567,13 +570,13 @@ def cmd_env_report(args) -> int:
     # torch.compile's Triton kernels need a C compiler for their launchers; DeepSpeed's JIT ops need nvcc and ninja
     report["tools"] = {tool: shutil.which(tool) for tool in ("cc", "gcc", "nvcc", "ninja", "nvidia-smi")}
     listing = subprocess.run([sys.executable, "-m", "pip", "list"], capture_output=True, text=True)
-    (out / "pip-list.txt").write_text(listing.stdout + listing.stderr)
+    atomic_write(out / "pip-list.txt", listing.stdout + listing.stderr)
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60)
-        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+        atomic_write(out / "nvidia-smi.txt", smi.stdout + smi.stderr)
         report["nvidia_smi"] = "nvidia-smi.txt"
     report["problems"] = problems
-    (out / "env.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "env.json", json.dumps(report, indent=1) + "\n")
     shown = ("python", "torch", "device", "imports", "version_problems")
     print(json.dumps({k: report.get(k) for k in shown}, indent=1))
     for line in problems:
@@ -713,7 +716,7 @@ def cmd_run(args) -> int:
         kit.results["kit"].update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   seconds=round(time.monotonic() - kit.t0, 1), failed_stages=failed)
         kit.save()
-        (out / "table.md").write_text(render_table(kit.results))
+        atomic_write(out / "table.md", render_table(kit.results))
     summary = ", ".join(f"{n} {s['status']} {s['seconds']:.0f}s" for n, s in kit.results["stages"].items())
     print(f"\n{summary}\n{len(failed)} stage(s) failed{': ' + ', '.join(failed) if failed else ''}; "
           f"{kit.results['kit']['seconds']:.0f} s in all; {out}/results.json, kit.log, table.md\n")

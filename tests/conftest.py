@@ -1,4 +1,6 @@
+import multiprocessing.process
 import os
+import subprocess
 import sys
 import warnings
 
@@ -31,10 +33,42 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("pretrain_cache"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fast-tier", action="store_true",
+                     help="the fast tier (`make test-fast`): only the in-process tests, those not marked `processes`, "
+                          "`slow` or `cuda`; a test there that starts a process or a rank fails and names the marker")
+
+
+# Tiers (README, "Tests"): a test that starts a subprocess, ranks or a training run is marked `processes`; every other
+# test is in the fast tier. Under --fast-tier, starting a process fails the test, so the marking cannot drift.
+PROCESS_MARKERS = ("processes", "slow", "cuda")
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--fast-tier"):
+        fast = [not any(m in item.keywords for m in PROCESS_MARKERS) for item in items]
+        config.hook.pytest_deselected(items=[item for item, keep in zip(items, fast) if not keep])
+        items[:] = [item for item, keep in zip(items, fast) if keep]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m cuda` on a GPU machine; docs/PERFORMANCE.md)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+class StartedAProcess(AssertionError):
+    """A fast-tier test (or a fixture it uses) started a process."""
+
+
+def _refuse(what: str):
+    def refused(*args, **kwargs):
+        raise StartedAProcess(f"a fast-tier test started {what}: mark the test (or its module) "
+                              "`@pytest.mark.processes`; it then runs in `make test`, not in `make test-fast`")
+    return refused
+
+
+def pytest_configure(config):
+    if config.getoption("--fast-tier"):  # for the whole session: module- and session-scoped fixtures included
+        subprocess.Popen.__init__ = _refuse("a subprocess")
+        multiprocessing.process.BaseProcess.start = _refuse("a process (ranks)")

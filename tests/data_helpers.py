@@ -62,7 +62,7 @@ def tiny_tokenizer_dir(vocab_size: int = 320) -> str:
 @functools.lru_cache(maxsize=None)
 def bundled_dir() -> str:
     """The bundled corpus prepared once per test process into a scratch cache."""
-    from pretrain.data.bundled import resolve_data_path
+    from pretrain.data.resolve import resolve_data_path
 
     return resolve_data_path("bundled:tinyshakespeare", cache_dir=str(Path(_scratch()) / "cache"))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from pretrain.data.loader import IGNORE_INDEX
-from pretrain.data.sft import SFTBatch
+from pretrain.data.sft_loader import SFTBatch
 
 
 def pack(rows: list[list[tuple]], T: int) -> SFTBatch:
-    """Rows of (inputs, labels) examples packed as pretrain/data/sft.py packs them: positions restart at every
+    """Rows of (inputs, labels) examples packed as pretrain/data/sft_loader.py packs them: positions restart at every
     example, one document id each, the rest of a row padding (ignored labels, a document of its own)."""
     B = len(rows)
     tokens, labels = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), IGNORE_INDEX)

@@ -4,6 +4,7 @@ import glob
 
 import pytest
 
+from models.norms import NORM_SCHEMES
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.errors import UserError
@@ -158,3 +159,17 @@ def test_ngpt_settings_its_paper_needs(capsys):
         load_config(None, ["model.norm_scheme=ngpt", "train.weight_decay=0.1"])
     with pytest.raises(UserError, match=r"^model.tie_embeddings: ngpt keeps separate unit-norm"):
         load_config(None, ["model.norm_scheme=ngpt", "model.tie_embeddings=true"])
+
+
+@pytest.mark.parametrize("scheme", list(NORM_SCHEMES))
+def test_every_norm_scheme_is_a_valid_config_value(scheme, capsys):
+    """Every entry of models/norms.py NORM_SCHEMES (a scheme added by docs/ARCHITECTURE.md's recipe too) is a
+    model.norm_scheme value `pretrain config` accepts, with the training settings its entry fixes (`train_defaults`,
+    none by default) where the config does not give them."""
+    assert main(["config", "configs/tiny.yaml", f"model.norm_scheme={scheme}"]) == 0
+    assert f"norm_scheme: {scheme}\n" in capsys.readouterr().out
+    cfg = load_config(None, [f"model.norm_scheme={scheme}"])
+    assert cfg.model.norm_scheme == scheme
+    for dotted, value in NORM_SCHEMES[scheme].train_defaults.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(cfg, section), key) == value, dotted

@@ -199,11 +199,11 @@ def start_jobs(root, data_cache: str, gpu: dict, cpu: dict, bench: tuple[str, ..
     """Every subprocess of the module, started at once: the training runs, the bench and DeepSpeed's CPU op first,
     then what needs their results (the GPU -> CPU -> GPU resume, analyze-depth, SFT from the zero1 run, the CPU
     runs). `gpu`, `cpu`: the environments of the GPU and CPU processes; `bench`: extra `pretrain bench` arguments."""
-    from pretrain.data.sft import resolve_path
+    from pretrain.data.resolve import resolve_data_path
 
     # Prepared here once, so that concurrent runs find the data instead of building it side by side.
-    resolve_path("bundled:tinyshakespeare", data_cache)
-    resolve_path("bundled:tiny-instruct", data_cache)
+    resolve_data_path("bundled:tinyshakespeare", data_cache)
+    resolve_data_path("bundled:tiny-instruct", data_cache)
     mode = gpu_compute_mode()
     print(f"GPU compute mode {mode}")
     j = Jobs(exclusive=not mode.lower().startswith("default"))
@@ -727,7 +727,8 @@ def test_fp32_training_on_gpu_matches_cpu(jobs, root):
 
 def first_micro_batch(run_dir: str, data_cache: str):
     from pretrain.config import load_config
-    from pretrain.data.loader import DataLoader, open_dataset
+    from pretrain.data.loader import DataLoader
+    from pretrain.data.resolve import open_dataset
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     loader = DataLoader(open_dataset(cfg.data.paths, cfg.data.seq_len, "train", cache_dir=data_cache),
@@ -776,7 +777,7 @@ def test_diagnostics_on_gpu(jobs, root, data_cache):
             assert r[key] == pytest.approx(by_step[r["step"]][key], rel=5e-2), (r["step"], key)
     # the validation loss of the GPU run (bf16) is the fp32 CPU loss of its final weights on the same set
     from pretrain.state.checkpoint import find_checkpoint, load_model_state
-    from pretrain.data.bundled import resolve_data_path
+    from pretrain.data.resolve import resolve_data_path
     from pretrain.data.loader import TokenDataset, validation_batches
 
     val = {m["step"]: m["val_loss"] for m in metrics(eager) if "val_loss" in m}
@@ -798,7 +799,7 @@ def test_analyze_depth_on_gpu_matches_cpu(jobs, root, data_cache, monkeypatch):
     """`pretrain analyze-depth` runs on the GPU (it picks CUDA when there is one) and writes the numbers the same
     analysis gives on the CPU for the same checkpoint and batches (fp32 both)."""
     from pretrain.analysis.depth import PER_LAYER, depth_analysis
-    from pretrain.cli.analyze_depth import load_batches
+    from pretrain.analysis.batches import load_batches
     from pretrain.state.checkpoint import find_checkpoint, load_model_state
 
     r = jobs.ok("depth")
@@ -909,16 +910,17 @@ def test_bench_prints_mfu(jobs):
 
 @cuda
 def test_generate_command_on_gpu(jobs, root, data_cache, monkeypatch, capsys, gpu_free):
-    """A GPU-trained checkpoint loaded for generation on the GPU (`pretrain.cli.generate.load_model`, fp32) gives the
+    """A GPU-trained checkpoint loaded for generation on the GPU (`load_generation_model`, fp32) gives the
     CPU's logits and greedy tokens (a split only at a near-tie); `pretrain generate --device cuda` runs."""
+    from pretrain.analysis.generation import load_generation_model
     from pretrain.cli import main
-    from pretrain.cli.generate import load_model
+    from pretrain.state.sources import open_source
 
     jobs.ok("zero1")
     monkeypatch.setenv("PRETRAIN_CACHE", data_cache)
     run = str(root / "zero1")
-    on_gpu, tok = load_model(run, device="cuda")
-    on_cpu, _ = load_model(run, device="cpu")
+    on_gpu, tok = load_generation_model(open_source(run), device="cuda")
+    on_cpu, _ = load_generation_model(open_source(run), device="cpu")
     assert on_gpu.rope_cos.is_cuda and not on_cpu.rope_cos.is_cuda
     prompts = [[tok.bos_id] + tok.encode(text) for text in ("KING RICHARD:", "ROMEO:\nO", "First Citizen:\nWe")]
     with torch.no_grad():

@@ -1,10 +1,11 @@
 """The data package's import structure: its modules form a DAG (no import cycle, lazy imports included), each
 imports on its own, and an import inside a function says why beside it.
 
-The layers, lowest first: sources, folders, batches; tokenizer; prepare; bundled; loader; sft. bundled.py (the
-bundled corpus's recipe and cache) builds on prepare.py; prepare.py knows where the bundled texts are (sources.py)
-but never imports bundled.py. The graph is read from the source, function-level (lazy) imports included: a lazy
-import hides a cycle at import time but is a cycle all the same.
+The layers, lowest first (setup.cfg's `data-layers` contract): sources, folders, batches, choice_tasks; tokenizer;
+prepare, sft_format; loader, sft_prepare; sft_loader, hf_tokenizer; resolve. resolve.py (what a data path or a
+tokenizer argument names, the bundled recipes and their cache) builds on both preparers; they know where the
+bundled texts are (sources.py) but nothing below resolve.py imports it. The graph is read from the source,
+function-level (lazy) imports included: a lazy import hides a cycle at import time but is a cycle all the same.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
 
 
 def test_graph_reader_sees_lazy_imports():
-    source = "import os\n\ndef f():\n    from pretrain.data.bundled import resolve_data_path\n    import pretrain.data.sft\n"
-    assert data_imports(source) == {"bundled", "sft"}
-    assert "bundled" in graph()["loader"] and "prepare" in graph()["bundled"]
+    source = "import os\n\ndef f():\n    from pretrain.data.resolve import resolve_data_path\n    import pretrain.data.loader\n"
+    assert data_imports(source) == {"resolve", "loader"}
+    assert "loader" in graph()["resolve"]  # open_dataset's import, inside the function
 
 
 def test_data_modules_form_a_dag():
@@ -62,7 +63,9 @@ def test_data_modules_form_a_dag():
     except graphlib.CycleError as e:
         raise AssertionError(f"import cycle in pretrain/data: {' -> '.join(e.args[1])}") from None
     assert set(order) == set(MODULES)
-    assert "bundled" not in reachable("prepare", g), g
+    # resolve.py is the top: no data module imports it (prepare_sft takes a resolved Tokenizer: no call loop back)
+    assert [m for m in MODULES if "resolve" in g[m]] == [], g
+    assert {"sft_prepare", "prepare"} <= reachable("resolve", g), g
     # sources (reading texts) and folders (the on-disk format) know nothing of tokenizers or loaders
     assert g["sources"] == set() and g["folders"] == set(), g
 
@@ -89,8 +92,9 @@ def test_each_data_module_imports_alone():
 
 def test_lazy_imports_keep_their_promise():
     # datasets is imported inside functions because reading prepared data and training never need it; torch
-    # stays out of `import pretrain.data` and of the modules that write folders.
-    code = ("import sys, pretrain.data, pretrain.data.bundled, pretrain.data.prepare, pretrain.data.tokenizer; "
+    # stays out of `import pretrain.data`, of the modules that write folders and of the `pretrain data` commands.
+    code = ("import sys, pretrain.data, pretrain.data.resolve, pretrain.data.prepare, pretrain.data.tokenizer, "
+            "pretrain.data.sft_format, pretrain.data.sft_prepare, pretrain.cli.data; "
             "print(sorted(m for m in ('datasets', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"

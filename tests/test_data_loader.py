@@ -8,10 +8,11 @@ import torch
 from data_helpers import bundled_dir
 
 from pretrain.data.loader import (
-    BlendedDataset, DataLoader, TokenDataset, check_vocab, open_dataset, validation_batches,
+    BlendedDataset, DataLoader, TokenDataset, check_vocab, validation_batches,
 )
 from pretrain.data.folders import read_meta
 from pretrain.data.prepare import save_arrays
+from pretrain.data.resolve import open_dataset
 from pretrain.errors import UserError
 
 SEQ = 8

@@ -16,11 +16,10 @@ from data_helpers import (
 )
 
 from pretrain.data import prepare as prep
-from pretrain.data.bundled import RECIPES, corpus_path, resolve_data_path
 from pretrain.data.folders import OutputExists, read_meta, staging_dir
-from pretrain.data.loader import TokenDataset, open_dataset
+from pretrain.data.loader import TokenDataset
 from pretrain.data.prepare import prepare_dataset
-from pretrain.data.sft import resolve_path
+from pretrain.data.resolve import RECIPES, corpus_path, open_dataset, resolve_data_path
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 
@@ -372,7 +371,7 @@ def test_tokenizer_folder_as_data_is_named_and_left_alone(tmp_path, capsys):
                 rf"with it \(`pretrain data prepare --source TEXT --tokenizer {tok} --out DIR`\) and pass DIR")
     # read_meta is behind data.paths (training), `pretrain eval --data`, `data info`, open_dataset
     for call in (lambda: read_meta(tok), lambda: TokenDataset(str(tok), 8), lambda: resolve_data_path(str(tok)),
-                 lambda: resolve_path(str(tok)), lambda: open_dataset([str(tok)], 8)):
+                 lambda: resolve_data_path(str(tok)), lambda: open_dataset([str(tok)], 8)):
         with pytest.raises(UserError, match=expected) as e:
             call()
         assert "delete" not in str(e.value) and "interrupted" not in str(e.value)

@@ -2,8 +2,10 @@
 
 The hand side writes every block out from its parts (models/norms.py: h = attn_post_norm(alpha x + a),
 y = mlp_post_norm(alpha h + m)) instead of hooks, runs the two skips explicitly (with the first `keep_first`
-positions not skipped: the block's own output there, as Csordas et al.'s `merge_io`) and evaluates each formula of
-the module docstring directly, per token; the logit lens starts at the embedding (layer 0).
+positions not skipped: the block's own output there, as Csordas et al.'s `merge_io`) and evaluates each definition
+of the per-layer table (pretrain/diagnostics/measures.py, the entries with analyze_depth=True) directly, per token;
+the logit lens starts at the embedding (layer 0). Every such entry needs its hand formula here, and reaches
+depth.json and the figures with the table's labels.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import pytest
 import torch
 
 from models import Llama, ModelConfig
-from pretrain.analysis.depth import depth_analysis
+from pretrain.analysis.depth import PER_LAYER, depth_analysis
+from pretrain.diagnostics.measures import BLOCK_PAIRS, DEPTH_MEASURES, DEPTH_PANELS, FROM_EMBEDDING, measure
+
+RTOL = {"logit_lens_kl": 1e-8}  # default 1e-9
 
 
 def block_parts(block, x, cos, sin):
@@ -74,39 +79,49 @@ def hand_analysis(model, batches, keep_first=0):
             for k, v in per_token.items()}
     return {
         "val_loss": loss / n, "tokens": n, "skip_loss": [s / n for s in skip_loss],
+        "skip_loss_increase": [s / n - loss / n for s in skip_loss],
         "angular_distance": mean["angle"], "attn_contribution": mean["attn"], "mlp_contribution": mean["mlp"],
         "block_contribution": mean["block"], "logit_lens_kl": mean["kl"],
         "skip_effect": [[1.0, effect], [0.0, 1.0]], "skip_output_change": out_change,
     }
 
 
-@pytest.mark.parametrize("scheme,keep_first", [("pre_ln", 0), ("pre_ln", 1), ("peri_ln", 0), ("deepnorm", 3)])
-def test_depth_analysis_matches_hand_computation(scheme, keep_first):
+def two_layer_model(scheme: str = "pre_ln"):
+    """A float64 2-layer model with norm gains away from 1 (so that a wrong hook point changes the numbers) and
+    three micro-batches."""
     cfg = ModelConfig(vocab_size=97, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16,
                       norm_scheme=scheme)
     torch.manual_seed(0)
     model = Llama(cfg, seed=3).double().eval()
-    with torch.no_grad():  # norm gains away from 1, so that a wrong hook point changes the numbers
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.mul_(1 + 0.5 * torch.rand_like(p))
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 97, (2, 11), generator=gen), torch.randint(0, 97, (2, 11), generator=gen))
                for _ in range(3)]
+    return model, batches
+
+
+def flat(values, m) -> list:
+    return [v for row in values for v in row] if m.shape == BLOCK_PAIRS else values
+
+
+@pytest.mark.parametrize("scheme,keep_first", [("pre_ln", 0), ("pre_ln", 1), ("peri_ln", 0), ("deepnorm", 3)])
+def test_depth_analysis_matches_hand_computation(scheme, keep_first):
+    model, batches = two_layer_model(scheme)
     got = depth_analysis(model, batches, keep_first=keep_first)
     with torch.no_grad():
         want = hand_analysis(model, batches, keep_first)
     assert got["layers"] == 2 and got["batches"] == 3 and got["tokens"] == want["tokens"] == 66
     assert got["keep_first"] == keep_first
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-10)
-    for key in ("skip_loss", "angular_distance", "attn_contribution", "mlp_contribution", "block_contribution",
-                "skip_output_change"):
-        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
-    assert got["logit_lens_kl"] == pytest.approx(want["logit_lens_kl"], rel=1e-8, abs=1e-12)
+    for m in DEPTH_MEASURES:  # every analyze-depth entry of the table, by its definition written out above
+        assert m.name in want, f"no hand computation of {m.name}: write its definition out in hand_analysis"
+        assert flat(got[m.name], m) == pytest.approx(flat(want[m.name], m), rel=RTOL.get(m.name, 1e-9),
+                                                     abs=1e-12), m.name
     assert len(got["logit_lens_kl"]) == 3 and got["logit_lens_kl"][2] == 0.0
     assert got["logit_lens_kl"][0] > 0 and got["logit_lens_kl"][1] > 0
-    assert [v for row in got["skip_effect"] for v in row] == pytest.approx(
-        [v for row in want["skip_effect"] for v in row], rel=1e-9)
     assert 0 < got["skip_effect"][0][1] and got["skip_output_change"][0] > 0
     assert got["skip_loss_increase"] == pytest.approx([s - got["val_loss"] for s in got["skip_loss"]])
 
@@ -134,3 +149,42 @@ def test_keep_first_defaults_to_one_only_when_every_sequence_starts_with_bos():
     assert default_keep_first(starts_with_bos, bos) == 1
     assert default_keep_first(one_without, bos) == 0
     assert default_keep_first(starts_with_bos, None) == 0 and default_keep_first(starts_with_bos, -1) == 0
+
+
+def test_every_table_measure_reaches_depth_json_and_the_figures_with_its_labels():
+    """The entries with analyze_depth=True (pretrain/diagnostics/measures.py) are exactly depth_analysis's per-layer
+    results, with the table's shape; the report's depth figure has one panel per depth_panel entry and depth.png
+    draws its panels with the table's labels and titles."""
+    import matplotlib  # the headless backend, chosen before the figures draw
+
+    matplotlib.use("Agg")
+    from pretrain.analysis.figures import depth_figure, depth_runs_figure, skip_effect_figure
+    from pretrain.analysis.report_table import Run
+
+    model, batches = two_layer_model()
+    result = depth_analysis(model, batches)
+    L = result["layers"]
+    rows = {k for k, v in result.items() if isinstance(v, list)}
+    declared = {m.name for m in DEPTH_MEASURES}
+    assert rows == declared, f"missing from depth_analysis: {declared - rows}; not in the table: {rows - declared}"
+    assert set(PER_LAYER) == {m.name for m in DEPTH_MEASURES if m.shape != BLOCK_PAIRS}
+    for m in DEPTH_MEASURES:
+        want = {BLOCK_PAIRS: [L] * L, FROM_EMBEDDING: L + 1}.get(m.shape, L)
+        got = [len(row) for row in result[m.name]] if m.shape == BLOCK_PAIRS else len(result[m.name])
+        assert got == want, m.name
+    result.update(step=5, norm_scheme="pre_ln")
+    run = Run(path="r", name="r", config={}, scheme="pre_ln", depth=result)
+    panels = [ax for ax in depth_runs_figure([run], "col").axes if ax.get_visible()]
+    assert [(ax.get_title(), ax.get_ylabel()) for ax in panels] == [(m.title, m.label) for m in DEPTH_PANELS]
+    assert [ax.get_yscale() for ax in panels] == ["log" if m.log_scale else "linear" for m in DEPTH_PANELS]
+    # depth.png (laid out by hand): each single-measure panel titled and labelled by its entry
+    png = {ax.get_ylabel(): ax for ax in depth_figure(result).axes}
+    for name in ("angular_distance", "logit_lens_kl", "skip_loss_increase", "skip_output_change"):
+        m = measure(name)
+        assert m.label in png and png[m.label].get_title().startswith(m.title), name
+    contributions = [ax for ax in png.values() if ax.get_legend() is not None]
+    legend = [t.get_text() for t in contributions[0].get_legend().get_texts()]
+    assert legend == [f"{sublayer} {measure(k).label}" for sublayer, k in
+                      (("attention", "attn_contribution"), ("MLP", "mlp_contribution"), ("block", "block_contribution"))]
+    colorbars = [ax.get_ylabel() for ax in skip_effect_figure([run], "col").axes]
+    assert measure("skip_effect").label in colorbars

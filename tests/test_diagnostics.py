@@ -203,7 +203,8 @@ def test_logged_step_matches_hand_computation(reference, data_cache):
     """Step 1's logged numbers are the init weights' statistics on the first micro-batch, and the gradient
     norms of the mean loss over the step's two micro-batches, computed by hand in fp64."""
     from pretrain.config import load_config
-    from pretrain.data.loader import DataLoader, open_dataset
+    from pretrain.data.loader import DataLoader
+    from pretrain.data.resolve import open_dataset
 
     cfg = load_config(os.path.join(reference, "config.yaml"))
     model = Llama(cfg.model, seed=cfg.train.seed).double()
@@ -257,9 +258,10 @@ def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
 
 
 def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp_path):
-    """One registry entry (pretrain/diagnostics/stats.py) is all a new per-layer statistic needs: each entry is in
-    the layer_stats.jsonl record, has its TensorBoard scalars, and (figure=True) its panel in `pretrain plot` and in
-    the report's layer figure."""
+    """A table entry with training=True (pretrain/diagnostics/measures.py) and its function (stats.py) are all a new
+    per-layer statistic needs: each training entry is in the layer_stats.jsonl record, has its TensorBoard scalars,
+    and (stats_panel=True) its panel in `pretrain plot` and in the report's layer figure, titled and labelled by the
+    table; the record has no per-layer list the table does not declare."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +271,8 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     from pretrain.analysis.figures import label_runs, layer_stats_figure, plot_figure
     from pretrain.analysis.report_table import read_run
     from pretrain.config import load_config, save_config
-    from pretrain.diagnostics.stats import ACTIVATION_STATS, FIGURE_STATS, LAYER_STATS
+    from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS
+    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, ACTIVATION_STATS
     from pretrain.diagnostics.writer import LayerStatsWriter
 
     run_dir = str(tmp_path / "run")
@@ -288,11 +291,32 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     for stat in LAYER_STATS:
         assert len(record[stat.name]) == L, stat.name
         assert f"layers/{stat.name}/l01" in events.Tags()["scalars"], stat.name
+    assert {k for k, v in record.items() if isinstance(v, list)} == {s.name for s in LAYER_STATS}
+    assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}  # no function for an entry not measured
     run = read_run(run_dir)
     label_runs([run])
-    plot_titles = [ax.get_title() for ax in plot_figure([run]).axes]
-    report_titles = [ax.get_title() for ax in layer_stats_figure([run], "col").axes]
-    assert len(plot_titles) == len(FIGURE_STATS) + 1  # and the loss panel
+    plot_axes = plot_figure([run]).axes
+    report_axes = layer_stats_figure([run], "col").axes
+    assert len(plot_axes) == len(FIGURE_STATS) + 1  # and the loss panel
     for stat in FIGURE_STATS:
-        assert any(t.startswith(stat.title) for t in plot_titles), (stat.name, plot_titles)
-        assert any(t.startswith(stat.title) for t in report_titles), (stat.name, report_titles)
+        for axes in (plot_axes, report_axes):
+            panel = [ax for ax in axes if ax.get_title().startswith(stat.title)]
+            assert len(panel) == 1, (stat.name, [ax.get_title() for ax in axes])
+            assert panel[0].get_ylabel() == stat.label, stat.name
+            assert panel[0].get_yscale() == ("log" if stat.log_scale else "linear"), stat.name
+
+
+def test_measure_table_entries_say_who_has_them_and_how_they_differ():
+    """Each entry of the per-layer table (pretrain/diagnostics/measures.py) is read by a consumer, is drawn only by a
+    consumer that has it, states its difference, and names one measure."""
+    from pretrain.diagnostics.measures import BLOCK_PAIRS, FROM_EMBEDDING, LAYER_MEASURES, PER_BLOCK
+
+    names = [m.name for m in LAYER_MEASURES]
+    assert len(set(names)) == len(names)
+    for m in LAYER_MEASURES:
+        assert m.training or m.analyze_depth, m.name
+        assert m.training or not m.stats_panel, m.name
+        assert m.analyze_depth or not m.depth_panel, m.name
+        assert m.label and m.title and m.definition and m.difference, m.name
+        assert m.shape in (PER_BLOCK, FROM_EMBEDDING, BLOCK_PAIRS), m.name
+        assert not m.training or m.shape == PER_BLOCK, m.name  # layer_stats.jsonl holds one value per block

@@ -1,28 +1,31 @@
-"""The README's config reference is generated from the dataclass docs: keep it current."""
+"""The README's generated tables (pretrain/docs.py: config keys, composition, resume classes, HF exports) are current,
+and the README names the two commands of a fresh machine."""
 
 import os
-import re
 
-from pretrain.config import composition_reference, config_reference
+import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+from pretrain.docs import GENERATED, regenerated, stale_blocks
 
-
-def test_readme_config_reference_is_current():
-    text = open(README).read()
-    block = re.search(r"<!-- config-reference:start.*?-->\n(.*?)\n<!-- config-reference:end -->", text, re.S)
-    assert block, "README lacks the config-reference markers"
-    assert block.group(1).strip() == config_reference().strip(), "regenerate it with `pretrain config --docs`"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
 
 
-def test_readme_composition_table_is_current():
-    text = open(README).read()
-    block = re.search(r"<!-- composition:start.*?-->\n(.*?)\n<!-- composition:end -->", text, re.S)
-    assert block, "README lacks the composition markers"
-    assert block.group(1).strip() == composition_reference().strip(), "regenerate it with `pretrain config --docs`"
+def test_readme_generated_tables_are_current():
+    stale = stale_blocks(open(README, encoding="utf-8").read())
+    assert not stale, f"README's {', '.join(stale)} tables are stale: run `pretrain config --docs --write README.md`"
+
+
+def test_regenerating_rewrites_only_the_generated_blocks():
+    text = open(README, encoding="utf-8").read()
+    start = text.index("<!-- composition:start")
+    edited = text[:start] + text[start:].replace("| `pre_ln` |", "| `pre_ln_stale` |", 1)
+    assert stale_blocks(edited) == ["composition"] and regenerated(edited) == text
+    with pytest.raises(ValueError, match="markers"):
+        regenerated(text.replace(f"<!-- {next(iter(GENERATED))}:end -->", ""))
 
 
 def test_readme_names_both_quickstart_commands():
     text = open(README).read()
     assert "make quickstart" in text and "make test" in text
-    assert "make test" in open(os.path.join(os.path.dirname(README), ".ci", "run")).read()
+    assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()

@@ -109,7 +109,7 @@ def test_val_loss_is_the_same_on_every_layout(tmp_path, data_cache):
     # The definition: the mean token loss of the val split's first 58 samples, from the saved weights.
     from models import Llama
     from pretrain.state.checkpoint import load_model_state
-    from pretrain.data.loader import open_dataset
+    from pretrain.data.resolve import open_dataset
 
     cfg, state = load_model_state(glob.glob(os.path.join(str(tmp_path / "single"), "checkpoints", "step_*"))[0])
     model = Llama(cfg.model)

@@ -25,7 +25,7 @@ from models.config import ModelConfig
 from models.llama import Llama
 from models.norms import NORM_SCHEMES, OPTIONS
 from models.parts import normalize_unit_weights
-from pretrain.data.bundled import resolve_data_path
+from pretrain.data.resolve import resolve_data_path
 from pretrain.config import load_config
 from pretrain.data.loader import TokenDataset, unigram_cross_entropy
 from pretrain.train.engine import lr_lambda

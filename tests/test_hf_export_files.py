@@ -19,7 +19,9 @@ from train_helpers import REPO, run_train, train_env
 from pretrain.cli import main
 from pretrain.data.hf_tokenizer import TOKENIZER_FILES, chat_template, write_hf_tokenizer
 from pretrain.data.prepare import save_arrays
-from pretrain.data.sft import TEMPLATES, Conversation, Turn, prepare_sft, prompt_ids, resolve_tokenizer, segments
+from pretrain.data.resolve import resolve_tokenizer
+from pretrain.data.sft_format import TEMPLATES, Conversation, Turn, prompt_ids, segments
+from pretrain.data.sft_prepare import prepare_sft
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 SHAKESPEARE = (Path(REPO) / "pretrain" / "data" / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -89,7 +91,7 @@ def test_chat_template_renders_our_template(tokenizers, tmp_path, name):
     hf = AutoTokenizer.from_pretrained(hf_dir(tok, tmp_path / "hf", template))
     for system in (None, "You answer in one word."):
         conv = conversation(system)
-        # ours: BOS, then each prompt and each response followed by EOS (pretrain/data/sft.py)
+        # ours: BOS, then each prompt and each response followed by EOS (pretrain/data/sft_format.py)
         ours = "<s>" + "".join(text + ("</s>" if is_response else "") for text, is_response in segments(conv, template))
         rendered = hf.apply_chat_template(messages(conv), tokenize=False, add_generation_prompt=True)
         assert rendered == ours, (name, system)
@@ -139,13 +141,14 @@ def test_pipeline_continues_a_prompt_as_pretrain_generate(sft_run, data_cache, c
     from transformers import pipeline
 
     from models.generate import Sampling, generate
-    from pretrain.cli.generate import load_model
+    from pretrain.analysis.generation import load_generation_model
+    from pretrain.state.sources import open_source
 
     new = 24
     assert main(["generate", "--checkpoint", sft_run["run"], "--prompt", PROMPT, "--raw", "--max-new-tokens",
                  str(new), "--device", "cpu"]) == 0
     cli_text = capsys.readouterr().out[:-1]  # print's newline
-    model, tok = load_model(sft_run["run"], device="cpu")
+    model, tok = load_generation_model(open_source(sft_run["run"]), device="cpu")
     (ours,) = generate(model, [tok.encode(PROMPT, bos=True)], tok.eos_id, Sampling(new))  # what the CLI printed
     assert tok.decode(ours) == cli_text and len(ours) > 0
 

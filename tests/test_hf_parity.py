@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -323,10 +324,13 @@ NOT_EXPORTABLE = [pytest.param(s, qk, id=f"{s}-{qk}") for s, qk in _variants() i
 
 
 def test_export_table_covers_the_issue():
-    assert {k: t.architecture for k, (t, _) in EXPORTS.items()} == {
-        ("pre_ln", "none"): "LlamaForCausalLM", ("lns", "none"): "LlamaForCausalLM",
-        ("ln_free", "none"): "LlamaForCausalLM", ("pre_ln", "head"): "Qwen3ForCausalLM",
-        ("lns", "head"): "Qwen3ForCausalLM", ("reordered", "full"): "Olmo2ForCausalLM"}
+    issue = {("pre_ln", "none"): "LlamaForCausalLM", ("lns", "none"): "LlamaForCausalLM",
+             ("ln_free", "none"): "LlamaForCausalLM", ("pre_ln", "head"): "Qwen3ForCausalLM",
+             ("lns", "head"): "Qwen3ForCausalLM", ("reordered", "full"): "Olmo2ForCausalLM"}
+    exports = {k: t.architecture for k, (t, _) in EXPORTS.items()}
+    assert issue.items() <= exports.items()
+    # Every other export is one a scheme's entry declares (`hf_exports`; a scheme added since has none by default).
+    assert exports.keys() == {(name, qk) for name, s in NORM_SCHEMES.items() for qk in s.hf_exports}
     assert len(NOT_EXPORTABLE) >= 15
 
 
@@ -334,8 +338,9 @@ def test_export_table_covers_the_issue():
 def test_export_refuses_schemes_no_stock_class_has(tmp_path, scheme, qk):
     cfg = small_cfg(norm_scheme=scheme, qk_norm=qk)
     sd = Llama(cfg).state_dict()
+    why = re.escape(NORM_SCHEMES[scheme].why_no_hf_class(qk))  # the entry's reason (`no_hf_class`, or the default)
     with pytest.raises(ValueError, match=rf"^model\.norm_scheme={scheme}.* cannot be exported to a stock transformers "
-                                         r"class \(.+\); exportable: LlamaForCausalLM: pre_ln") as err:
+                                         rf"class \({why}\); exportable: LlamaForCausalLM: pre_ln") as err:
         save_hf(cfg, sd, tmp_path / "out")
     assert "\n" not in str(err.value) and "no entry" not in str(err.value)
     assert not list(tmp_path.iterdir()), "a refused export must not leave anything on disk"
@@ -419,7 +424,8 @@ def test_import_refuses_other_model_types_and_schemes():
         from_hf_config(to_hf_config(small_cfg()), norm_scheme="ln_free")
 
 
-def test_save_hf_refuses_existing_dir_unless_overwrite(tmp_path):
+def test_save_hf_refuses_a_non_empty_dir(tmp_path):
+    """(Publishing an export all-or-nothing, replacing an earlier one, is pretrain/files.py's: tests/test_files.py.)"""
     cfg = small_cfg()
     sd = random_model(cfg).state_dict()
     out = tmp_path / "hf"
@@ -427,7 +433,8 @@ def test_save_hf_refuses_existing_dir_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         save_hf(cfg, sd, out)
-    assert (out / "keep.txt").exists()
-    save_hf(cfg, sd, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    save_hf(cfg, sd, out)  # an empty folder made beforehand is written into
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

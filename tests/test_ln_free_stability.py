@@ -82,7 +82,7 @@ def test_a_config_stored_before_the_multipliers_keeps_its_plain_model(tmp_path):
 def _train(stabilised: bool, lr: float, steps: int = 40) -> list[float]:
     """Losses of AdamW (betas 0.9/0.95, clip 1, warm-up 10) on tiny-Shakespeare for a 16-layer, width-32 ln_free,
     with the stabiliser or as ln_free was before it (no multipliers, embedding at init_std)."""
-    from pretrain.data.bundled import resolve_data_path
+    from pretrain.data.resolve import resolve_data_path
     from pretrain.data.loader import DataLoader, TokenDataset
 
     cfg = _cfg(vocab_size=2048, ln_free_base_depth=4 if stabilised else 0)

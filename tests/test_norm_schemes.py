@@ -1,8 +1,10 @@
 """Every norm scheme computes its formula (models/norms.py), checked against hand-written math.
 
-The reference below writes RMSNorm, LayerNorm and DyT out explicitly and uses only the block's own
-attention and MLP as the branch functions F, so a norm in the wrong place, a missing 1/sqrt(l), a wrong
-residual weight or a wrong final norm changes the result. l = 1..L counts blocks from the input.
+The reference (tests/scheme_formulas.py, one registered formula per scheme) writes RMSNorm, LayerNorm and DyT
+out explicitly and uses only the block's own attention and MLP as the branch functions F, so a norm in the wrong
+place, a missing 1/sqrt(l), a wrong residual weight or a wrong final norm changes the result. l = 1..L counts
+blocks from the input. The tests here run every entry of NORM_SCHEMES, so a new scheme is checked as soon as it
+and its formula are registered (docs/ARCHITECTURE.md, "Recipe: add a norm scheme").
 
 Models run in float64. RMSNorm/LayerNorm compute their statistics in float32 (models/norms.py), so schemes
 that use them are compared to 1e-6; ln_free and dyt have no float32 step and are compared to 1e-10.
@@ -19,144 +21,24 @@ import torch
 from models.config import ModelConfig
 from models.llama import Llama
 from models.norms import NORM_SCHEMES, embedding_init_gain
+from scheme_formulas import (
+    BLOCK_FORMULAS,
+    attention_formula,
+    block_formula,
+    embedding_formula,
+    final_formula,
+    final_kind,
+    layer_norm,
+    logit_formula,
+    rms_norm,
+)
 
-SCHEMES = list(NORM_SCHEMES)  # every entry of the table needs its formula below
+SCHEMES = list(NORM_SCHEMES)  # every entry of the table needs its formula in tests/scheme_formulas.py
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 # d 8, 2 query heads over 1 kv head (GQA), 4 layers: mix_ln has floor(0.25 * 4) = 1 Post-LN block.
 TINY = dict(vocab_size=32, d_model=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=16)
-FINAL_NORM = {  # what sits between the last block and the head
-    "pre_ln": "norm", "lns": "norm", "mix_ln": "norm", "peri_ln": "norm", "reordered": "norm",
-    "hybridnorm": "norm", "hybridnorm_star": "norm",
-    "dyt": "dyt", "derf": "derf",
-    "ln_free": None, "post_ln": None, "deepnorm": None, "ngpt": None,
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The formulas, written out
-
-
-def rms_norm(x, w, eps):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def layer_norm(x, w, eps):
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * w
-
-
-def dyt(x, alpha, w, b=None):
-    y = w * torch.tanh(alpha * x)
-    return y if b is None else y + b
-
-
-def derf(x, site, gamma):
-    """Derf (arXiv 2512.10938): gamma * erf(alpha x + s) + beta."""
-    return gamma * torch.erf(site.alpha * x + site.shift) + site.bias
-
-
-def unit(x):
-    """nGPT's Norm: x / |x| over the last dim."""
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def ngpt_mlp(cfg, mlp, h):
-    """nGPT's SwiGLU (NVIDIA/ngpt): u = s_u sqrt(d) W_u h, v = s_v sqrt(d) W_v h, W_o (u * SiLU(v))."""
-    d = cfg.d_model
-    u = (h @ mlp.up.weight.T) * mlp.up_scale.weight * math.sqrt(d)
-    v = (h @ mlp.gate.weight.T) * mlp.gate_scale.weight * math.sqrt(d)
-    return (u * torch.nn.functional.silu(v)) @ mlp.down.weight.T
-
-
-def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Block l (1-based) of `cfg.norm_scheme` with the composable keys it sets: the attention written out by
-    `attention_formula` (q/k/v norms, output gate), the block's MLP as F, norm gains per model.norm_gain. GPAS
-    (Chen et al., 2025): P(z) = z - SiLU(g) stopgrad(z), forward value z (1 - SiLU(g)), after each add in pre-norm
-    blocks, on the shortcut alpha P(x) + F in post-norm ones (deepnorm, mix_ln's Post-LN blocks)."""
-    L, eps = cfg.n_layers, cfg.norm_eps
-    N0 = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
-
-    def N(y, w, eps):  # the norm with the run's gain convention (w is the module's weight)
-        return N0(y, w + (1.0 if cfg.norm_gain == "zero_centered" else 0.0), eps)
-
-    def attn(y):
-        return attention_formula(cfg, block.attn, y, cos, sin)
-
-    s = 1.0 - torch.nn.functional.silu(block.residual.gate) if cfg.gpas else 1.0
-
-    def add(y, f):  # a pre-norm block's residual add
-        return (y + f) * s
-
-    def post_add(y, f, alpha=1.0):  # a post-norm block's: GPAS on the shortcut
-        return alpha * y * s + f
-
-    mlp = block.mlp
-    scheme = cfg.norm_scheme
-    if scheme == "mix_ln":
-        scheme = "post_ln" if l <= math.floor(0.25 * L) else "pre_ln"
-
-    if scheme == "pre_ln":
-        h = add(x, attn(N(x, block.attn_norm.weight, eps)))
-        return add(h, mlp(N(h, block.mlp_norm.weight, eps)))
-    if scheme == "lns":
-        r = 1.0 / math.sqrt(l)
-        h = add(x, attn(N(x, block.attn_norm.weight, eps) * r))
-        return add(h, mlp(N(h, block.mlp_norm.weight, eps) * r))
-    if scheme == "ln_free":
-        h = x + attn(x)
-        return h + mlp(h)
-    if scheme == "post_ln":
-        h = N(post_add(x, attn(x)), block.attn_post_norm.weight, eps)
-        return N(post_add(h, mlp(h)), block.mlp_post_norm.weight, eps)
-    if scheme == "peri_ln":
-        h = add(x, N(attn(N(x, block.attn_norm.weight, eps)), block.attn_out_norm.weight, eps))
-        return add(h, N(mlp(N(h, block.mlp_norm.weight, eps)), block.mlp_out_norm.weight, eps))
-    if scheme == "reordered":  # OLMo 2: h = x + N(Attn(x)), out = h + N(MLP(h))
-        h = x + N(attn(x), block.attn_out_norm.weight, eps)
-        return h + N(mlp(h), block.mlp_out_norm.weight, eps)
-    if scheme == "deepnorm":
-        a = (2 * L) ** 0.25
-        h = N(post_add(x, attn(x), a), block.attn_post_norm.weight, eps)
-        return N(post_add(h, mlp(h), a), block.mlp_post_norm.weight, eps)
-    if scheme == "dyt":
-        h = x + attn(dyt(x, block.attn_norm.alpha, gain(cfg, block.attn_norm), block.attn_norm.bias))
-        return h + mlp(dyt(h, block.mlp_norm.alpha, gain(cfg, block.mlp_norm), block.mlp_norm.bias))
-    if scheme == "derf":
-        h = x + attn(derf(x, block.attn_norm, gain(cfg, block.attn_norm)))
-        return h + mlp(derf(h, block.mlp_norm, gain(cfg, block.mlp_norm)))
-    if scheme in ("hybridnorm", "hybridnorm_star"):
-        # HybridNorm: Y = X + Attn(QKVNorm(X)), X' = N(Y) + FFN(N(Y)); HybridNorm*'s first block is Pre-Norm with QKV
-        # norms: Y = X + Attn(QKVNorm(N(X))), X' = Y + FFN(N(Y)). The attention (with its q, k, v norms) is written
-        # out by attention_formula.
-        def qkv_attn(y):
-            return attention_formula(cfg, block.attn, y, cos, sin)
-
-        if scheme == "hybridnorm_star" and l == 1:
-            h = x + qkv_attn(N(x, block.attn_norm.weight, eps))
-            return h + mlp(N(h, block.mlp_norm.weight, eps))
-        y = N(x + qkv_attn(x), block.attn_post_norm.weight, eps)
-        return y + mlp(y)
-    if scheme == "ngpt":
-        # nGPT eq. 10-11: h <- Norm(h + alpha_A (Norm(h_A) - h)), the MLP alike; alpha = |stored * 0.05 sqrt(d)|.
-        rates = (block.residual.rates * 0.05 * math.sqrt(cfg.d_model)).abs()
-        h = unit(unit(x) + rates[0] * (unit(attention_formula(cfg, block.attn, x, cos, sin)) - unit(x)))
-        return unit(h + rates[1] * (unit(ngpt_mlp(cfg, block.mlp, h)) - h))
-    raise AssertionError(f"no formula for {scheme}")
-
-
-def final_formula(cfg: ModelConfig, model, x: torch.Tensor) -> torch.Tensor:
-    kind = FINAL_NORM[cfg.norm_scheme]
-    if kind is None:
-        return x
-    if kind == "dyt":
-        return dyt(x, model.final_norm.alpha, gain(cfg, model.final_norm), model.final_norm.bias)
-    if kind == "derf":
-        return derf(x, model.final_norm, gain(cfg, model.final_norm))
-    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
-    return N(x, gain(cfg, model.final_norm), cfg.norm_eps)  # never depth-scaled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,24 +112,18 @@ def test_whole_model_matches_formula(scheme, norm_type):
     tokens = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = model(tokens)
-        x = model.tok_emb.weight[tokens]
-        if scheme in ("dyt", "derf"):  # the DyT paper's LLaMA, Derf: a learnable scalar after the embedding
-            x = x * model.emb_out.scale
-        if scheme == "peri_ln":  # Peri-LN normalizes the embedding's output too
-            x = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type](x, model.emb_out.weight, cfg.norm_eps)
+        x = embedding_formula(cfg, model, model.tok_emb.weight[tokens])  # dyt/derf's scalar, peri_ln's norm
         for l, block in enumerate(model.blocks, start=1):
             x = block_formula(cfg, block, l, x, model.rope_cos, model.rope_sin)
         head = model.tok_emb.weight if cfg.tie_embeddings else model.head.weight
-        want = final_formula(cfg, model, x) @ head.T
-        if scheme == "ngpt":  # logits = s_z (stored * 1 / (1/sqrt(d))) * (E_out h)
-            want = want * model.logit_scale.weight * math.sqrt(cfg.d_model)
+        want = logit_formula(cfg, model, final_formula(cfg, model, x) @ head.T)  # ngpt's s_z
     assert_close(got, want, tol(cfg), f"{scheme}/{norm_type} logits")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_final_norm(scheme):
     cfg, model = make_model(scheme)
-    kind = FINAL_NORM[scheme]
+    kind = final_kind(scheme)
     n_params = sum(p.numel() for p in model.final_norm.parameters())
     assert n_params == {None: 0, "norm": cfg.d_model, "dyt": cfg.d_model + 1, "derf": 2 * cfg.d_model + 2}[kind]
     x = residual_input(cfg)
@@ -256,6 +132,12 @@ def test_final_norm(scheme):
     assert_close(got, final_formula(cfg, model, x), tol(cfg), f"{scheme} final norm")
     if kind is None:
         assert torch.equal(got, x)
+
+
+def test_every_formula_is_of_a_scheme_of_the_table():
+    """tests/scheme_formulas.py has no formula under a name the table lacks (a misspelt registration would leave its
+    scheme asking for a formula)."""
+    assert set(BLOCK_FORMULAS) <= set(NORM_SCHEMES), sorted(set(BLOCK_FORMULAS) - set(NORM_SCHEMES))
 
 
 def test_lns_scales_block_norms_by_inverse_sqrt_depth():
@@ -423,50 +305,6 @@ def test_norms_keep_float64_precision(norm_type):
 
 # ---------------------------------------------------------------------------------------------------------
 # model.qk_norm: the q and k norms of attention, before RoPE
-
-
-def gain(cfg: ModelConfig, norm) -> torch.Tensor:
-    """A norm's gain: w, or 1 + w with model.norm_gain=zero_centered."""
-    return norm.weight + (1.0 if cfg.norm_gain == "zero_centered" else 0.0)
-
-
-def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Causal GQA attention written out. q and k normalized before RoPE with model.qk_norm: per head over head_dim
-    (Qwen3, Gemma 3), or over the whole projected width n_heads*E / n_kv_heads*E (OLMo 2); hybridnorm: q, k and v
-    each per head; ngpt: q and k per head after RoPE times s_q, s_k, softmax scale sqrt(E). model.attn_gate: the
-    heads' output times sigmoid(x W_g), one gate per head or per head and channel (Qiu et al., 2025, G1)."""
-    B, T, _ = x.shape
-    E, K = cfg.head_dim, cfg.n_kv_heads
-    Q = cfg.n_heads // K
-    N = {"rmsnorm": rms_norm, "layernorm": layer_norm}[cfg.norm_type]
-    qkv = (x @ attn.qkv.weight.T).view(B, T, K, Q + 2, E)  # rows grouped per kv head: q_1..q_Q, k, v
-    q, k, v = qkv[:, :, :, :Q].reshape(B, T, K * Q, E), qkv[:, :, :, Q], qkv[:, :, :, Q + 1]
-    if cfg.qk_norm == "head" or cfg.norm_scheme.startswith("hybridnorm"):
-        q, k = N(q, gain(cfg, attn.q_norm), cfg.norm_eps), N(k, gain(cfg, attn.k_norm), cfg.norm_eps)
-    elif cfg.qk_norm == "full":
-        q = N(q.reshape(B, T, -1), gain(cfg, attn.q_norm), cfg.norm_eps).view(B, T, K * Q, E)
-        k = N(k.reshape(B, T, -1), gain(cfg, attn.k_norm), cfg.norm_eps).view(B, T, K, E)
-    if cfg.norm_scheme.startswith("hybridnorm"):
-        v = N(v, gain(cfg, attn.v_norm), cfg.norm_eps)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, E]
-
-    def rope(t):
-        t1, t2 = t.chunk(2, dim=-1)
-        return t * cos[:T] + torch.cat([-t2, t1], dim=-1) * sin[:T]
-
-    q, k = rope(q), rope(k)
-    scale = 1 / math.sqrt(E)
-    if cfg.norm_scheme == "ngpt":  # s_qk = stored * 1 / (1/sqrt(d))
-        s_q = (attn.q_scale.scale.weight * math.sqrt(cfg.d_model)).view(K * Q, 1, E)
-        s_k = (attn.k_scale.scale.weight * math.sqrt(cfg.d_model)).view(K, 1, E)
-        q, k, scale = unit(q) * s_q, unit(k) * s_k, math.sqrt(E)
-    k, v = k.repeat_interleave(Q, dim=1), v.repeat_interleave(Q, dim=1)  # query head h reads kv head h // Q
-    scores = q @ k.transpose(-1, -2) * scale
-    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    y = (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, E]
-    if cfg.attn_gate != "none":
-        y = y * torch.sigmoid(x @ attn.out_gate.proj.weight.T).view(B, T, K * Q, -1)
-    return y.reshape(B, T, -1) @ attn.o.weight.T
 
 
 QK_CASES = [("pre_ln", "head", "rmsnorm"), ("pre_ln", "full", "rmsnorm"), ("lns", "head", "rmsnorm"),

@@ -10,6 +10,7 @@ import pytest
 from train_helpers import run_train
 
 from pretrain.cli import main
+from pretrain.diagnostics.measures import BLOCK_PAIRS, DEPTH_MEASURES, FROM_EMBEDDING
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,10 +102,10 @@ def test_analyze_depth_trained_model(runs, tmp_path, env_cache, capsys):
     L = result["layers"]
     assert L == 8 and result["step"] == 40 and result["norm_scheme"] == "pre_ln"
     assert result["tokens"] == 3 * 4 * 64 and result["batches"] == 3
-    for key in ("angular_distance", "skip_loss", "skip_loss_increase", "attn_contribution", "mlp_contribution",
-                "block_contribution", "logit_lens_kl", "skip_output_change"):
-        want = L + 1 if key == "logit_lens_kl" else L  # the logit lens starts at the embedding
-        assert len(result[key]) == want and all(math.isfinite(v) for v in result[key]), key
+    for m in DEPTH_MEASURES:  # every analyze-depth entry of the per-layer table
+        values = [v for row in result[m.name] for v in row] if m.shape == BLOCK_PAIRS else result[m.name]
+        want = {BLOCK_PAIRS: L * L, FROM_EMBEDDING: L + 1}.get(m.shape, L)  # the logit lens starts at the embedding
+        assert len(values) == want and all(math.isfinite(v) for v in values), m.name
     assert all(0 <= d <= 1 for d in result["angular_distance"])
     # logit lens: KL >= 0, and 0 at the last block (its decoded distribution is the output)
     assert result["logit_lens_kl"][-1] == 0 and all(v >= -1e-6 for v in result["logit_lens_kl"])

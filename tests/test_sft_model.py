@@ -15,7 +15,7 @@ from models.generate import KVCache, Sampling, generate
 from models.llama import Llama
 from models.parallel import cross_entropy
 from pretrain.data.loader import IGNORE_INDEX
-from pretrain.data.sft import SFTBatch
+from pretrain.data.sft_loader import SFTBatch
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64,

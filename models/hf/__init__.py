@@ -6,8 +6,8 @@ Pure functions on full (TP = 1) state dicts; no CLI and no torch.distributed her
     llama.py, qwen3.py, olmo2.py    one `Target` per class: where its norms sit, its config's own fields
     convert.py      configs and state dicts, both ways, for every target
     linear_norm.py  ln_free in Llama: RMSNorms made linear (rms_norm_eps 2^40, gains 2^20)
-    files.py        directories: an all-or-nothing `save_hf`, `load_hf_state`, `load_hf`
-    common.py       our model's structure without weights, key checks, norm gains
+    files.py        directories: `save_hf` (the files; pretrain/files.py publishes them), `load_hf_state`, `load_hf`
+    common.py       key and shape checks, norm gains
 
 Export: `pre_ln` and `lns` (1/sqrt(l) folded into the gains) -> LlamaForCausalLM, or with model.qk_norm=head ->
 Qwen3ForCausalLM; `reordered` with model.qk_norm=full -> Olmo2ForCausalLM; `ln_free` -> LlamaForCausalLM with linear
@@ -20,7 +20,6 @@ block norm gain by 1/sqrt(l), the inverse of the export fold, so an exported lns
 from __future__ import annotations
 
 from models.hf.choose import TARGETS, NotExportable, export_reference, export_target
-from models.hf.common import build as _build
 from models.hf.common import norm_output_scales
 from models.hf.convert import check_exportable, from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from models.hf.files import BIN_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, load_hf, load_hf_state, save_hf

@@ -1,13 +1,12 @@
-"""Which stock transformers class a model exports to, or why none can hold it: the one table (`NO_STOCK_CLASS`,
-`KEY_REFUSALS`) behind both the export's refusals and the README's per-scheme table (`export_reference`, kept
-current by tests/test_hf_stock_classes.py)."""
+"""Which stock transformers class a model exports to, or why none can hold it: each scheme's entry
+(models/norms.py `hf_exports`, `no_hf_class`) and `KEY_REFUSALS` are behind both the export's refusals and the
+README's per-scheme table (`export_reference`, kept current by tests/test_hf_stock_classes.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from models.config import ModelConfig
-from models.hf.common import meta_model
 from models.hf.llama import LLAMA
 from models.hf.olmo2 import OLMO2
 from models.hf.qwen3 import QWEN3
@@ -19,38 +18,19 @@ from models.parts import Residual, Ungated
 
 TARGETS = {t.model_type: t for t in (LLAMA, QWEN3, OLMO2)}
 
-# (scheme, model.qk_norm) -> the class it exports to and what the export does on the way.
+# (scheme, model.qk_norm) -> the class it exports to and what the export does on the way: read from each scheme's
+# entry (models/norms.py NormScheme.hf_exports), where the reason a scheme has no stock class lives too.
 EXPORTS: dict[tuple[str, str], tuple[Target, str]] = {
-    ("pre_ln", "none"): (LLAMA, "as is"),
-    ("lns", "none"): (LLAMA, "1/√l folded into the norm gains"),
-    ("ln_free", "none"): (LLAMA, "norms made linear (rms_norm_eps 2^40, every gain 2^20); c_in, c_out folded into "
-                                 "q/k/v, gate, up and o, down"),
-    ("pre_ln", "head"): (QWEN3, "as is"),
-    ("lns", "head"): (QWEN3, "1/√l folded into the block norm gains"),
-    ("reordered", "full"): (OLMO2, "as is"),
+    (name, qk): (TARGETS[export.model_type], export.how)
+    for name, scheme in NORM_SCHEMES.items() for qk, export in scheme.hf_exports.items()
 }
 
-# Why a scheme (with any model.qk_norm) or a (scheme, qk_norm) pair has no stock class.
-NO_STOCK_CLASS: dict[str | tuple[str, str], str] = {
-    "post_ln": "it normalizes after the residual add, which no stock class does",
-    "mix_ln": "its first blocks are Post-LN (normalized after the residual add), which no stock class has",
-    "peri_ln": "it normalizes the embedding's output, which no stock class does (Gemma 2/3 have its block norms but "
-               "scale the embedding by √d)",
-    "deepnorm": "Post-LN with the residual weighted by (2L)^¼, which no stock class has",
-    "dyt": "tanh in place of the norms and a learnable embedding scalar, which no stock class computes",
-    "derf": "erf in place of the norms and a learnable embedding scalar, which no stock class computes",
-    "hybridnorm": "it normalizes v per head and feeds the FFN a post-norm sum, which no stock class does",
-    "hybridnorm_star": "it normalizes v per head and feeds the FFN a post-norm sum, which no stock class does",
-    "ngpt": "its residual update moves on the unit sphere with learned q/k, MLP and logit scales, which no stock "
-            "class has",
-    ("pre_ln", "full"): "full-width q/k norms come only with OLMo 2's reordered blocks; Qwen3's are per head "
-                        "(model.qk_norm=head)",
-    ("lns", "full"): "full-width q/k norms come only with OLMo 2's reordered blocks; Qwen3's are per head "
-                     "(model.qk_norm=head)",
-    ("reordered", "none"): "OLMo 2 always normalizes q and k (model.qk_norm=full), and its one rms_norm_eps serves "
-                           "every norm, so its q/k norms cannot be made linear alone",
-    ("reordered", "head"): "OLMo 2 normalizes q and k over the full width (model.qk_norm=full), not per head",
-}
+
+def import_schemes(target: Target) -> tuple[str, ...]:
+    """Our schemes an import of `target`'s class may give: those that export to it (the first, in the table's order,
+    is the default)."""
+    return tuple(dict.fromkeys(scheme for (scheme, _), (t, _) in EXPORTS.items() if t is target))
+
 
 # Model keys off their default that no stock class expresses, whatever the scheme: key -> (value to show, why).
 KEY_REFUSALS: dict[str, tuple[str, str]] = {
@@ -90,16 +70,15 @@ def export_target(cfg: ModelConfig) -> tuple[Target, str]:
     found = EXPORTS.get((cfg.norm_scheme, cfg.qk_norm))
     if found is not None:
         return found
-    why = NO_STOCK_CLASS.get((cfg.norm_scheme, cfg.qk_norm)) or NO_STOCK_CLASS.get(cfg.norm_scheme)
     what = f"model.norm_scheme={cfg.norm_scheme}"
     what += "" if cfg.qk_norm == "none" else f" with model.qk_norm={cfg.qk_norm}"
-    raise refusal(what, why or "no entry in models/hf/choose.py")
+    raise refusal(what, NORM_SCHEMES[cfg.norm_scheme].why_no_hf_class(cfg.qk_norm))
 
 
 def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None) -> None:
     """The table says "exports"; check the built structure too, so that a scheme changed in models/norms.py without
     this table is refused instead of silently exported as a different function."""
-    model = meta_model(cfg) if model is None else model
+    model = Llama.meta(cfg) if model is None else model
     linear = NORM_SCHEMES[cfg.norm_scheme].norm_free
     what = f"model.norm_scheme={cfg.norm_scheme}"
 
@@ -136,7 +115,7 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
 
 
 def export_reference() -> str:
-    """The README's per-scheme export table (markdown), from `EXPORTS`, `NO_STOCK_CLASS` and `KEY_REFUSALS`."""
+    """The README's per-scheme export table (markdown), from the scheme entries and `KEY_REFUSALS`."""
     rows = ["| scheme | `model.qk_norm` | exports as | how, or why not |", "| --- | --- | --- | --- |"]
     for scheme, entry in NORM_SCHEMES.items():
         variants = ("none", "head", "full") if "qk_norm" in entry.options else ("none",)
@@ -146,7 +125,7 @@ def export_reference() -> str:
             if found is not None:
                 results.append((qk, f"`{found[0].architecture}`", found[1]))
             else:
-                results.append((qk, "refused", NO_STOCK_CLASS.get((scheme, qk)) or NO_STOCK_CLASS[scheme]))
+                results.append((qk, "refused", entry.why_no_hf_class(qk)))
         if len({(r[1], r[2]) for r in results}) == 1:  # one answer whatever qk_norm: one row
             results = [("any" if len(variants) > 1 else "none", results[0][1], results[0][2])]
         rows += [f"| `{scheme}` | {qk} | {cls} | {how} |" for qk, cls, how in results]

@@ -1,5 +1,5 @@
-"""Shared pieces of the Hugging Face conversions: our model's structure without weights, key and shape checks, the
-effective norm gains, and building a `Llama` from a converted state dict."""
+"""Shared pieces of the Hugging Face conversions: key and shape checks, the effective norm gains, fixed scales. (Our
+model's structure without weights is `Llama.meta`, a model holding a state dict `Llama.from_state_dict`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.llama import Llama, rope_cache
+from models.llama import Llama
 from models.norms import RMSNorm
 from models.parallel import HeadNorm, WidthNorm
 
@@ -16,14 +16,8 @@ from models.parallel import HeadNorm, WidthNorm
 STOCK_NORMS = (RMSNorm, HeadNorm, WidthNorm)
 
 
-def meta_model(cfg: ModelConfig) -> Llama:
-    """Our model's module structure (norm scales, parts) without allocating or initializing any weight."""
-    with torch.device("meta"):
-        return Llama(cfg)
-
-
 def our_keys(cfg: ModelConfig) -> set[str]:
-    return set(meta_model(cfg).state_dict())
+    return set(Llama.meta(cfg).state_dict())
 
 
 def check_keys(got: set[str], expected: set[str], what: str) -> None:
@@ -48,7 +42,7 @@ def norm_output_scales(cfg: ModelConfig) -> dict[str, tuple[float, float]]:
     LayerNorm Scaling's 1/sqrt(l); q/k norms have no output scale)."""
     return {
         f"{name}.weight": (float(module.gain_offset), float(getattr(module, "output_scale", 1.0)))
-        for name, module in meta_model(cfg).named_modules()
+        for name, module in Llama.meta(cfg).named_modules()
         if isinstance(module, STOCK_NORMS)
     }
 
@@ -63,16 +57,3 @@ def scaled(w: torch.Tensor, factor: float, offset: float = 0.0) -> torch.Tensor:
 def fixed_scale(module: nn.Module) -> float:
     """The multiplier a parameter-free slot applies (ln_free's `Scale`, or 1 for nn.Identity)."""
     return float(getattr(module, "scale", 1.0))
-
-
-def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Llama:
-    """`Llama(cfg)` holding `state_dict`, without spending time on a random init that is overwritten."""
-    model = meta_model(cfg)
-    buffers = {name for name, _ in model.named_buffers()}
-    if buffers != {"rope_cos", "rope_sin"}:  # llama.py grew a buffer this shortcut does not know: build plainly
-        model = Llama(cfg)
-    else:
-        model = model.to_empty(device="cpu")
-        model.rope_cos, model.rope_sin = rope_cache(cfg)
-    model.load_state_dict(state_dict, strict=True)
-    return model

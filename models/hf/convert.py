@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from models.config import ModelConfig
-from models.hf.choose import TARGETS, check_structure, export_target
-from models.hf.common import check_keys, check_shape, fixed_scale, meta_model, norm_output_scales, our_keys, scaled
+from models.hf.choose import TARGETS, check_structure, export_target, import_schemes
+from models.hf.common import check_keys, check_shape, fixed_scale, norm_output_scales, our_keys, scaled
 from models.hf.linear_norm import LINEAR_EPS, is_linear_eps, linear_gain
 from models.hf.target import Target, check_common_config
+from models.llama import Llama
 from models.norms import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, NORM_SCHEMES
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -88,11 +89,11 @@ def _as_hf_config(hf_config: Any) -> tuple[Target, Any]:
 def _import_scheme(target: Target, c: Any, norm_scheme: str | None) -> str:
     linear = target is TARGETS["llama"] and is_linear_eps(float(c.rms_norm_eps))
     if norm_scheme is None:  # auto: a Llama with linearized norms is an ln_free export
-        return "ln_free" if linear else target.import_schemes[0]
-    allowed = [s for s in target.import_schemes if s != "ln_free" or linear]
+        return "ln_free" if linear else import_schemes(target)[0]
+    allowed = [s for s in import_schemes(target) if s != "ln_free" or linear]
     if norm_scheme not in allowed:
         why = (f"rms_norm_eps={c.rms_norm_eps} is a real norm's, not a linearized one's (>= 2^30)"
-               if norm_scheme == "ln_free" and norm_scheme in target.import_schemes else "")
+               if norm_scheme == "ln_free" and norm_scheme in import_schemes(target) else "")
         raise ValueError(f"norm_scheme={norm_scheme}: an HF {target.architecture} can only be imported as "
                          f"{' or '.join(allowed)}{f' ({why})' if why else ''}")
     return norm_scheme
@@ -135,7 +136,7 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> d
 
     Every returned tensor owns its memory (safetensors refuses views of one storage). With tied embeddings
     `lm_head.weight` is left out, as `save_pretrained` does."""
-    model = meta_model(cfg)
+    model = Llama.meta(cfg)
     target = check_exportable(cfg, model)
     linear = NORM_SCHEMES[cfg.norm_scheme].norm_free
     sd = {k: v for k, v in state_dict.items() if not k.endswith("._extra_state")}

@@ -1,19 +1,19 @@
-"""Hugging Face directories: writing one all-or-nothing, reading one (safetensors, sharded or not, or a .bin) into our
-state dict and model."""
+"""Hugging Face directories: writing one's files, reading one (safetensors, sharded or not, or a .bin) into our state
+dict and model.
+
+`save_hf` writes the files only; publishing a folder all-or-nothing is pretrain/files.py's `atomic_folder`, which
+`pretrain export-hf` wraps around it (models/ imports nothing of pretrain, so the one atomic write lives there)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from models.config import ModelConfig
-from models.hf.common import build
 from models.hf.convert import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from models.llama import Llama
 
@@ -26,61 +26,30 @@ def save_hf(
     cfg: ModelConfig,
     state_dict: dict[str, torch.Tensor],
     out_dir: str | os.PathLike,
-    overwrite: bool = False,
-    write_extra: Callable[[Path], None] | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a `from_pretrained`-loadable directory (Llama, Qwen3 or OLMo 2 by scheme): config.json +
-    model.safetensors.
+    model.safetensors, into `out_dir` (made if absent; an existing non-empty one is refused with FileExistsError).
 
-    Written into a temporary sibling directory and renamed into place, so a failure leaves no half-written
-    `out_dir`. An existing non-empty `out_dir` is refused (FileExistsError) unless `overwrite`.
-    `config_overrides` go to `to_hf_config` (e.g. bos_token_id, eos_token_id). `write_extra(tmp_dir)` adds files
-    (tokenizer, generation config) to the directory before it is renamed into place, so they are part of the same
-    all-or-nothing write.
+    A refusal to convert (ValueError) comes before anything is written. The files are written in place: a caller
+    that must never leave a half-written export writes into `pretrain.files.atomic_folder`'s temporary folder (as
+    `pretrain export-hf` does, adding the tokenizer files there). `config_overrides` go to `to_hf_config` (e.g.
+    bos_token_id, eos_token_id).
     """
     from safetensors.torch import save_file  # with transformers: only HF conversions need it
 
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or remove it")
     hf_sd = to_hf_state_dict(cfg, state_dict)  # before touching the disk: refusals leave nothing behind
     dtypes = {t.dtype for t in hf_sd.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     hf_cfg = to_hf_config(cfg, dtype=dtype, **config_overrides)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        hf_cfg.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        if write_extra is not None:
-            write_extra(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is swapped out first and removed only after the move."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    if dst.is_dir() and not any(dst.iterdir()):
-        dst.rmdir()
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    old.rmdir()
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -114,4 +83,4 @@ def load_hf_state(path: str | os.PathLike,
 def load_hf(path: str | os.PathLike, norm_scheme: str | None = None) -> Llama:
     """An HF Llama, Qwen3 or OLMo 2 directory -> our `Llama` (TP = 1, fp32, on CPU)."""
     cfg, sd = load_hf_state(path, norm_scheme=norm_scheme)
-    return build(cfg, sd)
+    return Llama.from_state_dict(cfg, sd)

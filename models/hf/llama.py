@@ -17,7 +17,6 @@ LLAMA = Target(
     model_type="llama",
     architecture="LlamaForCausalLM",
     config_class="LlamaConfig",
-    import_schemes=("pre_ln", "lns", "ln_free"),
     qk_norm="none",
     block_norms={ATTN_IN: "input_layernorm", MLP_IN: "post_attention_layernorm"},
     config_kwargs=lambda cfg: dict(mlp_bias=False),

@@ -12,7 +12,6 @@ OLMO2 = Target(
     model_type="olmo2",
     architecture="Olmo2ForCausalLM",
     config_class="Olmo2Config",
-    import_schemes=("reordered",),
     qk_norm="full",
     block_norms={ATTN_OUT: "post_attention_layernorm", MLP_OUT: "post_feedforward_layernorm"},
     keeps_head_dim=False,

@@ -20,7 +20,6 @@ QWEN3 = Target(
     model_type="qwen3",
     architecture="Qwen3ForCausalLM",
     config_class="Qwen3Config",
-    import_schemes=("pre_ln", "lns"),
     qk_norm="head",
     block_norms={ATTN_IN: "input_layernorm", MLP_IN: "post_attention_layernorm"},
     # Qwen3Config defaults to a 4096-token window that only use_sliding_window switches on: written off explicitly.

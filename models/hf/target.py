@@ -15,7 +15,6 @@ class Target:
     model_type: str  # config.json's model_type
     architecture: str  # the transformers class (config.json's architectures)
     config_class: str  # its transformers config class
-    import_schemes: tuple[str, ...]  # our schemes an import may give (the first is the default)
     qk_norm: str  # our model.qk_norm for its q_norm / k_norm ("none": the class has none)
     block_norms: dict[str, str]  # our block slot -> the class's norm module in a layer
     config_kwargs: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}  # class-specific export fields

@@ -2,30 +2,11 @@
 
 For a training checkpoint (any TP/PP layout) or a Hugging Face directory (Llama, Qwen3, OLMo 2) (loaded as one full model, no
 torch.distributed, by `pretrain.state.sources`; the command is pretrain/cli/analyze_depth.py) and a bounded
-number of validation micro-batches of `--data` (a prepared data folder or bundled:tinyshakespeare), per block
-l = 1..L with input x_l, output y_l, attention branch a_l = attn_out_norm(Attn(attn_norm(x_l))), MLP branch
-m_l = mlp_out_norm(MLP(mlp_norm(h_l))) added to the residual h_l, and alpha the scheme's residual weight (1 except
-deepnorm); "mean over tokens" is over all B x T positions of all batches:
-
-    angular_distance[l]    mean over tokens of arccos(cos(x_l, y_l)) / pi (Gromov et al., "The Unreasonable
-                           Ineffectiveness of the Deeper Layers"; the same definition as diagnostics')
-    skip_loss[l]           validation loss with block l replaced by the identity (y_l = x_l), all other blocks
-                           intact -- the Curse of Depth paper's layer-pruning analysis
-    skip_loss_increase[l]  skip_loss[l] - val_loss
-    attn_contribution[l]   mean over tokens of ||a_l|| / ||alpha x_l||       (Csordas et al., "Do Language Models
-    mlp_contribution[l]    mean over tokens of ||m_l|| / ||alpha h_l||        Use Their Depth Efficiently?": the
-    block_contribution[l]  mean over tokens of ||a_l + m_l|| / ||alpha x_l||  sublayer's relative contribution)
-    logit_lens_kl[l]       logit lens, l = 0..L (L + 1 entries): mean over tokens of KL(p_l || p_L),
-                           p_l = softmax(head(final_norm(y_l))), the distribution decoded from the residual after
-                           block l; y_0 is the embedding as the first block reads it (Csordas et al. start there
-                           too), p_L the model's output (so the last entry is 0)
-    skip_effect[s][l]      the effect of skipping block s on block l's contribution y_l - x_l: the max over
-                           positions (and batches) of ||(y_l - x_l)_skip - (y_l - x_l)_orig|| / ||(y_l - x_l)_orig||
-                           (Csordas et al.'s layer-skip heat map; per-token norms over the hidden dim,
-                           denominators clamped at 1e-6). Row s = skipped block, column l = affected block;
-                           1 on the diagonal (the skipped block contributes nothing) and 0 below it by definition.
-    skip_output_change[s]  max over positions of ||softmax(logits_skip) - softmax(logits_orig)||_2, the skip's
-                           effect on the output distribution
+number of validation micro-batches of `--data` (a prepared data folder or bundled:tinyshakespeare): the measures
+of the per-layer table marked `analyze_depth` (pretrain/diagnostics/measures.py, where each is defined and
+labelled and its difference from the training-time diagnostics is stated): the angular distance (shared with the
+diagnostics), Csordas et al.'s sublayer contributions, the logit lens and the skip-one-block analyses, "mean over
+tokens" being over all B x T positions of all batches.
 
 Skipping block s means y_s = x_s at every position except the first `keep_first` ones, where the block still runs
 (y_s = block(x_s)): Csordas et al.'s `no_skip_front`, which keeps the attention sink a sequence-initial BOS token
@@ -55,11 +36,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pretrain.diagnostics.measures import BLOCK_PAIRS, DEPTH_MEASURES
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 from pretrain.errors import UserError
 
-PER_LAYER = ("angular_distance", "skip_loss", "skip_loss_increase", "attn_contribution", "mlp_contribution",
-             "block_contribution", "logit_lens_kl", "skip_output_change")
+# depth.json's per-layer lists (every analyze_depth entry of the table but the L x L skip_effect)
+PER_LAYER = tuple(m.name for m in DEPTH_MEASURES if m.shape != BLOCK_PAIRS)
 EPS = 1e-6  # floor of the per-token denominators (Csordas et al.'s clamp)
 
 
@@ -83,9 +65,10 @@ def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
     blocks = list(model.blocks)
     n_layers = len(blocks)
     cos_tab, sin_tab = model.rope_cos, model.rope_sin
-    # Accumulated on the device in float64 and read once at the end: no host sync per layer on a GPU.
+    # Sums over tokens, accumulated on the device in float64 and divided by the token count once at the end: no
+    # host sync per layer on a GPU.
     sums = {k: torch.zeros(n_layers, dtype=torch.float64, device=device)
-            for k in PER_LAYER if k not in ("skip_loss_increase", "skip_output_change")}
+            for k in ("angular_distance", "skip_loss", "attn_contribution", "mlp_contribution", "block_contribution")}
     sums["logit_lens_kl"] = torch.zeros(n_layers + 1, dtype=torch.float64, device=device)  # index 0: the embedding
     base_sum = torch.zeros((), dtype=torch.float64, device=device)
     skip_effect = torch.eye(n_layers, dtype=torch.float64, device=device)  # 1 on the diagonal by definition

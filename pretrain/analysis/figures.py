@@ -1,8 +1,9 @@
 """Every figure of normlab, each drawn once here (matplotlib Figure objects, no pyplot: headless).
 
-Per-layer panels come from the statistics registry (pretrain/diagnostics/stats.py): one panel per FIGURE_STATS
-entry (today variance and grad_norm), so a registry entry with figure=True appears in `pretrain plot` and in
-`pretrain report` alike, with the entry's title, axis label and scale.
+Per-layer panels come from the per-layer measure table (pretrain/diagnostics/measures.py): one panel per
+FIGURE_STATS entry (today variance and grad_norm) and one per DEPTH_PANELS entry, so a table entry with
+stats_panel=True appears in `pretrain plot` and in `pretrain report` alike, one with depth_panel=True in the
+report's depth figure, with the entry's title, axis label and scale; depth.png takes its labels from the table too.
 
     variance_vs_depth_figure  TensorBoard's end-of-run image: variance against depth, one line per measured step
                               (pretrain/features.py hands it to the diagnostics hooks)
@@ -11,8 +12,9 @@ entry (today variance and grad_norm), so a registry entry with figure=True appea
     loss_figure               `pretrain report`, per column: training and validation loss against training tokens
     layer_stats_figure        `pretrain report`, per column: one panel per FIGURE_STATS entry at each run's last
                               measured step
-    depth_runs_figure         `pretrain report`, per column: analyze-depth results of the runs: angular distance,
-                              block contribution ||a+m||/||x||, logit lens KL, skip-one-block loss increase
+    depth_runs_figure         `pretrain report`, per column: analyze-depth results of the runs, one panel per
+                              DEPTH_PANELS entry (angular distance, block contribution, logit lens KL, skip-one-block
+                              loss increase)
     skip_effect_figure        `pretrain report`, per column: analyze-depth's skip-effect heat map, one panel per run
     depth_figure              `pretrain analyze-depth`: DIR/depth.png of one result
     attribution_figure        `pretrain attribute`: DIR/attribution.png of one result
@@ -28,20 +30,9 @@ import os
 import numpy as np
 
 from pretrain.analysis.report_table import Run
+from pretrain.diagnostics.measures import DEPTH_PANELS, FIGURE_STATS, LayerMeasure, measure
 from pretrain.errors import UserError
-
-def _figure_stats() -> tuple:
-    # the registry imports torch: imported on first draw so that importing figures.py stays cheap
-    from pretrain.diagnostics.stats import FIGURE_STATS
-
-    return FIGURE_STATS
-
-
-def _stat(name: str):
-    # the registry imports torch: imported on first draw so that importing figures.py stays cheap
-    from pretrain.diagnostics.stats import LAYER_STATS
-
-    return next(s for s in LAYER_STATS if s.name == name)
+from pretrain.files import atomic_writer
 
 
 def _new_figure(**kwargs):
@@ -88,8 +79,8 @@ def _layer_axes(ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def _layer_panel(ax, stat, curves: list[tuple[list, dict]], title: str, legend_size: int) -> None:
-    """One registry statistic against depth: `curves` = [(one value per block, line style)]."""
+def _layer_panel(ax, stat: LayerMeasure, curves: list[tuple[list, dict]], title: str, legend_size: int) -> None:
+    """One training-time measure of the table against depth: `curves` = [(one value per block, line style)]."""
     for values, style in curves:
         ys = _positive(values) if stat.log_scale else _finite_or_nan(values)
         ax.plot(list(range(1, len(values) + 1)), ys, "o-", ms=3, **style)
@@ -114,7 +105,7 @@ def pick_steps(run: Run, steps: list[int] | None) -> list[dict]:
 
 
 def save_figure(fig, out: str) -> None:
-    """Save atomically (temp file, then rename), with one-line errors for a bad --out."""
+    """Save atomically (pretrain/files.py), with one-line errors for a bad --out."""
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: folder {parent} does not exist")
@@ -122,13 +113,8 @@ def save_figure(fig, out: str) -> None:
     formats = fig.canvas.get_supported_filetypes()
     if ext not in formats:
         raise UserError(f"--out {out}: unknown image format {ext!r}; use one of {', '.join(sorted(formats))}")
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=ext, dpi=120)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_writer(out) as f:
+        fig.savefig(f, format=ext, dpi=120)
 
 
 # ----------------------------------------------------------------------------------- per-layer statistics
@@ -136,7 +122,7 @@ def save_figure(fig, out: str) -> None:
 
 def variance_vs_depth_figure(history: list[dict]):
     """Variance against depth, one line per entry {"step", "variance"}, later steps darker (TensorBoard's image)."""
-    stat = _stat("variance")
+    stat = measure("variance")
     fig = _new_figure(figsize=(6, 4))
     ax = fig.subplots()
     curves = [(entry["variance"], {"color": (0.1, 0.3, 0.8, 0.25 + 0.75 * j / max(1, len(history) - 1)),
@@ -148,7 +134,7 @@ def variance_vs_depth_figure(history: list[dict]):
 def plot_figure(runs: list[Run], steps: list[int] | None = None):
     """`pretrain plot`: one panel per FIGURE_STATS entry against depth (each run at `steps`, default its last
     measured step; several steps: earlier ones fainter), then the loss panel. Runs labelled by label_runs."""
-    stats = _figure_stats()
+    stats = FIGURE_STATS
     fig = _new_figure(figsize=(16 / 3 * (len(stats) + 1), 4.8))
     *stat_axes, ax_loss = fig.subplots(1, len(stats) + 1)
     curves: dict[str, list] = {s.name: [] for s in stats}
@@ -183,7 +169,7 @@ def layer_stats_figure(runs: list[Run], title: str):
     measured = [r for r in runs if r.layer_stats]
     if not measured:
         return None
-    stats = _figure_stats()
+    stats = FIGURE_STATS
     fig = _new_figure(figsize=(5.5 * len(stats), 4))
     axes = np.atleast_1d(fig.subplots(1, len(stats)))
     labels = run_labels(measured)
@@ -222,20 +208,13 @@ def loss_figure(runs: list[Run], title: str):
 # --------------------------------------------------------------------------------- analyze-depth, attribute
 
 
-# analyze-depth's per-layer results as panels: (y label, y scale, title), shared by the one-result figure
-# (depth_figure) and the report's several-run one (depth_runs_figure)
-DEPTH_PANELS = {
-    "angular_distance": ("angular distance / pi", "linear", "Input vs output of each block"),
-    "block_contribution": ("||a+m|| / ||x||", "log", "Block contribution (Csordas et al.)"),
-    "logit_lens_kl": ("KL(p_l || p_L)", "linear", "Logit lens (layer 0: the embedding)"),
-    "skip_loss_increase": ("validation loss increase", "linear", "Skipping one block"),
-}
-SKIP_EFFECT_LABEL = "max relative change of contribution"
+# depth.png's sublayer-contribution panel: one line per measure, its legend the sublayer and the table's label
+CONTRIBUTIONS = (("attention", "attn_contribution"), ("MLP", "mlp_contribution"), ("block", "block_contribution"))
 
 
-def _depth_axes(ax, key: str, xlabel: str = "layer", title: str | None = None) -> None:
-    ylabel, scale, default_title = DEPTH_PANELS[key]
-    ax.set(xlabel=xlabel, ylabel=ylabel, yscale=scale, title=title or default_title)
+def _depth_axes(ax, m: LayerMeasure, xlabel: str = "layer", title: str | None = None) -> None:
+    """An analyze-depth measure's panel: the table's label, scale and (unless given) title."""
+    ax.set(xlabel=xlabel, ylabel=m.label, yscale="log" if m.log_scale else "linear", title=title or m.title)
     _layer_axes(ax)
 
 
@@ -268,32 +247,31 @@ def depth_figure(result: dict):
     axes = fig.subplots(2, 3)
     ax_angle, ax_contrib, ax_lens = axes[0]
     ax_skip, ax_out, ax_map = axes[1]
+    skip_effect = measure("skip_effect")
     ax_angle.plot(layers, result["angular_distance"], "o-", ms=4)
-    _depth_axes(ax_angle, "angular_distance")
+    _depth_axes(ax_angle, measure("angular_distance"))
     if "block_contribution" in result:  # depth.json files written before these analyses existed lack them
-        for key, label in (("attn_contribution", "attention ||a||/||x||"), ("mlp_contribution", "MLP ||m||/||h||"),
-                           ("block_contribution", "block ||a+m||/||x||")):
-            ax_contrib.plot(layers, result[key], "o-", ms=3, label=label)
+        for sublayer, key in CONTRIBUTIONS:
+            ax_contrib.plot(layers, result[key], "o-", ms=3, label=f"{sublayer} {measure(key).label}")
         ax_contrib.legend(fontsize=8)
         ax_lens.plot(_layer_positions(result, "logit_lens_kl"), result["logit_lens_kl"], "o-", ms=4, color="C4")
         ax_out.bar(layers, result["skip_output_change"], color="C1")
         effect = _skip_effect_matrix(result)
-        im = _skip_effect_panel(ax_map, effect, max(1.0, float(np.nanmax(effect))),
-                                "Skip: effect on later contributions")
-        fig.colorbar(im, ax=ax_map, label=SKIP_EFFECT_LABEL)
+        im = _skip_effect_panel(ax_map, effect, max(1.0, float(np.nanmax(effect))), skip_effect.title)
+        fig.colorbar(im, ax=ax_map, label=skip_effect.label)
     else:
-        ax_map.set(xlabel="effect at layer", ylabel="layer skipped", title="Skip: effect on later contributions")
+        ax_map.set(xlabel="effect at layer", ylabel="layer skipped", title=skip_effect.title)
     ax_contrib.set(xlabel="layer", ylabel="relative contribution", yscale="log",
                    title="Sublayer contributions (Csordas et al.)")
     _layer_axes(ax_contrib)
-    _depth_axes(ax_lens, "logit_lens_kl")
+    _depth_axes(ax_lens, measure("logit_lens_kl"))
     increase = result["skip_loss_increase"]
     ax_skip.bar(layers, increase, color=["C3" if v > 0 else "C2" for v in increase])
     ax_skip.axhline(0.0, color="k", lw=0.8)
-    _depth_axes(ax_skip, "skip_loss_increase", xlabel="layer skipped",
-                title=f"{DEPTH_PANELS['skip_loss_increase'][2]} (val loss {result['val_loss']:.3f})")
-    ax_out.set(xlabel="layer skipped", ylabel="max ||dp||_2", title="Skip: change of the output distribution")
-    _layer_axes(ax_out)
+    skip_loss_increase = measure("skip_loss_increase")
+    _depth_axes(ax_skip, skip_loss_increase, xlabel="layer skipped",
+                title=f"{skip_loss_increase.title} (val loss {result['val_loss']:.3f})")
+    _depth_axes(ax_out, measure("skip_output_change"), xlabel="layer skipped")
     ax_map.xaxis.get_major_locator().set_params(integer=True)
     ax_map.yaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{result.get('norm_scheme', '')} step {result.get('step', '?')}")
@@ -306,18 +284,21 @@ def depth_runs_figure(runs: list[Run], title: str):
     analysed = [r for r in runs if r.depth]
     if not analysed:
         return None
-    fig = _new_figure(figsize=(11, 7.5))
-    axes = fig.subplots(2, 2).flatten()
+    rows = math.ceil(len(DEPTH_PANELS) / 2)
+    fig = _new_figure(figsize=(11, 3.75 * rows))
+    axes = fig.subplots(rows, 2).flatten()
     labels = run_labels(analysed)
-    for ax, key in zip(axes, DEPTH_PANELS):
+    for ax, m in zip(axes, DEPTH_PANELS):
         for r in analysed:
-            if key in r.depth:
-                ax.plot(_layer_positions(r.depth, key), _finite_or_nan(r.depth[key]), "o-", ms=3,
+            if m.name in r.depth:
+                ax.plot(_layer_positions(r.depth, m.name), _finite_or_nan(r.depth[m.name]), "o-", ms=3,
                         color=scheme_color(r.scheme),
                         label=f"{labels[r.path]} @ {r.depth.get('step')}")
-        _depth_axes(ax, key)
+        _depth_axes(ax, m)
         if ax.lines:
             ax.legend(fontsize=7)
+    for ax in axes[len(DEPTH_PANELS):]:  # an odd number of panels leaves one cell empty
+        ax.set_visible(False)
     fig.suptitle(f"Depth analyses: {title}")
     return fig
 
@@ -341,7 +322,7 @@ def skip_effect_figure(runs: list[Run], title: str):
         im = _skip_effect_panel(ax, m, vmax, labels[r.path])
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.colorbar(im, ax=list(axes[:n]), label=SKIP_EFFECT_LABEL)
+    fig.colorbar(im, ax=list(axes[:n]), label=measure("skip_effect").label)
     fig.suptitle(f"Skipping block s: effect on block l's contribution: {title}")
     return fig
 

@@ -9,8 +9,8 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
                      grid, else the keys the runs differ in; --columns to choose), best per column in bold,
                      diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
     Runs             one line per run: scheme, column, steps, tokens, last losses, how it ended
-    per column       loss curves; the per-layer statistics of the registry's figure entries (variance and gradient
-                     norm) against depth at the last measured step (diagnostics.interval > 0);
+    per column       loss curves; the per-layer statistics of the measure table's stats_panel entries (variance and
+                     gradient norm) against depth at the last measured step (diagnostics.interval > 0);
                      `pretrain analyze-depth` results where a run folder holds one
                      (RUN_DIR/depth.json or RUN_DIR/*/depth.json): angular distance, block contribution, logit
                      lens, skip-one-block loss and the skip-effect heat maps
@@ -26,13 +26,12 @@ import html
 import io
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 from pretrain.analysis import figures
 from pretrain.analysis.report_table import Run, Table, column_label, human_tokens, row_differences
+from pretrain.files import atomic_folder
 
 REPORT_MD, REPORT_HTML = "REPORT.md", "report.html"
 CSS = """
@@ -237,12 +236,10 @@ def render_html(blocks: list, images: dict[str, bytes], title: str) -> str:
 
 
 def write_report(out: str, blocks: list, images: dict[str, bytes]) -> None:
-    """Everything into a temporary sibling, then renamed into place (an earlier report is replaced)."""
-    parent = os.path.dirname(out)
+    """Everything into a temporary sibling, then renamed into place (an earlier report is replaced, and kept if
+    the rename fails: pretrain/files.py)."""
     title = next((b[1] for b in blocks if b[0] == "h1"), "Report")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=parent)
-    old = None
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         for name, data in images.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
@@ -250,18 +247,3 @@ def write_report(out: str, blocks: list, images: dict[str, bytes]) -> None:
             f.write(render_markdown(blocks))
         with open(os.path.join(tmp, REPORT_HTML), "w") as f:
             f.write(render_html(blocks, images, title))
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=parent)
-            os.rename(out, os.path.join(old, "report"))
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(os.path.join(old, "report"), out)  # keep the earlier report
-                raise
-        else:
-            os.rename(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

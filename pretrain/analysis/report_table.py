@@ -78,18 +78,18 @@ def expand_inputs(paths: list[str]) -> list[str]:
         names += sorted(n for n in os.listdir(path) if n not in names)
         found = [os.path.join(path, n) for n in names if run_folder.has_started(os.path.join(path, n))]
         if not found:
-            raise UserError(f"{path} is neither a run folder nor a sweep folder with started runs (a config.yaml) "
-                            "in it")
+            raise UserError(f"{path} is neither a run folder nor a sweep folder with started runs (a "
+                            f"{run_folder.CONFIG_FILE}) in it")
         runs += found
     unique = list(dict.fromkeys(os.path.abspath(p) for p in runs))
     return unique
 
 
 def _flat_config(path: str):
-    """(flat {"section.key": value}, ExperimentConfig) of a run's config.yaml."""
-    from pretrain.config import load_config, to_dict  # they import the model code (torch): loaded when a run is read
+    """(flat {"section.key": value}, ExperimentConfig) of a run's stored config."""
+    from pretrain.config import to_dict  # it imports the model code (torch): loaded when a run is read
 
-    cfg = load_config(os.path.join(path, run_folder.CONFIG_FILE), stored=True)
+    cfg = run_folder.read_stored_config(path)
     flat = {}
     for section, values in to_dict(cfg).items():  # the config keys (not the internal given_keys)
         if isinstance(values, dict) and section != "deepspeed":
@@ -118,9 +118,7 @@ def _newest_depth(path: str) -> dict | None:
 def read_run(path: str) -> Run:
     """A started run folder, read once (pretrain report, pretrain plot); one-line UserErrors for a missing folder,
     a run not started yet and a corrupted file."""
-    # torch and the model code (for the parameter count on the meta device) load only when a run is read
-    import torch
-    from models import Llama
+    from models import Llama  # torch and the model code (the parameter count on the meta device): only when a run is read
 
     if not os.path.isdir(path):
         raise UserError(f"run folder {path} does not exist")
@@ -134,8 +132,7 @@ def read_run(path: str) -> Run:
     per_step = cfg.train.global_batch_size * cfg.data.seq_len
     val = [{**m, "tokens": tokens_at.get(m["step"], m["step"] * per_step)} for m in metrics if "val_loss" in m]
     events = run_folder.read_events(path)
-    with torch.device("meta"):
-        params = Llama(cfg.model).num_params()
+    params = Llama.meta(cfg.model).num_params()
     return Run(
         path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
         train=train, val=val, layer_stats=run_folder.read_layer_stats(path), depth=_newest_depth(path),

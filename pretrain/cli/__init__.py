@@ -1,7 +1,10 @@
 """`pretrain` and its subcommands (also `python -m pretrain`).
 
-One module per command in this package, each with `register(subparsers)`, which adds its parser and sets
-`func(args) -> exit code`; `commands()` lists them in the order `pretrain --help` shows them. Every command turns
+One module per top-level command in this package, each with `register(subparsers)`, which adds its parser and sets
+`func(args) -> exit code`; `commands()` lists them in the order `pretrain --help` shows them. Command modules never
+import each other: what two commands share is library code (pretrain/analysis/, pretrain/state/, ...) or the CLI's
+own plumbing here, which registers no command: spawn.py (ranks for --nproc-per-node) and arguments.py (flags that
+several commands share, and their checks). Every command turns
 a `UserError` into one line on stderr and exit code 2. A command module imports what its parser needs at the
 top; the heavy libraries its command runs on (DeepSpeed, megatron-core, transformers, matplotlib) it imports in
 its `run`, so that `pretrain --help` and `pretrain config` start in a fraction of a second.
@@ -20,10 +23,10 @@ def commands() -> tuple:
     # Imported here, inside main's error handler: they import pretrain.compat, whose version check (run at its
     # import) must reach the user as main's one-line error, not as a traceback.
     from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_choices, eval_sft, export_hf,
-                              generate, params, plot, remove_norms, report, train)
+                              generate, params, plot, remove_norms, report, tokenizer, train)
 
-    return (train, config, params, export_hf, data, bench, generate, eval_sft, eval, eval_choices, report, plot,
-            analyze_depth, attribute, remove_norms)
+    return (train, config, params, export_hf, tokenizer, data, bench, generate, eval_sft, eval, eval_choices, report,
+            plot, analyze_depth, attribute, remove_norms)
 
 
 def main(argv: list[str] | None = None) -> int:

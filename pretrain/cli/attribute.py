@@ -1,14 +1,16 @@
 """`pretrain attribute --checkpoint PATH --data DATA --out DIR`: exact direct logit attribution of a norm-free model
 (pretrain/analysis/attribution.py); the model, batches and output rules are analyze-depth's
-(pretrain/cli/analyze_depth.py)."""
+(pretrain/analysis/batches.py, pretrain/analysis/outputs.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from pretrain.analysis.attribution import check_norm_free, logit_attribution
+from pretrain.analysis.batches import analysis_batches
 from pretrain.analysis.figures import attribution_figure
-from pretrain.cli.analyze_depth import add_analysis_args, analysis_batches, check_out, publish
+from pretrain.analysis.outputs import new_output_folder, publish
+from pretrain.cli.arguments import add_analysis_args
 from pretrain.state.sources import open_source
 
 
@@ -21,10 +23,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    out = check_out(args.out)
+    out = new_output_folder(args.out)
     source = open_source(args.checkpoint, "--checkpoint")
     check_norm_free(source.model_config)
-    settings, batches = analysis_batches(args, source)
+    settings, batches = analysis_batches(source, args.data, args.batches, args.micro_batch_size, args.seq_len,
+                                         args.split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = source.build(device)
     result = {**source.description, "norm_scheme": source.model_config.norm_scheme, "data": settings["data"],

@@ -26,6 +26,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.data.batches import LMBatch
 from pretrain.errors import UserError
+from pretrain.files import atomic_write, atomic_writer
 
 WARMUP_STEPS = 3  # compile, allocator growth and cuBLAS heuristics settle in these; never timed
 PROFILE_RANGE = "bench::train_step"  # the record_function range around the profiled step
@@ -201,15 +202,16 @@ def profile_step(one_step, device: torch.device, out_dir: str, about: dict) -> d
         _sync(device)  # outside the range, inside the trace: every kernel of the step is in it, this wait is not
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     averages = prof.key_averages()
-    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
-        f.write(averages.table(sort_by=sort_by, row_limit=TOP_ROWS) + "\n")
+    atomic_write(os.path.join(out_dir, "profile.txt"), averages.table(sort_by=sort_by, row_limit=TOP_ROWS) + "\n")
     summary = {**about, "device": torch.cuda.get_device_name(device) if on_cuda else "CPU",
                **summarize_profile(prof.events(), averages, on_cuda)}
     summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
     _write_json(os.path.join(out_dir, "profile.json"), summary)
     raw = os.path.join(out_dir, "trace.json")
     prof.export_chrome_trace(raw)
-    with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:  # a 1b step's trace is ~10x smaller gzipped
+    # a 1b step's trace is ~10x smaller gzipped; `filename` names the trace in the gzip header, not the temp file
+    with (open(raw, "rb") as src, atomic_writer(raw + ".gz") as f,
+          gzip.GzipFile(filename=raw + ".gz", mode="wb", fileobj=f) as dst):
         shutil.copyfileobj(src, dst)
     os.remove(raw)
     return summary
@@ -257,10 +259,7 @@ def summarize_profile(events, averages, on_cuda: bool) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # a reader (or a kill mid-write) never sees half a file
+    atomic_write(path, json.dumps(obj, indent=1))  # a reader (or a kill mid-write) never sees half a file
 
 
 def _sync(device: torch.device) -> None:

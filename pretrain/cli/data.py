@@ -1,10 +1,13 @@
-"""`pretrain tokenizer train`, `pretrain data prepare`, `pretrain data prepare-sft` and `pretrain data info`.
+"""`pretrain data prepare`, `pretrain data prepare-sft` and `pretrain data info` (`pretrain tokenizer train`:
+pretrain/cli/tokenizer.py).
 
-`register(subparsers)` adds the commands to the main parser; each sets `func(args) -> int` (exit code).
+`register(subparsers)` adds the `data` command group to the main parser; each subcommand sets `func(args) -> int`
+(exit code).
 Problems the user can fix raise UserError, which `pretrain/cli/__init__.py` prints as one line.
 
-Every `pretrain` start imports this module: the tokenizer and prepare modules (numpy, sentencepiece) are imported
-at the top, pretrain.data.sft, which imports torch for its loaders, only by the two commands that use it.
+Every `pretrain` start imports this module, and with it the data modules it uses, all at the top: they need numpy
+and sentencepiece, not torch (only the loaders import it, and no command here loads batches) nor datasets
+(imported when a source is read).
 """
 
 from __future__ import annotations
@@ -14,29 +17,12 @@ import json
 
 from pretrain.data.folders import read_meta
 from pretrain.data.prepare import prepare_dataset
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.resolve import resolve_data_path, resolve_tokenizer
+from pretrain.data.sft_prepare import prepare_sft
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `tokenizer` and `data` command groups."""
-    tok = subparsers.add_parser("tokenizer", help="Train a sentencepiece tokenizer.")
-    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
-    p = tok_sub.add_parser(
-        "train", help="Train a byte-fallback BPE/unigram model on text files.",
-        description="Train a byte-fallback sentencepiece model (pad=0 unk=1 bos=2 eos=3) into DIR/tokenizer.model.",
-    )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="Text files (a sentence per line), .jsonl/.json/.parquet files, or folders of them.")
-    p.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                   help="Vocabulary size, the 4 specials and 256 byte pieces included.")
-    p.add_argument("--out", required=True, metavar="DIR", help="Output folder (tokenizer.model, tokenizer_meta.json).")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="Algorithm (default: bpe).")
-    p.add_argument("--text-field", default="text", help="Text field of .jsonl/.json/.parquet inputs (default: text).")
-    p.add_argument("--max-sentences", type=int, default=5_000_000, help="Train on at most this many lines (default: 5M).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the line sampling (default: 0).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing tokenizer in --out.")
-    p.set_defaults(func=cmd_tokenizer_train)
-
+    """Add the `data` command group."""
     data = subparsers.add_parser("data", help="Prepare and inspect token datasets.")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     p = data_sub.add_parser(
@@ -101,17 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data_info)
 
 
-def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    path = train_tokenizer(
-        args.input, args.vocab_size, args.out, args.model_type, text_field=args.text_field,
-        max_sentences=args.max_sentences, seed=args.seed, overwrite=args.overwrite,
-    )
-    tok = Tokenizer.load(path)
-    ids = f"pad={tok.pad_id} unk={tok.unk_id} bos={tok.bos_id} eos={tok.eos_id}"
-    print(f"tokenizer: {path} (vocab {tok.vocab_size}, {ids}, sha256 {tok.sha256[:12]})")
-    return 0
-
-
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     out = prepare_dataset(
         args.source, args.tokenizer, args.out, text_field=args.text_field, val_fraction=args.val_fraction,
@@ -123,10 +98,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
-    from pretrain.data.sft import prepare_sft  # imports torch (SFT loaders): lazy, not at each `pretrain` start
-
+    # prepare_sft takes the tokenizer resolved: bundled:NAME is built on first use, a run folder gives its data's
     out = prepare_sft(
-        args.source, args.tokenizer, args.out, fmt=args.format, template=args.template,
+        args.source, resolve_tokenizer(args.tokenizer), args.out, fmt=args.format, template=args.template,
         train_on_prompt=args.train_on_prompt, seq_len=args.seq_len, overlong=args.overlong,
         val_fraction=args.val_fraction, seed=args.seed, split=args.split, subset=args.subset,
         max_examples=args.max_examples, num_proc=args.num_proc, overwrite=args.overwrite,
@@ -136,9 +110,7 @@ def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from pretrain.data.sft import resolve_path  # imports torch (SFT loaders): lazy, not at each `pretrain` start
-
-    path = resolve_path(args.path)
+    path = resolve_data_path(args.path)
     print(f"{path}: {summary(read_meta(path))}")
     print(json.dumps(read_meta(path), indent=2))
     return 0

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from pretrain.config import ExperimentConfig
 from pretrain.data.batches import IGNORE_INDEX
-from pretrain.data.loader import check_seq_len, check_vocab, open_dataset, validation_batches
+from pretrain.data.loader import check_seq_len, check_vocab, validation_batches
+from pretrain.data.resolve import open_dataset
 from pretrain.errors import UserError
 from pretrain.state.sources import ModelSource, open_source
 

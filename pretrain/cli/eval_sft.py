@@ -1,5 +1,5 @@
 """`pretrain eval-sft --checkpoint PATH --data FILE.jsonl`: response-token loss and greedy exact match on instruction
-data (see pretrain/cli/generate.py for the model and prompt rules).
+data (the model and prompt rules are generate's: pretrain/analysis/generation.py).
 
 For each record of --data (any prepare-sft format): the response-token loss, i.e. the sum of the next-token losses
 over the tokens prepare-sft trains (every response and its EOS) divided by their number, teacher-forced in float64
@@ -17,10 +17,14 @@ import sys
 import torch
 
 from models.generate import Sampling, generate
-from pretrain.cli.generate import _batched, _check_counts, _check_lengths, _common, _conversations, _prompts, load_model
+from pretrain.analysis.generation import (batched, check_prompt_lengths, load_generation_model, read_conversations,
+                                          render_prompts)
+from pretrain.cli.arguments import add_generation_args, check_counts
 from pretrain.data.batches import IGNORE_INDEX
-from pretrain.data.sft import encode_conversations, get_template
+from pretrain.data.sft_format import encode_conversations, get_template
 from pretrain.errors import UserError
+from pretrain.files import atomic_writer
+from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
@@ -28,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="as for generate")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
                    help="instruction records (any prepare-sft format), e.g. bundled:tiny-instruct-test")
-    _common(p, template_help="prompt template the model was fine-tuned with (default: default)")
+    add_generation_args(p, template_help="prompt template the model was fine-tuned with (default: default)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="cut completions at N tokens (default: 2 x the reference's tokens + 16)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N records")
@@ -44,7 +48,7 @@ def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[f
     """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
     sums, counts = [], []
     device = model.rope_cos.device
-    for _, chunk in _batched(examples, batch_size):
+    for _, chunk in batched(examples, batch_size):
         T = max(len(ids) for ids, _ in chunk) - 1
         tokens = torch.zeros(len(chunk), T, dtype=torch.long)
         labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
@@ -61,10 +65,10 @@ def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[f
 
 
 def run(args) -> int:
-    _check_counts(args, "max-new-tokens", "batch-size", "limit")
+    check_counts(args, "max-new-tokens", "batch-size", "limit")
     template = get_template(args.template)
-    model, tok = load_model(args.checkpoint, args.tokenizer, args.device)
-    pairs = _conversations(args.data, args.format, need_response=True, limit=args.limit)
+    model, tok = load_generation_model(open_source(args.checkpoint, "--checkpoint"), args.tokenizer, args.device)
+    pairs = read_conversations(args.data, args.format, need_response=True, limit=args.limit)
     records, convs = [r for r, _ in pairs], [c for _, c in pairs]
     if args.group_by and any(args.group_by not in r for r in records):
         raise UserError(f"--group-by {args.group_by}: not a field of every record of {args.data}")
@@ -74,13 +78,13 @@ def run(args) -> int:
         if len(ids) - 1 > limit:
             raise UserError(f"{args.data} record {i}: {len(ids)} tokens, longer than the model's max_seq_len={limit}")
     sums, counts = response_loss(model, examples, args.batch_size)
-    prompts = _prompts(tok, template, convs)
-    _check_lengths(prompts, limit, True)
+    prompts = render_prompts(tok, template, convs)
+    check_prompt_lengths(prompts, limit, True)
     references = [c.turns[-1].response for c in convs]
     caps = [args.max_new_tokens or 2 * len(tok.encode(ref)) + 16 for ref in references]
     sampling = Sampling(max(caps))
     completions = []
-    for start, chunk in _batched(prompts, args.batch_size):
+    for start, chunk in batched(prompts, args.batch_size):
         completions += [tok.decode(ids) for ids in generate(model, chunk, tok.eos_id, sampling,
                                                             max_new_tokens=caps[start:start + len(chunk)])]
     hits = [c.strip() == r.strip() for c, r in zip(completions, references)]
@@ -99,7 +103,7 @@ def run(args) -> int:
             groups.setdefault(str(r[args.group_by]), []).append(i)
         result["groups"] = {k: summary(v) for k, v in sorted(groups.items())}
     if args.predictions:
-        with open(args.predictions, "w", encoding="utf-8") as f:
+        with atomic_writer(args.predictions, "w") as f:  # UTF-8
             for r, c, ref, hit in zip(records, completions, references, hits):
                 f.write(json.dumps({"record": r, "reference": ref, "completion": c, "exact_match": hit},
                                    ensure_ascii=False) + "\n")

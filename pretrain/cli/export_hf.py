@@ -4,7 +4,8 @@ tokenizer, special token ids, generation config and (for an SFT run) chat templa
 Tokenizer: `--tokenizer`, else the checkpoint's training data's (`open_source(...).tokenizer()`); it is written as
 Hugging Face files by pretrain/data/hf_tokenizer.py. Chat template: `--chat-template NAME`, else the SFT template
 the run's data folders were prepared with (their meta.json), none for a pretraining run or an HF directory.
-Everything goes into save_hf's temporary directory, so a failure leaves no half-written `--out`.
+Everything goes into one temporary folder renamed to `--out` at the end (pretrain/files.py `atomic_folder`), so a
+failure leaves no half-written `--out`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import os
 
 from models.hf import check_exportable, save_hf
-from pretrain.data.sft import TEMPLATES, folder_kind, get_template, read_sft_meta, resolve_path
+from pretrain.data.resolve import resolve_data_path
+from pretrain.data.sft_format import TEMPLATES, get_template
+from pretrain.data.sft_prepare import folder_kind, read_sft_meta
 from pretrain.errors import UserError
+from pretrain.files import atomic_folder
 from pretrain.state.sources import open_source
 
 
@@ -35,7 +39,7 @@ def register(sub) -> None:
 
 
 def run_template(source, name: str | None, none: bool = False):
-    """The sft.py Template to export as the chat template, or None."""
+    """The SFT Template (pretrain/data/sft_format.py) to export as the chat template, or None."""
     if none:
         return None
     if name is not None:
@@ -46,7 +50,7 @@ def run_template(source, name: str | None, none: bool = False):
     names = set()
     for path in data.paths:
         try:
-            folder = resolve_path(path, data.cache_dir)
+            folder = resolve_data_path(path, data.cache_dir)
             if folder_kind(folder) == "sft":
                 names.add(read_sft_meta(folder)["template"])
         except UserError as e:
@@ -83,15 +87,17 @@ def run(args) -> int:
     ids = {f"{name}_token_id": (i if i >= 0 else None)
            for name, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id))}
 
-    def write_extra(tmp) -> None:
-        write_hf_tokenizer(tok, tmp, model_cfg.max_seq_len, template)
-        # greedy, as `pretrain generate` by default
-        GenerationConfig(**ids, do_sample=False).save_pretrained(tmp)
-
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
-        save_hf(model_cfg, source.weights(), args.out, write_extra=write_extra, **ids)
+        with atomic_folder(args.out) as tmp:
+            save_hf(model_cfg, source.weights(), tmp, **ids)
+            write_hf_tokenizer(tok, tmp, model_cfg.max_seq_len, template)
+            # greedy, as `pretrain generate` by default
+            GenerationConfig(**ids, do_sample=False).save_pretrained(tmp)
     except ValueError as e:
         raise UserError(str(e)) from None
+    except FileExistsError:
+        raise UserError(f"{args.out} appeared while exporting; choose a new --out directory") from None
     chat = f", chat template {template.name}" if template else ""
     print(f"wrote {args.out} (transformers {target.architecture}, {model_cfg.norm_scheme}; tokenizer {tok.path}{chat}) "
           f"from {source.folder}")

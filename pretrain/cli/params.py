@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from models import PRESETS, Llama, ModelConfig
 
 
@@ -16,8 +14,7 @@ def run(args) -> int:
     print(f"{'preset':<11}{'params':>16}{'non-embedding':>16}  shape")
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)
-        with torch.device("meta"):
-            model = Llama(cfg)
+        model = Llama.meta(cfg)
         print(f"{name:<11}{model.num_params():>16,}{model.num_params(exclude_embeddings=True):>16,}  "
               f"d{cfg.d_model} L{cfg.n_layers} h{cfg.n_heads} kv{cfg.n_kv_heads} ffn{cfg.ffn_hidden} V{cfg.vocab_size}")
     return 0

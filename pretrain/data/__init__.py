@@ -1,16 +1,22 @@
 """Data pipeline: sentencepiece tokenizers, prepared token folders, a deterministic resumable loader, SFT data.
 
-Modules, each importing only those above it:
-    sources.py    where documents come from: local files, bundled:NAME texts, hub datasets (read via datasets)
-    folders.py    the folders the package writes: prepared-folder format (read_meta, write_meta), telling folder
-                  kinds apart (a tokenizer given as data ...), atomic publishing through a staging folder
-    tokenizer.py  train_tokenizer, Tokenizer
-    prepare.py    prepare_dataset (text -> train.bin / val.bin / meta.json), save_arrays
-    bundled.py    resolve_data_path ("bundled:tinyshakespeare" -> a prepared folder in the cache)
-    batches.py    the micro-batch protocol between loaders and the training loop (LMBatch, IGNORE_INDEX)
-    loader.py     TokenDataset, BlendedDataset, DataLoader, validation_batches, check_vocab, check_seq_len
-    sft.py        instruction data: templates, prepare_sft, SFT folders and loaders, bundled instruction sets
-The commands (`pretrain tokenizer train`, `pretrain data prepare | prepare-sft | info`) are pretrain/cli/data.py.
+Modules, lowest first, each importing only those above it:
+    sources.py        where documents come from: local files, bundled:NAME texts, hub datasets (read via datasets)
+    folders.py        the folders the package writes: prepared-folder format (read_meta, write_meta), telling folder
+                      kinds apart (a tokenizer given as data ...), atomic publishing through a staging folder
+    tokenizer.py      train_tokenizer, Tokenizer
+    prepare.py        prepare_dataset (text -> train.bin / val.bin / meta.json), save_arrays
+    batches.py        the micro-batch protocol between loaders and the training loop (LMBatch, IGNORE_INDEX)
+    loader.py         TokenDataset, BlendedDataset, DataLoader, validation_batches, check_vocab, check_seq_len
+    sft_format.py     instruction records -> conversations -> tokens and loss mask: formats, templates, encoding
+    sft_prepare.py    prepare_sft (records -> an SFT folder) and the SFT folder format (read_sft_meta, folder_kind)
+    sft_loader.py     SFTDataset, SFTSamples (packing), SFTLoader, SFTValidationBatches
+    hf_tokenizer.py   a tokenizer as Hugging Face files, a template as a chat template
+    choice_tasks.py   lm-eval-style multiple-choice task files
+    resolve.py        the top: data paths (bundled:NAME -> a prepared folder in the cache, built by the recipes
+                      there), tokenizer arguments (a file, bundled:NAME, a run folder), open_dataset
+The commands are pretrain/cli/tokenizer.py (`pretrain tokenizer train`) and pretrain/cli/data.py
+(`pretrain data prepare | prepare-sft | info`).
 
 Names are imported on first use, so `import pretrain.data` does not pull in torch or datasets.
 """
@@ -21,8 +27,8 @@ _EXPORTS = {
     "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "prepare_dataset": "prepare", "read_meta": "folders", "save_arrays": "prepare",
     "TokenDataset": "loader", "BlendedDataset": "loader", "DataLoader": "loader", "validation_batches": "loader",
-    "check_vocab": "loader", "check_seq_len": "loader", "open_dataset": "loader",
-    "resolve_data_path": "bundled",
+    "check_vocab": "loader", "check_seq_len": "loader",
+    "open_dataset": "resolve", "resolve_data_path": "resolve", "resolve_tokenizer": "resolve",
 }
 
 __all__ = list(_EXPORTS)

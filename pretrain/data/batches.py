@@ -10,7 +10,7 @@ and three methods; the loop and validation use only these, never the batch's typ
 
 A loader's `token_weighted` says how a step averages: False (pretraining: every micro-batch has the same number of
 labels, the mean of micro-batch means) or True (SFT: the sum over trained tokens / their number in the global
-batch, pretrain/data/sft.py).
+batch, pretrain/data/sft_loader.py).
 """
 
 from __future__ import annotations

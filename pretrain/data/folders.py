@@ -1,6 +1,6 @@
 """The folders the data package writes, how they are published, and how to tell them apart.
 
-Prepared dataset (FORMAT_VERSION 1; `prepare.py` writes pretraining folders, `sft.py` SFT folders, meta["kind"] "sft"):
+Prepared dataset (FORMAT_VERSION 1; `prepare.py` writes pretraining folders, `sft_prepare.py` SFT folders, meta["kind"] "sft"):
     train.bin, val.bin   every document's tokens followed by EOS, back to back, as raw uint16 (vocab <= 65536)
                          or uint32 little-endian; read with np.memmap(dtype=meta["dtype"])
     tokenizer.model      a copy of the tokenizer, so the folder alone can encode and decode
@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from pretrain.errors import UserError
+from pretrain.runs import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -59,9 +60,9 @@ def is_tokenizer_dir(path: Path) -> bool:
 
 
 def is_run_folder(path: Path) -> bool:
-    """Whether `path` looks like a training run or checkpoint folder (config.yaml, checkpoints/ or latest)."""
+    """Whether `path` looks like a training run or checkpoint folder (its stored config, checkpoints/ or latest)."""
     return path.is_dir() and (
-        (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or (path / "latest").is_file())
+        (path / CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir() or (path / LATEST_FILE).is_file())
 
 
 def identify(path: Path) -> str:
@@ -280,7 +281,7 @@ def not_data_message(p: Path, kind: str) -> str:
                 f"(`pretrain data prepare --source TEXT --tokenizer {p} --out DIR`) and pass DIR")
     if kind == "run":
         return ("a training run folder, not a prepared dataset; pass the prepared folder it trained on (data.paths "
-                "in its config.yaml)")
+                f"in its {CONFIG_FILE})")
     if kind == "staging":
         return ("the staging folder of a `pretrain data prepare` that is still running or was killed (a finished "
                 "prepare renames it to its --out); pass the --out folder, and delete this one if no prepare is running")

@@ -1,5 +1,5 @@
 """Our sentencepiece tokenizer as Hugging Face tokenizer files, so that `AutoTokenizer.from_pretrained(DIR)` gives
-exactly our token ids (`pretrain export-hf` writes them through `models.hf.save_hf`'s `write_extra`).
+exactly our token ids (`pretrain export-hf` writes them into its export folder beside `models.hf.save_hf`'s files).
 
 Why a tokenizer.json built here: transformers 5 builds `LlamaTokenizer(Fast)` from a `tokenizer.json` only; given
 `tokenizer.model` alone it starts from a three-token vocabulary (unk, bos, eos) and encodes every text to an empty
@@ -12,7 +12,7 @@ list. So the sentencepiece model is translated into a `tokenizers` pipeline that
     post-processor  BOS before every text: `pretrain generate` and SFT examples start with BOS
     decoder         "▁" back to spaces, byte pieces back to bytes, the dummy prefix's space removed
 The special pieces (pad, unk, bos, eos, as the model has them) are special added tokens. `tokenizer.model` is copied
-too, for sentencepiece users. A chat template is the jinja rendering of one of pretrain/data/sft.py's TEMPLATES.
+too, for sentencepiece users. A chat template is the jinja rendering of one of pretrain/data/sft_format.py's TEMPLATES.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, Unigram
 
 from pretrain.data.folders import MODEL_FILE
-from pretrain.data.sft import Template, Turn
+from pretrain.data.sft_format import Template, Turn
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from pretrain.data.batches import IGNORE_INDEX, LMBatch
-from pretrain.data.bundled import resolve_data_path
 from pretrain.data.folders import read_meta
 from pretrain.errors import UserError
 
@@ -384,18 +383,6 @@ def check_vocab(dataset_or_meta: Dataset | dict | str, model_vocab_size: int) ->
             f"the tokenizer's vocab ({vocab}, data {where}) is larger than model.vocab_size={model_vocab_size}; "
             f"set model.vocab_size >= {vocab}, or prepare the data with a tokenizer of at most {model_vocab_size} tokens"
         )
-
-
-def open_dataset(
-    paths: str | Sequence[str], seq_len: int, split: str = "train", weights: Sequence[float] | None = None,
-    cache_dir: str | None = None,
-) -> Dataset:
-    """One prepared folder (or `bundled:NAME`) as a TokenDataset; several as a BlendedDataset."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    datasets = [TokenDataset(resolve_data_path(p, cache_dir), seq_len, split) for p in paths]
-    if len(datasets) == 1 and weights is None:
-        return datasets[0]
-    return BlendedDataset(datasets, weights)
 
 
 def _digest(obj) -> str:

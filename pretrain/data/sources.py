@@ -1,8 +1,8 @@
 """Where documents come from: local text / JSON / parquet / CSV files and folders, `bundled:NAME` texts, or a
 Hugging Face hub dataset; checked (UTF-8, JSON) and read through `datasets`, or streamed without a cache.
 
-Used by `train_tokenizer` (tokenizer.py), `prepare_dataset` (prepare.py) and `prepare_sft` (sft.py); it knows
-nothing of tokens or output folders.
+Used by `train_tokenizer` (tokenizer.py), `prepare_dataset` (prepare.py) and the SFT records (sft_format.py,
+sft_prepare.py); it knows nothing of tokens or output folders.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ SampleBy = Literal["line", "paragraph", "document"]
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 # Texts that ship in the package: `bundled:NAME` is corpora/NAME.txt. How such a text becomes the default
-# prepared folder (tokenizer, options, cache) is bundled.py's business.
+# prepared folder (tokenizer, options, cache) is resolve.py's business.
 BUNDLED_PREFIX = "bundled:"
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+# Instruction sets that ship in the package, as SFT records: `bundled:NAME` is corpora/FILE (resolve.py prepares
+# them). scripts/make_tiny_instruct.py writes both files; the test file is the held-out split.
+BUNDLED_RECORDS = {"tiny-instruct": "tiny_instruct_train.jsonl", "tiny-instruct-test": "tiny_instruct_test.jsonl"}
 
 
 @dataclass
@@ -61,6 +64,19 @@ def bundled_corpus_path(spec: str) -> str:
         names = ", ".join(BUNDLED_PREFIX + p.stem for p in sorted(CORPORA_DIR.glob("*.txt")))
         raise UserError(f"{spec}: no such bundled corpus; choose one of {names}")
     return str(path)
+
+
+def bundled_records_name(spec) -> str | None:
+    """NAME when `spec` is `bundled:NAME` of a bundled instruction set, else None."""
+    if isinstance(spec, str) and spec.startswith(BUNDLED_PREFIX) and spec[len(BUNDLED_PREFIX):] in BUNDLED_RECORDS:
+        return spec[len(BUNDLED_PREFIX):]
+    return None
+
+
+def records_spec(spec: str) -> str:
+    """The JSONL file of a bundled instruction set for `bundled:NAME`, else `spec` unchanged."""
+    name = bundled_records_name(spec)
+    return str(CORPORA_DIR / BUNDLED_RECORDS[name]) if name else spec
 
 
 def resolve_local(spec: str) -> Source:

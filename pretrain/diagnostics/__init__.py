@@ -1,10 +1,12 @@
 """Per-layer diagnostics: residual variance, branch contributions, angular distance and gradient norms.
 
-    stats.py   the registry of per-layer statistics (one entry each: file key, TensorBoard tag, figure panel)
-    taps.py    reading a block's activations through its declared slots (shared with pretrain/analysis/depth.py)
-    probes.py  activation statistics of one micro-batch, gradient norms per block, from a model of any layout
-    writer.py  layer_stats.jsonl and TensorBoard
-    hooks.py   the training-loop hooks (pretrain/features.py turns them on when diagnostics.interval > 0)
+    measures.py  the per-layer measure table, shared with `pretrain analyze-depth` (one entry each: name = file
+                 key and TensorBoard tag, labels, definition, which consumer has it and how the two differ)
+    stats.py     how the training-time entries are computed from a block's activations
+    taps.py      reading a block's activations through its declared slots (shared with pretrain/analysis/depth.py)
+    probes.py    activation statistics of one micro-batch, gradient norms per block, from a model of any layout
+    writer.py    layer_stats.jsonl and TensorBoard
+    hooks.py     the training-loop hooks (pretrain/features.py turns them on when diagnostics.interval > 0)
 
 Every `diagnostics.interval` optimizer steps (0 = off: nothing is registered or wrapped) the training loop
 measures, for each block l = 1..L of the model, and rank 0 appends one line to run.dir/layer_stats.jsonl and
@@ -12,24 +14,14 @@ writes TensorBoard scalars.
 
 Definitions
 -----------
-A block computes (models/norms.py, read through pretrain/diagnostics/taps.py)  h = attn_post_norm(alpha x + a),  y = mlp_post_norm(alpha h + m)  with
-x the block input, a = attn_out_norm(Attn(attn_norm(x))) and m = mlp_out_norm(MLP(mlp_norm(h))). Over the
-B x T tokens of the measured micro-batch (D = d_model, statistics in at least fp32):
+The statistics are the entries of the per-layer measure table (measures.py) marked `training` -- variance,
+rms, attn_ratio, mlp_ratio, angular_distance and grad_norm today -- each defined there once, over the B x T
+tokens of the measured micro-batch (D = d_model, statistics in at least fp32). Outside the blocks:
 
-    variance          mean over tokens of the per-token variance of y over the hidden dim:
-                      (1/BT) sum_t (1/D) sum_d (y_td - mean_d y_t)^2      (biased; the Curse of Depth paper's
-                      "output variance" of layer l, the quantity the next LayerNorm divides by)
-    rms               sqrt(mean over all elements of y^2)
-    attn_ratio        ||a||_F / ||alpha x||_F   (Frobenius norms over the micro-batch: the attention output
-                      relative to the residual it is added to, Csordas et al.'s ||a_l|| / ||h_l||)
-    mlp_ratio         ||m||_F / ||alpha h||_F   with h the input of mlp_norm, i.e. the residual m is added to
-                      (= ||m_l|| / ||h_l + a_l|| in Csordas et al.'s notation for pre-norm blocks)
-    angular_distance  mean over tokens of arccos(cos(x_t, y_t)) / pi, in [0, 1] (Gromov et al., "The
-                      Unreasonable Ineffectiveness of the Deeper Layers")
-    grad_norm         L2 norm of the gradient of block l's parameters; grad_norm_embedding, _final_norm,
-                      _head likewise (null when the model has no such parameters: a tied head is part of
-                      the embedding, ln_free/post_ln/deepnorm have no final norm); grad_norm_global over all
-                      parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
+    grad_norm_embedding, grad_norm_final_norm, grad_norm_head   as grad_norm, of those parameters (null when
+                      the model has no such parameters: a tied head is part of the embedding,
+                      ln_free/post_ln/deepnorm have no final norm)
+    grad_norm_global  over all parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
 
 Which data
 ----------

@@ -1,5 +1,6 @@
 """What the diagnostics measure, from a model of any layout: activation statistics of one micro-batch per block
-(the registry's activation entries, pretrain/diagnostics/stats.py) and gradient square sums per block and group."""
+(the table's activation entries, computed by pretrain/diagnostics/stats.py) and gradient square sums per block and
+group."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 from torch import nn
 
 from models.llama import Block
-from models.pipeline import EmbeddingPipe, FinalNormPipe, HeadPipe
 from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 
@@ -33,13 +33,13 @@ def parameter_groups(model: nn.Module, n_layers: int) -> list[tuple[nn.Parameter
             group_of[id(p)] = index
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        # emb_out (dyt's scalar, peri_ln's norm) and logit_scale (ngpt) belong to the embedding and the head, as in
-        # the pipeline's EmbeddingPipe and HeadPipe
-        if isinstance(module, EmbeddingPipe) or leaf in ("tok_emb", "emb_out"):
+        # Llama and the pipeline's stages name these parts alike (models/llama.py's EmbeddingPart, ReadoutPart,
+        # HeadPart); emb_out (dyt's scalar, peri_ln's norm) and logit_scale (ngpt) belong to the embedding and the head
+        if leaf in ("tok_emb", "emb_out"):
             group = EMBEDDING
-        elif isinstance(module, FinalNormPipe) or leaf == "final_norm":
+        elif leaf == "final_norm":
             group = FINAL_NORM
-        elif isinstance(module, HeadPipe) or leaf in ("head", "logit_scale"):
+        elif leaf in ("head", "logit_scale"):
             group = HEAD
         else:
             continue

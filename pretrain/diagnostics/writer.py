@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from pretrain import compat
-from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS, LAYER_STATS
+from pretrain.diagnostics.measures import LAYER_STATS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
 from pretrain.runs import LAYER_STATS_FILE, torn_line_message, truncate_jsonl
 
 

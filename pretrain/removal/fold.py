@@ -8,7 +8,7 @@ import torch
 
 from models import Llama
 from models.config import ModelConfig
-from models.norms import REMOVAL_GROUPS, _Removable
+from models.norms import REMOVAL_GROUPS, RemovableNorm
 from pretrain.config import RemovalConfig
 from pretrain.errors import UserError
 from pretrain.removal.schedule import schedule
@@ -18,17 +18,15 @@ def site_scales(model_cfg: ModelConfig) -> dict[str, tuple[float, float, bool]]:
     """{site name: (the norm's gain offset, its fixed output_scale, whether it centres)}: its gain is
     (weight + offset) * output_scale (offset 1 with model.norm_gain=zero_centered; output_scale 1/sqrt(l) for lns
     blocks); centred for LayerNorm."""
-    with torch.device("meta"):
-        model = Llama(model_cfg)
+    model = Llama.meta(model_cfg)
     return {name: (float(m.gain_offset), float(m.output_scale), bool(m.centred))
-            for name, m in model.named_modules() if isinstance(m, _Removable)}
+            for name, m in model.named_modules() if isinstance(m, RemovableNorm)}
 
 
 def sigma_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{site name: the shape of its sigma}: (1,), or (heads,) for a per-head q/k norm; the same on every rank."""
-    with torch.device("meta"):
-        model = Llama(model_cfg)
-    return {name: tuple(m.sigma.shape) for name, m in model.named_modules() if isinstance(m, _Removable)}
+    model = Llama.meta(model_cfg)
+    return {name: tuple(m.sigma.shape) for name, m in model.named_modules() if isinstance(m, RemovableNorm)}
 
 
 def ln_free_model_config(model_cfg: ModelConfig) -> ModelConfig:

@@ -13,12 +13,14 @@ import torch
 import torch.distributed as dist
 
 from models.config import ModelConfig
-from models.norms import _Removable
+from models.norms import RemovableNorm
 from pretrain.config import ExperimentConfig, RemovalConfig, RunConfig, save_config
 from pretrain.errors import UserError
+from pretrain.files import publish_folder
 from pretrain.removal import LN_FREE_DIR
 from pretrain.removal.fold import fold_norms, sigma_shapes
 from pretrain.removal.schedule import schedule
+from pretrain.runs import CONFIG_FILE, read_stored_config
 from pretrain.state import checkpoint, reshard
 from pretrain.state.reshard import full_name
 from pretrain.train.engine import build_engine
@@ -29,11 +31,11 @@ from pretrain.train.hooks import TrainContext, TrainHooks
 from megatron.core import parallel_state  # noqa: E402
 
 
-def removable_modules(built, model_cfg: ModelConfig) -> dict[str, _Removable]:
+def removable_modules(built, model_cfg: ModelConfig) -> dict[str, RemovableNorm]:
     """{full site name: module} of the norm sites on this rank (its pipeline stage)."""
     found = {}
     for local, module in built.model.named_modules():
-        if isinstance(module, _Removable):
+        if isinstance(module, RemovableNorm):
             found[full_name(model_cfg, f"{local}.sigma", built.pipelined).removesuffix(".sigma")] = module
     return found
 
@@ -45,7 +47,7 @@ class RemovalHooks(TrainHooks):
         self.cfg = cfg
         self.sites = schedule(cfg.model, cfg.removal)
         self.sigma_sizes = {name: sizes[-1] for name, sizes in sigma_shapes(cfg.model).items()}
-        self.local: dict[str, _Removable] = {}
+        self.local: dict[str, RemovableNorm] = {}
         self.ctx: TrainContext | None = None
 
     def on_start(self, ctx: TrainContext) -> None:
@@ -153,10 +155,11 @@ def folded_step(target: str) -> int | None:
 
 def final_weights(folder: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights and buffers of a checkpoint: its fp32 master weights where the run keeps them (bf16)."""
-    layout = checkpoint.read_layout(folder)
-    _, weights = checkpoint.load_model_state(folder)
+    cfg = read_stored_config(folder)
+    layout = checkpoint.read_layout(folder, cfg)
+    _, weights = checkpoint.load_model_state(folder, cfg)
     if layout["precision"] != "fp32":
-        state = reshard.read(folder, layout)
+        state = reshard.read(folder, layout, cfg)
         weights.update(state.weights)
     return weights
 
@@ -186,12 +189,10 @@ def write_ln_free(ctx: TrainContext, target: str) -> None:
              "data_fingerprint": ctx.data_fingerprint, "removal_step": step}
     checkpoint.save(built, ln_cfg, os.path.join(partial, "checkpoints"), 0, state, topo)
     if rank0:
-        save_config(ln_cfg, os.path.join(partial, "config.yaml"))
+        save_config(ln_cfg, os.path.join(partial, CONFIG_FILE))
         with open(os.path.join(partial, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 0, "val_loss": ce, "val_ppl": math.exp(min(ce, 50))}) + "\n")
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.rename(partial, target)
+        publish_folder(partial, target, replace=True)  # an earlier ln_free stays until the new one is in place
     dist.barrier()
     ctx.out.write({"step": step, "ce_ln_free": ce}, "removal")
     ctx.out.say(f"step {step:>6} | removal: every site fixed and folded; wrote the ln_free checkpoint {target} "

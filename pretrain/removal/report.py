@@ -7,9 +7,9 @@ import json
 import os
 
 from pretrain.config import ExperimentConfig
+from pretrain.files import atomic_write
 from pretrain.removal import LN_FREE_DIR, REPORT
 from pretrain.runs import read_metrics
-from pretrain.state.checkpoint import write_atomic
 
 
 def _records(run_dir: str) -> list[dict]:
@@ -42,7 +42,7 @@ def write_report(removal: ExperimentConfig, control: ExperimentConfig | None) ->
     }
     if report["ce_control"] is not None and report["ce_ln_free"] is not None:
         report["gap_vs_control"] = report["ce_ln_free"] - report["ce_control"]
-    write_atomic(os.path.join(removal.run.dir, REPORT), json.dumps(report, indent=1))
+    atomic_write(os.path.join(removal.run.dir, REPORT), json.dumps(report, indent=1))
     return report
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import ModelConfig
-from models.norms import RemovalSite, removal_sites
+from models.norms import RemovalSite
+from models.removal import removal_sites
 from pretrain.config import RemovalConfig
 
 

@@ -17,7 +17,6 @@ removed by the next successful save. Old checkpoints beyond `checkpoint.keep` ar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -28,12 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models import Llama, ModelConfig
+from models import Llama
 from models.parallel import merge_state_dicts
 from models.pipeline import full_name_prefix
 from pretrain import compat
-from pretrain.config import ExperimentConfig, load_config, save_config
+from pretrain.config import ExperimentConfig, save_config
 from pretrain.errors import UserError
+from pretrain.files import atomic_write, atomic_writer
+from pretrain.runs import CONFIG_FILE, read_stored_config
 from pretrain.runs import find_checkpoint  # noqa: F401  (re-exported: callers name it with the checkpoint API)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -43,20 +44,6 @@ PARAM_NAMES_FILE = "param_names.json"  # each pipeline stage's parameter names i
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def rng_state() -> dict:
@@ -96,14 +83,15 @@ def save(built, cfg: ExperimentConfig, root: str, step: int, trainer_state: dict
     def rank_files():
         built.engine.save_checkpoint(root, tag=tag, save_latest=False)
         os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(folder, "rng", f"rank_{rank:05d}.pt"))
+        with atomic_writer(os.path.join(folder, "rng", f"rank_{rank:05d}.pt")) as f:
+            torch.save(rng_state(), f)
 
     def completion():  # rank 0, once every rank's files are written
-        save_config(cfg, os.path.join(folder, "config.yaml"))
+        save_config(cfg, os.path.join(folder, CONFIG_FILE))
         write_param_names(folder, dict(names))
         state = {"step": step, **trainer_state, "layout": layout_of(cfg, topo)}
-        write_atomic(os.path.join(folder, STATE_FILE), json.dumps(state, indent=1))
-        write_atomic(os.path.join(root, "latest"), tag + "\n")
+        atomic_write(os.path.join(folder, STATE_FILE), json.dumps(state, indent=1))
+        atomic_write(os.path.join(root, "latest"), tag + "\n")
 
     # A failed write (a full disk, a quota) on any rank is agreed on by all of them, so that none waits at a
     # barrier for the others: the partial folder is removed, `latest` still names the last complete step.
@@ -227,7 +215,7 @@ def read_layout(folder: str, cfg: ExperimentConfig | None = None) -> dict:
     state = read_state(folder)
     if "layout" in state:
         return state["layout"]
-    cfg = cfg or load_config(os.path.join(folder, "config.yaml"), stored=True)
+    cfg = cfg or read_stored_config(folder)
     dp = int(compat.load_file(compat.model_states_path(folder, 0))["dp_world_size"])
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     return {"tp": tp, "pp": pp, "dp": dp, "world_size": tp * pp * dp, "zero_stage": cfg.parallel.zero_stage,
@@ -263,24 +251,14 @@ def load_rng(folder: str, rank: int) -> None:
         set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def meta_model(model_cfg: ModelConfig, tp: int = 1) -> Llama:
-    """`Llama(model_cfg)` on the meta device (no memory, no init) whose weights' `tp_split` describe a split over
-    `tp` ranks: the reference that merges TP shards into full tensors (`load_model_state`, reshard) and gives the
-    full model's parameter names and shapes."""
-    with torch.device("meta"):
-        model = Llama(model_cfg)
-    for p in model.parameters():
-        if hasattr(p, "tp_split"):
-            p.tp_split = dataclasses.replace(p.tp_split, size=tp, rank=0)
-    return model
-
-
-def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
+def load_model_state(folder: str,
+                     cfg: ExperimentConfig | None = None) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
     """The full (TP = 1, unpipelined) model state dict of a training checkpoint, any TP/PP layout; no
-    torch.distributed needed. Reads DeepSpeed's files directly. (Commands read a model through
-    `pretrain.state.sources.open_source`, which also takes Hugging Face directories.)"""
+    torch.distributed needed. Reads DeepSpeed's files directly. `cfg`: the checkpoint's stored config where the
+    caller has read it already. (Commands read a model through `pretrain.state.sources.open_source`, which also
+    takes Hugging Face directories.)"""
     check_checkpoint(folder)
-    cfg = load_config(os.path.join(folder, "config.yaml"), stored=True)
+    cfg = cfg or read_stored_config(folder)
     tp = cfg.parallel.tp
     files = os.listdir(folder)
     per_rank: list[dict] = [{} for _ in range(tp)]
@@ -303,12 +281,12 @@ def load_model_state(folder: str) -> tuple[ExperimentConfig, dict[str, torch.Ten
     if cfg.model.tie_embeddings:
         for sd in per_rank:
             sd.pop("head.weight", None)
-    full = merge_state_dicts(per_rank, meta_model(cfg.model, tp)) if tp > 1 else per_rank[0]
+    full = merge_state_dicts(per_rank, Llama.meta(cfg.model, tp)) if tp > 1 else per_rank[0]
     return cfg, {k: v.float() for k, v in full.items()}
 
 
 def write_param_names(folder: str, names_by_stage: dict[int, list[list[str]]]) -> None:
-    write_atomic(os.path.join(folder, PARAM_NAMES_FILE), json.dumps({str(k): v for k, v in names_by_stage.items()}))
+    atomic_write(os.path.join(folder, PARAM_NAMES_FILE), json.dumps({str(k): v for k, v in names_by_stage.items()}))
 
 
 def read_param_names(folder: str) -> dict[int, list[list[str]]] | None:

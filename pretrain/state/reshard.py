@@ -15,17 +15,17 @@ keeps one (ZeRO, bf16), so nothing is rounded. The same `apply_weights` starts a
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 
+from models import Llama
 from models.parallel import tp_splits
 from models.pipeline import full_name_prefix
 from pretrain import compat
+from pretrain.config import ExperimentConfig
 from pretrain.errors import UserError
-from pretrain.state.checkpoint import PARAM_NAMES_FILE, load_model_state, meta_model, read_param_names
+from pretrain.state.checkpoint import PARAM_NAMES_FILE, load_model_state, read_param_names
 
 
 
@@ -61,9 +61,10 @@ def full_name(model_cfg, local: str, pipelined: bool) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read(folder: str, layout: dict) -> FullState:
-    """The whole training state of the checkpoint `folder`, saved on `layout` (checkpoint.read_layout)."""
-    cfg, weights = load_model_state(folder)
+def read(folder: str, layout: dict, cfg: ExperimentConfig | None = None) -> FullState:
+    """The whole training state of the checkpoint `folder`, saved on `layout` (checkpoint.read_layout); `cfg`: its
+    stored config where the caller has read it already."""
+    cfg, weights = load_model_state(folder, cfg)
     tp, pp = layout["tp"], layout["pp"]
     names = read_param_names(folder)
     per_tp: list[dict[str, compat.ParamState]] = [{} for _ in range(tp)]
@@ -88,7 +89,7 @@ def read(folder: str, layout: dict) -> FullState:
             for local, state in states.items():
                 per_tp[tp_rank][full_name(cfg.model, local, pp > 1)] = state
     exp_avg, exp_avg_sq = {}, {}
-    splits = tp_splits(meta_model(cfg.model, tp))
+    splits = tp_splits(Llama.meta(cfg.model, tp))
     for name, full in weights.items():
         shards = [per_tp[r].get(name) for r in range(tp)]
         if any(s is None for s in shards):

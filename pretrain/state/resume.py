@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pretrain.config import ExperimentConfig, load_config, to_dict
+from pretrain.config import ExperimentConfig, to_dict
 from pretrain.errors import UserError
+from pretrain.runs import read_stored_config
 from pretrain.state import checkpoint
 from pretrain.state.sources import resolve_model
 
@@ -157,10 +158,10 @@ def prepare_run(cfg: ExperimentConfig) -> RunStart:
     taken from it or from train.init_from, and the config changes a resume refuses (one-line UserErrors)."""
     check_resume_target(cfg)
     folder = checkpoint.resolve_resume(cfg.train.resume, os.path.join(cfg.run.dir, "checkpoints"))
-    cfg = resolve_model(cfg, folder)
+    old = read_stored_config(folder) if folder is not None else None
+    cfg = resolve_model(cfg, old)
     if folder is None:
         return RunStart(cfg)
-    old = load_config(os.path.join(folder, "config.yaml"), stored=True)
     saved = checkpoint.read_state(folder)
     layout = checkpoint.read_layout(folder, old)
     plan_resume(old, cfg, saved, layout, layout, data_fingerprint=None)

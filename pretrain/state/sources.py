@@ -28,12 +28,13 @@ import torch
 
 from models import Llama
 from models.config import ModelConfig
-from models.hf import _build, from_hf_config, load_hf_state
-from pretrain.config import ExperimentConfig, load_config
-from pretrain.data.sft import checkpoint_tokenizer, resolve_tokenizer
+from models.hf import from_hf_config, load_hf_state
+from pretrain.config import ExperimentConfig
+from pretrain.data.resolve import resolve_tokenizer, training_tokenizer
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
-from pretrain.state.checkpoint import STATE_FILE, find_checkpoint, load_model_state, meta_model, read_state
+from pretrain.runs import read_stored_config
+from pretrain.state.checkpoint import STATE_FILE, find_checkpoint, load_model_state, read_state
 
 # Keys whose change changes a weight's shape (or the set of weights): they must agree with the source.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
@@ -74,7 +75,7 @@ class ModelSource:
     def weights(self) -> dict[str, torch.Tensor]:
         """The full (TP = 1) fp32 weights (and persistent buffers), read anew on each call."""
         if not self.is_hf:
-            return load_model_state(self.folder)[1]
+            return load_model_state(self.folder, self.run_config)[1]
         try:
             _, weights = load_hf_state(self.folder, norm_scheme=self.norm_scheme)
         except (ValueError, KeyError, OSError) as e:
@@ -83,7 +84,7 @@ class ModelSource:
 
     def build(self, device: torch.device | str = "cpu") -> Llama:
         """The fp32 `models.Llama` (TP = 1) holding the weights, in eval mode on `device`."""
-        return _build(self.model_config, self.weights()).to(device).eval()
+        return Llama.from_state_dict(self.model_config, self.weights()).to(device).eval()
 
     def tokenizer(self, explicit: str | None = None) -> Tokenizer:
         """`explicit` (a .model file or a folder holding one), else a checkpoint's training data's tokenizer or an
@@ -91,7 +92,7 @@ class ModelSource:
         if explicit:
             return resolve_tokenizer(explicit)
         if not self.is_hf:
-            return checkpoint_tokenizer(self.folder)
+            return training_tokenizer(self.run_config, self.folder)
         try:
             return resolve_tokenizer(self.folder)
         except UserError as e:
@@ -148,7 +149,7 @@ def open_source(path: str, flag: str = "--checkpoint", norm_scheme: str | None =
     if not os.path.isfile(os.path.join(folder, STATE_FILE)):
         raise UserError(f"{flag}: {folder} is incomplete or not a checkpoint (no {STATE_FILE}, which a save writes "
                         f"last) and not a Hugging Face directory (no config.json); {WHAT}")
-    run_config = load_config(os.path.join(folder, "config.yaml"), stored=True)
+    run_config = read_stored_config(folder)  # the one read of the stored config: the source carries it
     return ModelSource(path, folder, flag, run_config, read_state(folder).get("step"), None, norm_scheme)
 
 
@@ -157,10 +158,11 @@ def open_source(path: str, flag: str = "--checkpoint", norm_scheme: str | None =
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_model(cfg: ExperimentConfig, resume_folder: str | None) -> ExperimentConfig:
-    """`cfg` with the model keys it does not give taken from the resumed checkpoint or the init_from source."""
-    if resume_folder is not None:
-        source, what = load_config(os.path.join(resume_folder, "config.yaml"), stored=True).model, None
+def resolve_model(cfg: ExperimentConfig, resumed: ExperimentConfig | None) -> ExperimentConfig:
+    """`cfg` with the model keys it does not give taken from the resumed checkpoint (`resumed`: its stored config)
+    or the init_from source."""
+    if resumed is not None:
+        source, what = resumed.model, None
     elif cfg.train.init_from is not None:
         scheme = cfg.model.norm_scheme if "model.norm_scheme" in cfg.given_keys else None
         source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=scheme).model_config
@@ -192,7 +194,7 @@ def load_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The full (TP = 1) fp32 weights of `train.init_from`, checked against the model `cfg` builds."""
     source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=cfg.model.norm_scheme)
     weights = source.weights()
-    expected = {k: v.shape for k, v in meta_model(cfg.model).named_parameters()}
+    expected = {k: v.shape for k, v in Llama.meta(cfg.model).named_parameters()}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected) - {"head.weight"})
     if missing or extra:

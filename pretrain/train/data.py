@@ -6,8 +6,9 @@ import torch.distributed as dist
 
 from pretrain.config import ExperimentConfig
 from pretrain.data.loader import BlendedDataset, DataLoader, TokenDataset, check_seq_len, check_vocab, validation_size
-from pretrain.data.sft import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches, folder_kind, read_sft_meta
-from pretrain.data.sft import resolve_path as resolve_data_path
+from pretrain.data.resolve import resolve_data_path
+from pretrain.data.sft_loader import SFTDataset, SFTLoader, SFTSamples, SFTValidationBatches
+from pretrain.data.sft_prepare import folder_kind, read_sft_meta
 from pretrain.errors import UserError
 from pretrain.train.distributed import Topology
 from pretrain.train.evaluate import build_validation
@@ -69,7 +70,7 @@ def build_sft_loaders(cfg: ExperimentConfig, topo: Topology, paths: list[str], c
     """(SFT train loader from `consumed_samples` rows on, SFT validation micro-batches or None) for this DP rank.
 
     Several SFT folders are pooled into one set of examples; rows are packed (data.sft_packing) or padded, to
-    data.seq_len under pipeline parallelism, which needs equal shapes (pretrain/data/sft.py)."""
+    data.seq_len under pipeline parallelism, which needs equal shapes (pretrain/data/sft_loader.py)."""
     if cfg.data.weights is not None:
         raise UserError("data.weights: SFT folders are pooled, not blended; leave data.weights null")
     for p in paths:

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from models import Llama
 from models.llama import Block
 from models.parallel import TensorParallel
-from models.pipeline import PipelineLoss, layer_specs
+from models.pipeline import PARTITION_METHOD, PipelineLoss, layer_specs
 from pretrain import compat
 from pretrain.config import ExperimentConfig
 from pretrain.errors import UserError
@@ -197,7 +197,7 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
                 raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
             model = PipelineModule(
                 layers=layer_specs(cfg.model, tp, seed), loss_fn=PipelineLoss(tp), topology=deepspeed_topology(topo),
-                partition_method="type:BlockPipe", activation_checkpoint_interval=0,
+                partition_method=PARTITION_METHOD, activation_checkpoint_interval=0,
             )
         else:
             model = Llama(cfg.model, tp, seed=seed)

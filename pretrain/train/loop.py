@@ -20,6 +20,7 @@ import torch
 from models import Llama
 from pretrain.config import ExperimentConfig, save_config
 from pretrain.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_UNSTABLE
+from pretrain.runs import CONFIG_FILE
 from pretrain.state import checkpoint, reshard
 from pretrain.state.resume import RunStart
 from pretrain.state.sources import load_weights
@@ -58,7 +59,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         checkpoint.load(built.engine, start.folder, topo.rank)
         apply_optimizer_settings(built, cfg, built.engine.lr_scheduler.last_epoch)
     elif plan is not None:
-        state = reshard.read(start.folder, plan.old_layout)
+        state = reshard.read(start.folder, plan.old_layout, start.old_cfg)
         reshard.apply(built, cfg, state)
         checkpoint.load_rng(start.folder, topo.rank)
         apply_optimizer_settings(built, cfg, state.scheduler_step)
@@ -67,7 +68,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         reshard.apply_weights(built, cfg, load_weights(cfg))
     if rank0:
         os.makedirs(cfg.run.dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        save_config(cfg, os.path.join(cfg.run.dir, CONFIG_FILE))
 
     out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
     if rank0:
@@ -162,5 +163,4 @@ def _grad_norm(built: Built) -> float:
 
 
 def _flops_per_token(cfg: ExperimentConfig) -> float:
-    with torch.device("meta"):
-        return Llama(cfg.model).flops_per_token(cfg.data.seq_len)
+    return Llama.meta(cfg.model).flops_per_token(cfg.data.seq_len)

@@ -1,0 +1,215 @@
+"""Reading and writing the experiment config: YAML plus dotted command-line overrides, keys of earlier versions,
+presets, the scheme's paper-fixed training settings, and type checks with one-line errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from models.config import PRESETS, check_choices, literal_choices
+from models.norms import NORM_SCHEMES
+from pretrain.config.sections import SECTIONS, ExperimentConfig, sections
+from pretrain.errors import UserError
+from pretrain.files import atomic_write
+
+
+# Keys earlier versions had: a user's file naming one gets the fix; a config stored in an old checkpoint loads.
+REMOVED_KEYS = {
+    "eval.batches": "the validation set is a token budget now: use eval.tokens (the same samples on every layout)",
+}
+
+
+# Keys added later whose new default would change what a config stored before them describes: such a stored
+# config (a run's or a checkpoint's) without the key gets the value that keeps its old meaning.
+LEGACY_DEFAULTS = {
+    "model.ln_free_base_depth": 0,  # ln_free before its depth-muP multipliers: plain x + F(x)
+}
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), stored: bool = False,
+                values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The experiment in YAML file `path` (None: all defaults) with `values` ({dotted key: value}, set as they are)
+    and then `key.sub=value` overrides (value parsed as YAML) applied.
+
+    `stored`: the file is a config normlab wrote (a run's or a checkpoint's), so keys of earlier versions
+    (REMOVED_KEYS) are dropped instead of refused."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
+    for key, value in (values or {}).items():
+        set_key(raw, key, value)
+    for item in overrides:
+        apply_override(raw, item)
+    _drop_removed_keys(raw, refuse=not stored)
+    if stored:
+        for dotted, value in LEGACY_DEFAULTS.items():
+            section, key = dotted.split(".")
+            if isinstance(raw.get(section), dict) and key not in raw[section]:
+                raw[section][key] = value
+    given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
+    if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
+        given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
+    _scheme_train_defaults(raw, given)
+    return dataclasses.replace(from_dict(raw), given_keys=frozenset(given))
+
+
+def _scheme_train_defaults(raw: dict, given: set[str]) -> None:
+    """The training settings the scheme's paper fixes (its entry's `train_defaults`, models/norms.py), where the
+    config does not give them; a given other value is trained as given, with a warning."""
+    scheme = raw.get("model", {}).get("norm_scheme") if isinstance(raw.get("model"), dict) else None
+    if scheme not in NORM_SCHEMES:
+        return  # an unknown scheme is refused by the model section's validation
+    for dotted, value in NORM_SCHEMES[scheme].train_defaults.items():
+        section, key = dotted.split(".")
+        if dotted not in given:
+            raw.setdefault(section, {})[key] = value
+        elif raw[section][key] != value:
+            print(f"warning: {dotted}={raw[section][key]} with model.norm_scheme={scheme}, whose paper trains with "
+                  f"{dotted}={value}; training as given", file=sys.stderr)
+
+
+def _drop_removed_keys(raw: dict, refuse: bool) -> None:
+    for dotted, fix in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            if refuse:
+                raise UserError(f"{dotted} was removed: {fix}")
+            del raw[section][key]
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b=value` (value parsed as YAML: numbers, booleans, null, lists) in the nested dict `raw`."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} is not of the form section.key=value (e.g. model.norm_scheme=lns)")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    set_key(raw, key, parsed, what=f"override {item!r}")
+
+
+def set_key(raw: dict, key: str, value: Any, what: str | None = None) -> None:
+    """Set dotted `key` to `value` in the nested dict `raw`."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{what or key}: {part} is not a section")
+    node[leaf] = value
+
+
+def from_dict(raw: dict) -> ExperimentConfig:
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise UserError(_unknown_key_message(sorted(unknown)[0], "", SECTIONS))
+    try:
+        kwargs = {}
+        for name, section_type in typing.get_type_hints(ExperimentConfig).items():
+            if name not in SECTIONS:
+                continue
+            value = raw.get(name, {})
+            if name == "deepspeed":
+                kwargs[name] = _check_type(value, dict, "deepspeed")
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"{name}: expected a mapping of keys, got {type(value).__name__}")
+            if name == "model":
+                value = _with_preset(value)
+            kwargs[name] = _build(section_type, value, name + ".")
+        return ExperimentConfig(**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _with_preset(model: dict) -> dict:
+    preset = model.get("preset")
+    if preset is None:
+        return model
+    if preset not in PRESETS:
+        raise UserError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **model}
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise UserError(_unknown_key_message(key, prefix, fields))
+    for key, value in values.items():
+        choices = fields[key].metadata.get("choices")  # a key whose valid values are a table's (models/norms.py)
+        if choices and value not in choices:
+            raise UserError(f"{prefix}{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    kwargs = {key: _check_type(value, hints[key], prefix + key) for key, value in values.items()}
+    obj = cls(**kwargs)
+    check_choices(obj, prefix)
+    return obj
+
+
+def _check_type(value: Any, tp, key: str) -> Any:
+    """Return `value` (ints widened to float where a float is expected) or raise a one-line UserError."""
+    choices = literal_choices(tp)
+    if choices is not None:
+        if value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key_message(key: str, prefix: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    return f"unknown config key {prefix}{key}; {hint}valid keys: {', '.join(prefix + k for k in valid)}"
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """{section: {key: value}} (`deepspeed`: its mapping) of every config key."""
+    return {f.name: dataclasses.asdict(getattr(cfg, f.name)) if f.name != "deepspeed" else dict(cfg.deepspeed)
+            for f in sections()}
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: ExperimentConfig, path: str) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    atomic_write(path, dump_yaml(cfg))

@@ -1,0 +1,39 @@
+"""The README's generated config tables: every key with its default and meaning, and which composable model keys
+each norm scheme takes (`pretrain config --docs`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import yaml
+
+from models.norms import NORM_SCHEMES, OPTIONS, refusal_reason
+from pretrain.config.sections import SECTIONS, ExperimentConfig
+
+
+def composition_reference() -> str:
+    """Markdown table: which composable model keys (models/norms.py `OPTIONS`) each norm scheme takes, and why one
+    refuses a key where the table says so."""
+    keys = list(OPTIONS)
+    rows = ["| scheme | " + " | ".join(f"`model.{k}`" for k in keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for name, scheme in NORM_SCHEMES.items():
+        cells = ["yes" if k in scheme.options else f"refused: {refusal_reason(name, k)}" for k in keys]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def config_reference() -> str:
+    """Markdown table of every config key, its default and its documentation."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, section_type in typing.get_type_hints(ExperimentConfig).items():
+        if section not in SECTIONS:
+            continue
+        if section == "deepspeed":
+            f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == "deepspeed")
+            rows.append(f"| `deepspeed` | `{{}}` | {f.metadata['help']} |")
+            continue
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{section}.{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['help']} |")
+    return "\n".join(rows)
