@@ -10,12 +10,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pretrain.cli import commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("models", "pretrain", "launch")
 
 
+@pytest.mark.processes
 def test_import_contracts_hold():
     """Layers (pretrain/cli on top ... pretrain/errors at the bottom; models below everything) and no cycles."""
     proc = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import REPO, train_env
+
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
 
 
 def test_bench_prints_a_row_with_and_without_diagnostics(data_cache):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_helpers import REPO, metrics, train_cmd, train_env
 
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.processes, pytest.mark.compat]
 
 
 def test_injected_inf_gradient_is_skipped_under_bf16(tmp_path, data_cache):

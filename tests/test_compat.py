@@ -65,6 +65,7 @@ def test_local_and_prerelease_builds_compare_by_release():
     assert compat._parse("0.19.2") < compat._parse("0.20")
 
 
+@pytest.mark.processes
 def test_cli_reports_an_untested_version_in_one_line_before_any_command():
     # A fresh interpreter, as a user's `pretrain` is: the check runs in cli.main, not as a traceback at import.
     code = ("import sys; from importlib import metadata; real = metadata.version; "
@@ -87,6 +88,7 @@ def test_setup_cfg_pins_the_tested_ranges():
     assert cfg["options"]["python_requires"] == f">={compat.PYTHON[0]},<{compat.PYTHON[1]}"
 
 
+@pytest.mark.processes
 def test_private_apis_are_only_used_in_compat():
     # The internals compat.py wraps must not be reached for anywhere else.
     patterns = ["_take_model_step", "_compiled_call_impl", "_get_file_writer", "_hp_mapping", "optim_states.pt",

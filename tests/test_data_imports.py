@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "pretrain" / "data"
 MODULES = sorted(p.stem for p in DATA.glob("*.py"))
@@ -82,6 +84,7 @@ def test_imports_inside_functions_give_a_reason():
     assert not missing, "imports inside functions without a reason beside them:\n" + "\n".join(missing)
 
 
+@pytest.mark.processes
 def test_each_data_module_imports_alone():
     procs = {m: subprocess.Popen([sys.executable, "-c", f"import pretrain.data.{m}" if m != "__init__" else "import pretrain.data"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in MODULES}
@@ -90,6 +93,7 @@ def test_each_data_module_imports_alone():
         assert p.returncode == 0, f"import pretrain.data.{m} alone failed:\n{err[-2000:]}"
 
 
+@pytest.mark.processes
 def test_lazy_imports_keep_their_promise():
     # datasets is imported inside functions because reading prepared data and training never need it; torch
     # stays out of `import pretrain.data`, of the modules that write folders and of the `pretrain data` commands.

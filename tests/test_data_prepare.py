@@ -343,6 +343,7 @@ def _resolve(cache, q):
     q.put(resolve_data_path("bundled:tinyshakespeare", cache_dir=cache))
 
 
+@pytest.mark.processes
 def test_bundled_concurrent_ranks_agree(tmp_path):
     # Two "ranks" build the bundled data at once into an empty cache; both end with the same complete folder.
     ctx = multiprocessing.get_context("fork")
@@ -364,6 +365,7 @@ def _one_line(err: str) -> str:
     return err
 
 
+@pytest.mark.processes
 def test_tokenizer_folder_as_data_is_named_and_left_alone(tmp_path, capsys):
     tok = Path(shutil.copytree(tiny_tokenizer_dir(), tmp_path / "tok"))
     before = snapshot(tok)

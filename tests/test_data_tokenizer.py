@@ -125,6 +125,7 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nope.txt" in err
 
 
+@pytest.mark.processes
 def test_data_folder_as_tokenizer(tmp_path, capsys):
     # A prepared folder holds a copy of its tokenizer, so it is a valid --tokenizer; as the output of a tokenizer
     # training it is refused for what it is, even with --overwrite, and left untouched.

@@ -199,6 +199,7 @@ def assert_global_norm_is_the_engines(run_dir: str):
         assert r["grad_norm_global"] == pytest.approx(engine[r["step"]], rel=1e-5)
 
 
+@pytest.mark.processes
 def test_logged_step_matches_hand_computation(reference, data_cache):
     """Step 1's logged numbers are the init weights' statistics on the first micro-batch, and the gradient
     norms of the mean loss over the step's two micro-batches, computed by hand in fp64."""
@@ -241,12 +242,14 @@ def test_logged_step_matches_hand_computation(reference, data_cache):
     [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2)],
     ids=["tp2", "pp2", "dp2-zero2"],
 )
+@pytest.mark.processes
 def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, reference, layout, nproc):
     run_train(str(tmp_path), *STEPS, *layout, nproc=nproc, cache_dir=data_cache)
     assert_same_stats(layer_stats(str(tmp_path)), layer_stats(reference))
     assert_global_norm_is_the_engines(str(tmp_path))
 
 
+@pytest.mark.processes
 def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", *STEPS]
     run_train(str(tmp_path / "single"), *tied, cache_dir=data_cache)

@@ -21,6 +21,8 @@ from pretrain.config import load_config
 from pretrain.errors import UserError
 from pretrain.state.sources import resolve_model
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 DATA = "bundled:tinyshakespeare"
 
 

@@ -96,6 +96,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.processes
 def test_val_loss_is_the_same_on_every_layout(tmp_path, data_cache):
     got = {}
     for name, (overrides, nproc) in LAYOUTS.items():  # one after the other: each run keeps the 2 cores busy

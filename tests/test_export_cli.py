@@ -12,7 +12,7 @@ from models import Llama
 from pretrain.state.checkpoint import load_model_state
 from pretrain.cli import main
 
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.processes, pytest.mark.compat]
 
 
 def test_export_hf_from_tensor_and_pipeline_parallel_lns_checkpoint(tmp_path, capsys):

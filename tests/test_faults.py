@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from train_helpers import latest, run_train, train_losses
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 
 @pytest.fixture
 def small_disk(tmp_path):

@@ -30,6 +30,8 @@ from pretrain.config import load_config
 from pretrain.data.loader import TokenDataset, unigram_cross_entropy
 from pretrain.train.engine import lr_lambda
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 STEPS, BATCH, SEQ, LR, WARMUP = 200, 16, 64, 2e-3, 20
 MARGIN = 0.1  # nats below the unigram level: slow starters (peri_ln, reordered) are there by step 200, a collapse never
 SHAPE = dict(vocab_size=2048, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=SEQ)

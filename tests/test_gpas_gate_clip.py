@@ -40,6 +40,7 @@ def _clipped_gate_gradients(max_norm: float):
     return {"before": hook.last_norm, "after": seen["norm"], "gates": len(gates)}
 
 
+@pytest.mark.processes
 def test_gate_gradients_are_clipped_jointly_on_zero1():
     results = run_distributed_test(_clipped_gate_gradients, world_size=2, args=(1e-4,), timeout=300)
     for r in results:

@@ -93,6 +93,7 @@ def test_wheels_over_64_mib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 # Running stages
 
 
+@pytest.mark.processes
 def test_a_stage_past_its_limit_is_killed_with_its_children_and_the_next_stage_runs(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     # "slow" leaves a grandchild in the background and then blocks; "next" runs only after results.json says so
@@ -172,6 +173,7 @@ def test_table_has_a_row_per_run_including_the_ones_that_ended_badly():
 # pretrain bench --json / --profile
 
 
+@pytest.mark.processes
 def test_bench_json_keeps_earlier_rows_when_a_later_preset_fails_and_profile_writes_its_files(tmp_path, data_cache):
     rows_path, prof = tmp_path / "rows.json", tmp_path / "prof"
     proc = subprocess.run(

@@ -120,6 +120,7 @@ def sft_run(tmp_path_factory, data_cache) -> dict:
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_export_writes_tokenizer_ids_and_chat_template(sft_run):
     from transformers import AutoTokenizer
 
@@ -137,6 +138,7 @@ def test_export_writes_tokenizer_ids_and_chat_template(sft_run):
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_pipeline_continues_a_prompt_as_pretrain_generate(sft_run, data_cache, capsys):
     from transformers import pipeline
 
@@ -162,6 +164,7 @@ def test_pipeline_continues_a_prompt_as_pretrain_generate(sft_run, data_cache, c
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_export_without_a_tokenizer_names_the_flag(tmp_path, data_cache, tokenizers, capsys):
     from transformers import AutoTokenizer
 
@@ -185,6 +188,7 @@ def test_export_without_a_tokenizer_names_the_flag(tmp_path, data_cache, tokeniz
     assert AutoTokenizer.from_pretrained(out + "2").chat_template == chat_template(TEMPLATES["llama3"])
 
 
+@pytest.mark.processes
 def test_lm_eval_on_the_export_scores_as_eval_choices(sft_run, data_cache, tmp_path, monkeypatch, capsys):
     """lm-eval's own CLI on the export, against `pretrain eval-choices` on the checkpoint: same acc, acc_norm and
     per-choice log-likelihoods."""

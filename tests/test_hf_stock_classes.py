@@ -24,6 +24,8 @@ from pretrain.data.resolve import resolve_data_path
 from pretrain.data.folders import read_meta
 from pretrain.state.sources import load_weights, open_source, resolve_model
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 DATA = "bundled:tinyshakespeare"
 # name -> (training overrides, config.json model_type). ln_free trains 20 steps so that its activations are a trained
 # model's; tiny has 8 blocks, so the default base depth 4 gives c_in = sqrt(1/2), c_out = 1/2, folded by the export.

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "launch/train.sbatch"
 HAVE_SBATCH = shutil.which("sbatch") is not None

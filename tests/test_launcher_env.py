@@ -126,6 +126,7 @@ def test_inconsistent_srun_step_is_refused(monkeypatch, variables, match):
     refused(match)
 
 
+@pytest.mark.processes
 def test_a_lone_process_binds_no_port(tmp_path):
     """Two single-process runs started at once on one machine must not race for a rendezvous port (free_port()
     is free only until somebody binds it): a lone process uses an in-process store, so even a port another run's

@@ -283,6 +283,7 @@ def test_tp1_model_is_plain_pytorch():
             assert type(m) is nn.Linear, f"{name}: {type(m)}"
 
 
+@pytest.mark.processes
 def test_checkpoint_loads_without_torch_distributed(tmp_path):
     """torch.save'd state dict -> fresh Llama(cfg) in a new interpreter (a notebook): no process group,
     megatron-core never imported, strict load, same logits."""

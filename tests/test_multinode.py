@@ -27,6 +27,8 @@ from train_helpers import run_train, train_losses
 
 from pretrain.train.distributed import Topology, placement
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 PARTITION = "multi"
 TWO_NODES = [f"--partition={PARTITION}", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-task=0"]
 DP4 = ["train.micro_batch_size=1"]  # 4 data-parallel ranks share test_launch_slurm.TINY's global batch of 4

@@ -5,10 +5,14 @@ which ZeRO partitions across data-parallel ranks without regard to rows (pretrai
 from __future__ import annotations
 
 import torch
+import pytest
+
 from distributed import run_distributed_test
 from train_helpers import random_lm_batches
 
 from models.norms import NGPT_UNIT_WEIGHTS
+
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
 
 
 def _full_norms(p: torch.Tensor, dim: int, tp_group, split_dim: int | None) -> torch.Tensor:

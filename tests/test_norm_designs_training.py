@@ -13,6 +13,8 @@ import sys
 import pytest
 from train_helpers import REPO, metrics, run_train, train_env, train_losses
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 STEPS = 5
 # The default run keeps one case per layout (TP = 2, PP = 2) and the sphere (nGPT's unit weights): the slow ones repeat
 # those paths with other parts, which tests/test_norm_schemes.py and tests/test_tensor_parallel.py cover per formula.

@@ -12,6 +12,8 @@ from train_helpers import run_train
 from pretrain.cli import main
 from pretrain.diagnostics.measures import BLOCK_PAIRS, DEPTH_MEASURES, FROM_EMBEDDING
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -276,6 +276,7 @@ def removal(source, tmp_path_factory, data_cache):
     return run, _pretrain(*args[:-len(REMOVAL)], "--control", *REMOVAL, cache_dir=data_cache)
 
 
+@pytest.mark.processes
 def test_remove_norms_end_to_end(removal, source, tmp_path):
     run, proc = removal
     last = proc.stdout.strip().splitlines()[-1]
@@ -328,6 +329,7 @@ def test_remove_norms_end_to_end(removal, source, tmp_path):
     assert not os.path.exists(tmp_path / "attr2")
 
 
+@pytest.mark.processes
 def test_remove_norms_resumes_mid_schedule_on_another_layout(removal, source, tmp_path, data_cache):
     """Stopped after step 3 (two sites fixed, three live with their EMAs) and resumed at ZeRO-1 (the full-state
     path), the run gives the losses, sigmas and result of the uninterrupted one."""
@@ -348,6 +350,7 @@ def test_remove_norms_resumes_mid_schedule_on_another_layout(removal, source, tm
     assert ce_b == pytest.approx(ce_a, rel=1e-5)
 
 
+@pytest.mark.processes
 def test_remove_norms_with_per_head_qk_norms_on_tensor_parallel(tmp_path, data_cache):
     """A Qwen3-shaped source (pre_ln, per-head q/k norms, 4 q heads on 2 kv heads): the q/k sites come after the
     attention group with one sigma per head, and the removal on TP = 2 (each rank holds half the heads, whose

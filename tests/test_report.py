@@ -19,6 +19,8 @@ from train_helpers import REPO, TINY, train_env
 from pretrain.analysis.report_table import Run, build_table, column_keys, row_differences
 from pretrain.cli import main
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 

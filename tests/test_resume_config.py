@@ -46,6 +46,7 @@ def test_plan_names_every_identity_change_and_accepts_moved_data():
         plan_resume(old, same_model, {}, LAYOUT, LAYOUT, data_fingerprint="a")
 
 
+@pytest.mark.processes
 def test_changes_take_effect_and_identity_changes_are_refused(tmp_path, data_cache):
     run = str(tmp_path)
     run_train(run, "train.steps=8", "train.stop_at_step=4", "checkpoint.interval=2", cache_dir=data_cache)
@@ -79,6 +80,7 @@ def _weights(folder: str) -> dict:
     return load_model_state(folder)[1]
 
 
+@pytest.mark.processes
 def test_init_from_checkpoint_of_any_layout_and_from_hugging_face(tmp_path, data_cache):
     source = str(tmp_path / "source")
     # a non-default shape, trained pipeline-parallel
@@ -130,6 +132,7 @@ def test_init_from_checkpoint_of_any_layout_and_from_hugging_face(tmp_path, data
     assert not os.path.exists(tmp_path / "bad")
 
 
+@pytest.mark.processes
 def test_moved_data_resumes_and_changed_data_is_refused(tmp_path, data_cache):
     import shutil
 

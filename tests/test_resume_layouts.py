@@ -12,6 +12,8 @@ import os
 import pytest
 from train_helpers import metrics, run_train, train_losses
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 STEPS, STOP = 20, 10
 TIED = ["model.tie_embeddings=true"]
 

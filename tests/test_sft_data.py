@@ -193,6 +193,7 @@ def test_damaged_sft_folder_is_not_called_interrupted(folder, tmp_path):
     assert "delete" not in str(e.value)
 
 
+@pytest.mark.processes
 def test_bundled_instruction_set_is_current_held_out_and_single_pieces(data_cache):
     script = REPO / "scripts" / "make_tiny_instruct.py"
     assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode == 0

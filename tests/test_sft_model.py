@@ -142,6 +142,7 @@ def _reference(mean_of_means: bool = False):
     return float(loss), {k: p.grad for k, p in model.named_parameters()}
 
 
+@pytest.mark.processes
 def test_token_weighted_loss_over_micro_batches_and_data_parallel_ranks():
     """dp = 2 ranks x 2 accumulation steps of micro-batches with 3..49 trained tokens give the gradient (and the
     logged loss) of the whole batch's token sum / its token count, as one batch holding all of them."""

@@ -12,6 +12,8 @@ import sys
 import pytest
 from train_helpers import REPO, metrics, run_train, train_env, train_losses
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 STEPS = 4
 # test_tiny_example_raises_held_out_exact_match measured (2026-11-22, 2-core CPU): exact match 0 -> 0.175 (count
 # 0.95), response loss 10.8 -> 1.50 on the first 120 held-out records; the full example reaches 0.63 (README).

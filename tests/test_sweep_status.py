@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=2",
         "eval.interval=0", "logging.interval=1", "logging.progress_bar=false", "logging.tensorboard=false",

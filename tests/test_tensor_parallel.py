@@ -56,7 +56,7 @@ INDIVISIBLE = {
 }
 
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
+pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("single_thread"), pytest.mark.compat]
 
 
 def make_config(**overrides) -> ModelConfig:

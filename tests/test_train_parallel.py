@@ -7,6 +7,8 @@ import pytest
 from distributed import run_distributed_test
 from train_helpers import run_train, train_losses
 
+pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
+
 STEPS = 5
 
 

@@ -17,6 +17,7 @@ from pretrain.config import load_config
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_resume_is_bitwise_identical(tmp_path, data_cache):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     common = ["train.steps=20", "checkpoint.interval=5", "eval.interval=10"]
@@ -33,6 +34,7 @@ def test_resume_is_bitwise_identical(tmp_path, data_cache):
     assert val_a == val_b and len(val_a) == 2
 
 
+@pytest.mark.processes
 def test_run_folder_contents(tmp_path, data_cache):
     run = str(tmp_path)
     run_train(run, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=2", "eval.interval=3",
@@ -64,6 +66,7 @@ def test_run_folder_contents(tmp_path, data_cache):
     assert [e.step for e in acc.Scalars("val/val_loss")] == [3, 6]
 
 
+@pytest.mark.processes
 def test_sigterm_finishes_step_saves_and_exits_75(tmp_path, data_cache):
     run = str(tmp_path)
     proc = subprocess.Popen(train_cmd(run, "train.steps=500"), cwd=REPO, env=train_env(data_cache),
@@ -85,6 +88,7 @@ def test_sigterm_finishes_step_saves_and_exits_75(tmp_path, data_cache):
     assert sorted(train_losses(run)) == list(range(1, saved + 3))
 
 
+@pytest.mark.processes
 def test_kill_during_save_keeps_previous_latest(tmp_path, data_cache):
     run = str(tmp_path)
     script = [os.path.join(REPO, "tests", "scripts", "killed_during_save.py")]
@@ -103,6 +107,7 @@ def test_kill_during_save_keeps_previous_latest(tmp_path, data_cache):
     assert sorted(train_losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.processes
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_cache):
     # An absurd learning rate drives the weights to inf within a couple of steps; the updates are then skipped
     # and counted, and max_bad_steps in a row stop the run with exit code 3 and a clear message.
@@ -115,6 +120,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_cache):
     assert last["skipped_steps"] >= 3
 
 
+@pytest.mark.processes
 def test_existing_run_without_resume_is_refused(tmp_path, data_cache):
     run = str(tmp_path)
     run_train(run, "train.steps=2", cache_dir=data_cache)
@@ -138,6 +144,7 @@ def test_existing_run_without_resume_is_refused(tmp_path, data_cache):
         (["parallel.tp=2"], "world size 1 is not divisible"),
     ],
 )
+@pytest.mark.processes
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_cache, overrides, message):
     run = str(tmp_path / "run")
     proc = run_train(run, *overrides, cache_dir=data_cache, expect=2, timeout=120)
@@ -172,6 +179,7 @@ def test_every_paper_config_loads():
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_python_dash_m_and_console_script_agree():
     script = os.path.join(os.path.dirname(sys.executable), "pretrain")
     if not os.path.exists(script):
@@ -183,6 +191,7 @@ def test_python_dash_m_and_console_script_agree():
 
 
 @pytest.mark.compat
+@pytest.mark.processes
 def test_spawned_ranks_pass_their_exit_code_on(tmp_path, data_cache):
     # --nproc-per-node runs torchrun; a rank's UserError must still end the command with exit 2, not 1.
     run = str(tmp_path / "run")
