@@ -1,4 +1,5 @@
-# Two entry points (see README): `make quickstart` trains the tiny model, `make test` runs the tests.
+# Two entry points (see README): `make quickstart` trains the tiny model, `make test` runs the tests (`make test-fast`:
+# the in-process tier alone, under a minute).
 # Both create .venv and install what they need on first use. torch is installed first, pinned by
 # TORCH_SPEC (the CPU build here; PyPI's is the CUDA build on a Linux GPU cluster). Another CUDA build, e.g.
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cu130
@@ -22,7 +23,7 @@ NEWEST_TORCH ?= torch==2.15.0
 UNCAPPED := PIP_CONSTRAINT=/dev/null
 COMPAT_TMP := .cache/compat
 
-.PHONY: install quickstart test test-all compat compat-gpu-stack compat-newest clean-venv
+.PHONY: install quickstart test-fast test test-all compat compat-gpu-stack compat-newest clean-venv
 
 install: $(STAMP)
 
@@ -36,8 +37,13 @@ $(STAMP): setup.cfg pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/pretrain train configs/tiny.yaml train.resume=auto
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+# Two tiers (README, "Tests"): the fast tier is every in-process test (a test there that starts a process fails); then
+# the tests marked `processes` (subprocesses, ranks, training runs). `make test` runs both, the fast tier first.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --fast-tier --durations=10
+
+test: test-fast
+	$(BIN)/python -m pytest -q -m "processes and not slow" --durations=25
 
 # Everything, the `slow` tests included (more cases of paths the default run already covers end to end).
 test-all: $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real SLURM on this machine, for tests/test_launch_slurm.py, tests/test_multinode.py and CI: one node, or the
+# A real SLURM on this machine, for tests/launch/test_launch_slurm.py, tests/launch/test_multinode.py and CI: one node, or the
 # host's node plus N test nodes that are hosts of their own.
 #
 #   sudo bash launch/slurm_setup.sh              # one node (this host), partition debug

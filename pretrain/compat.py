@@ -31,7 +31,7 @@ import torch
 
 from pretrain.errors import UserError
 
-# The ranges the test suite ran against, the same as setup.cfg's install_requires (tests/test_compat.py checks
+# The ranges the test suite ran against, the same as setup.cfg's install_requires (tests/pretrain/test_compat.py checks
 # that they agree): package -> (lowest tested version, first untested version). The ends of each range are what
 # CI installs (README, "Supported versions"): Python 3.11 with torch 2.13 and megatron-core 0.16; Python 3.12 with
 # the GPU machines' stack (torch 2.11, megatron-core 0.19, transformers 5.17, sentencepiece 0.2.2) and with the

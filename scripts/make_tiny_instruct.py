@@ -23,7 +23,7 @@ OUT = Path(__file__).resolve().parents[1] / "pretrain" / "data" / "corpora"
 TRAIN_PER_TASK, TEST_PER_TASK = 500, 40
 SEED = 20261122
 
-# 16 words the bundled tokenizer encodes as one piece each (checked by tests/test_sft_data.py). Few words make
+# 16 words the bundled tokenizer encodes as one piece each (checked by tests/pretrain/data/test_sft_data.py). Few words make
 # copying quick to learn: with 54 such words the same budget reached about a third of the exact match.
 WORDS = "king queen lord lady love night day death life heart blood crown sword gold fire earth".split()
 

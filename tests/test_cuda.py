@@ -18,7 +18,7 @@ Multi-rank paths stay CPU-only (gloo): one GPU cannot run NCCL between ranks, so
 (megatron's column/row-parallel all-gathers and all-reduces, the vocab-parallel embedding and cross-entropy),
 pipeline parallelism (DeepSpeed's PipelineEngine send/recv, tied-embedding all-reduce), data parallelism (ZeRO-1/2
 reduce-scatter and all-gather, gradient all-reduce) and resharding between those layouts are tested on gloo ranks
-only (tests/test_tensor_parallel.py, test_train_parallel.py, test_resume_layouts.py, test_diagnostics.py,
+only (tests/models/test_tensor_parallel.py, test_train_parallel.py, test_resume_layouts.py, test_diagnostics.py,
 test_sft_train.py). Here the megatron-core layers run at TP = 1, where their collectives are one-rank no-ops.
 
 The `pretrain` subprocesses of the module are started together by the `jobs` fixture, concurrently where the GPU's
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from sft_helpers import pack
-from train_helpers import REPO, metrics, train_cmd, train_env, train_losses
+from helpers.sft import pack
+from helpers.train import REPO, metrics, train_cmd, train_env, train_losses
 
 from models import Llama, ModelConfig
 from models.generate import KVCache, Sampling, generate
@@ -57,7 +57,7 @@ CPU = torch.device("cpu")
 
 STEPS = 8
 BF16 = ["train.precision=bf16", f"train.steps={STEPS}"]
-# bf16 runs on the tiny preset: 8 steps of 2 micro-batches of 4 x 64 tokens (train_helpers.TINY), lr 2e-3.
+# bf16 runs on the tiny preset: 8 steps of 2 micro-batches of 4 x 64 tokens (helpers.train.TINY), lr 2e-3.
 RUNS = {
     "zero1": ["parallel.zero_stage=1", "checkpoint.interval=4"],  # also the reference of the GPU/CPU resume
     "zero2": ["parallel.zero_stage=2", "diagnostics.interval=1", "eval.interval=4", "eval.tokens=2048"],
@@ -65,7 +65,7 @@ RUNS = {
     # diagnostics every other step: steps 1, 3, ... run the compiled blocks untouched, 2, 4, ... measure them
     "zero2-compile": ["parallel.zero_stage=2", "train.compile=true", "diagnostics.interval=2"],
 }
-# Packed SFT rows (tests/test_sft_train.py's shape) in bf16 with ZeRO-1, from the zero1 run's weights.
+# Packed SFT rows (tests/pretrain/train/test_sft_train.py's shape) in bf16 with ZeRO-1, from the zero1 run's weights.
 SFT = ["data.paths=[bundled:tiny-instruct]", "data.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",
        "train.steps=4", "train.warmup_steps=2", "eval.interval=2", "eval.tokens=1024", "logging.interval=1",
        "logging.progress_bar=false", "checkpoint.interval=0", "diagnostics.interval=2", "train.precision=bf16",
@@ -74,7 +74,7 @@ JOB_TIMEOUT = 300
 
 # bf16 noise: two bf16 runs of the same steps that differ only in rounding (eager vs inductor on the CPU, measured
 # 2026-11-27) log losses within 2e-4 relative over 8 steps; a resume that loses the master weights or the Adam
-# moments is off by 1e-2 or more (tests/test_resume_layouts.py). Losses of GPU vs CPU bf16 steps are held to 5e-3.
+# moments is off by 1e-2 or more (tests/pretrain/state/test_resume_layouts.py). Losses of GPU vs CPU bf16 steps are held to 5e-3.
 BF16_LOSS_REL = 5e-3
 
 
@@ -479,7 +479,7 @@ def megatron_tp1_matches_plain(device: torch.device) -> None:
 
     One process: a one-rank group (NCCL on a GPU, as pretrain/train/distributed.py uses; gloo on the CPU) and megatron's
     parallel_state at TP = PP = 1. Their collectives run on one rank; TP = 2 stays on gloo
-    (tests/test_tensor_parallel.py)."""
+    (tests/models/test_tensor_parallel.py)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -937,7 +937,7 @@ def test_generate_command_on_gpu(jobs, root, data_cache, monkeypatch, capsys, gp
 
 
 # ------------------------------------------------------------------------------ CPU variants (not `cuda`)
-# Only what no other test covers: bf16 on the CPU for the packed mask and the KV cache (tests/test_sft_model.py
+# Only what no other test covers: bf16 on the CPU for the packed mask and the KV cache (tests/models/test_sft_model.py
 # checks both in fp32), and the model's attention under SDPA's fused (flash) CPU kernel alone.
 
 

@@ -1,6 +1,6 @@
 """Which stock transformers class a model exports to, or why none can hold it: each scheme's entry
 (models/norms.py `hf_exports`, `no_hf_class`) and `KEY_REFUSALS` are behind both the export's refusals and the
-README's per-scheme table (`export_reference`, kept current by tests/test_hf_stock_classes.py)."""
+README's per-scheme table (`export_reference`, kept current by tests/pretrain/cli/test_hf_stock_classes.py)."""
 
 from __future__ import annotations
 

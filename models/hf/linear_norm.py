@@ -6,7 +6,7 @@ their GPT-2 releases). eps = 2^40 is a power of 4, so sqrt(eps) = 2^20 and 1/sqr
 multiplying by them is exact. Moreover mean(x^2) + 2^40 rounds to exactly 2^40 in fp32 (where transformers computes the
 statistic, for bf16 inputs too) whenever mean(x^2) < 2^16 (half an fp32 ulp of 2^40): below that the norm is the
 identity bit for bit, above it the error stays under mean(x^2) / 2^41, below 1e-5 up to mean(x^2) = 2.2e7. Trained
-`ln_free` models here have per-token mean squares of order 1 to 100 (tests/test_hf_parity.py measures them). fp16 is
+`ln_free` models here have per-token mean squares of order 1 to 100 (tests/models/test_hf_parity.py measures them). fp16 is
 not supported: 2^20 overflows it.
 """
 

@@ -2,7 +2,7 @@
 computed: a function of one block's `BlockActivations` (pretrain/diagnostics/taps.py) of the measured micro-batch
 per activation measure, in at least fp32, as a 0-d tensor on the device (no host sync). grad_norm has none here:
 pretrain/diagnostics/probes.py measures it from the gradients. Adding a statistic: its entry in the table (with
-training=True) and its function in `ACTIVATION_FUNCTIONS` (tests/test_diagnostics.py checks every training entry
+training=True) and its function in `ACTIVATION_FUNCTIONS` (tests/pretrain/diagnostics/test_diagnostics.py checks every training entry
 reaches the file, TensorBoard, plot and report).
 """
 

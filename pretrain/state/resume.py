@@ -25,7 +25,7 @@ from pretrain.state.sources import resolve_model
 
 FREE, TAKES_EFFECT, IDENTITY = "free", "takes effect", "identity"
 
-# Exact keys first, then whole sections; every key of the config falls under one (tests/test_resume_config.py).
+# Exact keys first, then whole sections; every key of the config falls under one (tests/pretrain/state/test_resume_config.py).
 CLASSES: dict[str, str] = {
     "run.dir": FREE,
     "model": IDENTITY,

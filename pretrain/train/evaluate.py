@@ -4,7 +4,7 @@ The set is the val split's first min(eval.tokens // data.seq_len, samples in the
 unshuffled order (for a blend, the first positions of the unshuffled blended order), dealt out over the
 data-parallel ranks by `pretrain.data.loader.validation_batches`. The loss is the sum of the per-token losses
 over all label tokens of the set divided by their number, so it depends neither on train.micro_batch_size
-nor on the data-parallel size or the TP/PP layout (tests/test_evaluate.py compares layouts to 1e-5).
+nor on the data-parallel size or the TP/PP layout (tests/pretrain/train/test_evaluate.py compares layouts to 1e-5).
 
 Plain engines forward this rank's micro-batches (the last one may be smaller, a rank may have none) with
 `reduction="sum"` and all-reduce (loss sum, token count) over the data-parallel group in float64. The
