@@ -1,7 +1,9 @@
 """The training features a config turns on, as hooks for the loop (pretrain/train/hooks.py).
 
 The one place that knows every feature: `pretrain train` and `pretrain remove-norms` build their hook lists here,
-the loop sees only `TrainHooks`. A new feature is a `TrainHooks` subclass in its own package plus a line here.
+the loop sees only `TrainHooks`. A new feature is a `TrainHooks` subclass in the package of its concern (a package of
+its own such as diagnostics/ or removal/; a part of the optimizer step, such as nGPT's unit weights or GPAS's gate
+clip, in train/ beside the step it changes) plus a line here.
 """
 
 from __future__ import annotations

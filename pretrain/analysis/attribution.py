@@ -62,7 +62,7 @@ def logit_attribution(model, batches, device=None) -> dict:
             w = head[y].double()  # [N, D]
 
             def direct(x):
-                return (model.final_norm(x)[keep_mask].double() * w).sum(-1)  # final_norm: identity (linear)
+                return (model.readout(x)[keep_mask].double() * w).sum(-1)  # the readout is linear (ln_free: identity)
 
             parts = [direct(branches[0].x)]  # the token embedding: block 1's input
             parts += [direct(branches[l].a) for l in range(n_layers)]

@@ -76,7 +76,7 @@ def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
     tokens, n_batches = 0, 0
 
     def decode(x):
-        return _wide(model.logits(model.final_norm(x)))
+        return _wide(model.logits(model.readout(x)))
 
     def loss_sum(logits, labels):
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum").double()
@@ -87,7 +87,7 @@ def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
         branches: dict[int, BlockActivations] = {}  # the same slot taps as the in-loop diagnostics
         taps = [BlockTaps(l, b, lambda act: branches.__setitem__(act.index, act)) for l, b in enumerate(blocks)]
         try:
-            hidden = [model.emb_out(model.tok_emb(tokens_))]  # as the model feeds its first block
+            hidden = [model.embed(tokens_)]  # as the model feeds its first block
             for block in blocks:
                 hidden.append(block(hidden[-1], cos_tab, sin_tab))
         finally:

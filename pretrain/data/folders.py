@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from pretrain.errors import UserError
+from pretrain.files import publish_folder
 from pretrain.runs import CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE
 
 FORMAT_VERSION = 1
@@ -176,21 +177,14 @@ def _check_target(out: Path, overwrite: bool, is_complete, what: str, known: set
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool, is_complete, what: str) -> None:
+    """The finished staging folder `tmp` made durable and renamed to `out` (pretrain/files.py's folder publish)."""
     try:
-        out.rmdir()  # an empty folder the user made beforehand; rename cannot replace a non-empty one
-    except OSError:
-        pass
-    if out.exists() and overwrite:
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, out)
-    except OSError as e:
+        publish_folder(tmp, out, replace=overwrite)
+    except FileExistsError:
         if is_complete(out):  # a concurrent writer won the race with an equal result
             raise OutputExists(f"{out} already holds {what} (written concurrently)") from None
+        raise UserError(f"could not move the result into {out}: it exists and is not an empty folder") from None
+    except OSError as e:
         raise UserError(f"could not move the result into {out}: {e.strerror}") from None
 
 

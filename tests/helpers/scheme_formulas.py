@@ -7,10 +7,10 @@ whole model); a scheme without one fails there with "no formula for NAME". A new
 
     from helpers.scheme_formulas import block_formula_of
 
-    @block_formula_of("sandwich")
-    def _sandwich(f, x):  # x + N_out(Attn(N_in(x))), then x + MLP(N(x))
-        h = f.add(x, f.N(f.attn(f.N(x, f.block.attn_norm)), f.block.attn_out_norm))
-        return f.add(h, f.mlp(f.N(h, f.block.mlp_norm)))
+    @block_formula_of("lns_inverse")
+    def _lns_inverse(f, x):  # x + Attn(N(x) / l), then x + MLP(N(x) / l)
+        h = f.add(x, f.attn(f.N(x, f.block.attn_norm) / f.l))
+        return f.add(h, f.mlp(f.N(h, f.block.mlp_norm) / f.l))
 
 `f` (`Ops`) holds the building blocks: `N` (the run's norm, RMSNorm or LayerNorm, with the run's gain convention),
 `attn` (the attention written out by `attention_formula`), `mlp` (the block's MLP as the branch function), the

@@ -23,7 +23,7 @@ import pytest
 
 from helpers import scheme_formulas
 
-SCHEME = "sandwich"  # the recipe's example
+SCHEME = "lns_inverse"  # the recipe's example
 RECIPE = "## Recipe: add a norm scheme"
 # The test modules that iterate over NORM_SCHEMES (found under the tests folder by name), and the tests in them that
 # iterate inside one test rather than in its parametrization (selected by name besides the scheme's ids).
