@@ -13,6 +13,7 @@ its `run`, so that `pretrain --help` and `pretrain config` start in a fraction o
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from pretrain.errors import EXIT_USER_ERROR, UserError
@@ -32,7 +33,7 @@ def commands() -> tuple:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(dotted_overrides(sys.argv[1:] if argv is None else argv))
         if not hasattr(args, "func"):
             parser.print_help()
             return EXIT_USER_ERROR
@@ -45,8 +46,34 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def dotted_overrides(argv: list[str]) -> list[str]:
+    """Config overrides written as flags, the habit litgpt, torchtitan and OLMo-core users bring: `--train.lr=1e-3`
+    and `--train.lr 1e-3` become `train.lr=1e-3` (no `pretrain` flag has a dot in its name)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and "." in name and not name.startswith("."):
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value, eq, i = argv[i + 1], "=", i + 1
+            if not eq:
+                raise UserError(f"{arg} has no value: write {name}=VALUE (or --{name}=VALUE)")
+            arg = f"{name}={value}"
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("normlab")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="LLM pretraining for normalization research")
+    parser.add_argument("--version", action="version", version=f"normlab {_version()}")
     sub = parser.add_subparsers(metavar="COMMAND")
     for command in commands():
         command.register(sub)

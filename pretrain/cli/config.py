@@ -3,6 +3,8 @@ generated reference tables (printed, or written into the README in place)."""
 
 from __future__ import annotations
 
+import os
+
 from pretrain.config import dump_yaml, load_config
 from pretrain.docs import GENERATED, write_readme
 from pretrain.errors import UserError
@@ -32,5 +34,8 @@ def run(args) -> int:
     elif args.docs:
         print("\n\n".join(f"<!-- {name} -->\n{make().strip()}" for name, make in GENERATED.items()))
     else:
-        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        config, overrides = args.config, args.overrides
+        if config is not None and "=" in config and not os.path.exists(config):  # no file given, overrides only
+            config, overrides = None, [config, *overrides]
+        print(dump_yaml(load_config(config, overrides)), end="")
     return 0
