@@ -66,6 +66,14 @@ def _range(low: str, high: str) -> str:
     return f">={low},<{high}"
 
 
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version, or None when it is not installed (a checkout never pip-installed)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def version_problems() -> list[str]:
     """One phrase per package (and the Python) outside its tested range or missing, with the fix."""
     bad = []
@@ -74,9 +82,8 @@ def version_problems() -> list[str]:
         bad.append(f"Python {python} is outside {_range(*PYTHON)} (use a Python in that range)")
     for package, (low, high) in TESTED.items():
         spec = f"'{package}{_range(low, high)}'"
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
+        installed = installed_version(package)
+        if installed is None:
             bad.append(f"{package} is not installed (pip install {spec}; without network: the GPU kit's wheels, "
                        "docs/PERFORMANCE.md)")
             continue

@@ -13,7 +13,6 @@ its `run`, so that `pretrain --help` and `pretrain config` start in a fraction o
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 
 from pretrain.errors import EXIT_USER_ERROR, UserError
@@ -64,17 +63,14 @@ def dotted_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("normlab")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed: pip install -e .)"
-
-
 def build_parser() -> argparse.ArgumentParser:
+    command_modules = commands()  # first: it imports pretrain.compat, whose version check runs at import
+    from pretrain.compat import installed_version
+
     parser = argparse.ArgumentParser(prog="pretrain", description="LLM pretraining for normalization research")
-    parser.add_argument("--version", action="version", version=f"normlab {_version()}")
+    parser.add_argument("--version", action="version",
+                        version=f"normlab {installed_version('normlab') or 'unknown (not installed: pip install -e .)'}")
     sub = parser.add_subparsers(metavar="COMMAND")
-    for command in commands():
+    for command in command_modules:
         command.register(sub)
     return parser
