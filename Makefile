@@ -11,6 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 # The other ends: pyenv's Pythons here (override with PYTHON312= / PYTHON313= elsewhere).
 PYENVS := $(HOME)/.pyenv/versions $(PYENV_ROOT)/versions /root/.pyenv/versions
@@ -23,14 +24,22 @@ NEWEST_TORCH ?= torch==2.15.0
 UNCAPPED := PIP_CONSTRAINT=/dev/null
 COMPAT_TMP := .cache/compat
 
-.PHONY: install quickstart test-fast test test-all compat compat-gpu-stack compat-newest clean-venv
+.PHONY: install install-dev quickstart test-fast test test-all compat compat-gpu-stack compat-newest clean-venv
 
+# `install`: what training and every command need; `install-dev`: the test tools on top (pytest, import-linter, and
+# lm-eval and nnsight, the interop clients the tests load our outputs into), for `make test` only.
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -39,14 +48,14 @@ quickstart: $(STAMP)
 
 # Two tiers (README, "Tests"): the fast tier is every in-process test (a test there that starts a process fails); then
 # the tests marked `processes` (subprocesses, ranks, training runs). `make test` runs both, the fast tier first.
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q --fast-tier --durations=10
 
 test: test-fast
 	$(BIN)/python -m pytest -q -m "processes and not slow" --durations=25
 
 # Everything, the `slow` tests included (more cases of paths the default run already covers end to end).
-test-all: $(STAMP)
+test-all: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q --durations=25
 
 compat: compat-gpu-stack compat-newest

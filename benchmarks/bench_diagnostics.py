@@ -34,7 +34,7 @@ use_cpu_accelerator_without_gpu()
 import torch
 
 
-from pretrain.cli.bench import RandomTokens  # noqa: E402
+from pretrain.analysis.throughput import RandomTokens  # noqa: E402
 
 
 def random_batches(cfg, device):

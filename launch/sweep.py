@@ -193,34 +193,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
+    if not args.local:
+        gpu_note = no_gpu_request(args)
+        if gpu_note:
+            print(gpu_note, file=sys.stderr if args.dry_run else sys.stdout, flush=True)
     if args.dry_run:
         for run_dir, overrides, _ in runs:
             print(shlex.join(sbatch_command(args, run_dir, overrides)))
         return 0
-    # sweep.json: what `status` lists, including runs that have not started yet
+    if args.local:
+        # sweep.json: what `status` lists, including the runs that have not started yet
+        write_manifest(args, sweep_dir, axes, runs)
+        return run_local(args, runs)
+    return submit(args, sweep_dir, axes, runs)
+
+
+def write_manifest(args, sweep_dir: str, axes, runs) -> None:
     run_folder.update_manifest(sweep_dir, os.path.basename(sweep_dir), args.config, args.overrides, axes,
                                 [(run_dir, values) for run_dir, _, values in runs])
-    if args.local:
-        return run_local(args, runs)
-    return submit(args, runs)
 
 
-def submit(args, runs) -> int:
-    job_ids = []
-    for run_dir, overrides, _ in runs:
+def cluster_has_gpus(partition: str | None) -> bool | None:
+    """Whether any node (of `partition`) offers a GPU generic resource, from `sinfo`; None when sinfo cannot say."""
+    cmd = ["sinfo", "--noheader", "--format=%G"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return any("gpu" in line for line in out.stdout.split())
+
+
+def no_gpu_request(args) -> str | None:
+    """On a cluster without GPUs (sinfo), and unless --sbatch asks for GPUs itself, submit with --gpus-per-task=0
+    (train.sbatch's default asks for one GPU per task, which such a cluster refuses); the line that says so."""
+    extra = [a for chunk in args.sbatch for a in shlex.split(chunk)]
+    if any(a.startswith(("--gpus", "--gres", "-G")) for a in extra):
+        return None
+    partition = next((a.split("=", 1)[1] for a in extra if a.startswith("--partition=")), None)
+    if partition is None and "-p" in extra[:-1]:
+        partition = extra[extra.index("-p") + 1]
+    if cluster_has_gpus(partition) is not False:
+        return None
+    args.sbatch.append("--gpus-per-task=0")
+    where = f"partition {partition}" if partition else "this cluster"
+    return (f"{where} has no GPUs (sinfo lists no gpu resource): submitting with --gpus-per-task=0 (CPU ranks); "
+            '--sbatch="--gpus-per-task=N" asks for GPUs anyway')
+
+
+def submit(args, sweep_dir: str, axes, runs) -> int:
+    """sbatch each run; sweep.json lists the runs once they are submitted. When sbatch refuses one, the runs
+    submitted before it are listed (they are real jobs) and the folders made for the others are removed."""
+    job_ids, submitted = [], []
+    for run_dir, overrides, values in runs:
+        made = not os.path.exists(run_dir)
         os.makedirs(run_dir, exist_ok=True)  # sbatch's --output folder must exist when the job starts
         cmd = sbatch_command(args, run_dir, overrides)
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
+            if made:
+                os.rmdir(run_dir)
             msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
-            print(f"error: sbatch failed for {run_dir}: {msg[-1] if msg else f'exit {out.returncode}'}", file=sys.stderr)
+            reason = msg[-1] if msg else f"exit {out.returncode}"
+            hint = ('; this cluster may have no GPUs: pass --sbatch="--gpus-per-task=0"' if "gres" in reason.lower()
+                    or "generic resource" in reason.lower() else "; check the --sbatch options and the batch script")
+            print(f"error: sbatch failed for {run_dir}: {reason}{hint}", file=sys.stderr)
             if job_ids:
-                print(f"already submitted: {' '.join(job_ids)} (scancel them or rerun the sweep: runs resume)", file=sys.stderr)
-            return 1
+                write_manifest(args, sweep_dir, axes, submitted)
+                print(f"already submitted and listed in {os.path.join(sweep_dir, run_folder.MANIFEST_FILE)}: "
+                      f"{' '.join(job_ids)} (scancel them, or fix the cause and rerun the sweep: runs resume)",
+                      file=sys.stderr)
+            return EXIT_USER_ERROR
         job_id = out.stdout.strip().split(";")[0]
         run_folder.append_event(run_dir, "submitted", launcher="slurm", job_id=job_id)
         job_ids.append(job_id)
+        submitted.append((run_dir, overrides, values))
         print(f"submitted {job_id} {run_dir}", flush=True)
+    write_manifest(args, sweep_dir, axes, submitted)  # what `status` lists
     print(f"{len(job_ids)} job(s): {' '.join(job_ids)}")
     return 0
 

@@ -8,6 +8,7 @@ test suite ran against (TESTED below, the same ranges `setup.cfg` pins) and says
 What is here:
   * DeepSpeed checkpoint files: names and contents of the model-state and (ZeRO / bf16) optimizer-state files,
     read by `pretrain/state/reshard.py` to resume on another layout.
+  * DeepSpeed's communication backend: its C++ shared-memory op, which is not built (`skip_shm_comm_op`).
   * DeepSpeed engine internals: the optimizer that holds the Adam state behind a ZeRO / bf16 wrapper, the
     fp32 master fragments each rank owns (`_hp_mapping`), ZeRO's own gradient-clipping value, and the hook
     before every optimizer step (`_take_model_step`) the per-layer gradient norms need.
@@ -26,10 +27,15 @@ import sys
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-
-import torch
+from typing import TYPE_CHECKING
 
 from pretrain.errors import UserError
+
+if TYPE_CHECKING:
+    import torch  # annotations only
+
+# torch is imported by the functions that need it, not here: every command imports this module for its version
+# check, and `pretrain --help` (which reads the installed version here) must start without torch.
 
 # The ranges the test suite ran against, the same as setup.cfg's install_requires (tests/pretrain/test_compat.py checks
 # that they agree): package -> (lowest tested version, first untested version). The ends of each range are what
@@ -130,6 +136,7 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def load_file(path: str) -> dict:
+    import torch  # here, not at the top: see the imports
     # mmap: a rank that needs a few tensors of a large file does not read all of it
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
@@ -184,6 +191,7 @@ def read_plain_optimizer(model_states: dict, names: list[list[str]]) -> tuple[di
 def read_optimizer_partitions(paths: list[str]) -> tuple[dict[str, ParamState], int | None]:
     """Master weights and Adam moments of every parameter of one model-parallel rank from its ZeRO / bf16 optimizer
     partitions (one file per data-parallel rank): each parameter's fragments concatenated in rank order."""
+    import torch  # here, not at the top: see the imports
     pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     step = None
     for path in paths:
@@ -235,6 +243,7 @@ def set_param_state(engine, param: torch.nn.Parameter, master: torch.Tensor, exp
     """Give one parameter (this rank's shard) its fp32 master weights, Adam moments and step, whatever the
     optimizer: a plain one (per-parameter state) or a partitioned one (this rank's fragment of the flat fp32
     partition, located by DeepSpeed's `_hp_mapping`)."""
+    import torch  # here, not at the top: see the imports
     with torch.no_grad():
         param.data.copy_(master.view_as(param))
         mapping = getattr(param, "_hp_mapping", None)
@@ -256,6 +265,7 @@ def set_param_state(engine, param: torch.nn.Parameter, master: torch.Tensor, exp
 
 
 def _partition_state(engine, group_index: int, step: int) -> dict:
+    import torch  # here, not at the top: see the imports
     base = engine.optimizer.optimizer
     (flat,) = base.param_groups[group_index]["params"]
     state = base.state[flat]
@@ -270,6 +280,7 @@ def _group_of(opt, param) -> dict:
 
 
 def _step_tensor(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
+    import torch  # here, not at the top: see the imports
     # torch's Adam keeps `step` on the CPU unless the fused or capturable kernels run
     on_device = group.get("fused") or group.get("capturable")
     return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
@@ -291,6 +302,19 @@ def set_zero_clip(engine, clip: float) -> None:
 
 def set_engine_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:
     engine.global_steps, engine.global_samples, engine.skipped_steps = global_steps, global_samples, skipped_steps
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building its C++ shared-memory all-reduce. On the CPU accelerator every
+    `deepspeed.init_distributed` JIT-compiles `deepspeed_shm_comm_op` into the shared ~/.cache/torch_extensions,
+    silently, 80-260 s on 2 cores, and again whenever another environment built it last. The op serves only
+    `inference_all_reduce` (DeepSpeed-inference's tensor parallelism on CPU), which training never calls: our
+    all-reduces are torch.distributed's (gloo on CPU, nccl on GPU). On GPU the builder does not exist; a no-op."""
+    import importlib  # only where ranks start: DeepSpeed is heavy to import
+
+    # not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's attribute `torch`, the torch package
+    torch_backend = importlib.import_module("deepspeed.comm.torch")
+    torch_backend.build_shm_op = lambda: None  # TorchBackend.__init__ looks the function up at call time
 
 
 def wrap_model_step(engine, before) -> None:

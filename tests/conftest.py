@@ -70,5 +70,8 @@ def _refuse(what: str):
 
 def pytest_configure(config):
     if config.getoption("--fast-tier"):  # for the whole session: module- and session-scoped fixtures included
+        # matplotlib runs `fc-list` once per machine to build its font cache (~/.cache/matplotlib): a library's
+        # one-time set-up, not a test starting a process; done here, before the guard, so a fresh machine passes.
+        import matplotlib.font_manager  # noqa: F401
         subprocess.Popen.__init__ = _refuse("a subprocess")
         multiprocessing.process.BaseProcess.start = _refuse("a process (ranks)")

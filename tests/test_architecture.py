@@ -43,11 +43,13 @@ def function_level_imports() -> list[tuple[str, int, str, bool]]:
                 lines = text.splitlines()
                 tree = ast.parse(text)
                 top = {id(node) for node in tree.body}
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+                import_lines = {n for node in imports for n in range(node.lineno, node.end_lineno + 1)}  # 1-based
+                for node in imports:
+                    if id(node) not in top:
                         n = node.lineno - 1
-                        while n > 0 and lines[n - 1].lstrip().startswith(("from ", "import ")):
-                            n -= 1  # the first line of a block of imports
+                        while n > 0 and n in import_lines:
+                            n -= 1  # the first line of a block of imports (a statement may span lines)
                         reason = "#" in lines[node.lineno - 1] or (n > 0 and lines[n - 1].lstrip().startswith("#"))
                         found.append((os.path.relpath(path, REPO), node.lineno, lines[node.lineno - 1].strip(), reason))
     return found

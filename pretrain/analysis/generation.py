@@ -1,6 +1,7 @@
 """Prompts and completions, shared by `pretrain generate` and `pretrain eval-sft`: the model and tokenizer a
 `ModelSource` gives for generation (checked against each other), instruction records read as conversations, their
-prompts tokenized exactly as `pretrain data prepare-sft` renders them, and batches of prompts. Generation itself
+prompts tokenized exactly as `pretrain data prepare-sft` renders them, batches of prompts, and the teacher-forced
+loss of the responses (`eval-sft`). Generation itself
 (KV cache, sampling): models/generate.py.
 """
 
@@ -12,6 +13,7 @@ from typing import Iterator
 import torch
 
 from models import Llama
+from pretrain.data.batches import IGNORE_INDEX
 from pretrain.data.sft_format import Conversation, Template, iter_records, prompt_ids
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
@@ -75,3 +77,24 @@ def batched(items: list, size: int) -> Iterator[tuple[int, list]]:
     """(index of the first item, the next `size` items) through `items`."""
     for i in range(0, len(items), size):
         yield i, items[i:i + size]
+
+
+@torch.no_grad()
+def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
+    """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
+    sums, counts = [], []
+    device = model.rope_cos.device
+    for _, chunk in batched(examples, batch_size):
+        T = max(len(ids) for ids, _ in chunk) - 1
+        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        for r, (ids, mask) in enumerate(chunk):
+            n = len(ids) - 1
+            tokens[r, :n] = torch.from_numpy(ids[:-1])
+            labels[r, :n] = torch.from_numpy(ids[1:]).masked_fill(~torch.from_numpy(mask[1:]), IGNORE_INDEX)
+        logits = model(tokens.to(device)).float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none",
+                                                      ignore_index=IGNORE_INDEX)
+        sums += per_token.double().sum(dim=1).tolist()
+        counts += (labels != IGNORE_INDEX).sum(dim=1).tolist()
+    return sums, counts

@@ -12,8 +12,10 @@ at equal tokens: for a column, the largest number of training tokens T at which 
 did not diverge has a validation entry; each cell is the run's validation perplexity at T (or at its last
 evaluation before T, marked). Several runs in one cell (e.g. seeds) give their mean and standard deviation.
 A run is flagged diverged when its last training loss or a validation loss is non-finite, its trainer stopped
-for non-finite steps (exit 3), or its perplexity (at T, or at its last evaluation) exceeds the threshold (1000,
-the paper's criterion); diverged runs do not count when T is chosen.
+for non-finite steps (exit 3), or its validation loss rose at each of its last RISING_EVALS - 1 evaluations (a
+finite run that is still falling, however high, is not diverged: a short run of a slow starter is not a failure);
+`diverged_ppl` adds the paper's fixed criterion (perplexity above 1000 at T or at the last evaluation) for runs long
+enough for it to mean divergence. Diverged runs do not count when T is chosen.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class Run:
         return (3 in self.exit_codes or (last_loss is not None and not _finite(last_loss))
                 or any(not _finite(v.get("val_loss")) for v in self.val))
 
+    @property
+    def loss_rising(self) -> bool:
+        """The validation loss rose at each of the last RISING_EVALS - 1 evaluations."""
+        last = [v.get("val_loss") for v in self.val[-RISING_EVALS:]]
+        return len(last) == RISING_EVALS and all(a < b for a, b in zip(last, last[1:]))
+
+
+RISING_EVALS = 3  # diverged: the validation loss rose twice in a row, at the last three evaluations
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -232,7 +242,7 @@ class Table:
     warnings: list[str]
 
 
-def build_table(runs: list[Run], keys: list[str], diverged_ppl: float = 1000.0) -> Table:
+def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = None) -> Table:
     from models.norms import NORM_SCHEMES  # models imports torch: loaded when a table is built, not with this module
 
     for k in keys:
@@ -267,12 +277,16 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float = 1000.0) 
     return Table(keys, columns, rows, cells, tokens, params, warnings)
 
 
-def _diverged(run: Run, diverged_ppl: float) -> bool:
+def _diverged(run: Run, diverged_ppl: float | None) -> bool:
     last_ppl = run.val[-1].get("val_ppl") if run.val else None
-    return run.diverged_in_training or (last_ppl is not None and last_ppl > diverged_ppl)
+    return run.diverged_in_training or run.loss_rising or _above(last_ppl, diverged_ppl)
 
 
-def _cell(members: list[Run], target: int | None, diverged_ppl: float) -> Cell:
+def _above(ppl: float | None, diverged_ppl: float | None) -> bool:
+    return diverged_ppl is not None and ppl is not None and ppl > diverged_ppl
+
+
+def _cell(members: list[Run], target: int | None, diverged_ppl: float | None) -> Cell:
     cell = Cell(members)
     values, at = [], []
     for r in members:
@@ -283,7 +297,7 @@ def _cell(members: list[Run], target: int | None, diverged_ppl: float) -> Cell:
         if not entries:
             continue
         entry = entries[-1]
-        if not _finite(entry.get("val_ppl")) or entry["val_ppl"] > diverged_ppl:
+        if not _finite(entry.get("val_ppl")) or _above(entry["val_ppl"], diverged_ppl):
             cell.diverged = True
             continue
         values.append(entry["val_ppl"])

@@ -20,8 +20,8 @@ from pretrain.errors import EXIT_USER_ERROR, UserError
 
 def commands() -> tuple:
     """The command modules, in `pretrain --help` order."""
-    # Imported here, inside main's error handler: they import pretrain.compat, whose version check (run at its
-    # import) must reach the user as main's one-line error, not as a traceback.
+    # Imported here, inside main's error handler: a command module that imports pretrain.compat runs its version
+    # check, which must reach the user as main's one-line error, not as a traceback.
     from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_choices, eval_sft, export_hf,
                               generate, params, plot, remove_norms, report, tokenizer, train)
 
@@ -64,8 +64,8 @@ def dotted_overrides(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    command_modules = commands()  # first: it imports pretrain.compat, whose version check runs at import
-    from pretrain.compat import installed_version
+    command_modules = commands()
+    from pretrain.compat import installed_version  # inside main's error handler, as check_versions in main
 
     parser = argparse.ArgumentParser(prog="pretrain", description="LLM pretraining for normalization research")
     parser.add_argument("--version", action="version",

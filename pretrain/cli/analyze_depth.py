@@ -11,17 +11,13 @@ renamed, so an existing --out is refused and an interrupted analysis leaves no -
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from pretrain.analysis.batches import analysis_batches
-from pretrain.analysis.depth import depth_analysis
-from pretrain.analysis.figures import depth_figure
-from pretrain.analysis.outputs import new_output_folder, publish
 from pretrain.cli.arguments import add_analysis_args
-from pretrain.data.folders import read_meta
 from pretrain.errors import UserError
-from pretrain.state.sources import ModelSource, open_source
+
+if TYPE_CHECKING:
+    from pretrain.state.sources import ModelSource  # annotations only: the command imports it when it runs
 
 
 def register(sub) -> None:
@@ -46,6 +42,8 @@ def default_keep_first(batches: list, bos_id: int | None) -> int:
 
 def data_bos_id(data_path: str) -> int | None:
     """The BOS id of the tokenizer a prepared folder was made with (None when it records none)."""
+    from pretrain.data.folders import read_meta  # numpy and the data package: only when the command runs
+
     return (read_meta(data_path).get("tokenizer") or {}).get("bos_id")
 
 
@@ -56,6 +54,14 @@ def describe(source: ModelSource) -> str:
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    import torch
+    from pretrain.analysis.batches import analysis_batches
+    from pretrain.analysis.depth import depth_analysis
+    from pretrain.analysis.figures import depth_figure
+    from pretrain.analysis.outputs import new_output_folder, publish
+    from pretrain.state.sources import open_source
+
     out = new_output_folder(args.out)
     source = open_source(args.checkpoint, "--checkpoint")
     settings, batches = analysis_batches(source, args.data, args.batches, args.micro_batch_size, args.seq_len,

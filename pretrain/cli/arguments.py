@@ -13,9 +13,9 @@ import argparse
 from pretrain.errors import UserError
 
 
-def add_generation_args(p: argparse.ArgumentParser, template_help: str) -> None:
+def add_generation_args(p: argparse.ArgumentParser, template_help: str, template: str | None = "default") -> None:
     """The prompt, tokenizer and device flags of `generate` and `eval-sft`."""
-    p.add_argument("--template", default="default", metavar="NAME", help=template_help)
+    p.add_argument("--template", default=template, metavar="NAME", help=template_help)
     p.add_argument("--format", default="auto", choices=("auto", "alpaca", "prompt-response", "messages"),
                    help="record format of a file (default: auto, from the fields)")
     p.add_argument("--tokenizer", default=None, metavar="MODEL",

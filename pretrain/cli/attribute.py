@@ -4,14 +4,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from pretrain.analysis.attribution import check_norm_free, logit_attribution
-from pretrain.analysis.batches import analysis_batches
-from pretrain.analysis.figures import attribution_figure
-from pretrain.analysis.outputs import new_output_folder, publish
 from pretrain.cli.arguments import add_analysis_args
-from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
@@ -23,6 +16,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    import torch
+    from pretrain.analysis.attribution import check_norm_free, logit_attribution
+    from pretrain.analysis.batches import analysis_batches
+    from pretrain.analysis.figures import attribution_figure
+    from pretrain.analysis.outputs import new_output_folder, publish
+    from pretrain.state.sources import open_source
+
     out = new_output_folder(args.out)
     source = open_source(args.checkpoint, "--checkpoint")
     check_norm_free(source.model_config)

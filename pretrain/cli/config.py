@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-from pretrain.config import dump_yaml, load_config
-from pretrain.docs import GENERATED, write_readme
 from pretrain.errors import UserError
 
 
@@ -23,6 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    from pretrain.config import dump_yaml, load_config
+    from pretrain.docs import GENERATED, write_readme
+
     if args.write and not args.docs:
         raise UserError("--write takes the tables of --docs: run `pretrain config --docs --write README.md`")
     if args.write:

@@ -26,15 +26,7 @@ import json
 import math
 import sys
 
-import torch
-import torch.nn.functional as F
-
-from pretrain.config import ExperimentConfig
-from pretrain.data.batches import IGNORE_INDEX
-from pretrain.data.loader import check_seq_len, check_vocab, validation_batches
-from pretrain.data.resolve import open_dataset
 from pretrain.errors import UserError
-from pretrain.state.sources import ModelSource, open_source
 
 
 def register(sub) -> None:
@@ -52,52 +44,31 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-@torch.no_grad()
-def evaluate_model(loss_sum_fn, batches, device: torch.device) -> tuple[float, int]:
-    """(mean loss, label tokens) over `batches`; `loss_sum_fn(tokens, labels)` returns a batch's loss sum."""
-    total, count = 0.0, 0
-    for tokens, labels in batches:
-        total += float(loss_sum_fn(tokens.to(device), labels.to(device)).double())
-        count += int((labels != IGNORE_INDEX).sum())
-    return (total / count if count else math.nan), count
-
-
-def _our_model(source: ModelSource, device: torch.device):
-    """(loss-sum function, vocab size, max positions) of a training checkpoint."""
-    model = source.build(device)
-    return (lambda tokens, labels: model(tokens, labels, reduction="sum")), model.cfg.vocab_size, model.cfg.max_seq_len
-
-
-def _hf_model(source: ModelSource, device: torch.device):
-    """(loss-sum function, vocab size, max positions) of a Hugging Face causal LM directory."""
-    model = source.hf_causal_lm(device)
-
-    def loss_sum(tokens, labels):
-        logits = model(input_ids=tokens).logits
-        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-
-    c = model.config
-    return loss_sum, c.vocab_size, getattr(c, "max_position_embeddings", None)
-
-
 def run(args) -> int:
     for flag, value in (("--tokens", args.tokens), ("--seq-len", args.seq_len),
                         ("--micro-batch-size", args.micro_batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    import torch
+    from pretrain.analysis.perplexity import checkpoint_loss_sum, hf_loss_sum, mean_loss
+    from pretrain.config import ExperimentConfig
+    from pretrain.data.loader import check_seq_len, check_vocab, validation_batches
+    from pretrain.data.resolve import open_dataset
+    from pretrain.state.sources import open_source
+
     source = open_source(args.checkpoint, "--checkpoint")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if source.is_hf:  # no run config: the config defaults (seq_len clipped to the model's positions)
         defaults = ExperimentConfig()
-        loss_sum, vocab, max_len = _hf_model(source, device)
+        loss_sum, vocab, max_len = hf_loss_sum(source, device)
         seq_len = args.seq_len or min(defaults.data.seq_len, max_len or defaults.data.seq_len)
         tokens = args.tokens or defaults.eval.tokens
         micro = args.micro_batch_size or 8
         cache_dir = None
     else:
         cfg = source.run_config
-        loss_sum, vocab, max_len = _our_model(source, device)
+        loss_sum, vocab, max_len = checkpoint_loss_sum(source, device)
         seq_len = args.seq_len or cfg.data.seq_len
         tokens = args.tokens or cfg.eval.tokens
         micro = args.micro_batch_size or cfg.train.micro_batch_size
@@ -108,7 +79,7 @@ def run(args) -> int:
     check_vocab(dataset, vocab)
     check_seq_len(dataset, seq_len)
     batches = validation_batches(dataset, tokens, micro, what="--tokens")
-    loss, count = evaluate_model(loss_sum, batches, device)
+    loss, count = mean_loss(loss_sum, batches, device)
     result = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "samples": count // seq_len,
               "seq_len": seq_len, "data": dataset.path if hasattr(dataset, "path") else args.data,
               **source.description}

@@ -13,12 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
-from pretrain.data.choice_tasks import load_task
 from pretrain.errors import UserError
-from pretrain.state.sources import open_source
-from pretrain.analysis.choices import score_task
 
 
 def register(sub) -> None:
@@ -37,6 +32,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    import torch
+    from pretrain.analysis.choices import score_task
+    from pretrain.data.choice_tasks import load_task
+    from pretrain.state.sources import open_source
+
     task = load_task(args.task)
     source = open_source(args.checkpoint, "--checkpoint")
     tok = source.tokenizer(args.tokenizer)

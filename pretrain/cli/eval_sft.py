@@ -14,17 +14,9 @@ import json
 import math
 import sys
 
-import torch
-
-from models.generate import Sampling, generate
-from pretrain.analysis.generation import (batched, check_prompt_lengths, load_generation_model, read_conversations,
-                                          render_prompts)
 from pretrain.cli.arguments import add_generation_args, check_counts
-from pretrain.data.batches import IGNORE_INDEX
-from pretrain.data.sft_format import encode_conversations, get_template
 from pretrain.errors import UserError
 from pretrain.files import atomic_writer
-from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
@@ -43,28 +35,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-@torch.no_grad()
-def response_loss(model, examples: list[tuple], batch_size: int) -> tuple[list[float], list[int]]:
-    """Per example (loss sum, trained tokens) of (tokens, mask) examples, teacher-forced, right-padded batches."""
-    sums, counts = [], []
-    device = model.rope_cos.device
-    for _, chunk in batched(examples, batch_size):
-        T = max(len(ids) for ids, _ in chunk) - 1
-        tokens = torch.zeros(len(chunk), T, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-        for r, (ids, mask) in enumerate(chunk):
-            n = len(ids) - 1
-            tokens[r, :n] = torch.from_numpy(ids[:-1])
-            labels[r, :n] = torch.from_numpy(ids[1:]).masked_fill(~torch.from_numpy(mask[1:]), IGNORE_INDEX)
-        logits = model(tokens.to(device)).float()
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none",
-                                                      ignore_index=IGNORE_INDEX)
-        sums += per_token.double().sum(dim=1).tolist()
-        counts += (labels != IGNORE_INDEX).sum(dim=1).tolist()
-    return sums, counts
-
-
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    from models.generate import Sampling, generate
+    from pretrain.analysis.generation import (batched, check_prompt_lengths, load_generation_model,
+                                              read_conversations, render_prompts, response_loss)
+    from pretrain.data.sft_format import encode_conversations, get_template
+    from pretrain.state.sources import open_source
+
     check_counts(args, "max-new-tokens", "batch-size", "limit")
     template = get_template(args.template)
     model, tok = load_generation_model(open_source(args.checkpoint, "--checkpoint"), args.tokenizer, args.device)

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import os
 
-from models.hf import check_exportable, save_hf
-from pretrain.data.resolve import resolve_data_path
 from pretrain.data.sft_format import TEMPLATES, get_template
-from pretrain.data.sft_prepare import folder_kind, read_sft_meta
 from pretrain.errors import UserError
 from pretrain.files import atomic_folder
-from pretrain.state.sources import open_source
 
 
 def register(sub) -> None:
@@ -42,27 +38,15 @@ def run_template(source, name: str | None, none: bool = False):
     """The SFT Template (pretrain/data/sft_format.py) to export as the chat template, or None."""
     if none:
         return None
-    if name is not None:
-        return get_template(name)
-    if source.is_hf:
-        return None
-    data = source.run_config.data
-    names = set()
-    for path in data.paths:
-        try:
-            folder = resolve_data_path(path, data.cache_dir)
-            if folder_kind(folder) == "sft":
-                names.add(read_sft_meta(folder)["template"])
-        except UserError as e:
-            raise UserError(f"cannot read the run's data {path} for its SFT template ({e}); pass --chat-template NAME "
-                            "or --no-chat-template") from None
-    if len(names) > 1:
-        raise UserError(f"the run's SFT data folders were prepared with different templates "
-                        f"({', '.join(sorted(names))}); choose one with --chat-template NAME")
-    return get_template(names.pop()) if names else None
+    name = name or source.sft_template_name()
+    return get_template(name) if name else None
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    from models.hf import check_exportable, save_hf
+    from pretrain.state.sources import open_source
+
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose a new --out directory")
     source = open_source(args.checkpoint, "--checkpoint")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from models import PRESETS, Llama, ModelConfig
 
 
 def register(sub) -> None:
@@ -11,6 +10,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
+    from models import PRESETS, Llama, ModelConfig
+
     print(f"{'preset':<11}{'params':>16}{'non-embedding':>16}  shape")
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)

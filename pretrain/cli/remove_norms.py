@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 from pretrain.cli.spawn import spawn_local_ranks
-from pretrain.state import checkpoint
 
 
 def register(sub) -> None:
@@ -23,8 +22,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the run folder (run the same command again to continue it)")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     p.add_argument("--schedule", default="mlp,attn,qk,final",
-                   help="order of the site groups, comma-separated (default mlp,attn,qk,final; qk: the q/k norms, "
-                        "may be left out without them); removal.start and removal.gap set when")
+                   help="order of the site groups, comma-separated (default mlp,attn,qk,final; qk, the q/k norms, may "
+                        "be left out of a model without them); when each site switches is set by the overrides "
+                        "removal.start (the step of the first switch, default 20) and removal.gap (steps between two "
+                        "sites' switches, default 2)")
     p.add_argument("--control", action="store_true",
                    help="also run the same fine-tune with the norms kept (RUN_DIR/control): ce_control")
     p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")
@@ -86,5 +87,7 @@ def run_removal(starts: list, stop) -> int:
 
 
 def _finished(cfg) -> bool:
+    from pretrain.state import checkpoint  # torch: loaded by the training that ran before this check
+
     folder = checkpoint.resolve_resume("auto", os.path.join(cfg.run.dir, "checkpoints"))
     return folder is not None and checkpoint.read_state(folder)["step"] >= cfg.train.steps

@@ -18,8 +18,10 @@ def register(sub) -> None:
     p.add_argument("--columns", nargs="+", default=None, metavar="KEY",
                    help="config keys that make the table's columns, e.g. model.n_layers (default: the sweep's grid "
                         "keys, else the keys that vary among runs of one scheme)")
-    p.add_argument("--diverged-ppl", type=float, default=1000.0,
-                   help="flag a run as diverged above this validation perplexity (default 1000, as the paper)")
+    p.add_argument("--diverged-ppl", type=float, default=None, metavar="PPL",
+                   help="also flag a run as diverged above this validation perplexity (the paper: 1000, for its "
+                        "long runs); by default diverged means a non-finite loss or a validation loss that rose at "
+                        "each of the last evaluations")
     p.add_argument("--title", default="Normalization ablation", help="the report's title")
     p.set_defaults(func=run)
 
@@ -34,7 +36,7 @@ def run(args) -> int:
         raise UserError(f"--out {args.out}: folder {parent} does not exist")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, REPORT_MD)):
         raise UserError(f"--out {args.out} exists and holds no earlier report; choose a new folder")
-    if args.diverged_ppl <= 1:
+    if args.diverged_ppl is not None and args.diverged_ppl <= 1:
         raise UserError(f"--diverged-ppl must be > 1, got {args.diverged_ppl}")
     paths = expand_inputs(args.paths)
     runs = [read_run(p) for p in paths]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pretrain.cli.spawn import spawn_local_ranks
-from pretrain.config import load_config
 
 
 def register(sub) -> None:
@@ -15,15 +14,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # The config and the run folder are checked with torch loaded but not DeepSpeed or megatron-core, so that
+    # their one-line errors come in seconds.
+    from pretrain.config import load_config
+    from pretrain.state.resume import prepare_run
+
     cfg = load_config(args.config, args.overrides)
+    start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
     # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's
     # accelerator before they import).
     from pretrain.features import hooks_for
-    from pretrain.state.resume import prepare_run
     from pretrain.train.loop import train
     from pretrain.train.signals import StopOnSignal
 
-    start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
     if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
         return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])
     stop = StopOnSignal()  # before set-up: a preemption signal during set-up must not kill the process

@@ -64,11 +64,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
     given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
     if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
         given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
-    _scheme_train_defaults(raw, given)
+    _scheme_train_defaults(raw, given, warn=not stored)  # a stored config was warned about when it trained
     return dataclasses.replace(from_dict(raw), given_keys=frozenset(given))
 
 
-def _scheme_train_defaults(raw: dict, given: set[str]) -> None:
+def _scheme_train_defaults(raw: dict, given: set[str], warn: bool) -> None:
     """The training settings the scheme's paper fixes (its entry's `train_defaults`, models/norms.py), where the
     config does not give them; a given other value is trained as given, with a warning."""
     scheme = raw.get("model", {}).get("norm_scheme") if isinstance(raw.get("model"), dict) else None
@@ -78,7 +78,7 @@ def _scheme_train_defaults(raw: dict, given: set[str]) -> None:
         section, key = dotted.split(".")
         if dotted not in given:
             raw.setdefault(section, {})[key] = value
-        elif raw[section][key] != value:
+        elif raw[section][key] != value and warn:
             print(f"warning: {dotted}={raw[section][key]} with model.norm_scheme={scheme}, whose paper trains with "
                   f"{dotted}={value}; training as given", file=sys.stderr)
 

@@ -30,7 +30,8 @@ from models import Llama
 from models.config import ModelConfig
 from models.hf import from_hf_config, load_hf_state
 from pretrain.config import ExperimentConfig
-from pretrain.data.resolve import resolve_tokenizer, training_tokenizer
+from pretrain.data.resolve import resolve_data_path, resolve_tokenizer, training_tokenizer
+from pretrain.data.sft_prepare import folder_kind, read_sft_meta
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 from pretrain.runs import read_stored_config
@@ -97,6 +98,26 @@ class ModelSource:
             return resolve_tokenizer(self.folder)
         except UserError as e:
             raise UserError(f"{e}; pass --tokenizer") from None
+
+    def sft_template_name(self) -> str | None:
+        """The SFT template the run's data folders were prepared with (their meta.json); None for a pretraining run
+        or an HF directory. Folders prepared with different templates are refused: the caller must choose."""
+        if self.is_hf:
+            return None
+        data = self.run_config.data
+        names = set()
+        for path in data.paths:
+            try:
+                folder = resolve_data_path(path, data.cache_dir)
+                if folder_kind(folder) == "sft":
+                    names.add(read_sft_meta(folder)["template"])
+            except UserError as e:
+                raise UserError(f"cannot read the run's data {path} for its SFT template ({e}); name the template "
+                                "(--template / --chat-template NAME)") from None
+        if len(names) > 1:
+            raise UserError(f"the run's SFT data folders were prepared with different templates "
+                            f"({', '.join(sorted(names))}); name one (--template / --chat-template NAME)")
+        return names.pop() if names else None
 
     @property
     def description(self) -> dict:

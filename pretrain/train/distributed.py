@@ -43,6 +43,8 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
+from pretrain.compat import skip_shm_comm_op  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -191,6 +193,7 @@ def init_distributed(tp: int, pp: int) -> Topology:
             # A lone process needs no rendezvous: an in-process store, so runs started at the same moment on one
             # machine cannot race for a TCP port (free_port() is only free until somebody else binds it).
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        skip_shm_comm_op()  # no silent C++ build at start-up (pretrain/compat.py says why)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -26,21 +26,25 @@ from pretrain.state.resume import RunStart
 from pretrain.state.sources import load_weights
 from pretrain.train.data import build_loaders
 from pretrain.train.distributed import Topology, init_distributed, placement, shutdown
-from pretrain.train.engine import Built, apply_optimizer_settings, build_engine
+from pretrain.train.engine import Built, apply_optimizer_settings, build_engine, lr_lambda
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
-from pretrain.train.metrics import MetricsWriter, log_line, peak_flops
+from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
 from pretrain.train.steps import train_step
 
 
 def train(start: RunStart, hooks: Sequence[TrainHooks] = ()) -> int:
     """A whole training process: the process group, one run (`run`), shutdown. `start` from
     `pretrain.state.resume.prepare_run`."""
+    started = time.perf_counter()
     topo = init_distributed(start.cfg.parallel.tp, start.cfg.parallel.pp)
     try:
-        return run(start, topo, hooks)
+        code = run(start, topo, hooks)
     finally:
         shutdown()
+    if code == EXIT_OK and topo.rank == 0:
+        print("\n".join(closing_summary(start.cfg, time.perf_counter() - started)), flush=True)
+    return code
 
 
 def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> int:
@@ -76,6 +80,10 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             out.say(line)
         for line in plan.log_lines() if plan else []:
             out.say(line)
+        if plan is not None:
+            line = schedule_change(start.old_cfg, cfg, step, plan)
+            if line:
+                out.say(line)
         n = sum(p.numel() for p in built.model.parameters())
         how = f"resuming from {start.folder}" if start.folder else (
             f"starting from the weights of {cfg.train.init_from}" if cfg.train.init_from else "fresh start")
@@ -155,6 +163,20 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         hook.on_finish(ctx, exit_code)
     out.close()
     return exit_code
+
+
+SCHEDULE_KEYS = ("train.lr", "train.steps", "train.warmup_steps", "train.min_lr_ratio")
+
+
+def schedule_change(old: ExperimentConfig, new: ExperimentConfig, step: int, plan) -> str | None:
+    """The resume line for a changed learning-rate schedule: the lr the next step takes under the checkpoint's
+    schedule and under this run's (a longer train.steps stretches the cosine, so the lr jumps at the resumed step)."""
+    keys = [k for k, *_ in plan.changes if k in SCHEDULE_KEYS]
+    if not keys:
+        return None
+    before, after = (c.train.lr * lr_lambda(c)(step) for c in (old, new))
+    return (f"resume: lr at step {step + 1} {before:.3e} -> {after:.3e} (the schedule of the new "
+            f"{', '.join(keys)}, from where the run is)")
 
 
 def _grad_norm(built: Built) -> float:

@@ -103,3 +103,34 @@ def log_line(r: dict, total_steps: int, eta_s: float) -> str:
         f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad_norm {r['grad_norm']:.3f}"
         f" | {r['tokens_per_s']:,.0f} tok/s{mfu} | eta {eta}"
     )
+
+
+def closing_summary(cfg, seconds: float) -> list[str]:
+    """What a finished `pretrain train` prints last: the final losses (read back from metrics.jsonl, every rank's
+    figures being rank 0's there) and the three commands that look at the run, each of which works on it as it is."""
+    run = cfg.run.dir
+    train = val = None
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "val_loss" in record:
+                val = record
+            elif "loss" in record:
+                train = record
+    took = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    losses = f"train loss {train['loss']:.4f} at step {train['step']}" if train else "no step logged"
+    if val is not None:
+        losses += f"; val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}) at step {val['step']}"
+    what = f"{cfg.model.norm_scheme} ({cfg.model.preset or 'custom'})"
+    if train and train["step"] < cfg.train.steps:  # train.stop_at_step
+        return [f"stopped at step {train['step']} of {cfg.train.steps} after {took} (train.stop_at_step): {what}, "
+                f"{losses}; run the same command without train.stop_at_step to continue"]
+    lines = [f"done in {took}: {what}, {losses}", "next:"]
+    if cfg.diagnostics.interval > 0:
+        lines.append(f"  pretrain plot {run} --out {run}/depth_stats.png    # variance and gradient norm per layer")
+    else:
+        lines.append("  (no per-layer plot: diagnostics.interval=0; train with diagnostics.interval=N to get one)")
+    data = cfg.data.paths[0] if len(cfg.data.paths) == 1 else "DATA"
+    lines += [f"  pretrain report {run} --out {run}/report    # REPORT.md and report.html: the loss table and curves",
+              f"  pretrain analyze-depth --checkpoint {run} --data {data} --out {run}/depth    # what each block does"]
+    return lines

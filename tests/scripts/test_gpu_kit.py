@@ -199,7 +199,7 @@ def test_bench_json_keeps_earlier_rows_when_a_later_preset_fails_and_profile_wri
 def test_profile_summary_counts_cuda_synchronisations_of_the_step_only():
     from torch.autograd import DeviceType
 
-    from pretrain.cli.bench import PROFILE_RANGE, summarize_profile
+    from pretrain.analysis.throughput import PROFILE_RANGE, summarize_profile
 
     def event(name, start, end, device=DeviceType.CPU, device_us=0.0):
         return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end),

@@ -47,22 +47,26 @@ def test_table_equal_tokens_best_and_diverged():
         fake_run("pre_ln", 8, [(200, 38.0)]),
         fake_run("lns", 8, [(150, 33.0)], seed=0),  # evaluated at 150 only: its last evaluation before 200
         fake_run("lns", 8, [(150, 31.0), (200, 29.0)], seed=1),
-        fake_run("post_ln", 8, [(200, 5000.0)]),  # finite but above the threshold
+        fake_run("post_ln", 8, [(100, 9000.0), (200, 5000.0)]),  # finite and falling: diverged only by a threshold
+        fake_run("post_ln", 16, [(100, 60.0), (150, 70.0), (200, 90.0)]),  # finite but rising at the last two
+        fake_run("pre_ln", 16, [(100, 60.0), (150, 50.0), (200, 55.0)]),  # one rise is noise, not divergence
     ]
     keys = column_keys(runs)
     assert keys == ["model.n_layers", "train.seed"]  # seeds vary within a scheme: columns unless told otherwise
     table = build_table(runs, ["model.n_layers"])
-    assert table.columns == ["n_layers=4", "n_layers=8"] and table.rows == ["pre_ln", "lns", "post_ln"]
-    assert table.tokens == {"n_layers=4": 200, "n_layers=8": 150}  # the diverged runs do not pull T down
+    assert table.columns == ["n_layers=4", "n_layers=8", "n_layers=16"] and table.rows == ["pre_ln", "lns", "post_ln"]
+    assert table.tokens == {"n_layers=4": 200, "n_layers=8": 150, "n_layers=16": 200}  # diverged runs do not pull T down
     c = table.cells
     assert (c["pre_ln", "n_layers=4"].ppl, c["lns", "n_layers=4"].ppl) == (40.0, 35.0)
     assert c["lns", "n_layers=4"].best and not c["pre_ln", "n_layers=4"].best
     assert c["post_ln", "n_layers=4"].diverged and c["post_ln", "n_layers=4"].ppl is None
-    assert c["post_ln", "n_layers=8"].diverged and not c["post_ln", "n_layers=8"].best
+    assert not c["post_ln", "n_layers=8"].diverged and c["post_ln", "n_layers=8"].ppl == 9000.0
+    assert c["post_ln", "n_layers=16"].diverged and not c["pre_ln", "n_layers=16"].diverged
     lns8 = c["lns", "n_layers=8"]  # two seeds at T = 150: mean and standard deviation
     assert lns8.ppl == pytest.approx(32.0) and lns8.std == pytest.approx(math.sqrt(2.0)) and lns8.best
     assert c["pre_ln", "n_layers=8"].ppl is None and c["pre_ln", "n_layers=8"].note == "no evaluation by then"
-    # the threshold is a parameter
+    # the paper's fixed threshold is an option
+    assert build_table(runs, ["model.n_layers"], diverged_ppl=1000.0).cells["post_ln", "n_layers=8"].diverged
     assert not build_table(runs, ["model.n_layers"], diverged_ppl=1e4).cells["post_ln", "n_layers=8"].diverged
 
 

@@ -150,6 +150,10 @@ def test_pipeline_continues_a_prompt_as_pretrain_generate(sft_run, data_cache, c
     assert main(["generate", "--checkpoint", sft_run["run"], "--prompt", PROMPT, "--raw", "--max-new-tokens",
                  str(new), "--device", "cpu"]) == 0
     cli_text = capsys.readouterr().out[:-1]  # print's newline
+    # without --raw, a fine-tuned run's prompt is wrapped in the template its SFT data was prepared with
+    assert main(["generate", "--checkpoint", sft_run["run"], "--prompt", PROMPT, "--max-new-tokens", "1",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == "generate: the alpaca template (the run was fine-tuned with it; --raw for plain text)\n"
     model, tok = load_generation_model(open_source(sft_run["run"]), device="cpu")
     (ours,) = generate(model, [tok.encode(PROMPT, bos=True)], tok.eos_id, Sampling(new))  # what the CLI printed
     assert tok.decode(ours) == cli_text and len(ours) > 0

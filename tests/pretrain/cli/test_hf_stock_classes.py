@@ -134,12 +134,16 @@ def test_generate_and_remove_norms_take_the_stock_export(runs, name, tmp_path, e
     run, hf_dir = runs[name], str(tmp_path / "hf")
     assert main(["export-hf", "--checkpoint", run, "--out", hf_dir]) == 0
     texts = []
-    for path in (run, hf_dir):
-        capsys.readouterr()
-        assert main(["generate", "--checkpoint", path, "--prompt", "ROMEO:", "--raw", "--max-new-tokens", "12",
-                     "--device", "cpu"]) == 0
-        texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1] and texts[0]  # (a 1-step model: mostly newlines, the same ones)
+    for path, what in ((run, "a pretrained model"), (hf_dir, "a Hugging Face directory")):
+        for raw in (["--raw"], []):  # a base model continues the text plainly without being told
+            capsys.readouterr()
+            assert main(["generate", "--checkpoint", path, "--prompt", "ROMEO:", *raw, "--max-new-tokens", "12",
+                         "--device", "cpu"]) == 0
+            out = capsys.readouterr()
+            texts.append(out.out)
+            said = "--raw" if raw else f"{what}; --template NAME wraps the prompt as an instruction"
+            assert out.err == f"generate: plain continuation ({said})\n"
+    assert len(set(texts)) == 1 and texts[0]  # (a 1-step model: mostly newlines, the same ones)
 
     out = str(tmp_path / "removal")
     proc = subprocess.run(

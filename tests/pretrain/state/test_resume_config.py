@@ -60,6 +60,9 @@ def test_changes_take_effect_and_identity_changes_are_refused(tmp_path, data_cac
                    "train.betas=[0.8,0.9]", cache_dir=data_cache)
     assert "resume: train.lr 0.002 -> 0.0001" in ok.stdout
     assert "resume: train.global_batch_size 8 -> 16" in ok.stdout
+    factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (4 - 2) / (8 - 2)))  # the schedule at step 5 (index 4)
+    assert f"resume: lr at step 5 {2e-3 * factor:.3e} -> {1e-4 * factor:.3e} (the schedule of the new train.lr" \
+        in ok.stdout
     records = {m["step"]: m for m in metrics(run) if "loss" in m}
     # the new peak lr, on the schedule position the run had reached (warm-up 2, cosine to 10% at step 8)
     progress = (4 - 2) / (8 - 2)
@@ -157,3 +160,22 @@ def test_moved_data_resumes_and_changed_data_is_refused(tmp_path, data_cache):
         json.dump(meta, f)
     bad = run_train(run, "train.steps=4", "train.resume=auto", f"data.paths=[{moved}]", cache_dir=data_cache, expect=2)
     assert "data (tokenizer or tokens of data.paths)" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_a_longer_run_says_how_the_lr_moves_at_the_resumed_step():
+    from pretrain.state.resume import ResumePlan
+    from pretrain.train.loop import schedule_change
+
+    old = load_config(None, ["train.steps=300", "train.warmup_steps=30", "train.lr=2e-3", "train.min_lr_ratio=0.1"])
+    new = load_config(None, ["train.steps=600", "train.warmup_steps=30", "train.lr=2e-3", "train.min_lr_ratio=0.1"])
+    plan = ResumePlan(changes=[("train.steps", 300, 600, "setting")], old_layout=LAYOUT, new_layout=LAYOUT)
+
+    def lr(steps: int, step: int) -> float:
+        return 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 30) / (steps - 30))))
+
+    line = schedule_change(old, new, 250, plan)
+    assert line == f"resume: lr at step 251 {lr(300, 250):.3e} -> {lr(600, 250):.3e} (the schedule of the new " \
+                   "train.steps, from where the run is)"
+    assert lr(600, 250) > 2 * lr(300, 250)  # the cosine stretched: the lr jumps back up
+    unchanged = ResumePlan(changes=[("train.grad_clip", 1.0, 0.5, "setting")], old_layout=LAYOUT, new_layout=LAYOUT)
+    assert schedule_change(old, old, 250, unchanged) is None
