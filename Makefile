@@ -3,12 +3,13 @@
 # Both create .venv and install what they need on first use. torch is installed first, pinned by
 # TORCH_SPEC (the CPU build here; PyPI's is the CUDA build on a Linux GPU cluster). Another CUDA build, e.g.
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cu130
-# `make compat` runs the compatibility set on the two other ends of the supported range (README, "Supported
-# versions"); CI runs it after `make test`.
+# `make compat` runs the compatibility set on the two other ends of the supported range (docs/versions.md); CI
+# runs it after `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
@@ -36,27 +37,28 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e .  # (no banner about editable installs)
 	touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 quickstart: $(STAMP)
 	$(BIN)/pretrain train configs/tiny.yaml train.resume=auto
 
-# Two tiers (README, "Tests"): the fast tier is every in-process test (a test there that starts a process fails); then
+# Two tiers (docs/testing.md): the fast tier is every in-process test (a test there that starts a process fails); then
 # the tests marked `processes` (subprocesses, ranks, training runs). `make test` runs both, the fast tier first.
+# PYTEST_ARGS go to every pytest run: `make test PYTEST_ARGS="-x -k resume"`.
 test-fast: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q --fast-tier --durations=10
+	$(BIN)/python -m pytest -q --fast-tier --durations=10 $(PYTEST_ARGS)
 
 test: test-fast
-	$(BIN)/python -m pytest -q -m "processes and not slow" --durations=25
+	$(BIN)/python -m pytest -q -m "processes and not slow" --durations=25 $(PYTEST_ARGS)
 
 # Everything, the `slow` tests included (more cases of paths the default run already covers end to end).
 test-all: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 compat: compat-gpu-stack compat-newest
 

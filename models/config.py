@@ -1,7 +1,7 @@
 """Model configuration: one dataclass, a few named presets.
 
-Every field carries its documentation in `metadata["help"]`; the README's config reference and
-`pretrain config --docs` are generated from it, so it is written once.
+Every field carries its documentation in `metadata["help"]`; the config reference of docs/configuration.md
+and `pretrain config --docs` are generated from it, so it is written once.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class ModelConfig:
     norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
     qk_norm: str = doc(
         "none",
-        "QK-norm (see the README for the schemes that take it): the run's norm_type on q and k before RoPE; head: per head over "
-        "head_dim, one gain shared by the heads (Qwen3, Gemma 3); full: over the full projected width, "
-        "n_heads*head_dim for q and n_kv_heads*head_dim for k (OLMo 2), exact under tensor parallelism.",
+        "QK-norm (see docs/schemes.md for the schemes that take it): the run's norm_type on q and k before RoPE; "
+        "head: per head over head_dim, one gain shared by the heads (Qwen3, Gemma 3); full: over the full projected "
+        "width, n_heads*head_dim for q and n_kv_heads*head_dim for k (OLMo 2), exact under tensor parallelism.",
         choices=QK_NORMS,
     )
     attn_gate: str = doc(
@@ -83,8 +83,9 @@ class ModelConfig:
     ln_free_base_depth: int = doc(
         4,
         "ln_free only: depth-muP multipliers calibrated at this depth B: each branch reads min(1, sqrt(B/L)) * x and "
-        "adds min(1, B/L) * F (init compensated; = per-weight learning rates under Adam); 0 = no multipliers, x + F(x) "
-        "with the unit-variance embedding alone (lower loss at lr <= 2e-3 on tiny, less margin above: README).",
+        "adds min(1, B/L) * F (init compensated; = per-weight learning rates under Adam); 0 = no multipliers, "
+        "x + F(x) with the unit-variance embedding alone (lower loss at lr <= 2e-3 on tiny, less margin above: "
+        "docs/schemes.md).",
     )
     dyt_alpha_init: float | None = doc(
         None,
@@ -109,7 +110,7 @@ class ModelConfig:
     removable_norms: bool = doc(
         False,
         "pre_ln/lns/reordered only: every norm (q/k norms included) also holds a fixed scale sigma it can switch "
-        "to (norm removal by fine-tuning; set by `pretrain remove-norms`, see the README).",
+        "to (norm removal by fine-tuning; set by `pretrain remove-norms`, see docs/removal.md).",
     )
 
     def __post_init__(self) -> None:

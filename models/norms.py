@@ -94,7 +94,7 @@ class RemovableNorm:
 
     Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
     it also records the statistic the norm divides by, RMS(x) (LayerNorm: the standard deviation), averaged over
-    every token but those at position 0 (see README "Removing norms": the first position's residual is several
+    every token but those at position 0 (see docs/removal.md, "Position 0": the first position's residual is several
     times larger and would set sigma for the rare case). Fixed: x / sigma * gain * output_scale (LayerNorm:
     (x - mean(x)) / sigma ...), sigma one constant for every token -- a per-channel constant scale the fold
     multiplies into the linear layer next to the norm. `sigma` (0 = never measured) and `fixed` are persistent
@@ -414,7 +414,7 @@ class BlockParts:
 @dataclass(frozen=True)
 class HFExport:
     """A stock transformers class a scheme exports to (models/hf/): its config's `model_type`, and what the export
-    does on the way (shown in the README's export table)."""
+    does on the way (shown in docs/interop.md's export table)."""
 
     model_type: str  # llama, qwen3, olmo2 (models/hf/choose.py TARGETS)
     how: str = "as is"
@@ -579,7 +579,7 @@ def _embedding_norm(cfg: ModelConfig) -> nn.Module:
     # Peri-LN normalizes every module's output before it joins the residual, the embedding's too (OLMo-core's
     # embedding_norm; Gemma's sqrt(d) multiplier gives the same unit scale only at its widths): otherwise the embedding
     # (std model.init_std) starts ~50 times smaller than each of the 2L unit-RMS sublayer outputs added to it, and the
-    # tokens are drowned out for the first ~100 steps (README, "Peri-LN as its paper trains it").
+    # tokens are drowned out for the first ~100 steps (docs/schemes.md, "Peri-LN as its paper trains it").
     return norm(cfg)()
 
 
@@ -662,7 +662,7 @@ def dyt_embedding_scale_init(cfg: ModelConfig) -> float:
     # learnable scalar from sqrt(d): with weights at std 0.02 its output has std 0.02 sqrt(d), 1.28 at the 7B width,
     # the operating point the paper's alpha0 are tuned for. Below 4096, where the paper has no model and we take the
     # 7B alpha0 (DYT_LLAMA_ALPHA0), the scalar starts at sqrt(4096) to keep that operating point: from sqrt(d) every
-    # DyT/Derf model here stayed at the unigram level (README, "DyT as its paper trains it").
+    # DyT/Derf model here stayed at the unigram level (docs/schemes.md, "DyT as its paper trains it").
     return math.sqrt(max(cfg.d_model, DYT_LLAMA_REFERENCE_WIDTH))
 
 
@@ -782,7 +782,7 @@ def refusal_reason(scheme: str, key: str) -> str:
 
 _NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain"})
 _GPAS = _NORMED | {"gpas"}
-# Why a scheme refuses a key (README "Composing designs").
+# Why a scheme refuses a key (docs/schemes.md, "Composable keys").
 NOT_COMPOSABLE = {
     ("ln_free", "qk_norm"): "norm-free by definition",
     ("ln_free", "norm_gain"): "it has no norm gains",

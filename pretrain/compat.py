@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # The ranges the test suite ran against, the same as setup.cfg's install_requires (tests/pretrain/test_compat.py checks
 # that they agree): package -> (lowest tested version, first untested version). The ends of each range are what
-# CI installs (README, "Supported versions"): Python 3.11 with torch 2.13 and megatron-core 0.16; Python 3.12 with
+# CI installs (docs/versions.md): Python 3.11 with torch 2.13 and megatron-core 0.16; Python 3.12 with
 # the GPU machines' stack (torch 2.11, megatron-core 0.19, transformers 5.17, sentencepiece 0.2.2) and with the
 # newest releases (torch 2.15).
 PYTHON = ("3.10", "3.14")

@@ -1,9 +1,10 @@
-"""The README's generated parts: each block between `<!-- NAME:start ... -->` and `<!-- NAME:end -->` is the output
-of one function of the tables it documents, so a new scheme, config key or export reaches the README with
-`pretrain config --docs --write README.md`, and a test fails while the README is stale."""
+"""The docs' generated parts: each block between `<!-- NAME:start ... -->` and `<!-- NAME:end -->` is the output of one
+function of the tables it documents and lives in one page (PAGES), so a new scheme, config key or export reaches the
+docs with `pretrain config --docs --write`, and a test fails while a page is stale."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable
 
@@ -18,33 +19,61 @@ GENERATED: dict[str, Callable[[], str]] = {
     "resume-table": resume_table,  # what a resume does with each key (pretrain/state/resume.py)
     "hf-export": export_reference,  # the stock transformers class of each scheme (models/hf/choose.py)
 }
+# The page of the repository (a path relative to its root) that holds each block.
+PAGES: dict[str, str] = {
+    "composition": "docs/schemes.md",
+    "config-reference": "docs/configuration.md",
+    "resume-table": "docs/training.md",
+    "hf-export": "docs/interop.md",
+}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (pip install -e .)
 
 
 def _block(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- {name}:start[^\n]*-->\n)(.*?)(\n<!-- {name}:end -->)", re.S)
 
 
-def regenerated(text: str) -> str:
-    """`text` (the README) with every generated block written anew; a missing marker pair is a one-line error."""
-    for name, make in GENERATED.items():
+def blocks_in(text: str) -> list[str]:
+    """The names of the generated blocks whose markers `text` holds."""
+    return [name for name in GENERATED if _block(name).search(text)]
+
+
+def regenerated(text: str, names: list[str] | None = None) -> str:
+    """`text` with the generated blocks `names` (default: every block) written anew; a missing marker pair is a
+    one-line error."""
+    for name in GENERATED if names is None else names:
         pattern = _block(name)
         if not pattern.search(text):
-            raise ValueError(f"the README lacks the `<!-- {name}:start -->` ... `<!-- {name}:end -->` markers")
-        text = pattern.sub(lambda m: m.group(1) + make().strip() + m.group(3), text, count=1)
+            raise ValueError(f"it lacks the `<!-- {name}:start -->` ... `<!-- {name}:end -->` markers")
+        text = pattern.sub(lambda m: m.group(1) + GENERATED[name]().strip() + m.group(3), text, count=1)
     return text
 
 
-def stale_blocks(text: str) -> list[str]:
-    """The names of the generated blocks of `text` that differ from what their function generates now."""
-    return [name for name, make in GENERATED.items()
-            if (m := _block(name).search(text)) is None or m.group(2).strip() != make().strip()]
+def stale_blocks(text: str, names: list[str] | None = None) -> list[str]:
+    """The names of the generated blocks `names` (default: those `text` holds) that differ from what their function
+    generates now (a block whose markers are missing counts as stale)."""
+    return [name for name in (blocks_in(text) if names is None else names)
+            if (m := _block(name).search(text)) is None or m.group(2).strip() != GENERATED[name]().strip()]
 
 
-def write_readme(path: str) -> list[str]:
-    """Regenerate the blocks of the README at `path` in place (atomically); the names of those that changed."""
+def write_page(path: str, names: list[str] | None = None) -> list[str]:
+    """Regenerate the blocks `names` (default: those it holds, at least one) of the page at `path` in place
+    (atomically); the names of those that changed."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    changed = stale_blocks(text)
+    names = blocks_in(text) if names is None else names
+    if not names:
+        raise ValueError(f"it holds no generated block (<!-- NAME:start --> ... <!-- NAME:end -->, NAME one of "
+                         f"{', '.join(GENERATED)})")
+    changed = stale_blocks(text, names)
     if changed:
-        atomic_write(path, regenerated(text))
+        atomic_write(path, regenerated(text, changed))
     return changed
+
+
+def write_docs(root: str = REPO) -> dict[str, list[str]]:
+    """Regenerate every block in its page (PAGES) under the checkout `root`: {page: names that changed}."""
+    pages: dict[str, list[str]] = {}
+    for name, page in PAGES.items():
+        pages.setdefault(page, []).append(name)
+    return {page: write_page(os.path.join(root, page), names) for page, names in pages.items()}

@@ -39,7 +39,7 @@ def pytest_addoption(parser):
                           "`slow` or `cuda`; a test there that starts a process or a rank fails and names the marker")
 
 
-# Tiers (README, "Tests"): a test that starts a subprocess, ranks or a training run is marked `processes`; every other
+# Tiers (docs/testing.md): a test that starts a subprocess, ranks or a training run is marked `processes`; every other
 # test is in the fast tier. Under --fast-tier, starting a process fails the test, so the marking cannot drift.
 PROCESS_MARKERS = ("processes", "slow", "cuda")
 

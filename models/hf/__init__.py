@@ -2,7 +2,7 @@
 
 Pure functions on full (TP = 1) state dicts; no CLI and no torch.distributed here. One file per job:
 
-    choose.py       which class a model exports to (or why none), and the README's per-scheme table
+    choose.py       which class a model exports to (or why none), and docs/interop.md's per-scheme table
     llama.py, qwen3.py, olmo2.py    one `Target` per class: where its norms sit, its config's own fields
     convert.py      configs and state dicts, both ways, for every target
     linear_norm.py  ln_free in Llama: RMSNorms made linear (rms_norm_eps 2^40, gains 2^20)

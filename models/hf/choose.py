@@ -1,6 +1,7 @@
 """Which stock transformers class a model exports to, or why none can hold it: each scheme's entry
 (models/norms.py `hf_exports`, `no_hf_class`) and `KEY_REFUSALS` are behind both the export's refusals and the
-README's per-scheme table (`export_reference`, kept current by tests/pretrain/cli/test_hf_stock_classes.py)."""
+per-scheme table of docs/interop.md (`export_reference`, kept current by
+tests/pretrain/cli/test_hf_stock_classes.py)."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
 
 
 def export_reference() -> str:
-    """The README's per-scheme export table (markdown), from the scheme entries and `KEY_REFUSALS`."""
+    """The per-scheme export table of docs/interop.md (markdown), from the scheme entries and `KEY_REFUSALS`."""
     rows = ["| scheme | `model.qk_norm` | exports as | how, or why not |", "| --- | --- | --- | --- |"]
     for scheme, entry in NORM_SCHEMES.items():
         variants = ("none", "head", "full") if "qk_norm" in entry.options else ("none",)

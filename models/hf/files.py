@@ -49,7 +49,16 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
+    _mode_open_gives(out / SAFETENSORS_NAME)
     return out
+
+
+def _mode_open_gives(path: Path) -> None:
+    """safetensors 0.8's writer creates its file private (0600, through a temporary file) whatever the umask; give it
+    the mode `open()` would (0644 under umask 022), so that colleagues on a shared cluster can read an export."""
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 
 from pretrain.analysis import figures
-from pretrain.analysis.report_table import Run, Table, column_label, human_tokens, row_differences
+from pretrain.analysis.report_table import (RISING_EVALS, Run, Table, column_label, human_tokens,
+                                            row_differences)
 from pretrain.files import atomic_folder
 
 REPORT_MD, REPORT_HTML = "REPORT.md", "report.html"
@@ -85,10 +86,11 @@ def table1_block(table: Table) -> TableBlock:
         header.append(f"{col} ({size}{human_tokens(table.tokens[col])} tokens)")
     rows = [[(scheme, "")] + [_cell_text(table.cells.get((scheme, col))) for col in table.columns]
             for scheme in table.rows]
+    threshold = f", or perplexity above {table.diverged_ppl:g}" if table.diverged_ppl is not None else ""
     caption = ("Validation perplexity at equal training tokens (the column header's count; a value marked "
                "'at N' is the run's last evaluation before it). Lower is better; the best per column is bold; "
-               "'diverged': non-finite loss, exit 3, or perplexity above the threshold. Several runs in a cell: "
-               "mean ± standard deviation.")
+               f"'diverged': non-finite loss, exit 3, a validation loss that rose at each of the last "
+               f"{RISING_EVALS - 1} evaluations{threshold}. Several runs in a cell: mean ± standard deviation.")
     return TableBlock("table1", header, rows, caption)
 
 

@@ -240,6 +240,7 @@ class Table:
     tokens: dict  # column -> T (None when no run of the column has a validation entry)
     params: dict  # column -> parameter count(s) text
     warnings: list[str]
+    diverged_ppl: float | None = None  # the optional fixed threshold the table was built with
 
 
 def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = None) -> Table:
@@ -274,7 +275,7 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
         finite = [c for (s, c_), c in cells.items() if c_ == col and c.ppl is not None and not c.diverged]
         if finite:
             min(finite, key=lambda c: c.ppl).best = True
-    return Table(keys, columns, rows, cells, tokens, params, warnings)
+    return Table(keys, columns, rows, cells, tokens, params, warnings, diverged_ppl)
 
 
 def _diverged(run: Run, diverged_ppl: float | None) -> bool:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def register(sub) -> None:
     p = sub.add_parser("analyze-depth", help="per-layer angular distance and skip-one-block loss of a checkpoint")
     add_analysis_args(p, checkpoint_help="a checkpoints/step_XXXXXXXX folder, a checkpoints/ folder or a run folder "
-                                         "(its latest), or a Hugging Face directory (see README, Hugging Face interop)",
+                                         "(its latest), or a Hugging Face directory (see docs/interop.md)",
                       out_help="output directory (must not exist): depth.json and depth.png")
     p.add_argument("--keep-first", type=int, default=None, metavar="N",
                    help="positions at the start of each sequence that a skipped block still processes (the BOS "

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", choices=("auto", "alpaca", "prompt-response", "messages"),
                    help="Record format (default: auto, from the fields).")
     p.add_argument("--template", default="default", metavar="NAME",
-                   help="Prompt template: default, alpaca, llama3 or none (default: default; see the README).")
+                   help="Prompt template: default, alpaca, llama3 or none (default: default; see docs/sft.md).")
     p.add_argument("--train-on-prompt", action="store_true", help="Keep the prompt tokens in the loss too.")
     p.add_argument("--seq-len", type=int, default=None, metavar="N",
                    help="The data.seq_len you will train with: an example needing more positions (tokens - 1) is an "

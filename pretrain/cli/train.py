@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pretrain.cli.spawn import spawn_local_ranks
+from pretrain.notice import when_slow
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML experiment file")
+    p = sub.add_parser("train", help="train a model from a YAML experiment file",
+                       epilog="Every config key with its default and meaning: `pretrain config --docs` "
+                              "(docs/configuration.md); the resolved config of a run: `pretrain config CONFIG "
+                              "[OVERRIDES]`. Overrides may also be written as flags: --train.lr=1e-3.")
     p.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.norm_scheme=lns train.lr=3e-4")
     p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")
@@ -21,11 +25,12 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
-    # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's
-    # accelerator before they import).
-    from pretrain.features import hooks_for
-    from pretrain.train.loop import train
-    from pretrain.train.signals import StopOnSignal
+    with when_slow("loading DeepSpeed and megatron-core"):
+        # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's
+        # accelerator before they import).
+        from pretrain.features import hooks_for
+        from pretrain.train.loop import train
+        from pretrain.train.signals import StopOnSignal
 
     if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
         return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])

@@ -4,11 +4,11 @@
 
 Unknown keys, wrong types and bad values raise `UserError` with one line naming the key and the valid
 choices. Every field is documented once, in its `doc(...)` help string; `pretrain config --docs` and the
-README's reference table are generated from those strings.
+key reference of docs/configuration.md are generated from those strings.
 
     sections.py     the sections (dataclasses) and their validation
     loading.py      YAML and overrides in, YAML out (`load_config`, `save_config`)
-    reference.py    the README's generated tables
+    reference.py    the docs' generated tables (docs/configuration.md, docs/schemes.md)
 """
 
 from pretrain.config.loading import dump_yaml, load_config, save_config, to_dict

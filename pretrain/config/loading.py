@@ -206,8 +206,26 @@ def to_dict(cfg: ExperimentConfig) -> dict:
             for f in sections()}
 
 
-def dump_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+def dump_yaml(cfg: ExperimentConfig, say_scheme_defaults: bool = False) -> str:
+    """The resolved config as YAML; `say_scheme_defaults`: a closing comment naming the scheme's own defaults it
+    applied (what `pretrain config` prints; a saved config.yaml is data, without it)."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    line = scheme_defaults_line(cfg) if say_scheme_defaults else None
+    return text + f"# {line}\n" if line else text
+
+
+def scheme_defaults_applied(cfg: ExperimentConfig) -> dict[str, object]:
+    """The training settings the scheme's entry sets (`train_defaults`, models/norms.py) that the config did not give."""
+    return {k: v for k, v in NORM_SCHEMES[cfg.model.norm_scheme].train_defaults.items() if k not in cfg.given_keys}
+
+
+def scheme_defaults_line(cfg: ExperimentConfig) -> str | None:
+    """`ngpt's own defaults: train.warmup_steps=0 (...)`, or None when the scheme set nothing."""
+    applied = scheme_defaults_applied(cfg)
+    if not applied:
+        return None
+    values = ", ".join(f"{k}={v}" for k, v in applied.items())
+    return f"{cfg.model.norm_scheme}'s own defaults: {values} (its paper's settings; give a key to choose otherwise)"
 
 
 def save_config(cfg: ExperimentConfig, path: str) -> None:

@@ -1,5 +1,5 @@
-"""The README's generated config tables: every key with its default and meaning, and which composable model keys
-each norm scheme takes (`pretrain config --docs`)."""
+"""The docs' generated config tables (docs/configuration.md, docs/schemes.md): every key with its default and
+meaning, and which composable model keys each norm scheme takes (`pretrain config --docs`)."""
 
 from __future__ import annotations
 

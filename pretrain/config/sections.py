@@ -1,6 +1,6 @@
 """The experiment config's sections: typed dataclasses, one per YAML section, each field documented once in its
-`doc(...)` help string (the README's key reference is generated from them, pretrain/config/reference.py), each
-section validated where it is built (one-line ValueErrors naming the key)."""
+`doc(...)` help string (docs/configuration.md's key reference is generated from them, pretrain/config/reference.py),
+each section validated where it is built (one-line ValueErrors naming the key)."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def backend_tokenizer(tok: Tokenizer):
         decode.append(decoders.Strip(content=" ", left=1, right=0))
     hf.decoder = decoders.Sequence(decode)
     # Control and unknown pieces are never read from text by sentencepiece; here they are special tokens, which
-    # transformers needs for bos_token & co (a literal "<s>" in a text becomes BOS: see the README).
+    # transformers needs for bos_token & co (a literal "<s>" in a text becomes BOS: see docs/interop.md).
     hf.add_special_tokens([AddedToken(piece, special=True, normalized=False)
                            for piece, _, t in pieces if t in (CONTROL, UNKNOWN)])
     if tok.bos_id >= 0:

@@ -3,7 +3,7 @@ while its norms are switched, one site at a time, to fixed scales, then fold the
 `ln_free` checkpoint.
 
 The recipe is the one of "Transformers Don't Need LayerNorm at Inference Time" (submarat/removing-layer-norm)
-carried over to RMSNorm (see README "Removing norms"):
+carried over to RMSNorm (see docs/removal.md):
 
   * A site is one norm (models/norms.py `REMOVAL_SITES`): block l's MLP norm (group `mlp`: its input norm, or in
     reordered its output norm), its attention norm (`attn`, likewise), its q and k norms (`qk`, model.qk_norm),

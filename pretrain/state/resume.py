@@ -183,7 +183,7 @@ def _show(value) -> str:
 
 
 def resume_table() -> str:
-    """Markdown table of the resume classes (README, generated; tests check it is current)."""
+    """Markdown table of the resume classes (docs/training.md, generated; tests check it is current)."""
     keys = list(flatten(ExperimentConfig()))
     rows = ["| class | keys | on resume |", "| --- | --- | --- |"]
     meaning = {

@@ -19,7 +19,9 @@ import torch
 
 from models import Llama
 from pretrain.config import ExperimentConfig, save_config
+from pretrain.config.loading import scheme_defaults_line
 from pretrain.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_UNSTABLE
+from pretrain.notice import when_slow
 from pretrain.runs import CONFIG_FILE
 from pretrain.state import checkpoint, reshard
 from pretrain.state.resume import RunStart
@@ -54,16 +56,20 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     step, consumed_samples = start.saved["step"], start.saved["consumed_samples"]
     # Everything that can reject the user's input (data, parallel layout) runs before the run folder is touched.
-    train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=consumed_samples)
+    with when_slow(f"opening the data {', '.join(map(str, cfg.data.paths))} (the first time: tokenizing it)", rank0):
+        train_iter, val_batches = build_loaders(cfg, topo, consumed_samples=consumed_samples)
     fingerprint = train_iter.state_dict()["fingerprint"]
     plan = start.plan(checkpoint.layout_of(cfg, topo), fingerprint)
     torch.manual_seed(cfg.train.seed)
-    built = build_engine(cfg, topo)
+    with when_slow("building the model and the DeepSpeed engine", rank0):
+        built = build_engine(cfg, topo)
     if plan is not None and plan.same_layout:
-        checkpoint.load(built.engine, start.folder, topo.rank)
+        with when_slow(f"loading {start.folder}", rank0):
+            checkpoint.load(built.engine, start.folder, topo.rank)
         apply_optimizer_settings(built, cfg, built.engine.lr_scheduler.last_epoch)
     elif plan is not None:
-        state = reshard.read(start.folder, plan.old_layout, start.old_cfg)
+        with when_slow(f"reading {start.folder} for another layout", rank0):
+            state = reshard.read(start.folder, plan.old_layout, start.old_cfg)
         reshard.apply(built, cfg, state)
         checkpoint.load_rng(start.folder, topo.rank)
         apply_optimizer_settings(built, cfg, state.scheduler_step)
@@ -84,6 +90,9 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             line = schedule_change(start.old_cfg, cfg, step, plan)
             if line:
                 out.say(line)
+        line = scheme_defaults_line(cfg)
+        if line and plan is None:  # a resumed run said it when it started
+            out.say(line)
         n = sum(p.numel() for p in built.model.parameters())
         how = f"resuming from {start.folder}" if start.folder else (
             f"starting from the weights of {cfg.train.init_from}" if cfg.train.init_from else "fresh start")

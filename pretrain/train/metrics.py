@@ -117,7 +117,7 @@ def closing_summary(cfg, seconds: float) -> list[str]:
                 val = record
             elif "loss" in record:
                 train = record
-    took = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    took = f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     losses = f"train loss {train['loss']:.4f} at step {train['step']}" if train else "no step logged"
     if val is not None:
         losses += f"; val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}) at step {val['step']}"
@@ -125,7 +125,7 @@ def closing_summary(cfg, seconds: float) -> list[str]:
     if train and train["step"] < cfg.train.steps:  # train.stop_at_step
         return [f"stopped at step {train['step']} of {cfg.train.steps} after {took} (train.stop_at_step): {what}, "
                 f"{losses}; run the same command without train.stop_at_step to continue"]
-    lines = [f"done in {took}: {what}, {losses}", "next:"]
+    lines = [f"done: {what} trained in {took}, {losses}", "next:"]
     if cfg.diagnostics.interval > 0:
         lines.append(f"  pretrain plot {run} --out {run}/depth_stats.png    # variance and gradient norm per layer")
     else:

@@ -5,7 +5,7 @@ starts in its active regime instead of a near-zero one that Adam leaves with a l
 c_in * x and adds c_out * F, c_in = min(1, sqrt(B/L)), c_out = min(1, B/L) (B = model.ln_free_base_depth), with
 the init divided by the same constants: the model at step 0 is unchanged, only Adam's steps on the blocks shrink
 with depth. A deep, narrow ln_free model at a high learning rate diverges without them within a few dozen steps
-and trains with them (the README's scheme table gives the 400-step runs at 16 and 24 layers).
+and trains with them (docs/schemes.md, "LN-free stabiliser", gives the 400-step runs at 16 and 24 layers).
 """
 
 from __future__ import annotations

@@ -421,7 +421,8 @@ def test_schemes_refuse_keys_they_do_not_compose_with(key, value):
 @pytest.mark.parametrize("d_model,init", [(128, 64.0), (4096, 64.0), (8192, math.sqrt(8192))])
 def test_dyt_and_derf_embedding_scale_starts_at_the_papers_operating_point(d_model, init):
     """DyT's LLaMA and Derf scale the token embedding by a learnable scalar from sqrt(d); below the paper's smallest
-    LLaMA (4096) it starts at sqrt(4096), the embedding std the paper's alpha0 are tuned for (README)."""
+    LLaMA (4096) it starts at sqrt(4096), the embedding std the paper's alpha0 are tuned for (docs/schemes.md, "DyT
+    as its paper trains it")."""
     for scheme in ("dyt", "derf"):
         cfg = ModelConfig(**{**TINY, "d_model": d_model, "n_heads": 2, "norm_scheme": scheme})
         with torch.device("meta"):

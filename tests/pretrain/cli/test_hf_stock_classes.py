@@ -1,8 +1,8 @@
 """ln_free, Qwen3-style and OLMo 2-style checkpoints through `pretrain export-hf` into stock transformers classes and
 back: `pretrain eval` gives the checkpoint's loss through transformers, `train.init_from` of the export gives the
 checkpoint's function (ln_free: its multipliers folded, base depth 0), and the trained ln_free model's activations at
-the norm sites keep the linear norm's error far below 1e-5. The README's per-scheme export table is generated from
-models/hf/choose.py."""
+the norm sites keep the linear norm's error far below 1e-5. The per-scheme export table of docs/interop.md is
+generated from models/hf/choose.py."""
 
 from __future__ import annotations
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 from helpers.train import REPO, TINY, train_env
+
+from pretrain.cli import main
 
 pytestmark = pytest.mark.processes  # starts fresh interpreters and a training run (tests/conftest.py: tiers)
 
@@ -54,14 +57,53 @@ def test_a_config_error_is_answered_before_deepspeed_and_megatron_load(tmp_path)
     assert not {"deepspeed", "megatron"} & set(result["loaded"]), result
 
 
-def test_training_builds_no_cpp_extension(tmp_path, data_cache):
+@pytest.fixture
+def umask(request):
+    """The process umask for the test (inherited by the processes it starts), restored afterwards."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def modes_off(folder, mask: int) -> list[str]:
+    """Every file and folder under `folder` whose mode is not what `open`/`mkdir` give under `mask`."""
+    off = []
+    for base, dirs, files in os.walk(folder):
+        for name, full in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+            path = os.path.join(base, name)
+            mode = os.stat(path).st_mode & 0o777
+            if mode != full & ~mask:
+                off.append(f"{os.path.relpath(path, folder)} {oct(mode)}")
+    return off
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], indirect=True, ids=["umask022", "umask077"])
+def test_training_builds_no_cpp_extension_and_ends_with_next_commands_that_work(tmp_path, data_cache, umask):
+    """The quick start's path: no C++ build on the way to the first step, and the closing summary's final losses and
+    next commands (plot, report, analyze-depth), each of which then runs on the run as printed; every file and
+    folder of the run, and of the three commands' outputs, has the mode the umask gives (readable by colleagues
+    under 022, private under 077)."""
     extensions = tmp_path / "torch_extensions"
     extensions.mkdir()
+    run = tmp_path / "run"
     env = {**train_env(data_cache), "TORCH_EXTENSIONS_DIR": str(extensions)}
     proc = subprocess.run([sys.executable, "-m", "pretrain", "train", os.path.join(REPO, "configs", "tiny.yaml"),
-                           f"run.dir={tmp_path}/run", *TINY, "train.steps=1"],
+                           f"run.dir={run}", *TINY, "train.steps=2", "eval.interval=2", "diagnostics.interval=1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "step      1/1" in proc.stdout
+    assert "step      1/2" in proc.stdout
     assert "built successfully" not in proc.stdout + proc.stderr
     assert list(extensions.iterdir()) == []  # nothing compiled, nothing cached
+
+    summary = proc.stdout[proc.stdout.index("done: "):].splitlines()
+    val = [json.loads(line) for line in open(run / "metrics.jsonl") if "val_loss" in line][-1]
+    assert f"val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}) at step 2" in summary[0]
+    assert summary[1] == "next:"
+    commands = [shlex.split(line.split("#")[0]) for line in summary[2:]]
+    assert [c[:2] for c in commands] == [["pretrain", "plot"], ["pretrain", "report"], ["pretrain", "analyze-depth"]]
+    for command in commands:  # in-process: what the user would type
+        assert main(command[1:]) == 0, command
+    assert (run / "depth_stats.png").exists() and (run / "report" / "REPORT.md").exists()
+    assert (run / "depth" / "depth.json").exists()
+    assert main(["export-hf", "--checkpoint", str(run), "--out", str(run / "hf")]) == 0
+    assert modes_off(run, umask) == []

@@ -155,6 +155,12 @@ def test_ngpt_settings_its_paper_needs(capsys):
     assert load_config(None, []).train.warmup_steps == 30  # other schemes keep the default
     assert load_config(None, ["model.norm_scheme=ngpt", "train.warmup_steps=10"]).train.warmup_steps == 10
     assert "warning: train.warmup_steps=10 with model.norm_scheme=ngpt" in capsys.readouterr().err
+    # an applied scheme default is said: `pretrain config` closes with it (training's first lines say it too)
+    assert main(["config", "model.norm_scheme=ngpt", "model.tie_embeddings=false"]) == 0
+    assert capsys.readouterr().out.endswith("\n# ngpt's own defaults: train.warmup_steps=0 (its paper's settings; give "
+                                            "a key to choose otherwise)\n")
+    assert main(["config", "model.norm_scheme=ngpt", "model.tie_embeddings=false", "train.warmup_steps=0"]) == 0
+    assert "own defaults" not in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^train.weight_decay=0.1: ngpt puts its matrices back on the unit sphere"):
         load_config(None, ["model.norm_scheme=ngpt", "train.weight_decay=0.1"])
     with pytest.raises(UserError, match=r"^model.tie_embeddings: ngpt keeps separate unit-norm"):

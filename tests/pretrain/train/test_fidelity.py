@@ -4,11 +4,12 @@ A model that stops learning settles at the corpus's unigram cross-entropy: the b
 context. Our `dyt` once did exactly that at 16 layers (validation 5.902 against the corpus's unigram 5.900) and no
 test noticed. Here every scheme, and every composable key on pre_ln, trains a short run in-process (our model,
 AdamW with warm-up, cosine and clipping as `pretrain train`, nGPT's unit-weight step included) on the bundled corpus,
-and its validation loss must end below that level by MARGIN, at the learning rate the README's fidelity table gives
-for it (`FIDELITY_LR`: nGPT's scales learn at 1/sqrt(d) of their effective size, README "nGPT's learning rate"). dyt
-and derf with the paper's sqrt(d) embedding scalar ended at the unigram level here (6.01), as at full size (README,
-"DyT as its paper trains it"). The runs are split over two worker processes (CI has two cores). The full 400-step, 16-layer
-table: benchmarks/fidelity.py (README, "Fidelity on CPU").
+and its validation loss must end below that level by MARGIN, at the learning rate the fidelity table of
+docs/schemes.md gives for it (`FIDELITY_LR`: nGPT's scales learn at 1/sqrt(d) of their effective size,
+docs/schemes.md, "nGPT's learning rate"). dyt and derf with the paper's sqrt(d) embedding scalar ended at the unigram
+level here (6.01), as at full size (docs/schemes.md, "DyT as its paper trains it"). The runs are split over two worker
+processes (CI has two cores). The full 400-step, 16-layer table: benchmarks/fidelity.py (docs/schemes.md, "Fidelity
+on CPU").
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 STEPS, BATCH, SEQ, LR, WARMUP = 200, 16, 64, 2e-3, 20
 MARGIN = 0.1  # nats below the unigram level: slow starters (peri_ln, reordered) are there by step 200, a collapse never
 SHAPE = dict(vocab_size=2048, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=SEQ)
-# The learning rates the README's fidelity table says a design needs instead of the default (and why).
+# The learning rates the fidelity table (docs/schemes.md) says a design needs instead of the default (and why).
 FIDELITY_LR: dict[str, float] = {"ngpt": 1e-2}
 KEYS = {"qk_norm": "full", "attn_gate": "elementwise", "gpas": True, "norm_gain": "zero_centered"}
 CASES = [dict(norm_scheme=s) for s in NORM_SCHEMES] + [dict(norm_scheme="pre_ln", **{k: v}) for k, v in KEYS.items()]

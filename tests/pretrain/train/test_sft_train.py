@@ -16,7 +16,7 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 
 STEPS = 4
 # test_tiny_example_raises_held_out_exact_match measured (2026-11-22, 2-core CPU): exact match 0 -> 0.175 (count
-# 0.95), response loss 10.8 -> 1.50 on the first 120 held-out records; the full example reaches 0.63 (README).
+# 0.95), response loss 10.8 -> 1.50 on the first 120 held-out records; the full example reaches 0.63 (docs/sft.md).
 EM_AFTER = 0.12
 # The bundled instruction set on short rows: gas 4 on one rank (2 with dp = 2), rows of 64 positions (the longest
 # example needs 54), validation on 16 packed rows; diagnostics every other step.
