@@ -156,9 +156,14 @@ def sbatch_command(args, run_dir: str, overrides: list[str]) -> list[str]:
     rel = os.path.relpath(script)
     if not rel.startswith(".."):
         script = rel
-    extra = [a for chunk in args.sbatch for a in shlex.split(chunk)]
+    extra = sbatch_options(args)
     return ["sbatch", "--parsable", f"--job-name={os.path.basename(os.path.dirname(run_dir))}/{os.path.basename(run_dir)}",
             f"--output={os.path.join(run_dir, 'slurm-%j.out')}", *extra, script, args.config, *overrides]
+
+
+def sbatch_options(args) -> list[str]:
+    """The --sbatch options, shell-split (checked to split in main)."""
+    return [a for chunk in args.sbatch for a in shlex.split(chunk)]
 
 
 def local_command(args, overrides: list[str]) -> list[str]:
@@ -228,7 +233,7 @@ def cluster_has_gpus(partition: str | None) -> bool | None:
 def no_gpu_request(args) -> str | None:
     """On a cluster without GPUs (sinfo), and unless --sbatch asks for GPUs itself, submit with --gpus-per-task=0
     (train.sbatch's default asks for one GPU per task, which such a cluster refuses); the line that says so."""
-    extra = [a for chunk in args.sbatch for a in shlex.split(chunk)]
+    extra = sbatch_options(args)
     if any(a.startswith(("--gpus", "--gres", "-G")) for a in extra):
         return None
     partition = next((a.split("=", 1)[1] for a in extra if a.startswith("--partition=")), None)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pretrain.runs import torn_line_message, truncate_jsonl
+from pretrain.runs import METRICS_FILE, read_metrics, torn_line_message, truncate_jsonl
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, for the MFU estimate, from NVIDIA's datasheets. Matched
 # against torch.cuda.get_device_name in this order, so the PCIe and NVL cards are not taken for SXM ones
@@ -52,7 +52,7 @@ class MetricsWriter:
     def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool | None,
                  enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS_FILE)
         self.tb = None
         self.bar = None
         if not enabled:
@@ -109,14 +109,9 @@ def closing_summary(cfg, seconds: float) -> list[str]:
     """What a finished `pretrain train` prints last: the final losses (read back from metrics.jsonl, every rank's
     figures being rank 0's there) and the three commands that look at the run, each of which works on it as it is."""
     run = cfg.run.dir
-    train = val = None
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "val_loss" in record:
-                val = record
-            elif "loss" in record:
-                train = record
+    records = read_metrics(run)
+    train = next((r for r in reversed(records) if "loss" in r), None)
+    val = next((r for r in reversed(records) if "val_loss" in r), None)
     took = f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     losses = f"train loss {train['loss']:.4f} at step {train['step']}" if train else "no step logged"
     if val is not None:
