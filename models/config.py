@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.norms import ATTN_GATES, NORM_CLASSES, NORM_GAINS, NORM_SCHEMES, QK_NORMS, option_refusal
+from models.norms import ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, option_refusal
 
 
 def doc(default, help: str, choices: dict | None = None, **kwargs):
@@ -46,8 +46,8 @@ class ModelConfig:
         choices=NORM_SCHEMES,
     )
     norm_type: str = doc(
-        "rmsnorm", f"Norm used by the scheme: {' or '.join(NORM_CLASSES)} (bias-free). Unused by ln_free and dyt.",
-        choices=NORM_CLASSES,
+        "rmsnorm", f"Norm used by the scheme: {' or '.join(NORM_TYPES)} (bias-free). Unused by ln_free and dyt.",
+        choices=NORM_TYPES,
     )
     norm_eps: float = doc(1e-6, "Epsilon of RMSNorm/LayerNorm.")
     qk_norm: str = doc(

@@ -1,4 +1,4 @@
-"""Normalization layers and the one table that says where each scheme puts them.
+"""The one table that says where each scheme puts its normalization layers (models/norm_layers.py).
 
 A block (models/llama.py) always computes
 
@@ -35,288 +35,38 @@ and the weights (input columns, or output rows) into which a fixed site folds.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import types
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from models.parallel import HeadNorm, SplitScale, TensorParallel, WidthNorm
-from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Ungated, UnitScaled
-
 if TYPE_CHECKING:
-    from models.config import ModelConfig  # annotations only: models/config.py imports this module's tables
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as Llama does), times a learnable gain and a fixed `output_scale`.
-
-    The gain is `weight + gain_offset` (model.norm_gain, `NORM_GAINS`): offset 0 with `weight` from 1, or the
-    zero-centred offset 1 with `weight` from 0 -- the same function at init, but weight decay on `weight` then pulls
-    the gain toward 1 instead of 0. Folds (HF export, norm removal) read `gain()`, never `weight`."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
-        super().__init__()
-        self.dim, self.eps, self.output_scale, self.gain_offset = dim, eps, output_scale, gain_offset
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
-
-    def gain(self) -> torch.Tensor:
-        return self.weight + self.gain_offset if self.gain_offset else self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
-        return y * self.output_scale if self.output_scale != 1.0 else y
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
-
-    def extra_repr(self) -> str:
-        offset = f", gain=1+w" if self.gain_offset else ""
-        return f"{self.dim}, eps={self.eps}, output_scale={self.output_scale:.4g}{offset}"
-
-
-class LayerNorm(RMSNorm):
-    """Bias-free LayerNorm (the project uses no biases), fp32 statistics, fixed `output_scale`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
-        return y * self.output_scale if self.output_scale != 1.0 else y
-
-
-class RemovableNorm:
-    """A norm site that norm removal (pretrain/removal/) can switch to a fixed scale.
-
-    Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
-    it also records the statistic the norm divides by, RMS(x) (LayerNorm: the standard deviation), averaged over
-    every token but those at position 0 (see docs/removal.md, "Position 0": the first position's residual is several
-    times larger and would set sigma for the rare case). Fixed: x / sigma * gain * output_scale (LayerNorm:
-    (x - mean(x)) / sigma ...), sigma one constant for every token -- a per-channel constant scale the fold
-    multiplies into the linear layer next to the norm. `sigma` (0 = never measured) and `fixed` are persistent
-    buffers, so checkpoints hold them; sigma stays float32 when the model is cast to bf16 (it is a statistic, like
-    the norm's own, which is computed in float32).
-
-    `sigma` has `n_sigma` entries: one for a norm over the model width or the full q/k width, one per head for a
-    per-head q/k norm (`RemovableHeadNorm`). It is the full vector on every tensor-parallel rank (replicated, like
-    the gain of a head norm), so checkpoints and reshards need no split rule for it; a rank's statistic fills its own
-    heads' entries and the hooks sum the (sum, count) pairs over the tensor- and data-parallel ranks.
-    Subclasses give the per-token statistic (`token_statistic`) and the fixed formula (`fixed_forward`).
-    """
-
-    centred = False
-
-    def _init_removable(self, n_sigma: int = 1) -> None:
-        self.register_buffer("sigma", torch.zeros(n_sigma))
-        self.register_buffer("fixed", torch.zeros(1, dtype=torch.bool))
-        self.is_fixed = False  # mirrors `fixed` without a device sync per forward
-        self.tracking = False
-        self._stat: torch.Tensor | None = None  # [2, n_sigma]: (sum, count) of the statistic since take_statistic()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_fixed:
-            return self.fixed_forward(x)
-        if self.tracking and self.training:
-            self._record(x)
-        return super().forward(x)
-
-    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = _at_least_fp32(x)
-        if self.centred:
-            x32 = x32 - x32.mean(-1, keepdim=True)
-        y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
-        return y * self.output_scale if self.output_scale != 1.0 else y
-
-    def statistic(self, x: torch.Tensor) -> torch.Tensor:
-        """What the live norm divides each token by: sqrt(mean(x^2) + eps), or sqrt(var(x) + eps) (LayerNorm)."""
-        x32 = _at_least_fp32(x)
-        if self.centred:
-            x32 = x32 - x32.mean(-1, keepdim=True)
-        return x32.pow(2).mean(-1).add(self.eps).sqrt()
-
-    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, local entries of sigma]: the statistic of every token (and head, for a per-head norm)."""
-        return self.statistic(x).unsqueeze(-1)
-
-    def local_sigma(self, local: int) -> slice:
-        """The entries of `sigma` this rank's `local` heads use (all of them unless split per head)."""
-        return slice(0, self.sigma.numel())
-
-    @torch.no_grad()
-    def _record(self, x: torch.Tensor) -> None:
-        s = self.token_statistic(x.detach()).double()  # [B, T, n]
-        if s.dim() >= 2 and s.shape[-2] > 1:
-            s = s[..., 1:, :]  # [B, T, n]: position 0 left out
-        s = s.reshape(-1, s.shape[-1])
-        total = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=s.device)
-        part = self.local_sigma(s.shape[-1])
-        total[0, part] = s.sum(0)
-        total[1, part] = float(s.shape[0])
-        self._stat = total if self._stat is None else self._stat + total
-
-    def take_statistic(self) -> torch.Tensor:
-        """[2, n_sigma] float64 on the module's device: (sum, count) per entry of sigma recorded since the last call;
-        zeros when nothing was (and for the heads of other tensor-parallel ranks)."""
-        stat = self._stat
-        if stat is None:
-            stat = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=self.sigma.device)
-        self._stat = None
-        return stat
-
-    @torch.no_grad()
-    def set_fixed(self, fixed: bool) -> None:
-        if fixed and not bool((self.sigma > 0).all()):
-            raise ValueError("a norm site cannot be fixed before its sigma was measured (sigma = 0)")
-        self.fixed.fill_(fixed)
-        self.is_fixed = bool(fixed)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.fixed.is_meta:
-            self.is_fixed = bool(self.fixed.item())
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.sigma.dtype != torch.float32 and not self.sigma.is_meta:
-            self.sigma = self.sigma.float()
-        return self
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, removable"
-
-
-class RemovableRMSNorm(RemovableNorm, RMSNorm):
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
-        super().__init__(dim, eps, output_scale, gain_offset)
-        self._init_removable()
-
-
-class RemovableLayerNorm(RemovableNorm, LayerNorm):
-    centred = True
-
-    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
-        super().__init__(dim, eps, output_scale, gain_offset)
-        self._init_removable()
-
-
-class RemovableHeadNorm(RemovableNorm, HeadNorm):
-    """A per-head q/k norm (`model.qk_norm=head`, x [B, T, heads, E]) as a removal site with one sigma per head.
-
-    Per head, because the fold multiplies each head's own q (or k) rows of the fused projection (separate rows, so
-    any per-head constant folds exactly) and heads differ: the live norm brings every head's q to RMS 1 per token,
-    whatever its projection's scale; one sigma shared by the heads would leave the heads' relative sizes, and so each
-    head's attention temperature, to their raw scales after the switch, where per-head sigmas keep each head's
-    average at what its live norm gave. `sigma` holds all heads of the model on every TP rank (`local_sigma`)."""
-
-    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
-
-    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None, heads: int,
-                 gain_offset: float = 0.0):
-        super().__init__(dim, eps, centred, tp, gain_offset)
-        self._init_removable(heads)
-
-    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
-        return self.statistic(x)  # over head_dim, the last dim: [B, T, heads]
-
-    def local_sigma(self, local: int) -> slice:
-        first = 0 if self.tp is None else self.tp.rank * local
-        return slice(first, first + local)
-
-    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = _at_least_fp32(x)
-        if self.centred:
-            x32 = x32 - x32.mean(-1, keepdim=True)
-        sigma = self.sigma[self.local_sigma(x.shape[-2])].to(x32.dtype).unsqueeze(-1)  # [heads, 1]
-        return (x32 / sigma).type_as(x) * self.gain()
-
-
-class RemovableWidthNorm(RemovableNorm, WidthNorm):
-    """A full-width q/k norm (`model.qk_norm=full`) as a removal site: one sigma for the whole q (or k) vector of a
-    token, its statistic summed over the tensor-parallel ranks like the live norm's."""
-
-    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
-
-    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None,
-                 gain_offset: float = 0.0):
-        super().__init__(full_width, eps, centred, tp, gain_offset)
-        self._init_removable()
-
-    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mean_square(self.flat(x)).add(self.eps).sqrt()  # [B, T, 1]: what the live norm divides by
-
-    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self.flat(x)
-        return ((flat / self.sigma.to(flat.dtype)).type_as(x) * self.gain()).view_as(x)
-
-
-class DyT(nn.Module):
-    """Dynamic Tanh (Zhu et al., 2025): gamma * tanh(alpha * x) (+ beta with `bias`), a learnable scalar alpha.
-    gamma = weight + gain_offset, as the norms' gains (model.norm_gain)."""
-
-    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, gain_offset: float = 0.0):
-        super().__init__()
-        self.dim, self.alpha_init, self.gain_offset = dim, float(alpha_init), gain_offset  # YAML may give an int
-        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def gain(self) -> torch.Tensor:
-        return self.weight + self.gain_offset if self.gain_offset else self.weight
-
-    def squash(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha * x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.gain() * self.squash(x)
-        return y if self.bias is None else y + self.bias
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.alpha, self.alpha_init)
-        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
-
-
-class Derf(DyT):
-    """Dynamic erf (Chen et al., 2025, arXiv 2512.10938; zlab-princeton/Derf): gamma * erf(alpha * x + s) + beta,
-    learnable scalars alpha (per-site initial value, as DyT's) and shift s (from 0), per-channel gamma and beta (the
-    reference always has beta)."""
-
-    def __init__(self, dim: int, alpha_init: float = 0.5, gain_offset: float = 0.0):
-        super().__init__(dim, alpha_init, bias=True, gain_offset=gain_offset)
-        self.shift = nn.Parameter(torch.zeros(1))
-
-    def squash(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.erf(self.alpha * x + self.shift)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.zeros_(self.shift)
-
-
-class EmbeddingScale(nn.Module):
-    """A learnable scalar times the token embedding, from `init` (dyt, derf: `dyt_embedding_scale_init`)."""
-
-    def __init__(self, init: float):
-        super().__init__()
-        self.init = float(init)
-        self.scale = nn.Parameter(torch.full((1,), self.init))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self.scale, self.init)
-
-    def extra_repr(self) -> str:
-        return f"init={self.init:.4g}"
+    # annotations only: models/config.py imports this module's tables, and torch at import would undo the lazy
+    # loading below
+    from torch import nn
+    from models.config import ModelConfig
+    from models.parallel import TensorParallel
+
+
+def _on_first_use(name: str) -> types.ModuleType:
+    """Module `name`, run when one of its attributes is first read (the importlib documentation's lazy-import recipe).
+    The tables here are read by config validation and `pretrain --help`, which must not import torch (1-2 s); the
+    layers (torch modules) load when a model is built."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+layers = _on_first_use("models.norm_layers")  # RMSNorm, LayerNorm, their removable forms, DyT, Derf, ...
+model_parts = _on_first_use("models.parts")  # residual updates, the attention gate, L2Norm, ...
+parallel = _on_first_use("models.parallel")  # the parts split with the heads under tensor parallelism
 
 
 # The DyT paper's LLaMA settings (its Table of alpha0 per model; repository other_tasks/LLaMA): width of the
@@ -330,20 +80,6 @@ def dyt_alpha_inits(cfg: ModelConfig) -> tuple[float, float]:
     attn, other = next((a, o) for width, a, o in DYT_LLAMA_ALPHA0 if cfg.d_model <= width)
     return (cfg.dyt_alpha_init_attn if cfg.dyt_alpha_init_attn is not None else attn,
             cfg.dyt_alpha_init if cfg.dyt_alpha_init is not None else other)
-
-
-class Scale(nn.Module):
-    """A fixed multiplier: no parameter, no statistic (ln_free's depth-muP multipliers)."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-    def extra_repr(self) -> str:
-        return f"{self.scale:.4g}"
 
 
 # The block's slots, a declared interface: `BlockParts` fills them, models/llama.py `Block` holds them under these
@@ -361,22 +97,29 @@ ATTENTION_SLOTS = (Q_NORM, K_NORM, V_NORM, Q_SCALE, K_SCALE, ATTN_GATE)
 MLP_GATE_SCALE, MLP_UP_SCALE = "gate_scale", "up_scale"
 MLP_SLOTS = (MLP_GATE_SCALE, MLP_UP_SCALE)
 
-NORM_CLASSES = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
-REMOVABLE_NORM_CLASSES = {"rmsnorm": RemovableRMSNorm, "layernorm": RemovableLayerNorm}
+NORM_TYPES = ("rmsnorm", "layernorm")  # model.norm_type (models/norm_layers.py NORM_CLASSES)
 # model.norm_gain -> the constant added to every learnable norm gain w (output * (w + offset)); w starts at 1 - offset,
 # so both start as the same model. zero_centered: Megatron's layernorm_zero_centered_gamma, Gemma / Qwen3-Next's
 # (1 + w): weight decay on w (train.decay_norms_and_embeddings) then pulls the gain toward 1 instead of 0.
 NORM_GAINS = {"one": 0.0, "zero_centered": 1.0}
-NormFactory = Callable[[], nn.Module]
-TPFactory = Callable[["TensorParallel | None"], nn.Module]  # parts that may be split with the heads
+NormFactory = Callable[[], "nn.Module"]
+TPFactory = Callable[["TensorParallel | None"], "nn.Module"]  # parts that may be split with the heads
+
+
+def _none() -> nn.Module:
+    return layers.Identity()
 
 
 def _identity(tp: TensorParallel | None = None) -> nn.Module:
-    return nn.Identity()
+    return layers.Identity()
 
 
 def _ungated(tp: TensorParallel | None = None) -> nn.Module:
-    return Ungated()
+    return model_parts.Ungated()
+
+
+def _residual(alpha: float) -> nn.Module:
+    return model_parts.Residual(alpha)
 
 
 @dataclass(frozen=True)
@@ -384,12 +127,12 @@ class BlockParts:
     """The swappable parts of one block: one factory per slot of `SLOTS` (see the module docstring for where each one
     sits), of `ATTENTION_SLOTS` and `MLP_SLOTS`, and the residual update (models/parts.py)."""
 
-    attn_norm: NormFactory = nn.Identity
-    attn_out_norm: NormFactory = nn.Identity
-    attn_post_norm: NormFactory = nn.Identity
-    mlp_norm: NormFactory = nn.Identity
-    mlp_out_norm: NormFactory = nn.Identity
-    mlp_post_norm: NormFactory = nn.Identity
+    attn_norm: NormFactory = _none
+    attn_out_norm: NormFactory = _none
+    attn_post_norm: NormFactory = _none
+    mlp_norm: NormFactory = _none
+    mlp_out_norm: NormFactory = _none
+    mlp_post_norm: NormFactory = _none
     q_norm: TPFactory = _identity
     k_norm: TPFactory = _identity
     v_norm: TPFactory = _identity
@@ -399,7 +142,7 @@ class BlockParts:
     gate_scale: TPFactory = _identity
     up_scale: TPFactory = _identity
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
-    residual: Callable[[float], nn.Module] = Residual  # (residual_alpha) -> the block's residual update
+    residual: Callable[[float], nn.Module] = _residual  # (residual_alpha) -> the block's residual update
     residual_alpha: float = 1.0
     post_norm: bool = False  # the block normalizes after its residual adds (model.gpas scales the shortcut then)
     # Multipliers of model.init_std for the block's weights.
@@ -434,17 +177,17 @@ class NormScheme:
     removable: bool = False  # `pretrain remove-norms` can fine-tune its norms away (its sites: REMOVAL_SITES)
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
-    embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: nn.Identity()  # on the token embedding's output
+    embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: layers.Identity()  # on the token embedding's output
     # (the model's `emb_out`: dyt/derf's learnable scalar, peri_ln's norm)
-    logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: nn.Identity()
+    logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: layers.Identity()
     init_std: Callable[[ModelConfig], float] | None = None  # the paper's std where model.init_std is null (0.02)
     # Weights kept on the unit sphere after every optimizer step: {name suffix: dim whose vectors have norm 1}.
     unit_weights: dict[str, int] = field(default_factory=dict)
     # The composable model keys (`OPTIONS`) this scheme takes; any other set off its default is refused.
     options: frozenset[str] = frozenset()
-    # Training settings its paper fixes ({dotted config key: value}), used where a config does not give the key (a
-    # given other value is trained as given, with a warning; pretrain/config.py).
-    train_defaults: dict[str, object] = field(default_factory=dict)
+    # Training settings its paper fixes, (config) -> {dotted config key: value}, used where the config does not choose
+    # the key for this scheme (a chosen other value is trained as given, with a warning; pretrain/config/loading.py).
+    train_defaults: Callable[[ModelConfig], dict[str, object]] = lambda cfg: {}
     # The stock transformers class each model.qk_norm value exports to (models/hf/); every other value is refused
     # with `no_hf_class`: one reason, or {qk_norm value: reason} with the scheme's reason under "any".
     hf_exports: dict[str, HFExport] = field(default_factory=dict)
@@ -493,7 +236,7 @@ REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values
 
 
 def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
-    cls = (REMOVABLE_NORM_CLASSES if cfg.removable_norms else NORM_CLASSES)[cfg.norm_type]
+    cls = (layers.REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers.NORM_CLASSES)[cfg.norm_type]
     return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
@@ -502,23 +245,23 @@ def head_norm(cfg: ModelConfig, heads: int | None = None) -> TPFactory:
     `model.removable_norms` a removal site with one sigma for each of the model's `heads` (q or k heads)."""
     gain_offset, centred = NORM_GAINS[cfg.norm_gain], cfg.norm_type == "layernorm"
     if cfg.removable_norms:
-        return lambda tp: RemovableHeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, heads, gain_offset=gain_offset)
-    return lambda tp: HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, gain_offset=gain_offset)
+        return lambda tp: layers.RemovableHeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, heads, gain_offset=gain_offset)
+    return lambda tp: parallel.HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, gain_offset=gain_offset)
 
 
 def width_norm(cfg: ModelConfig, heads: int) -> TPFactory:
     """The run's norm over heads * head_dim, its gain split with the heads and its statistics summed over TP."""
-    cls = RemovableWidthNorm if cfg.removable_norms else WidthNorm
+    cls = layers.RemovableWidthNorm if cfg.removable_norms else parallel.WidthNorm
     return lambda tp: cls(heads * cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
                           gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def dyt(cfg: ModelConfig, alpha_init: float) -> NormFactory:
-    return lambda: DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias, gain_offset=NORM_GAINS[cfg.norm_gain])
+    return lambda: layers.DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def derf(cfg: ModelConfig, alpha_init: float) -> NormFactory:
-    return lambda: Derf(cfg.d_model, alpha_init, gain_offset=NORM_GAINS[cfg.norm_gain])
+    return lambda: layers.Derf(cfg.d_model, alpha_init, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def _pre_ln(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -555,8 +298,8 @@ def _ln_free(cfg: ModelConfig, layer: int) -> BlockParts:
     if c_in == c_out == 1.0:
         return BlockParts(init_gain_attn_out=gain, init_gain_mlp_out=gain)
     return BlockParts(
-        attn_norm=lambda: Scale(c_in), mlp_norm=lambda: Scale(c_in),
-        attn_out_norm=lambda: Scale(c_out), mlp_out_norm=lambda: Scale(c_out),
+        attn_norm=lambda: layers.Scale(c_in), mlp_norm=lambda: layers.Scale(c_in),
+        attn_out_norm=lambda: layers.Scale(c_out), mlp_out_norm=lambda: layers.Scale(c_out),
         init_gain_qkv=1.0 / c_in, init_gain_gate=1.0 / c_in, init_gain_up=1.0 / c_in,
         init_gain_attn_out=gain / c_out, init_gain_mlp_out=gain / c_out,
     )
@@ -667,7 +410,7 @@ def dyt_embedding_scale_init(cfg: ModelConfig) -> float:
 
 
 def _embedding_scale(cfg: ModelConfig) -> nn.Module:
-    return EmbeddingScale(dyt_embedding_scale_init(cfg))
+    return layers.EmbeddingScale(dyt_embedding_scale_init(cfg))
 
 
 def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -679,19 +422,35 @@ def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
     d, E = cfg.d_model, cfg.head_dim
     scaling = d ** -0.5
     return BlockParts(
-        attn_out_norm=L2Norm, mlp_out_norm=L2Norm,
-        q_scale=lambda tp: UnitScaled(SplitScale(cfg.n_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
-        k_scale=lambda tp: UnitScaled(SplitScale(cfg.n_kv_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        attn_out_norm=model_parts.L2Norm, mlp_out_norm=model_parts.L2Norm,
+        q_scale=lambda tp: model_parts.UnitScaled(
+            parallel.SplitScale(cfg.n_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        k_scale=lambda tp: model_parts.UnitScaled(
+            parallel.SplitScale(cfg.n_kv_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
         softmax_scale=math.sqrt(E),
-        gate_scale=lambda tp: SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
-        up_scale=lambda tp: SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
-        residual=lambda alpha: NGPTResidual(d),
+        gate_scale=lambda tp: parallel.SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        up_scale=lambda tp: parallel.SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        residual=lambda alpha: model_parts.NGPTResidual(d),
     )
 
 
 def _ngpt_logit_scale(cfg: ModelConfig, tp: TensorParallel | None) -> nn.Module:
     # s_z (init 1, scaling 1/sqrt(d)) per vocabulary entry, split with the head's rows.
-    return SplitScale(cfg.vocab_size, 1.0, cfg.d_model ** -0.5, tp)
+    return parallel.SplitScale(cfg.vocab_size, 1.0, cfg.d_model ** -0.5, tp)
+
+
+# NVIDIA/ngpt launcher.sh trains nGPT at d 1024 with lr 3e-3 and no warm-up (OLMo-core's example: no warm-up either).
+NGPT_REFERENCE = (1024, 3e-3)
+
+
+def ngpt_train_defaults(cfg: ModelConfig) -> dict[str, object]:
+    # nGPT's scalars (s_z, s_qk, the eigen learning rates) are stored at 1/sqrt(d) of their effective value, so one Adam
+    # step moves the effective value by about lr * sqrt(d): 0.096 at the launcher's width and lr. The logits are s_z
+    # times a cosine and need s_z near 10, so a narrower model at the same lr takes hundreds of steps to leave the
+    # unigram level (docs/schemes.md, "nGPT's learning rate"). The default holds that effective step at every width:
+    # lr = 3e-3 * sqrt(1024 / d), 8.5e-3 at the tiny width 128, 2.1e-3 at 2048.
+    width, lr = NGPT_REFERENCE
+    return {"train.lr": float(f"{lr * math.sqrt(width / cfg.d_model):.3g}"), "train.warmup_steps": 0}
 
 
 # nGPT's unit-norm weights (NVIDIA/ngpt train.py normalize_matrices): the vectors along the embedding dimension. Every
@@ -705,7 +464,7 @@ def _final_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def _no_final_norm(cfg: ModelConfig) -> nn.Module:
-    return nn.Identity()
+    return layers.Identity()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -721,8 +480,8 @@ QK_NORMS: dict[str, Callable[[ModelConfig], tuple[TPFactory, TPFactory]]] = {
 # model.attn_gate -> the attention's output gate (the out_gate slot).
 ATTN_GATES: dict[str, Callable[[ModelConfig], TPFactory]] = {
     "none": lambda cfg: _ungated,
-    "headwise": lambda cfg: lambda tp: AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, False, tp),
-    "elementwise": lambda cfg: lambda tp: AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, True, tp),
+    "headwise": lambda cfg: lambda tp: model_parts.AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, False, tp),
+    "elementwise": lambda cfg: lambda tp: model_parts.AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, True, tp),
 }
 
 
@@ -736,7 +495,7 @@ def _with_gate(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
 
 
 def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
-    return replace(parts, residual=lambda alpha: GPAS(alpha, shortcut=parts.post_norm))
+    return replace(parts, residual=lambda alpha: model_parts.GPAS(alpha, shortcut=parts.post_norm))
 
 
 @dataclass(frozen=True)
@@ -846,8 +605,7 @@ NORM_SCHEMES: dict[str, NormScheme] = {
     "ngpt": NormScheme(
         _ngpt, _no_final_norm, logit_scale=_ngpt_logit_scale, init_std=lambda cfg: cfg.d_model ** -0.5,
         unit_weights=NGPT_UNIT_WEIGHTS,
-        # nGPT trains without warm-up (NVIDIA/ngpt train.py, OLMo-core's example)
-        train_defaults={"train.warmup_steps": 0},
+        train_defaults=ngpt_train_defaults,
         no_hf_class="its residual update moves on the unit sphere with learned q/k, MLP and logit scales, which no "
                     "stock class has"),
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from models.config import ModelConfig
 from models.llama import Llama
-from models.norms import REMOVAL_SITES, RemovableNorm, RemovalSite
+from models.norm_layers import RemovableNorm
+from models.norms import REMOVAL_SITES, RemovalSite
 
 
 def removal_sites(cfg: ModelConfig, order) -> list[tuple[str, RemovalSite, int | None]]:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from typing import Callable
 
 from models.hf import export_reference
-from pretrain.config import composition_reference, config_reference
+from pretrain.config import composition_reference, config_reference, scheme_defaults_reference
 from pretrain.files import atomic_write
 from pretrain.state.resume import resume_table
 
 GENERATED: dict[str, Callable[[], str]] = {
     "composition": composition_reference,  # composable model keys by scheme (models/norms.py)
+    "scheme-defaults": scheme_defaults_reference,  # the training settings a scheme brings (models/norms.py)
     "config-reference": config_reference,  # every config key (pretrain/config/sections.py)
     "resume-table": resume_table,  # what a resume does with each key (pretrain/state/resume.py)
     "hf-export": export_reference,  # the stock transformers class of each scheme (models/hf/choose.py)
@@ -22,11 +24,36 @@ GENERATED: dict[str, Callable[[], str]] = {
 # The page of the repository (a path relative to its root) that holds each block.
 PAGES: dict[str, str] = {
     "composition": "docs/schemes.md",
+    "scheme-defaults": "docs/schemes.md",
     "config-reference": "docs/configuration.md",
     "resume-table": "docs/training.md",
     "hf-export": "docs/interop.md",
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (pip install -e .)
+
+
+# What each block is, as `pretrain config --docs` titles it.
+TITLES: dict[str, str] = {
+    "composition": "Which composable model key each scheme takes (docs/schemes.md)",
+    "scheme-defaults": "The training settings a scheme brings where the config does not choose them (docs/schemes.md)",
+    "config-reference": "Every config key: default, meaning (docs/configuration.md)",
+    "resume-table": "What a resume does with each key (docs/training.md)",
+    "hf-export": "The stock transformers class of each scheme (docs/interop.md)",
+}
+
+
+def as_text(table: str, width: int = 100) -> str:
+    """A generated Markdown table for reading in a terminal: one entry per row, its first cell as the heading and every
+    other cell as `column: value`, wrapped to `width` (the tables themselves run to 500 characters a line)."""
+    rows = [[cell.strip().replace("`", "") for cell in line.strip().strip("|").split(" | ")]
+            for line in table.strip().splitlines() if not line.startswith("| ---")]
+    header, entries = rows[0], rows[1:]
+    out = []
+    for row in entries:
+        out.append(row[0])
+        for column, cell in zip(header[1:], row[1:]):
+            out += textwrap.wrap(f"{column}: {cell}", width, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 def _block(name: str) -> re.Pattern:

@@ -13,7 +13,8 @@ from models.hf.olmo2 import OLMO2
 from models.hf.qwen3 import QWEN3
 from models.hf.target import Target
 from models.llama import Llama
-from models.norms import ATTN_POST, MLP_POST, NORM_SCHEMES, SLOTS, RMSNorm, Scale
+from models.norm_layers import RMSNorm, Scale
+from models.norms import ATTN_POST, MLP_POST, NORM_SCHEMES, SLOTS
 from models.parallel import HeadNorm, WidthNorm
 from models.parts import Residual, Ungated
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.llama import Llama
-from models.norms import RMSNorm
+from models.norm_layers import RMSNorm
 from models.parallel import HeadNorm, WidthNorm
 
 # The norm classes a stock class can hold: block and final RMSNorm, q/k norms per head or over the full width. Exact

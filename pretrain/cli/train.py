@@ -18,12 +18,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    # The config and the run folder are checked with torch loaded but not DeepSpeed or megatron-core, so that
-    # their one-line errors come in seconds.
+    # The config is checked before torch loads and the run folder before DeepSpeed and megatron-core do, so that
+    # their one-line errors come at once.
     from pretrain.config import load_config
-    from pretrain.state.resume import prepare_run
 
     cfg = load_config(args.config, args.overrides)
+    from pretrain.state.resume import prepare_run  # reads checkpoints (torch)
+
     start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
     with when_slow("loading DeepSpeed and megatron-core"):
         # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from models.config import PRESETS, check_choices, literal_choices
+from models.config import PRESETS, ModelConfig, check_choices, literal_choices
 from models.norms import NORM_SCHEMES
 from pretrain.config.sections import SECTIONS, ExperimentConfig, sections
 from pretrain.errors import UserError
@@ -24,6 +24,9 @@ from pretrain.files import atomic_write
 REMOVED_KEYS = {
     "eval.batches": "the validation set is a token budget now: use eval.tokens (the same samples on every layout)",
 }
+
+
+MODEL_DEFAULT_SCHEME = ModelConfig.norm_scheme  # the scheme of a config file that names none (the field's default)
 
 
 # Keys added later whose new default would change what a config stored before them describes: such a stored
@@ -41,6 +44,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
     `stored`: the file is a config normlab wrote (a run's or a checkpoint's), so keys of earlier versions
     (REMOVED_KEYS) are dropped instead of refused."""
     raw: dict = {}
+    chosen: set[str] = set(values or {}) | {item.partition("=")[0] for item in overrides}  # on top of the file
     if path is not None:
         if not os.path.isfile(path):
             raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
@@ -51,6 +55,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
                 raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
+    file_keys, file_scheme = _given(raw), _scheme_of(raw)
     for key, value in (values or {}).items():
         set_key(raw, key, value)
     for item in overrides:
@@ -61,26 +66,53 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
             section, key = dotted.split(".")
             if isinstance(raw.get(section), dict) and key not in raw[section]:
                 raw[section][key] = value
-    given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
+    given = _given(raw)
     if isinstance(raw.get("model"), dict) and raw["model"].get("preset") in PRESETS:
         given |= {f"model.{key}" for key in PRESETS[raw["model"]["preset"]]}
-    _scheme_train_defaults(raw, given, warn=not stored)  # a stored config was warned about when it trained
-    return dataclasses.replace(from_dict(raw), given_keys=frozenset(given))
+    cfg = from_dict(raw)
+    # A file written for another scheme (configs/tiny.yaml is pre_ln's) does not choose this scheme's paper-fixed
+    # settings: `pretrain train configs/tiny.yaml model.norm_scheme=ngpt` trains nGPT as its paper does, and says so.
+    if file_scheme == cfg.model.norm_scheme:
+        chosen |= file_keys
+    applied = _scheme_train_defaults(cfg, raw, chosen, path, file_scheme, say=not stored)  # said when it trained
+    if applied:
+        cfg = from_dict(raw)
+    return dataclasses.replace(cfg, given_keys=frozenset(given - set(applied)))
 
 
-def _scheme_train_defaults(raw: dict, given: set[str], warn: bool) -> None:
-    """The training settings the scheme's paper fixes (its entry's `train_defaults`, models/norms.py), where the
-    config does not give them; a given other value is trained as given, with a warning."""
-    scheme = raw.get("model", {}).get("norm_scheme") if isinstance(raw.get("model"), dict) else None
-    if scheme not in NORM_SCHEMES:
-        return  # an unknown scheme is refused by the model section's validation
-    for dotted, value in NORM_SCHEMES[scheme].train_defaults.items():
+def _given(raw: dict) -> set[str]:
+    return {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
+
+
+def _scheme_of(raw: dict) -> str:
+    model = raw.get("model")
+    return model.get("norm_scheme", MODEL_DEFAULT_SCHEME) if isinstance(model, dict) else MODEL_DEFAULT_SCHEME
+
+
+def _scheme_train_defaults(cfg: ExperimentConfig, raw: dict, chosen: set[str], path: str | None, file_scheme: str,
+                           say: bool) -> dict[str, object]:
+    """Set in `raw` the training settings the scheme's paper fixes (its entry's `train_defaults`, models/norms.py)
+    that the config does not choose; a chosen other value is trained as given, with a warning. Returns
+    {key: value set}."""
+    scheme = cfg.model.norm_scheme
+    applied, replaced = {}, {}
+    for dotted, value in NORM_SCHEMES[scheme].train_defaults(cfg.model).items():
         section, key = dotted.split(".")
-        if dotted not in given:
+        current = raw.get(section, {}).get(key)
+        if dotted not in chosen:
+            if key in raw.get(section, {}) and current != value:
+                replaced[dotted] = current
             raw.setdefault(section, {})[key] = value
-        elif raw[section][key] != value and warn:
-            print(f"warning: {dotted}={raw[section][key]} with model.norm_scheme={scheme}, whose paper trains with "
+            applied[dotted] = value
+        elif current != value and say:
+            print(f"warning: {dotted}={current} with model.norm_scheme={scheme}, whose paper trains with "
                   f"{dotted}={value}; training as given", file=sys.stderr)
+    if replaced and say:
+        print(f"note: model.norm_scheme={scheme} trains at its paper's "
+              f"{', '.join(f'{k}={applied[k]}' for k in replaced)}, not {path}'s "
+              f"{', '.join(f'{k}={v}' for k, v in replaced.items())} (set for {file_scheme}); give a key on the "
+              f"command line to choose otherwise", file=sys.stderr)
+    return applied
 
 
 def _drop_removed_keys(raw: dict, refuse: bool) -> None:
@@ -215,8 +247,10 @@ def dump_yaml(cfg: ExperimentConfig, say_scheme_defaults: bool = False) -> str:
 
 
 def scheme_defaults_applied(cfg: ExperimentConfig) -> dict[str, object]:
-    """The training settings the scheme's entry sets (`train_defaults`, models/norms.py) that the config did not give."""
-    return {k: v for k, v in NORM_SCHEMES[cfg.model.norm_scheme].train_defaults.items() if k not in cfg.given_keys}
+    """The training settings the scheme's entry sets (`train_defaults`, models/norms.py) that the config did not
+    choose."""
+    defaults = NORM_SCHEMES[cfg.model.norm_scheme].train_defaults(cfg.model)
+    return {k: v for k, v in defaults.items() if k not in cfg.given_keys}
 
 
 def scheme_defaults_line(cfg: ExperimentConfig) -> str | None:

@@ -1,5 +1,6 @@
 """The docs' generated config tables (docs/configuration.md, docs/schemes.md): every key with its default and
-meaning, and which composable model keys each norm scheme takes (`pretrain config --docs`)."""
+meaning, which composable model keys each norm scheme takes, and the training settings a scheme brings
+(`pretrain config --docs`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import typing
 
 import yaml
 
+from models.config import PRESETS, ModelConfig
 from models.norms import NORM_SCHEMES, OPTIONS, refusal_reason
 from pretrain.config.sections import SECTIONS, ExperimentConfig
 
@@ -20,6 +22,18 @@ def composition_reference() -> str:
     for name, scheme in NORM_SCHEMES.items():
         cells = ["yes" if k in scheme.options else f"refused: {refusal_reason(name, k)}" for k in keys]
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def scheme_defaults_reference() -> str:
+    """Markdown table: the training settings each scheme's paper fixes (its entry's `train_defaults`), applied where
+    the config does not choose them, at every preset's width."""
+    rows = ["| scheme | preset | its own training settings |", "| --- | --- | --- |"]
+    for name, scheme in NORM_SCHEMES.items():
+        for preset, shape in PRESETS.items():
+            settings = scheme.train_defaults(ModelConfig(**{**shape, "norm_scheme": name, "tie_embeddings": False}))
+            if settings:
+                rows.append(f"| `{name}` | {preset} | " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) + " |")
     return "\n".join(rows)
 
 

@@ -11,7 +11,6 @@ from typing import Literal
 
 from models.config import ModelConfig, doc
 from models.norms import NORM_SCHEMES, REMOVAL_GROUPS
-from models.removal import removal_sites
 
 
 @dataclass
@@ -262,6 +261,8 @@ class ExperimentConfig:
                 "unit sphere after every step, which undoes any decay (the paper trains with 0); set train.weight_decay=0"
             )
         if self.model.removable_norms:
+            # the sites come from the model built on the meta device: torch loads for a removal run's config only
+            from models.removal import removal_sites
             sites = removal_sites(self.model, REMOVAL_GROUPS)
             unnamed = sorted({site.group for _, site, _ in sites} - set(self.removal.order))
             if unnamed:

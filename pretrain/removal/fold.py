@@ -8,7 +8,8 @@ import torch
 
 from models import Llama
 from models.config import ModelConfig
-from models.norms import REMOVAL_GROUPS, RemovableNorm
+from models.norm_layers import RemovableNorm
+from models.norms import REMOVAL_GROUPS
 from pretrain.config import RemovalConfig
 from pretrain.errors import UserError
 from pretrain.removal.schedule import schedule

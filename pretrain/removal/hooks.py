@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from models.config import ModelConfig
-from models.norms import RemovableNorm
+from models.norm_layers import RemovableNorm
 from pretrain.config import ExperimentConfig, RemovalConfig, RunConfig, save_config
 from pretrain.errors import UserError
 from pretrain.files import publish_folder

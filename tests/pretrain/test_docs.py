@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from pretrain.cli import main
 from pretrain.docs import GENERATED, PAGES, blocks_in, regenerated, stale_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,3 +74,17 @@ def test_relative_links_point_at_files_and_headings_that_exist():
                 if fragment not in headings:
                     broken.append(f"{page}: {target} (no heading #{fragment} in {resolved})")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_printed_tables_are_for_reading(capsys):
+    """`pretrain config --docs` prints every table as entries wrapped to the terminal (the Markdown runs to 500
+    characters a line); `--markdown` prints the Markdown the pages hold."""
+    assert main(["config", "--docs"]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "\nngpt\n  preset: tiny\n  its own training settings: train.lr=0.00849, train.warmup_steps=0\n" in text
+    assert "\nmodel.norm_scheme\n  default: pre_ln\n  meaning: Where the norms go:" in text
+    assert main(["config", "--docs", "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert all(f"<!-- {name} -->\n{make().strip()}" in markdown for name, make in GENERATED.items())
+    assert main(["config", "--markdown"]) == 2

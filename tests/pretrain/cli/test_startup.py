@@ -1,6 +1,6 @@
 """Start-up: `pretrain --help` and every command's help load neither torch nor DeepSpeed, a config error is answered
-before DeepSpeed and megatron-core load, and training builds no C++ extension (DeepSpeed's shm comm op,
-pretrain/compat.py `skip_shm_comm_op`). Each check runs in a fresh interpreter: what an import loads is only visible
+before torch loads, a run-folder error before DeepSpeed and megatron-core do, and training builds no C++ extension
+(DeepSpeed's shm comm op, pretrain/compat.py `skip_shm_comm_op`). Each check runs in a fresh interpreter: what an import loads is only visible
 there. benchmarks/bench_startup.py times the same paths."""
 
 from __future__ import annotations
@@ -49,11 +49,29 @@ def test_help_of_every_command_loads_neither_torch_nor_deepspeed():
         assert result["rc"] == 0 and result["loaded"] == [], (argv, result)
 
 
-def test_a_config_error_is_answered_before_deepspeed_and_megatron_load(tmp_path):
-    result = loaded_after(["train", os.path.join(REPO, "configs", "tiny.yaml"), f"run.dir={tmp_path}/r",
-                           "model.norm_scheme=nope"])
-    assert result["rc"] == 2 and "model.norm_scheme: 'nope'" in result["stderr"]
-    # torch still loads: the scheme table the config is checked against builds modules (models/norms.py)
+@pytest.mark.parametrize("override, error", [
+    ("model.norm_scheme=nope", "model.norm_scheme: 'nope'"),
+    ("train.lr=-1", "train.lr"),
+    ("model.qk_norm=head", "does not compose"),  # ln_free: the scheme table's refusal
+    ("removal.start=100000", "switches its last site"),  # a removal run: its sites come from the model on the meta device
+])
+def test_a_config_error_is_answered_before_torch_loads(tmp_path, override, error):
+    scheme = ["model.norm_scheme=ln_free"] if "qk_norm" in override else []
+    removal = ["model.removable_norms=true"] if override.startswith("removal") else []
+    result = loaded_after(["train", os.path.join(REPO, "configs", "tiny.yaml"), f"run.dir={tmp_path}/r", *scheme,
+                           *removal, override])
+    assert result["rc"] == 2 and error in result["stderr"], result
+    # the scheme table is read without its layers (models/norms.py loads models/norm_layers.py on first use); a
+    # removal run's check builds the model on the meta device, so torch loads there, DeepSpeed still not
+    heavy = {"torch"} if removal else set()
+    assert set(result["loaded"]) == heavy, result
+
+
+def test_a_run_folder_error_is_answered_before_deepspeed_and_megatron_load(tmp_path):
+    os.makedirs(tmp_path / "r" / "checkpoints")
+    (tmp_path / "r" / "checkpoints" / "latest").write_text("step_00000010")
+    result = loaded_after(["train", os.path.join(REPO, "configs", "tiny.yaml"), f"run.dir={tmp_path}/r"])
+    assert result["rc"] == 2 and "already holds checkpoints; pass train.resume=auto" in result["stderr"], result
     assert not {"deepspeed", "megatron"} & set(result["loaded"]), result
 
 

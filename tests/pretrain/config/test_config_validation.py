@@ -1,8 +1,10 @@
 """Config values that cannot work are refused at load time: one line naming the key, the rule and the fix."""
 
 import glob
+import os
 
 import pytest
+from helpers.train import REPO
 
 from models.norms import NORM_SCHEMES
 from pretrain.cli import main
@@ -148,18 +150,37 @@ def test_cli_prints_one_error_line_and_exits_2(capsys):
     assert captured.err.startswith("error: logging.interval: must be >= 1") and captured.err.count("\n") == 1
 
 
-def test_ngpt_settings_its_paper_needs(capsys):
-    """nGPT trains without warm-up (the default when train.warmup_steps is not given; a given value trains as given,
-    with a warning) and refuses weight decay (renormalizing every step undoes it) and tied embeddings."""
-    assert load_config(None, ["model.norm_scheme=ngpt"]).train.warmup_steps == 0
-    assert load_config(None, []).train.warmup_steps == 30  # other schemes keep the default
+def test_ngpt_settings_its_paper_needs(capsys, tmp_path):
+    """nGPT trains without warm-up and at NVIDIA/ngpt's lr 3e-3 at d 1024 held at the same effective step of its
+    sqrt(d)-stored scalars (3e-3 * sqrt(1024 / d)): the defaults when the keys are not chosen for it (a chosen value
+    trains as given, with a warning; a config file written for another scheme does not choose them, and that is
+    said), and refuses weight decay (renormalizing every step undoes it) and tied embeddings."""
+    cfg = load_config(None, ["model.norm_scheme=ngpt"])
+    assert (cfg.train.warmup_steps, cfg.train.lr) == (0, float(f"{3e-3 * (1024 / cfg.model.d_model) ** 0.5:.3g}"))
+    assert load_config(None, ["model.norm_scheme=ngpt", "model.d_model=1024", "model.n_heads=8",
+                              "model.n_kv_heads=8"]).train.lr == 3e-3
+    assert (load_config(None, []).train.warmup_steps, load_config(None, []).train.lr) == (30, 1e-3)  # others: defaults
     assert load_config(None, ["model.norm_scheme=ngpt", "train.warmup_steps=10"]).train.warmup_steps == 10
     assert "warning: train.warmup_steps=10 with model.norm_scheme=ngpt" in capsys.readouterr().err
+    # configs/tiny.yaml sets lr and warm-up for pre_ln: switched to ngpt on the command line, nGPT's own apply, said
+    tiny = os.path.join(REPO, "configs", "tiny.yaml")
+    cfg = load_config(tiny, ["model.norm_scheme=ngpt"])
+    assert (cfg.train.lr, cfg.train.warmup_steps) == (0.00849, 0)
+    assert capsys.readouterr().err == (
+        f"note: model.norm_scheme=ngpt trains at its paper's train.lr=0.00849, train.warmup_steps=0, not {tiny}'s "
+        "train.lr=0.002, train.warmup_steps=30 (set for pre_ln); give a key on the command line to choose otherwise\n")
+    cfg = load_config(tiny, ["model.norm_scheme=ngpt", "train.lr=2e-3"])  # chosen on the command line: kept
+    assert (cfg.train.lr, cfg.train.warmup_steps) == (0.002, 0)
+    own = tmp_path / "ngpt.yaml"  # a file written for ngpt chooses them
+    own.write_text("model: {norm_scheme: ngpt, preset: tiny}\ntrain: {lr: 0.002}\n")
+    assert load_config(str(own)).train.lr == 0.002
+    assert "warning: train.lr=0.002 with model.norm_scheme=ngpt" in capsys.readouterr().err
     # an applied scheme default is said: `pretrain config` closes with it (training's first lines say it too)
     assert main(["config", "model.norm_scheme=ngpt", "model.tie_embeddings=false"]) == 0
-    assert capsys.readouterr().out.endswith("\n# ngpt's own defaults: train.warmup_steps=0 (its paper's settings; give "
-                                            "a key to choose otherwise)\n")
-    assert main(["config", "model.norm_scheme=ngpt", "model.tie_embeddings=false", "train.warmup_steps=0"]) == 0
+    assert capsys.readouterr().out.endswith("\n# ngpt's own defaults: train.lr=0.00849, train.warmup_steps=0 (its "
+                                            "paper's settings; give a key to choose otherwise)\n")
+    assert main(["config", "model.norm_scheme=ngpt", "model.tie_embeddings=false", "train.warmup_steps=0",
+                 "train.lr=0.00849"]) == 0
     assert "own defaults" not in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^train.weight_decay=0.1: ngpt puts its matrices back on the unit sphere"):
         load_config(None, ["model.norm_scheme=ngpt", "train.weight_decay=0.1"])
@@ -176,6 +197,6 @@ def test_every_norm_scheme_is_a_valid_config_value(scheme, capsys):
     assert f"norm_scheme: {scheme}\n" in capsys.readouterr().out
     cfg = load_config(None, [f"model.norm_scheme={scheme}"])
     assert cfg.model.norm_scheme == scheme
-    for dotted, value in NORM_SCHEMES[scheme].train_defaults.items():
+    for dotted, value in NORM_SCHEMES[scheme].train_defaults(cfg.model).items():
         section, key = dotted.split(".")
         assert getattr(getattr(cfg, section), key) == value, dotted

@@ -23,7 +23,7 @@ from helpers.train import REPO, metrics, train_env
 
 from models.config import ModelConfig
 from models.llama import Llama
-from models.norms import RMSNorm, LayerNorm, RemovableLayerNorm, RemovableRMSNorm, RemovableNorm
+from models.norm_layers import LayerNorm, RemovableLayerNorm, RemovableNorm, RemovableRMSNorm, RMSNorm
 from pretrain.config import RemovalConfig, load_config
 from pretrain.errors import UserError
 from pretrain.removal.hooks import fold_norms, schedule
@@ -76,7 +76,7 @@ def test_removable_qk_norms_per_head_and_full_width(centred):
     """q/k norms (x [B, T, heads, E]): live = the plain norm; a per-head norm measures one statistic per head
     (position 0 left out), a full-width one over all heads; fixed, each divides by its frozen sigma(s)."""
     from models.parallel import HeadNorm, WidthNorm
-    from models.norms import RemovableHeadNorm, RemovableWidthNorm
+    from models.norm_layers import RemovableHeadNorm, RemovableWidthNorm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 3, 8, generator=gen) * torch.tensor([0.5, 2.0, 7.0]).view(3, 1) + 0.3

@@ -1,0 +1,305 @@
+"""The normalization layers the schemes of models/norms.py put in a block: RMSNorm and LayerNorm in fp32, their
+removable forms for norm removal (pretrain/removal/), DyT and Derf, the embedding's learnable scalar and a fixed
+multiplier. Kept apart from the scheme table so that reading the table (config validation, `pretrain --help`) does
+not import torch; models/norms.py loads this module when a model is built."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import Identity
+
+from models.parallel import HeadNorm, TensorParallel, WidthNorm
+
+__all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
+           "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "NORM_CLASSES",
+           "REMOVABLE_NORM_CLASSES"]
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as Llama does), times a learnable gain and a fixed `output_scale`.
+
+    The gain is `weight + gain_offset` (model.norm_gain, `NORM_GAINS`): offset 0 with `weight` from 1, or the
+    zero-centred offset 1 with `weight` from 0 -- the same function at init, but weight decay on `weight` then pulls
+    the gain toward 1 instead of 0. Folds (HF export, norm removal) read `gain()`, never `weight`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__()
+        self.dim, self.eps, self.output_scale, self.gain_offset = dim, eps, output_scale, gain_offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
+
+    def gain(self) -> torch.Tensor:
+        return self.weight + self.gain_offset if self.gain_offset else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
+        return y * self.output_scale if self.output_scale != 1.0 else y
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
+
+    def extra_repr(self) -> str:
+        offset = f", gain=1+w" if self.gain_offset else ""
+        return f"{self.dim}, eps={self.eps}, output_scale={self.output_scale:.4g}{offset}"
+
+
+class LayerNorm(RMSNorm):
+    """Bias-free LayerNorm (the project uses no biases), fp32 statistics, fixed `output_scale`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x) * self.gain()
+        return y * self.output_scale if self.output_scale != 1.0 else y
+
+
+class RemovableNorm:
+    """A norm site that norm removal (pretrain/removal/) can switch to a fixed scale.
+
+    Live (the default): the norm's own formula. While `tracking` (set by the removal hooks) and in training mode
+    it also records the statistic the norm divides by, RMS(x) (LayerNorm: the standard deviation), averaged over
+    every token but those at position 0 (see docs/removal.md, "Position 0": the first position's residual is several
+    times larger and would set sigma for the rare case). Fixed: x / sigma * gain * output_scale (LayerNorm:
+    (x - mean(x)) / sigma ...), sigma one constant for every token -- a per-channel constant scale the fold
+    multiplies into the linear layer next to the norm. `sigma` (0 = never measured) and `fixed` are persistent
+    buffers, so checkpoints hold them; sigma stays float32 when the model is cast to bf16 (it is a statistic, like
+    the norm's own, which is computed in float32).
+
+    `sigma` has `n_sigma` entries: one for a norm over the model width or the full q/k width, one per head for a
+    per-head q/k norm (`RemovableHeadNorm`). It is the full vector on every tensor-parallel rank (replicated, like
+    the gain of a head norm), so checkpoints and reshards need no split rule for it; a rank's statistic fills its own
+    heads' entries and the hooks sum the (sum, count) pairs over the tensor- and data-parallel ranks.
+    Subclasses give the per-token statistic (`token_statistic`) and the fixed formula (`fixed_forward`).
+    """
+
+    centred = False
+
+    def _init_removable(self, n_sigma: int = 1) -> None:
+        self.register_buffer("sigma", torch.zeros(n_sigma))
+        self.register_buffer("fixed", torch.zeros(1, dtype=torch.bool))
+        self.is_fixed = False  # mirrors `fixed` without a device sync per forward
+        self.tracking = False
+        self._stat: torch.Tensor | None = None  # [2, n_sigma]: (sum, count) of the statistic since take_statistic()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fixed:
+            return self.fixed_forward(x)
+        if self.tracking and self.training:
+            self._record(x)
+        return super().forward(x)
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        if self.centred:
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
+        return y * self.output_scale if self.output_scale != 1.0 else y
+
+    def statistic(self, x: torch.Tensor) -> torch.Tensor:
+        """What the live norm divides each token by: sqrt(mean(x^2) + eps), or sqrt(var(x) + eps) (LayerNorm)."""
+        x32 = _at_least_fp32(x)
+        if self.centred:
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        return x32.pow(2).mean(-1).add(self.eps).sqrt()
+
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, local entries of sigma]: the statistic of every token (and head, for a per-head norm)."""
+        return self.statistic(x).unsqueeze(-1)
+
+    def local_sigma(self, local: int) -> slice:
+        """The entries of `sigma` this rank's `local` heads use (all of them unless split per head)."""
+        return slice(0, self.sigma.numel())
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor) -> None:
+        s = self.token_statistic(x.detach()).double()  # [B, T, n]
+        if s.dim() >= 2 and s.shape[-2] > 1:
+            s = s[..., 1:, :]  # [B, T, n]: position 0 left out
+        s = s.reshape(-1, s.shape[-1])
+        total = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=s.device)
+        part = self.local_sigma(s.shape[-1])
+        total[0, part] = s.sum(0)
+        total[1, part] = float(s.shape[0])
+        self._stat = total if self._stat is None else self._stat + total
+
+    def take_statistic(self) -> torch.Tensor:
+        """[2, n_sigma] float64 on the module's device: (sum, count) per entry of sigma recorded since the last call;
+        zeros when nothing was (and for the heads of other tensor-parallel ranks)."""
+        stat = self._stat
+        if stat is None:
+            stat = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=self.sigma.device)
+        self._stat = None
+        return stat
+
+    @torch.no_grad()
+    def set_fixed(self, fixed: bool) -> None:
+        if fixed and not bool((self.sigma > 0).all()):
+            raise ValueError("a norm site cannot be fixed before its sigma was measured (sigma = 0)")
+        self.fixed.fill_(fixed)
+        self.is_fixed = bool(fixed)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.fixed.is_meta:
+            self.is_fixed = bool(self.fixed.item())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.sigma.dtype != torch.float32 and not self.sigma.is_meta:
+            self.sigma = self.sigma.float()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, removable"
+
+
+class RemovableRMSNorm(RemovableNorm, RMSNorm):
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
+        self._init_removable()
+
+
+class RemovableLayerNorm(RemovableNorm, LayerNorm):
+    centred = True
+
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
+        self._init_removable()
+
+
+class RemovableHeadNorm(RemovableNorm, HeadNorm):
+    """A per-head q/k norm (`model.qk_norm=head`, x [B, T, heads, E]) as a removal site with one sigma per head.
+
+    Per head, because the fold multiplies each head's own q (or k) rows of the fused projection (separate rows, so
+    any per-head constant folds exactly) and heads differ: the live norm brings every head's q to RMS 1 per token,
+    whatever its projection's scale; one sigma shared by the heads would leave the heads' relative sizes, and so each
+    head's attention temperature, to their raw scales after the switch, where per-head sigmas keep each head's
+    average at what its live norm gave. `sigma` holds all heads of the model on every TP rank (`local_sigma`)."""
+
+    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
+
+    def __init__(self, dim: int, eps: float, centred: bool, tp: TensorParallel | None, heads: int,
+                 gain_offset: float = 0.0):
+        super().__init__(dim, eps, centred, tp, gain_offset)
+        self._init_removable(heads)
+
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return self.statistic(x)  # over head_dim, the last dim: [B, T, heads]
+
+    def local_sigma(self, local: int) -> slice:
+        first = 0 if self.tp is None else self.tp.rank * local
+        return slice(first, first + local)
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        if self.centred:
+            x32 = x32 - x32.mean(-1, keepdim=True)
+        sigma = self.sigma[self.local_sigma(x.shape[-2])].to(x32.dtype).unsqueeze(-1)  # [heads, 1]
+        return (x32 / sigma).type_as(x) * self.gain()
+
+
+class RemovableWidthNorm(RemovableNorm, WidthNorm):
+    """A full-width q/k norm (`model.qk_norm=full`) as a removal site: one sigma for the whole q (or k) vector of a
+    token, its statistic summed over the tensor-parallel ranks like the live norm's."""
+
+    output_scale = 1.0  # no fixed multiplier (the fold reads it as for the other norms)
+
+    def __init__(self, full_width: int, eps: float, centred: bool, tp: TensorParallel | None,
+                 gain_offset: float = 0.0):
+        super().__init__(full_width, eps, centred, tp, gain_offset)
+        self._init_removable()
+
+    def token_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_square(self.flat(x)).add(self.eps).sqrt()  # [B, T, 1]: what the live norm divides by
+
+    def fixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.flat(x)
+        return ((flat / self.sigma.to(flat.dtype)).type_as(x) * self.gain()).view_as(x)
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al., 2025): gamma * tanh(alpha * x) (+ beta with `bias`), a learnable scalar alpha.
+    gamma = weight + gain_offset, as the norms' gains (model.norm_gain)."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = False, gain_offset: float = 0.0):
+        super().__init__()
+        self.dim, self.alpha_init, self.gain_offset = dim, float(alpha_init), gain_offset  # YAML may give an int
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - gain_offset))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def gain(self) -> torch.Tensor:
+        return self.weight + self.gain_offset if self.gain_offset else self.weight
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha * x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gain() * self.squash(x)
+        return y if self.bias is None else y + self.bias
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        nn.init.constant_(self.weight, 1.0 - self.gain_offset)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, alpha_init={self.alpha_init}, bias={self.bias is not None}"
+
+
+class Derf(DyT):
+    """Dynamic erf (Chen et al., 2025, arXiv 2512.10938; zlab-princeton/Derf): gamma * erf(alpha * x + s) + beta,
+    learnable scalars alpha (per-site initial value, as DyT's) and shift s (from 0), per-channel gamma and beta (the
+    reference always has beta)."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, gain_offset: float = 0.0):
+        super().__init__(dim, alpha_init, bias=True, gain_offset=gain_offset)
+        self.shift = nn.Parameter(torch.zeros(1))
+
+    def squash(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(self.alpha * x + self.shift)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.shift)
+
+
+class EmbeddingScale(nn.Module):
+    """A learnable scalar times the token embedding, from `init` (dyt, derf: `dyt_embedding_scale_init`)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.init = float(init)
+        self.scale = nn.Parameter(torch.full((1,), self.init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.scale, self.init)
+
+    def extra_repr(self) -> str:
+        return f"init={self.init:.4g}"
+
+
+class Scale(nn.Module):
+    """A fixed multiplier: no parameter, no statistic (ln_free's depth-muP multipliers)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.scale:.4g}"
+
+
+# model.norm_type -> its class (models/norms.py NORM_TYPES names them for the config).
+NORM_CLASSES = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+REMOVABLE_NORM_CLASSES = {"rmsnorm": RemovableRMSNorm, "layernorm": RemovableLayerNorm}
