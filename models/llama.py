@@ -12,12 +12,14 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from models.config import ModelConfig
 from models.norms import ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain
 from models.parts import normalize_unit_weights
-from models.parallel import TensorParallel, column_linear, cross_entropy, row_linear, tied_logits, vocab_embedding
+from models.parallel import (TensorParallel, chunked_cross_entropy, column_linear, cross_entropy, row_linear, tied_logits,
+                             vocab_embedding)
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +74,7 @@ class Attention(nn.Module):
         for slot in ATTENTION_SLOTS:  # q/k/v norms, q/k scales, output gate (models/norms.py); nn.Identity if unused
             setattr(self, slot, getattr(parts, slot)(tp))
         self.softmax_scale = parts.softmax_scale
+        self.recompute_core = False  # selective activation checkpointing: `recompute` sets it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -92,11 +95,12 @@ class Attention(nn.Module):
             if mask is None and k.shape[2] != T:  # causal, aligned to the newest key
                 S = k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if mask is None:  # pretraining: one sequence per row, the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                               enable_gqa=self.gqa)  # [B, H, T, E]
+        # pretraining (no mask): one sequence per row, the fused causal kernel
+        core = dict(attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.gqa)
+        if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute softmax(q k^T) v in backward
+            y = _recomputed(F.scaled_dot_product_attention, q, k, v, **core)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=self.gqa)
+            y = F.scaled_dot_product_attention(q, k, v, **core)  # [B, H, T, E]
         return self.o(self.out_gate(x, y.transpose(1, 2)).reshape(B, T, -1))
 
 
@@ -113,9 +117,23 @@ class MLP(nn.Module):
         self.down.weight.init_gain = parts.init_gain_mlp_out
         for slot in MLP_SLOTS:  # scales on the gate and up outputs (nGPT); nn.Identity if unused
             setattr(self, slot, getattr(parts, slot)(tp))
+        self.recompute_act = False  # selective activation checkpointing: `recompute` sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate_scale(self.gate(x))) * self.up_scale(self.up(x)))
+        g, u = self.gate_scale(self.gate(x)), self.up_scale(self.up(x))  # [B, T, F] each
+        if self.recompute_act and torch.is_grad_enabled():  # keep the matmul outputs, recompute silu(g) in backward
+            return self.down(_recomputed(_swiglu, g, u))
+        return self.down(_swiglu(g, u))
+
+
+def _swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+def _recomputed(fn, *args, **kwargs):
+    """fn(*args) whose intermediate tensors are not kept for backward but computed again there (non-reentrant
+    checkpointing; the model draws no random numbers, so no RNG state is replayed)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 class Block(nn.Module):
@@ -129,8 +147,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, parts, tp)
         self.residual = parts.residual(parts.residual_alpha)  # alpha x + F, or GPAS / nGPT's update (models/parts.py)
         self.residual_alpha = parts.residual_alpha
+        self.recompute_all = False  # full activation checkpointing: `recompute` sets it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        if self.recompute_all and torch.is_grad_enabled() and cache is None:  # keep only x; the block again in backward
+            return _recomputed(self.compute, x, cos, sin, positions, mask)
+        return self.compute(x, cos, sin, positions, mask, cache)
+
+    def compute(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, positions, mask, cache))
         h = self.attn_post_norm(self.residual(x, a, 0))  # alpha * x + a
@@ -173,9 +198,39 @@ class HeadPart:
         self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
         self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
 
+    fused_loss = True  # train.fused_loss (`recompute` sets it): the head and the loss in chunks of tokens
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, D] -> [B, T, V] (this rank's vocabulary shard under TP)
         return self.logit_scale(tied_logits(x, self.tok_emb.weight, self.tp) if self.head is None else self.head(x))
+
+    def head_loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The next-token loss of the final hidden states x [B, T, D] (see `cross_entropy`); fused, the [B, T, V]
+        logits are never held (models/parallel.py `chunked_cross_entropy`)."""
+        if not self.fused_loss:
+            return cross_entropy(self.logits(x), labels, self.tp, reduction=reduction)
+        vocab = (self.tok_emb if self.head is None else self.head).weight.shape[0]  # this rank's share
+        return chunked_cross_entropy(self.logits, x, labels, self.tp, vocab, reduction=reduction)
+
+
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def recompute(model: nn.Module, activation_checkpointing: str = "none", fused_loss: bool = True) -> None:
+    """How `model` (a Llama or a pipeline's stages) trades compute for memory in training (train.fused_loss,
+    train.activation_checkpointing): "full" keeps only each block's input and runs the block again in backward;
+    "selective" keeps the matmul outputs and recomputes the attention core (softmax(q k^T) v) and SwiGLU's
+    activation (Megatron's selective recomputation); fused, the loss holds one chunk of logits at a time. The math
+    and every gradient are those of the plain model; evaluation and generation (no grad) never recompute."""
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, "
+                         f"got {activation_checkpointing!r}")
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.recompute_all = activation_checkpointing == "full"
+            module.attn.recompute_core = module.mlp.recompute_act = activation_checkpointing == "selective"
+        if isinstance(module, HeadPart):
+            module.fused_loss = fused_loss
 
 
 def initialize(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
@@ -254,8 +309,8 @@ class Llama(EmbeddingPart, ReadoutPart, HeadPart, nn.Module):
         x = self.embed(tokens)  # [B, T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope_cos, self.rope_sin, positions, mask, None if cache is None else cache.layers[i])
-        logits = self.logits(self.readout(x))  # [B, T, V]
-        return logits if labels is None else cross_entropy(logits, labels, self.tp, reduction=reduction)
+        x = self.readout(x)
+        return self.logits(x) if labels is None else self.head_loss(x, labels, reduction)  # [B, T, V] or the loss
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full (unsharded) model."""

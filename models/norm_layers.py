@@ -1,7 +1,8 @@
-"""The normalization layers the schemes of models/norms.py put in a block: RMSNorm and LayerNorm in fp32, their
-removable forms for norm removal (pretrain/removal/), DyT and Derf, the embedding's learnable scalar and a fixed
-multiplier. Kept apart from the scheme table so that reading the table (config validation, `pretrain --help`) does
-not import torch; models/norms.py loads this module when a model is built."""
+"""The torch modules the scheme table of models/norms.py builds: the normalization layers (RMSNorm and LayerNorm in
+fp32, their removable forms for norm removal (pretrain/removal/), DyT and Derf, the embedding's learnable scalar, a
+fixed multiplier) and, re-exported, the block parts of models/parts.py and models/parallel.py a scheme uses. Kept
+apart from the table so that reading it (config validation, `pretrain --help`) does not import torch;
+models/norms.py `layers()` imports this module when a model is built."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import Identity
 
-from models.parallel import HeadNorm, TensorParallel, WidthNorm
+from models.parallel import HeadNorm, SplitScale, TensorParallel, WidthNorm
+from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Ungated, UnitScaled
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
            "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "NORM_CLASSES",
-           "REMOVABLE_NORM_CLASSES"]
+           "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
+           "NGPTResidual", "Residual", "Ungated", "UnitScaled"]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -35,38 +35,24 @@ and the weights (input columns, or output rows) into which a fixed site folds.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import types
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    # annotations only: models/config.py imports this module's tables, and torch at import would undo the lazy
-    # loading below
+    # annotations only: models/config.py imports this module's tables, and torch at import would undo `layers()`
     from torch import nn
     from models.config import ModelConfig
     from models.parallel import TensorParallel
 
 
-def _on_first_use(name: str) -> types.ModuleType:
-    """Module `name`, run when one of its attributes is first read (the importlib documentation's lazy-import recipe).
-    The tables here are read by config validation and `pretrain --help`, which must not import torch (1-2 s); the
-    layers (torch modules) load when a model is built."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-layers = _on_first_use("models.norm_layers")  # RMSNorm, LayerNorm, their removable forms, DyT, Derf, ...
-model_parts = _on_first_use("models.parts")  # residual updates, the attention gate, L2Norm, ...
-parallel = _on_first_use("models.parallel")  # the parts split with the heads under tensor parallelism
+def layers() -> types.ModuleType:
+    """models/norm_layers.py: the torch modules this table builds (its norms, and the parts of models/parts.py and
+    models/parallel.py a scheme uses), imported when a model is built: the table itself is read by config
+    validation and `pretrain --help`, which must not wait 1-2 s for torch."""
+    import models.norm_layers  # torch: when a model is built (see the docstring)
+    return models.norm_layers
 
 
 # The DyT paper's LLaMA settings (its Table of alpha0 per model; repository other_tasks/LLaMA): width of the
@@ -107,19 +93,19 @@ TPFactory = Callable[["TensorParallel | None"], "nn.Module"]  # parts that may b
 
 
 def _none() -> nn.Module:
-    return layers.Identity()
+    return layers().Identity()
 
 
 def _identity(tp: TensorParallel | None = None) -> nn.Module:
-    return layers.Identity()
+    return layers().Identity()
 
 
 def _ungated(tp: TensorParallel | None = None) -> nn.Module:
-    return model_parts.Ungated()
+    return layers().Ungated()
 
 
 def _residual(alpha: float) -> nn.Module:
-    return model_parts.Residual(alpha)
+    return layers().Residual(alpha)
 
 
 @dataclass(frozen=True)
@@ -177,9 +163,9 @@ class NormScheme:
     removable: bool = False  # `pretrain remove-norms` can fine-tune its norms away (its sites: REMOVAL_SITES)
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
-    embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: layers.Identity()  # on the token embedding's output
+    embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: layers().Identity()  # on the token embedding's output
     # (the model's `emb_out`: dyt/derf's learnable scalar, peri_ln's norm)
-    logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: layers.Identity()
+    logit_scale: Callable[[ModelConfig, "TensorParallel | None"], nn.Module] = lambda cfg, tp: layers().Identity()
     init_std: Callable[[ModelConfig], float] | None = None  # the paper's std where model.init_std is null (0.02)
     # Weights kept on the unit sphere after every optimizer step: {name suffix: dim whose vectors have norm 1}.
     unit_weights: dict[str, int] = field(default_factory=dict)
@@ -236,7 +222,7 @@ REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values
 
 
 def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
-    cls = (layers.REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers.NORM_CLASSES)[cfg.norm_type]
+    cls = (layers().REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers().NORM_CLASSES)[cfg.norm_type]
     return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
@@ -245,23 +231,24 @@ def head_norm(cfg: ModelConfig, heads: int | None = None) -> TPFactory:
     `model.removable_norms` a removal site with one sigma for each of the model's `heads` (q or k heads)."""
     gain_offset, centred = NORM_GAINS[cfg.norm_gain], cfg.norm_type == "layernorm"
     if cfg.removable_norms:
-        return lambda tp: layers.RemovableHeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, heads, gain_offset=gain_offset)
-    return lambda tp: parallel.HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, gain_offset=gain_offset)
+        return lambda tp: layers().RemovableHeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, heads,
+                                                     gain_offset=gain_offset)
+    return lambda tp: layers().HeadNorm(cfg.head_dim, cfg.norm_eps, centred, tp, gain_offset=gain_offset)
 
 
 def width_norm(cfg: ModelConfig, heads: int) -> TPFactory:
     """The run's norm over heads * head_dim, its gain split with the heads and its statistics summed over TP."""
-    cls = layers.RemovableWidthNorm if cfg.removable_norms else parallel.WidthNorm
+    cls = layers().RemovableWidthNorm if cfg.removable_norms else layers().WidthNorm
     return lambda tp: cls(heads * cfg.head_dim, cfg.norm_eps, cfg.norm_type == "layernorm", tp,
                           gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def dyt(cfg: ModelConfig, alpha_init: float) -> NormFactory:
-    return lambda: layers.DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias, gain_offset=NORM_GAINS[cfg.norm_gain])
+    return lambda: layers().DyT(cfg.d_model, alpha_init, bias=cfg.dyt_bias, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def derf(cfg: ModelConfig, alpha_init: float) -> NormFactory:
-    return lambda: layers.Derf(cfg.d_model, alpha_init, gain_offset=NORM_GAINS[cfg.norm_gain])
+    return lambda: layers().Derf(cfg.d_model, alpha_init, gain_offset=NORM_GAINS[cfg.norm_gain])
 
 
 def _pre_ln(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -298,8 +285,8 @@ def _ln_free(cfg: ModelConfig, layer: int) -> BlockParts:
     if c_in == c_out == 1.0:
         return BlockParts(init_gain_attn_out=gain, init_gain_mlp_out=gain)
     return BlockParts(
-        attn_norm=lambda: layers.Scale(c_in), mlp_norm=lambda: layers.Scale(c_in),
-        attn_out_norm=lambda: layers.Scale(c_out), mlp_out_norm=lambda: layers.Scale(c_out),
+        attn_norm=lambda: layers().Scale(c_in), mlp_norm=lambda: layers().Scale(c_in),
+        attn_out_norm=lambda: layers().Scale(c_out), mlp_out_norm=lambda: layers().Scale(c_out),
         init_gain_qkv=1.0 / c_in, init_gain_gate=1.0 / c_in, init_gain_up=1.0 / c_in,
         init_gain_attn_out=gain / c_out, init_gain_mlp_out=gain / c_out,
     )
@@ -410,7 +397,7 @@ def dyt_embedding_scale_init(cfg: ModelConfig) -> float:
 
 
 def _embedding_scale(cfg: ModelConfig) -> nn.Module:
-    return layers.EmbeddingScale(dyt_embedding_scale_init(cfg))
+    return layers().EmbeddingScale(dyt_embedding_scale_init(cfg))
 
 
 def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -422,21 +409,21 @@ def _ngpt(cfg: ModelConfig, layer: int) -> BlockParts:
     d, E = cfg.d_model, cfg.head_dim
     scaling = d ** -0.5
     return BlockParts(
-        attn_out_norm=model_parts.L2Norm, mlp_out_norm=model_parts.L2Norm,
-        q_scale=lambda tp: model_parts.UnitScaled(
-            parallel.SplitScale(cfg.n_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
-        k_scale=lambda tp: model_parts.UnitScaled(
-            parallel.SplitScale(cfg.n_kv_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        attn_out_norm=layers().L2Norm, mlp_out_norm=layers().L2Norm,
+        q_scale=lambda tp: layers().UnitScaled(
+            layers().SplitScale(cfg.n_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
+        k_scale=lambda tp: layers().UnitScaled(
+            layers().SplitScale(cfg.n_kv_heads * E, 1.0, scaling, tp, shape=(-1, 1, E))),
         softmax_scale=math.sqrt(E),
-        gate_scale=lambda tp: parallel.SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
-        up_scale=lambda tp: parallel.SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
-        residual=lambda alpha: model_parts.NGPTResidual(d),
+        gate_scale=lambda tp: layers().SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        up_scale=lambda tp: layers().SplitScale(cfg.ffn_hidden, 1.0, 1.0, tp, multiplier=math.sqrt(d)),
+        residual=lambda alpha: layers().NGPTResidual(d),
     )
 
 
 def _ngpt_logit_scale(cfg: ModelConfig, tp: TensorParallel | None) -> nn.Module:
     # s_z (init 1, scaling 1/sqrt(d)) per vocabulary entry, split with the head's rows.
-    return parallel.SplitScale(cfg.vocab_size, 1.0, cfg.d_model ** -0.5, tp)
+    return layers().SplitScale(cfg.vocab_size, 1.0, cfg.d_model ** -0.5, tp)
 
 
 # NVIDIA/ngpt launcher.sh trains nGPT at d 1024 with lr 3e-3 and no warm-up (OLMo-core's example: no warm-up either).
@@ -464,7 +451,7 @@ def _final_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def _no_final_norm(cfg: ModelConfig) -> nn.Module:
-    return layers.Identity()
+    return layers().Identity()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -480,8 +467,8 @@ QK_NORMS: dict[str, Callable[[ModelConfig], tuple[TPFactory, TPFactory]]] = {
 # model.attn_gate -> the attention's output gate (the out_gate slot).
 ATTN_GATES: dict[str, Callable[[ModelConfig], TPFactory]] = {
     "none": lambda cfg: _ungated,
-    "headwise": lambda cfg: lambda tp: model_parts.AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, False, tp),
-    "elementwise": lambda cfg: lambda tp: model_parts.AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, True, tp),
+    "headwise": lambda cfg: lambda tp: layers().AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, False, tp),
+    "elementwise": lambda cfg: lambda tp: layers().AttentionGate(cfg.d_model, cfg.n_heads, cfg.head_dim, True, tp),
 }
 
 
@@ -495,7 +482,7 @@ def _with_gate(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
 
 
 def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
-    return replace(parts, residual=lambda alpha: model_parts.GPAS(alpha, shortcut=parts.post_norm))
+    return replace(parts, residual=lambda alpha: layers().GPAS(alpha, shortcut=parts.post_norm))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
@@ -304,6 +305,39 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel
     per_token = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0))
     total = (per_token * mask).sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+
+
+# Logit elements one chunk of the fused loss holds: 2**25 (128 MiB in fp32), e.g. 1,048 tokens at V = 32,000.
+LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+def chunked_cross_entropy(logits_fn, x: torch.Tensor, labels: torch.Tensor, tp: TensorParallel | None, vocab: int,
+                          reduction: str = "mean", ignore_index: int = -100,
+                          chunk_elements: int | None = None) -> torch.Tensor:
+    """`cross_entropy(logits_fn(x), labels)` without the [B, T, V] logits: the tokens go through the head and the loss
+    in chunks of about `chunk_elements` / `vocab` (this rank's vocabulary share), each chunk's fp32 logits made,
+    reduced to a loss sum and dropped, and made again in backward (non-reentrant checkpointing: the gradient flows
+    through the same graph, so a weight used by every chunk still receives one gradient). One chunk's logits and
+    their gradient are held at a time instead of the whole batch's; the result equals the unfused loss up to the
+    order of the sum. Under TP each chunk is the vocab-parallel loss, its all-reduces made by every rank alike."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # [N, D], [N]
+    step = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // vocab)
+
+    def chunk_loss(xc: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits_fn(xc), lc, tp, ignore_index=ignore_index, reduction="sum")
+
+    sums = []
+    for start in range(0, labels.numel(), step):
+        xc, lc = x[start:start + step], labels[start:start + step]
+        if torch.is_grad_enabled():  # no RNG inside (no dropout): nothing to replay
+            sums.append(torch.utils.checkpoint.checkpoint(chunk_loss, xc, lc, use_reentrant=False,
+                                                          preserve_rng_state=False))
+        else:
+            sums.append(chunk_loss(xc, lc))
+    total = torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+    return total if reduction == "sum" else total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ Between stages DeepSpeed passes one tensor (pretraining: the activations) or a t
 supervised fine-tuning feeds the first stage `(tokens, positions, doc_ids)`; the embedding, the blocks and the
 final norm pass `(x, positions, doc_ids)` on (integer tensors: DeepSpeed sends them along and sends no gradient
 back for them), the final norm drops them, and each block builds its document mask from `doc_ids`. The labels
-reach the loss on the last stage as a tensor, or as `(labels, scale)` for the token-weighted loss.
+reach the loss on the last stage as a tensor, or as `(labels, scale)` for the token-weighted loss. The last stage
+hands the loss its final hidden states, not logits: the loss computes the head through that stage's `head_loss`, so
+the fused loss (train.fused_loss) never holds [B, T, V] under pipeline parallelism either.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from torch import nn
 from models.config import ModelConfig
 from models.llama import Block, EmbeddingPart, HeadPart, ReadoutPart, document_mask, initialize, rope_cache
 from models.norms import block_parts
-from models.parallel import TensorParallel, cross_entropy
+from models.parallel import TensorParallel
 
 
 class EmbeddingStage(EmbeddingPart, HeadPart, nn.Module):
-    """The first stage; with tied embeddings also the last (the same module, `tied_logits_forward`)."""
+    """The first stage; with tied embeddings also the last (the same module, `hidden_forward`), whose head the loss
+    computes."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss | None = None):
         super().__init__()
         self.add_embedding(cfg, tp)
         if cfg.tie_embeddings:
             self.add_head(cfg, tp)  # head None: the logits read tok_emb
+            if loss is not None:
+                loss.head = self
             if any(True for _ in self.logit_scale.parameters()):
                 raise ValueError(f"model.norm_scheme={cfg.norm_scheme} has a learned logit scale, which the tied "
                                  "pipeline stage would hold twice; set model.tie_embeddings=false")
@@ -49,8 +54,9 @@ class EmbeddingStage(EmbeddingPart, HeadPart, nn.Module):
         return self.tok_emb.weight
 
 
-def tied_logits_forward(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
-    return stage.logits(x)
+def hidden_forward(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
+    """The tied last stage's forward: the hidden states pass to the loss, which computes the head (`PipelineLoss`)."""
+    return x
 
 
 class BlockStage(Block):
@@ -81,47 +87,52 @@ class ReadoutStage(ReadoutPart, nn.Module):
 
 
 class HeadStage(HeadPart, nn.Module):
-    """The last stage of an untied model."""
+    """The last stage of an untied model: it holds the head, which the loss computes (`PipelineLoss`)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss | None = None):
         super().__init__()
         self.add_head(cfg, tp)
         initialize(self, cfg, seed)
+        if loss is not None:
+            loss.head = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(x)
+        return x  # [B, T, D]: the loss makes the logits
 
 
 class PipelineLoss:
-    """loss_fn(logits, labels) for PipelineModule (vocab-parallel under TP).
+    """loss_fn(hidden states, labels) for PipelineModule: the head and the loss of the last stage, through the head
+    stage's `head_loss` (vocab-parallel under TP, chunked with train.fused_loss). The head stage registers itself
+    here when DeepSpeed builds it on the last pipeline rank.
 
     Plain labels give the mean token loss of the micro-batch (pretraining steps). Labels given as `(labels,
     scale)` give the sum of the micro-batch's token losses times `scale`: the token-weighted loss of supervised
     fine-tuning (pretrain/train/steps.py) and, with scale 1, validation's loss sums (pretrain/train/evaluate.py)."""
 
-    def __init__(self, tp: TensorParallel | None):
-        self.tp = tp
+    def __init__(self):
+        self.head: HeadPart | None = None
 
-    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, labels) -> torch.Tensor:
         if isinstance(labels, tuple):
             labels, scale = labels
-            return cross_entropy(logits, labels, self.tp, reduction="sum") * scale
-        return cross_entropy(logits, labels, self.tp, reduction="mean")
+            return self.head.head_loss(x, labels, reduction="sum") * scale
+        return self.head.head_loss(x, labels, reduction="mean")
 
 
 # What `PipelineModule(partition_method=...)` balances: the blocks, by count.
 PARTITION_METHOD = f"type:{BlockStage.__name__}"
 
 
-def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:
+def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss) -> list:
+    """The layers of a PipelineModule whose `loss_fn` is `loss` (the last stage registers its head there)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed picks its accelerator at import: pretrain.train sets it first
 
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="weight")
-        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, forward_fn=tied_logits_forward,
+        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, loss, tied_weight_attr="weight")
+        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, loss, forward_fn=hidden_forward,
                              tied_weight_attr="weight")
     else:
-        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(HeadStage, cfg, tp, seed)
+        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(HeadStage, cfg, tp, seed, loss)
     blocks = [LayerSpec(BlockStage, cfg, l, tp, seed) for l in range(1, cfg.n_layers + 1)]
     return [first, *blocks, LayerSpec(ReadoutStage, cfg, seed), last]
 

@@ -70,6 +70,15 @@ class TrainConfig:
     )
     max_bad_steps: int = doc(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient.")
     compile: bool = doc(False, "torch.compile the model (fast path on GPU).")
+    fused_loss: bool = doc(
+        True, "The head and the cross-entropy in chunks of tokens (forward and backward), so the fp32 [batch, "
+        "sequence, vocab] logits are never held (every layout; equal to the unfused loss up to summation order)."
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = doc(
+        "none", "Recompute activations in backward to save memory: full (keep each block's input only; about one "
+        "more forward per step) or selective (keep the matmul outputs, recompute the attention core and SwiGLU's "
+        "activation, as Megatron's selective recomputation); the same gradients."
+    )
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "max_bad_steps"):

@@ -35,6 +35,8 @@ CLASSES: dict[str, str] = {
     "train.resume": FREE,
     "train.max_bad_steps": FREE,
     "train.compile": FREE,
+    "train.fused_loss": FREE,
+    "train.activation_checkpointing": FREE,
     "train.global_batch_size": TAKES_EFFECT,
     "train.micro_batch_size": TAKES_EFFECT,
     "train.lr": TAKES_EFFECT,

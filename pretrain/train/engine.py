@@ -16,7 +16,7 @@ from deepspeed.pipe import PipelineModule
 from megatron.core import parallel_state
 
 from models import Llama
-from models.llama import Block
+from models.llama import Block, recompute
 from models.parallel import TensorParallel
 from models.pipeline import PARTITION_METHOD, PipelineLoss, layer_specs
 from pretrain import compat
@@ -196,7 +196,8 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
             if cfg.parallel.pp > cfg.model.n_layers:
                 raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
             model = PipelineModule(
-                layers=layer_specs(cfg.model, tp, seed), loss_fn=PipelineLoss(tp), topology=deepspeed_topology(topo),
+                layers=layer_specs(cfg.model, tp, seed, loss := PipelineLoss()), loss_fn=loss,
+                topology=deepspeed_topology(topo),
                 partition_method=PARTITION_METHOD, activation_checkpoint_interval=0,
             )
         else:
@@ -204,6 +205,7 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     except ValueError as e:  # divisibility of heads / vocab by tp
         raise UserError(str(e)) from None
     model.to(topo.device)
+    recompute(model, cfg.train.activation_checkpointing, cfg.train.fused_loss)
     if cfg.train.compile:
         # Compile block by block (nn.Module.compile keeps parameter names, so checkpoints and hooks see the same
         # module tree); the blocks are where the time goes, and the pipeline engine sees the same layers.

@@ -217,15 +217,17 @@ def test_pipeline_stages_are_the_model(scheme, tied):
     """The pipeline's stages (models/pipeline.py), built one by one as DeepSpeed builds them, hold exactly the
     weights of `Llama` with the same seed under the same names, and chained they compute its logits bit for bit:
     the model is defined once."""
-    from models.pipeline import BlockStage, EmbeddingStage, HeadStage, ReadoutStage, full_name_prefix, tied_logits_forward
+    from models.pipeline import (BlockStage, EmbeddingStage, HeadStage, PipelineLoss, ReadoutStage, full_name_prefix,
+                                 hidden_forward)
 
     if tied and NORM_SCHEMES[scheme].unit_weights:
         pytest.skip("ngpt refuses tied embeddings")
     cfg = ModelConfig.from_preset("tiny", norm_scheme=scheme, n_layers=3, max_seq_len=32, tie_embeddings=tied)
     model = Llama(cfg, seed=7)
-    first = EmbeddingStage(cfg, None, 7)
+    loss = PipelineLoss()
+    first = EmbeddingStage(cfg, None, 7, loss)
     blocks = [BlockStage(cfg, l, None, 7) for l in range(1, cfg.n_layers + 1)]
-    last = first if tied else HeadStage(cfg, None, 7)
+    last = first if tied else HeadStage(cfg, None, 7, loss)
     stages = [first, *blocks, ReadoutStage(cfg, 7), last]
     pipelined = {}
     for index, stage in enumerate(stages):
@@ -238,8 +240,11 @@ def test_pipeline_stages_are_the_model(scheme, tied):
     x = tokens
     for stage in stages[:-1]:
         x = stage(x)
-    logits = tied_logits_forward(first, x) if tied else last(x)
-    assert torch.equal(logits, model(tokens))
+    x = hidden_forward(first, x) if tied else last(x)
+    assert loss.head is last
+    assert torch.equal(last.logits(x), model(tokens))
+    labels = torch.roll(tokens, -1, 1)
+    assert torch.equal(loss(x, labels), model(tokens, labels))  # the loss makes the logits from the hidden states
 
 
 def test_ignore_index_and_causality():

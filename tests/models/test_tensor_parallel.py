@@ -1,4 +1,5 @@
-"""Tensor parallelism (megatron-core layers, two gloo ranks) reproduces the single-process model.
+"""Tensor parallelism (megatron-core layers, two gloo ranks) reproduces the single-process model, with the fused
+loss in several chunks and with activation checkpointing.
 
 One spawned TP = 2 job (`_tp_worker`, ~10 s, mostly two megatron-core imports) builds every case's model,
 asserts nothing itself and returns what it saw: its own and the sharded-from-full state dicts, the merged
@@ -83,6 +84,13 @@ def make_batch(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, labels
 
 
+# The fused loss in chunks of 5 tokens (this rank's 48 vocabulary entries), so that every case's loss and gradients
+# here come from several chunks, each with the vocab-parallel loss's all-reduces.
+CHUNK_ELEMENTS = 5 * BASE["vocab_size"] // 2
+# Cases also run with activation checkpointing (models/llama.py `recompute`): the same loss and gradients.
+RECOMPUTED = ("pre_ln-untied", "ngpt-mha", "lns-gate_elementwise-gpas")
+
+
 def _tp_worker(cases: dict[str, dict], indivisible: dict[str, dict], scheme_modules: list[str]) -> dict:
     """Runs on every rank of a TP = 2 job."""
     import importlib
@@ -90,6 +98,10 @@ def _tp_worker(cases: dict[str, dict], indivisible: dict[str, dict], scheme_modu
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
+    import models.parallel
+    from models.llama import recompute
+
+    models.parallel.LOSS_CHUNK_ELEMENTS = CHUNK_ELEMENTS
     for module in scheme_modules:
         importlib.import_module(module)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
@@ -135,7 +147,17 @@ def _tp_worker(cases: dict[str, dict], indivisible: dict[str, dict], scheme_modu
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         splits = tp_splits(model)
+        recomputed = {}
+        for mode in ("full", "selective") if name in RECOMPUTED else ():
+            model.zero_grad()
+            recompute(model, mode)
+            loss_again = model(tokens, labels)
+            loss_again.backward()
+            recompute(model, "none")
+            recomputed[mode] = (loss_again.detach(), merge_state_dicts(
+                gather_objects({n: p.grad.detach().clone() for n, p in model.named_parameters()}), model))
         out["cases"][name] = dict(
+            recomputed=recomputed,
             state_dict=own,
             sharded_from_full=sharded,
             merged=merged,
@@ -269,6 +291,17 @@ def test_tp_logits_loss_and_grads_match_single_process(tp_results, case):
     # The comparison is not vacuous: the gradients are far from zero.
     assert max(g.abs().max().item() for g in ref["grads"].values()) > 1e-2
     assert abs(ref["loss"].item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 2.0
+
+
+@pytest.mark.parametrize("case", RECOMPUTED)
+def test_tp_activation_checkpointing_gives_the_same_loss_and_grads(tp_results, case):
+    for rank, r in enumerate(tp_results):
+        res = r["cases"][case]
+        assert sorted(res["recomputed"]) == ["full", "selective"]
+        for mode, (loss, grads) in res["recomputed"].items():
+            assert_close(loss, res["loss"], f"rank {rank} {mode} loss", atol=1e-6)
+            for name, g in res["grads"].items():
+                assert_close(grads[name], g, f"rank {rank} {mode} grad of {name}", atol=1e-6)
 
 
 @pytest.mark.parametrize("field", INDIVISIBLE)

@@ -239,8 +239,10 @@ def test_logged_step_matches_hand_computation(reference, data_cache):
 
 @pytest.mark.parametrize(
     "layout, nproc",
-    [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2)],
-    ids=["tp2", "pp2", "dp2-zero2"],
+    [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2),
+     # recomputation in backward must not run the taps again (models/llama.py `recompute`)
+     (["train.activation_checkpointing=full"], None), (["parallel.pp=2", "train.activation_checkpointing=selective"], 2)],
+    ids=["tp2", "pp2", "dp2-zero2", "full-recompute", "pp2-selective-recompute"],
 )
 @pytest.mark.processes
 def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, reference, layout, nproc):

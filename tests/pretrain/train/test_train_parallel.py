@@ -1,4 +1,5 @@
-"""Training under TP, PP and DP gives the single-process losses; megatron and DeepSpeed agree on topology."""
+"""Training under TP, PP and DP, with and without the fused loss and activation checkpointing, gives the single-process
+losses; megatron and DeepSpeed agree on topology."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def reference(tmp_path_factory, data_cache):
         pytest.param(["parallel.pp=2"], 2, id="pp2"),
         pytest.param(["parallel.zero_stage=1"], 2, id="dp2-zero1"),  # DP = 2 with ZeRO-1
         pytest.param(["parallel.tp=2", "parallel.pp=2"], 4, id="tp2xpp2", marks=pytest.mark.compat),
+        # the memory savers change what a step holds, not its losses (the reference: fused loss, no checkpointing)
+        pytest.param(["train.fused_loss=false"], None, id="unfused"),
+        pytest.param(["parallel.tp=2", "train.activation_checkpointing=full", "train.fused_loss=false"], 2,
+                     id="tp2-full-unfused"),
+        pytest.param(["parallel.pp=2", "train.activation_checkpointing=selective"], 2, id="pp2-selective"),
     ],
 )
 def test_loss_matches_single_process(tmp_path, data_cache, reference, layout, nproc):
@@ -35,6 +41,19 @@ def test_loss_matches_single_process(tmp_path, data_cache, reference, layout, np
     assert losses[STEPS] < losses[1]  # it trains
     for step, ref in reference.items():
         assert losses[step] == pytest.approx(ref, rel=1e-4), f"step {step}: {losses[step]} vs single-process {ref}"
+
+
+def test_a_checkpointed_run_resumes_to_the_same_losses(tmp_path, data_cache, reference):
+    """Activation checkpointing and the fused loss are free to change on resume (pretrain/state/resume.py): stopped
+    at step 2 with them on, resumed with them off, the losses are the reference's."""
+    run = str(tmp_path)
+    run_train(run, f"train.steps={STEPS}", "checkpoint.interval=2", "train.stop_at_step=2",
+              "train.activation_checkpointing=full", cache_dir=data_cache)
+    run_train(run, f"train.steps={STEPS}", "checkpoint.interval=2", "train.resume=auto", "train.fused_loss=false",
+              cache_dir=data_cache)
+    losses = train_losses(run)
+    for step, ref in reference.items():
+        assert losses[step] == pytest.approx(ref, rel=1e-5), f"step {step}: {losses[step]} vs {ref}"
 
 
 @pytest.mark.compat
