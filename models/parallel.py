@@ -22,6 +22,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+IGNORE_INDEX = -100  # the label of a position that takes no loss and is not counted (padding, prompts)
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -287,7 +289,7 @@ def tied_logits(x: torch.Tensor, embedding_weight: torch.Tensor, tp: TensorParal
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel | None,
-                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                  ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
     """Next-token loss over labels != ignore_index; logits may be vocab-sharded under TP.
 
     reduction "mean" (training): the mean over those tokens; "sum" (validation, which divides by the token
@@ -312,7 +314,7 @@ LOSS_CHUNK_ELEMENTS = 2 ** 25
 
 
 def chunked_cross_entropy(logits_fn, x: torch.Tensor, labels: torch.Tensor, tp: TensorParallel | None, vocab: int,
-                          reduction: str = "mean", ignore_index: int = -100,
+                          reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
                           chunk_elements: int | None = None) -> torch.Tensor:
     """`cross_entropy(logits_fn(x), labels)` without the [B, T, V] logits: the tokens go through the head and the loss
     in chunks of about `chunk_elements` / `vocab` (this rank's vocabulary share), each chunk's fp32 logits made,

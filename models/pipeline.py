@@ -7,13 +7,16 @@ embeddings the first and the last entries are one `TiedLayerSpec` ("embed"), so 
 first and last stage in sync. Each stage initializes its weights under its name in the whole `Llama`, so a
 pipelined model from seed s holds exactly the weights of `Llama(cfg, seed=s)`.
 
-Between stages DeepSpeed passes one tensor (pretraining: the activations) or a tuple of tensors. Packed
-supervised fine-tuning feeds the first stage `(tokens, positions, doc_ids)`; the embedding, the blocks and the
-final norm pass `(x, positions, doc_ids)` on (integer tensors: DeepSpeed sends them along and sends no gradient
-back for them), the final norm drops them, and each block builds its document mask from `doc_ids`. The labels
-reach the loss on the last stage as a tensor, or as `(labels, scale)` for the token-weighted loss. The last stage
-hands the loss its final hidden states, not logits: the loss computes the head through that stage's `head_loss`, so
-the fused loss (train.fused_loss) never holds [B, T, V] under pipeline parallelism either.
+Between stages DeepSpeed passes a tuple of tensors whose last entry is the micro-batch's labels. Pretraining feeds
+the first stage `(tokens, labels)`; packed supervised fine-tuning feeds `(tokens, positions, doc_ids, labels)`. The
+embedding and the blocks pass `(x, *rest)` on (integer tensors: DeepSpeed sends them along and sends no gradient back
+for them), each block builds its document mask from `doc_ids`, and the final norm keeps only `(x, labels)`. The last
+stage computes the head and the loss itself and hands `pipeline_loss` the micro-batch's loss sum: the head is then
+used inside the module's forward, where DeepSpeed expects every parameter's gradient to arise (its engine starts
+each backward, and with bf16 clears the low-precision gradients, when the gradient reaches the module's output; a
+head used later, in `loss_fn`, lost its gradient there), and the fused loss (train.fused_loss) never holds
+[B, T, V] under pipeline parallelism either. The labels also reach `pipeline_loss` from the last stage's loader, as a
+tensor or as `(labels, scale)` for the token-weighted loss.
 """
 
 from __future__ import annotations
@@ -24,39 +27,35 @@ from torch import nn
 from models.config import ModelConfig
 from models.llama import Block, EmbeddingPart, HeadPart, ReadoutPart, document_mask, initialize, rope_cache
 from models.norms import block_parts
-from models.parallel import TensorParallel
+from models.parallel import IGNORE_INDEX, TensorParallel
 
 
 class EmbeddingStage(EmbeddingPart, HeadPart, nn.Module):
-    """The first stage; with tied embeddings also the last (the same module, `hidden_forward`), whose head the loss
-    computes."""
+    """The first stage; with tied embeddings also the last (the same module, `tied_loss_forward`)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss | None = None):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
         super().__init__()
         self.add_embedding(cfg, tp)
         if cfg.tie_embeddings:
             self.add_head(cfg, tp)  # head None: the logits read tok_emb
-            if loss is not None:
-                loss.head = self
             if any(True for _ in self.logit_scale.parameters()):
                 raise ValueError(f"model.norm_scheme={cfg.norm_scheme} has a learned logit scale, which the tied "
                                  "pipeline stage would hold twice; set model.tie_embeddings=false")
         initialize(self, cfg, seed)
 
-    def forward(self, inputs):
-        if isinstance(inputs, tuple):  # (tokens, positions, doc_ids) of packed sequences
-            tokens, *rest = inputs
-            return (self.embed(tokens), *rest)
-        return self.embed(inputs)
+    def forward(self, inputs: tuple) -> tuple:
+        tokens, *rest = inputs  # rest: ([positions, doc_ids,] labels)
+        return (self.embed(tokens), *rest)
 
     @property
     def weight(self) -> torch.Tensor:  # what TiedLayerSpec ties
         return self.tok_emb.weight
 
 
-def hidden_forward(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
-    """The tied last stage's forward: the hidden states pass to the loss, which computes the head (`PipelineLoss`)."""
-    return x
+def tied_loss_forward(stage: EmbeddingStage, inputs: tuple) -> torch.Tensor:
+    """The tied last stage's forward: the loss sum of the final hidden states (`HeadPart.head_loss`)."""
+    x, labels = inputs
+    return stage.head_loss(x, labels, reduction="sum")
 
 
 class BlockStage(Block):
@@ -69,11 +68,12 @@ class BlockStage(Block):
         self.register_buffer("rope_sin", sin, persistent=False)
         initialize(self, cfg, seed, prefix=full_name_prefix(cfg, layer))
 
-    def forward(self, inputs):
-        if isinstance(inputs, tuple):  # (x, positions, doc_ids) of packed sequences
-            x, positions, doc_ids = inputs
-            return super().forward(x, self.rope_cos, self.rope_sin, positions, document_mask(doc_ids)), positions, doc_ids
-        return super().forward(inputs, self.rope_cos, self.rope_sin)
+    def forward(self, inputs: tuple) -> tuple:
+        x, *rest = inputs
+        if len(rest) == 3:  # (positions, doc_ids, labels) of packed sequences
+            positions, doc_ids, _ = rest
+            return super().forward(x, self.rope_cos, self.rope_sin, positions, document_mask(doc_ids)), *rest
+        return super().forward(x, self.rope_cos, self.rope_sin), *rest
 
 
 class ReadoutStage(ReadoutPart, nn.Module):
@@ -82,57 +82,49 @@ class ReadoutStage(ReadoutPart, nn.Module):
         self.add_readout(cfg)
         initialize(self, cfg, seed)
 
-    def forward(self, inputs):
-        return self.readout(inputs[0] if isinstance(inputs, tuple) else inputs)
+    def forward(self, inputs: tuple) -> tuple:
+        return self.readout(inputs[0]), inputs[-1]  # (x, labels): the packing inputs end here
 
 
 class HeadStage(HeadPart, nn.Module):
-    """The last stage of an untied model: it holds the head, which the loss computes (`PipelineLoss`)."""
+    """The last stage of an untied model: the head and the loss sum of the micro-batch."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss | None = None):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None, seed: int):
         super().__init__()
         self.add_head(cfg, tp)
         initialize(self, cfg, seed)
-        if loss is not None:
-            loss.head = self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x  # [B, T, D]: the loss makes the logits
+    def forward(self, inputs: tuple) -> torch.Tensor:
+        x, labels = inputs  # [B, T, D], [B, T]
+        return self.head_loss(x, labels, reduction="sum")  # vocab-parallel under TP, chunked with train.fused_loss
 
 
-class PipelineLoss:
-    """loss_fn(hidden states, labels) for PipelineModule: the head and the loss of the last stage, through the head
-    stage's `head_loss` (vocab-parallel under TP, chunked with train.fused_loss). The head stage registers itself
-    here when DeepSpeed builds it on the last pipeline rank.
+def pipeline_loss(loss_sum: torch.Tensor, labels) -> torch.Tensor:
+    """loss_fn(the last stage's loss sum, labels) for PipelineModule.
 
     Plain labels give the mean token loss of the micro-batch (pretraining steps). Labels given as `(labels,
     scale)` give the sum of the micro-batch's token losses times `scale`: the token-weighted loss of supervised
     fine-tuning (pretrain/train/steps.py) and, with scale 1, validation's loss sums (pretrain/train/evaluate.py)."""
-
-    def __init__(self):
-        self.head: HeadPart | None = None
-
-    def __call__(self, x: torch.Tensor, labels) -> torch.Tensor:
-        if isinstance(labels, tuple):
-            labels, scale = labels
-            return self.head.head_loss(x, labels, reduction="sum") * scale
-        return self.head.head_loss(x, labels, reduction="mean")
+    if isinstance(labels, tuple):
+        labels, scale = labels
+        return loss_sum * scale
+    return loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 # What `PipelineModule(partition_method=...)` balances: the blocks, by count.
 PARTITION_METHOD = f"type:{BlockStage.__name__}"
 
 
-def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int, loss: PipelineLoss) -> list:
-    """The layers of a PipelineModule whose `loss_fn` is `loss` (the last stage registers its head there)."""
+def layer_specs(cfg: ModelConfig, tp: TensorParallel | None, seed: int) -> list:
+    """The layers of a PipelineModule whose `loss_fn` is `pipeline_loss`."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed picks its accelerator at import: pretrain.train sets it first
 
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, loss, tied_weight_attr="weight")
-        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, loss, forward_fn=hidden_forward,
+        first = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, tied_weight_attr="weight")
+        last = TiedLayerSpec("embed", EmbeddingStage, cfg, tp, seed, forward_fn=tied_loss_forward,
                              tied_weight_attr="weight")
     else:
-        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(HeadStage, cfg, tp, seed, loss)
+        first, last = LayerSpec(EmbeddingStage, cfg, tp, seed), LayerSpec(HeadStage, cfg, tp, seed)
     blocks = [LayerSpec(BlockStage, cfg, l, tp, seed) for l in range(1, cfg.n_layers + 1)]
     return [first, *blocks, LayerSpec(ReadoutStage, cfg, seed), last]
 

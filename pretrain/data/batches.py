@@ -5,8 +5,9 @@ and three methods; the loop and validation use only these, never the batch's typ
 
     model_kwargs(device)   keyword arguments of `Llama.forward` besides tokens and labels (packing inputs)
     trained_tokens()       labels that count in the loss
-    pipeline(scale)        the (inputs, labels) pair DeepSpeed's pipeline engine takes; with `scale`, labels are
-                           (labels, scale) and `models.pipeline.PipelineLoss` returns the loss sum times scale
+    pipeline(scale)        the (inputs, labels) pair DeepSpeed's pipeline engine takes (inputs end with the labels,
+                           which the last stage's loss reads); with `scale`, labels are (labels, scale) and
+                           `models.pipeline.pipeline_loss` returns the loss sum times scale
 
 A loader's `token_weighted` says how a step averages: False (pretraining: every micro-batch has the same number of
 labels, the mean of micro-batch means) or True (SFT: the sum over trained tokens / their number in the global
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-IGNORE_INDEX = -100  # label of padding positions: no loss, not counted (models.parallel.cross_entropy)
+from models.parallel import IGNORE_INDEX  # label of padding positions: no loss, not counted
 
 
 class LMBatch(NamedTuple):
@@ -36,4 +37,4 @@ class LMBatch(NamedTuple):
 
     def pipeline(self, scale: float | None = None) -> tuple:
         labels = self.labels if scale is None else (self.labels, torch.tensor(scale, dtype=torch.float32))
-        return self.tokens, labels
+        return (self.tokens, self.labels), labels

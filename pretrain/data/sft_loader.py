@@ -110,9 +110,10 @@ class SFTBatch(NamedTuple):
         return int((self.labels != IGNORE_INDEX).sum())
 
     def pipeline(self, scale: float | None = None) -> tuple:
-        """The (inputs, labels) pair DeepSpeed's pipeline engine takes: inputs a tensor or (tokens, positions,
-        doc_ids); labels a tensor or, with `scale`, (labels, scale) for the token-weighted loss."""
-        inputs = self.tokens if self.positions is None else (self.tokens, self.positions, self.doc_ids)
+        """The (inputs, labels) pair DeepSpeed's pipeline engine takes: inputs (tokens, labels) or (tokens,
+        positions, doc_ids, labels); labels a tensor or, with `scale`, (labels, scale) for the token-weighted loss."""
+        packing = () if self.positions is None else (self.positions, self.doc_ids)
+        inputs = (self.tokens, *packing, self.labels)
         labels = self.labels if scale is None else (self.labels, torch.tensor(scale, dtype=torch.float32))
         return inputs, labels
 

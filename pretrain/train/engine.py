@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from models import Llama
 from models.llama import Block, recompute
 from models.parallel import TensorParallel
-from models.pipeline import PARTITION_METHOD, PipelineLoss, layer_specs
+from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
 from pretrain.errors import UserError
@@ -196,8 +196,7 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
             if cfg.parallel.pp > cfg.model.n_layers:
                 raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
             model = PipelineModule(
-                layers=layer_specs(cfg.model, tp, seed, loss := PipelineLoss()), loss_fn=loss,
-                topology=deepspeed_topology(topo),
+                layers=layer_specs(cfg.model, tp, seed), loss_fn=pipeline_loss, topology=deepspeed_topology(topo),
                 partition_method=PARTITION_METHOD, activation_checkpoint_interval=0,
             )
         else:

@@ -10,7 +10,7 @@ Plain engines forward this rank's micro-batches (the last one may be smaller, a 
 `reduction="sum"` and all-reduce (loss sum, token count) over the data-parallel group in float64. The
 pipeline engine's `eval_batch` needs equal micro-batch shapes and counts on every rank and returns the mean of
 the per-micro-batch losses averaged over data-parallel ranks: its micro-batches are padded with samples whose
-labels are all ignored, and each is handed over as `batch.pipeline(scale=1.0)`, for which `PipelineLoss` returns
+labels are all ignored, and each is handed over as `batch.pipeline(scale=1.0)`, for which `pipeline_loss` returns
 the micro-batch's loss sum, so `eval_batch(...) * micro-batches * dp` is the loss sum.
 
 Batches follow the protocol of pretrain/data/batches.py: SFT folders give packed or padded rows whose prompt and

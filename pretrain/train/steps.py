@@ -40,7 +40,7 @@ def _token_weighted_step(built: Built, batches: list, topo: Topology) -> float:
         dist.all_reduce(count, group=group)
     n = max(float(count), 1.0)
     scale = built.gas * topo.dp / n
-    if built.pipelined:  # PipelineLoss returns sum * scale; train_batch averages over micro-batches and dp: sum / n
+    if built.pipelined:  # pipeline_loss returns sum * scale; train_batch averages over micro-batches and dp: sum / n
         return float(engine.train_batch(data_iter=iter([b.pipeline(scale) for b in batches])))
     total = torch.zeros(1, dtype=torch.float64, device=topo.device)
     for b in batches:

@@ -217,17 +217,16 @@ def test_pipeline_stages_are_the_model(scheme, tied):
     """The pipeline's stages (models/pipeline.py), built one by one as DeepSpeed builds them, hold exactly the
     weights of `Llama` with the same seed under the same names, and chained they compute its logits bit for bit:
     the model is defined once."""
-    from models.pipeline import (BlockStage, EmbeddingStage, HeadStage, PipelineLoss, ReadoutStage, full_name_prefix,
-                                 hidden_forward)
+    from models.pipeline import (BlockStage, EmbeddingStage, HeadStage, ReadoutStage, full_name_prefix, pipeline_loss,
+                                 tied_loss_forward)
 
     if tied and NORM_SCHEMES[scheme].unit_weights:
         pytest.skip("ngpt refuses tied embeddings")
     cfg = ModelConfig.from_preset("tiny", norm_scheme=scheme, n_layers=3, max_seq_len=32, tie_embeddings=tied)
     model = Llama(cfg, seed=7)
-    loss = PipelineLoss()
-    first = EmbeddingStage(cfg, None, 7, loss)
+    first = EmbeddingStage(cfg, None, 7)
     blocks = [BlockStage(cfg, l, None, 7) for l in range(1, cfg.n_layers + 1)]
-    last = first if tied else HeadStage(cfg, None, 7, loss)
+    last = first if tied else HeadStage(cfg, None, 7)
     stages = [first, *blocks, ReadoutStage(cfg, 7), last]
     pipelined = {}
     for index, stage in enumerate(stages):
@@ -237,14 +236,16 @@ def test_pipeline_stages_are_the_model(scheme, tied):
     for key, value in reference.items():
         assert torch.equal(pipelined[key], value), key
     tokens = torch.randint(cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    x = tokens
+    labels = torch.roll(tokens, -1, 1)
+    labels[0, :5] = -100
+    x = (tokens, labels)
     for stage in stages[:-1]:
         x = stage(x)
-    x = hidden_forward(first, x) if tied else last(x)
-    assert loss.head is last
-    assert torch.equal(last.logits(x), model(tokens))
-    labels = torch.roll(tokens, -1, 1)
-    assert torch.equal(loss(x, labels), model(tokens, labels))  # the loss makes the logits from the hidden states
+    assert torch.equal(last.logits(x[0]), model(tokens))
+    loss_sum = tied_loss_forward(first, x) if tied else last(x)  # the last stage makes the logits and the loss
+    assert torch.equal(loss_sum, model(tokens, labels, reduction="sum"))
+    torch.testing.assert_close(pipeline_loss(loss_sum, labels), model(tokens, labels), rtol=1e-6, atol=0)
+    assert torch.equal(pipeline_loss(loss_sum, (labels, torch.tensor(0.5))), loss_sum * 0.5)
 
 
 def test_ignore_index_and_causality():
