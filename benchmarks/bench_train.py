@@ -56,7 +56,7 @@ def main() -> None:
         return loss.item()
 
     def deepspeed_step():
-        return train_step(built, batches, topo)
+        return train_step(built, batches, topo).item()  # as plain_step: the step finished, its loss read
 
     def timed(fn):
         t0 = time.perf_counter()

@@ -179,6 +179,11 @@ class LoggingConfig:
     interval: int = doc(10, "Log line and metrics.jsonl entry every N steps.")
     tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tb.")
     progress_bar: bool | None = doc(None, "Progress bar: true, false, or null to show it only in an interactive terminal.")
+    host_syncs: bool = doc(
+        False, "Count each step's host synchronisations (tensor values read into Python; each stalls a GPU) into "
+        "metrics.jsonl: host_syncs (the logged step's), host_syncs_quiet (the most of any step in between) and the "
+        "first sites; costs a little time per op, so off unless measuring."
+    )
 
     def __post_init__(self):
         _at_least(self, "logging.", "interval", 1, hint="a log line every N steps")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from models.parallel import IGNORE_INDEX  # label of padding positions: no loss, not counted
@@ -33,8 +34,20 @@ class LMBatch(NamedTuple):
         return {}
 
     def trained_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        return trained_tokens(self.labels)
 
-    def pipeline(self, scale: float | None = None) -> tuple:
-        labels = self.labels if scale is None else (self.labels, torch.tensor(scale, dtype=torch.float32))
-        return (self.tokens, self.labels), labels
+    def pipeline(self, scale: float | torch.Tensor | None = None) -> tuple:
+        return (self.tokens, self.labels), pipeline_labels(self.labels, scale)
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """The labels that count in the loss, counted on the host: a loader's labels are host memory (numpy refuses a
+    device tensor), so counting them never waits for a device."""
+    return int(np.count_nonzero(labels.numpy() != IGNORE_INDEX))
+
+
+def pipeline_labels(labels: torch.Tensor, scale: float | torch.Tensor | None):
+    """The labels DeepSpeed's pipeline engine hands `models.pipeline.pipeline_loss`: the tensor, or (labels, scale)."""
+    if scale is None:
+        return labels
+    return labels, scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float32)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pretrain.data.batches import IGNORE_INDEX
+from pretrain.data.batches import IGNORE_INDEX, pipeline_labels, trained_tokens
 from pretrain.data.loader import DataLoader, ValidationBatches
 from pretrain.data.sft_prepare import read_sft_meta
 from pretrain.errors import UserError
@@ -107,15 +107,13 @@ class SFTBatch(NamedTuple):
         return {"positions": self.positions.to(device), "doc_ids": self.doc_ids.to(device)}
 
     def trained_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        return trained_tokens(self.labels)
 
-    def pipeline(self, scale: float | None = None) -> tuple:
+    def pipeline(self, scale: float | torch.Tensor | None = None) -> tuple:
         """The (inputs, labels) pair DeepSpeed's pipeline engine takes: inputs (tokens, labels) or (tokens,
         positions, doc_ids, labels); labels a tensor or, with `scale`, (labels, scale) for the token-weighted loss."""
         packing = () if self.positions is None else (self.positions, self.doc_ids)
-        inputs = (self.tokens, *packing, self.labels)
-        labels = self.labels if scale is None else (self.labels, torch.tensor(scale, dtype=torch.float32))
-        return inputs, labels
+        return (self.tokens, *packing, self.labels), pipeline_labels(self.labels, scale)
 
 
 def pack_bounds(positions: np.ndarray, seq_len: int, packing: bool) -> np.ndarray:

@@ -49,8 +49,11 @@ class LayerStatsHooks(TrainHooks):
         if self.measuring:
             self.grads = grad_square_sums(self.entries, self.n_groups, self.tp_rank, safe_get_full_grad)
 
+    def writes_at(self, step: int) -> bool:
+        return step % self.interval == 0
+
     def before_step(self, ctx: TrainContext, step: int) -> None:
-        self.measuring = step % self.interval == 0
+        self.measuring = self.writes_at(step)
         self.grads = None
         if self.measuring and self.probe is not None:
             self.probe.arm()

@@ -21,7 +21,11 @@ def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, g
                 counts: torch.Tensor) -> dict:
     """The layer_stats.jsonl object from the reduced tensors (act [len(ACTIVATION_STATS), L], grad_sq/counts
     [L + groups])."""
-    act_rows, sq, n = act.tolist(), grad_sq.tolist(), counts.tolist()
+    device = grad_sq.device
+    values = torch.cat([act.flatten().double().to(device), grad_sq.double(), counts.double().to(device)]).tolist()
+    width = act.shape[1]  # one read of the device above, sliced here
+    act_rows = [values[i * width:(i + 1) * width] for i in range(act.shape[0])]
+    sq, n = values[act.numel():act.numel() + grad_sq.numel()], values[act.numel() + grad_sq.numel():]
     record = {"step": step, "layers": n_layers, "norm_scheme": norm_scheme}
     record.update({s.name: row for s, row in zip(ACTIVATION_STATS, act_rows)})
     record["grad_norm"] = [math.sqrt(v) for v in sq[:n_layers]]

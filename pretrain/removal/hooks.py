@@ -64,6 +64,9 @@ class RemovalHooks(TrainHooks):
     def removed_by(self, step: int) -> int:
         return sum(1 for s in self.sites if s.step <= step)
 
+    def writes_at(self, step: int) -> bool:
+        return any(s.step == step for s in self.sites)  # a switch: its sigma read and written to metrics.jsonl
+
     def before_step(self, ctx: TrainContext, step: int) -> None:
         switching = [s for s in self.sites if s.step == step]
         sigmas = self._all_sigmas() if switching else {}

@@ -81,15 +81,21 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that, like DeepSpeed's ZeRO optimizers, measures the global gradient norm, skips the update
-    when it is not finite (setting `overflow`, which makes the engine skip the scheduler step and count it)
-    and clips. Used at ZeRO stage 0, where DeepSpeed calls the client optimizer directly."""
+    """AdamW that, like DeepSpeed's ZeRO optimizers, measures the global gradient norm, clips, and skips the
+    update when the norm is not finite. Used at ZeRO stage 0, where DeepSpeed calls the client optimizer directly.
+
+    Everything stays on the device: the norm is a tensor, the clip factor min(1, clip / norm) multiplies the
+    gradients, and the skip is the fused AdamW kernel's `found_inf` (it leaves weights, moments and Adam's step count
+    untouched). DeepSpeed's ZeRO optimizers instead read their overflow flag into Python (a host synchronisation per
+    step); here `overflow` stays False for the engine and `skipped` (1.0 on a skipped step) is read by the training
+    loop when it logs (pretrain/train/health.py)."""
 
     def __init__(self, param_groups, clip: float, model_parallel_group, replicated_owner: bool, **kwargs):
-        super().__init__(param_groups, **kwargs)
+        super().__init__(param_groups, fused=True, **kwargs)  # found_inf is a fused-kernel argument
         self.clip, self.mp_group, self.replicated_owner = clip, model_parallel_group, replicated_owner
-        self.overflow = False
+        self.overflow = False  # what DeepSpeed's engine reads: the skip happens on the device instead
         self._global_grad_norm = None
+        self.skipped = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,19 +107,35 @@ class GuardedAdamW(torch.optim.AdamW):
             if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
             and (self.replicated_owner or getattr(p, "tensor_model_parallel", False))
         ]
-        sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-        for grad in owned:
-            sq += grad.double().pow(2).sum()
+        device = grads[0].device if grads else None
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        if owned:
+            sq += torch.stack(torch._foreach_norm(owned)).double().square().sum()
         if self.mp_group is not None and dist.get_world_size(self.mp_group) > 1:
             dist.all_reduce(sq, group=self.mp_group)  # TP shards and PP stages; replicated params once
-        norm = sq.sqrt().item()
+        norm = sq.sqrt().float()
         self._global_grad_norm = norm
-        self.overflow = not math.isfinite(norm)
-        if self.overflow:
-            return None
-        if self.clip > 0 and norm > self.clip:
-            torch._foreach_mul_(grads, self.clip / (norm + 1e-6))
+        self.skipped = self.found_inf = (~torch.isfinite(norm)).float()
+        if self.clip > 0 and grads:
+            torch._foreach_mul_(grads, (self.clip / (norm + 1e-6)).clamp(max=1.0))
         return super().step(closure)
+
+
+def step_skipped(built: "Built") -> torch.Tensor:
+    """After an optimizer step: 1.0 (on the device) when its update was skipped for a non-finite gradient.
+
+    At ZeRO stage 0 GuardedAdamW decided on the device. DeepSpeed's ZeRO and bf16 optimizers decided on the host
+    (their overflow check reads the device, see docs/training.md) and also held the learning-rate schedule back;
+    here the schedule is moved on, so that on every layout the learning rate of step s is the schedule's at s,
+    skipped steps or not (Adam's own step count counts applied updates only)."""
+    optimizer = built.engine.optimizer
+    if isinstance(optimizer, GuardedAdamW):
+        return optimizer.skipped
+    applied = built.engine.was_step_applied()
+    if not applied:
+        built.engine.lr_scheduler.step()
+    device = next(built.model.parameters()).device
+    return torch.full((), 0.0 if applied else 1.0, device=device)
 
 
 def split_decay(model: torch.nn.Module, cfg: ExperimentConfig) -> tuple[list, list]:
@@ -214,8 +236,6 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     ds_cfg = deepspeed_config(cfg, topo)
     t = cfg.train
     opt_kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    if topo.device.type == "cuda":
-        opt_kwargs["fused"] = True
     if cfg.parallel.zero_stage == 0 and t.precision == "fp32":
         optimizer = GuardedAdamW(
             param_groups(model, cfg), clip=t.grad_clip, model_parallel_group=parallel_state.get_model_parallel_group(),
@@ -224,7 +244,8 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     else:
         if cfg.parallel.zero_stage == 0:
             ds_cfg["gradient_clipping"] = t.grad_clip
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), **opt_kwargs)
+        # Fused (one kernel for all tensors, its step counts on the device: no per-tensor host reads of them).
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), fused=True, **opt_kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,

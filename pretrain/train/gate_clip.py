@@ -24,7 +24,7 @@ GATE_SUFFIX = "residual.gate"  # models/parts.py GPAS.gate, the block's residual
 class ClipGateGradients(TrainHooks):
     def __init__(self, max_norm: float):
         self.max_norm = max_norm
-        self.last_norm = None  # the gates' joint gradient norm before clipping, at the last step
+        self.last_norm = None  # the gates' joint gradient norm before clipping, at the last step (on the device)
 
     def on_start(self, ctx: TrainContext) -> None:
         self.gates = [p for n, p in ctx.built.engine.module.named_parameters() if n.endswith(GATE_SUFFIX)]
@@ -39,11 +39,11 @@ class ClipGateGradients(TrainHooks):
             sq += g.double().pow(2).sum()
         if self.pp_group is not None:
             dist.all_reduce(sq, group=self.pp_group)
-        self.last_norm = float(sq.sqrt())
-        if self.last_norm > self.max_norm:
-            scale = self.max_norm / (self.last_norm + 1e-6)
-            for p, g in zip(self.gates, grads):
-                safe_set_full_grad(p, g * scale)
+        self.last_norm = sq.sqrt()
+        # min(1, max / norm) on the device: deciding `norm > max` in Python would wait for the GPU every step
+        scale = (self.max_norm / (self.last_norm + 1e-6)).clamp(max=1.0)
+        for p, g in zip(self.gates, grads):
+            safe_set_full_grad(p, g * scale.to(g.dtype))
 
     def after_step(self, ctx: TrainContext, step: int) -> dict:
         return {} if self.last_norm is None else {"gpas_gate_grad_norm": self.last_norm}

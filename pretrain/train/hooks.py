@@ -40,8 +40,14 @@ class TrainHooks:
         """Before optimizer step `step` (1-based) runs."""
 
     def after_step(self, ctx: TrainContext, step: int) -> dict:
-        """After step `step`, before it is logged or saved; returns extra metrics for its logged record."""
+        """After step `step`, before it is logged or saved; returns extra metrics for its logged record (numbers, or
+        0-dim tensors, which the loop reads only when it logs)."""
         return {}
+
+    def writes_at(self, step: int) -> bool:
+        """Whether this hook writes a record of step `step` (and so reads values from the device then): such a step
+        is not a quiet one for logging.host_syncs."""
+        return False
 
     def stop_requested(self, ctx: TrainContext) -> bool:
         """After step ctx.step: True makes the loop save a checkpoint and exit with EXIT_PREEMPTED. A collective

@@ -28,11 +28,13 @@ from pretrain.state.resume import RunStart
 from pretrain.state.sources import load_weights
 from pretrain.train.data import build_loaders
 from pretrain.train.distributed import Topology, init_distributed, placement, shutdown
-from pretrain.train.engine import Built, apply_optimizer_settings, build_engine, lr_lambda
+from pretrain.train.engine import apply_optimizer_settings, build_engine, lr_lambda
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
+from pretrain.train.health import StepHealth
 from pretrain.train.steps import train_step
+from pretrain.train.syncs import StepSyncs
 
 
 def train(start: RunStart, hooks: Sequence[TrainHooks] = ()) -> int:
@@ -107,67 +109,78 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         hook.on_start(ctx)
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(topo.device)
-    bad_in_a_row, skipped_total = 0, start.saved.get("skipped_steps", 0)
-    window_time, window_steps = 0.0, 0
+    skipped_total = start.saved.get("skipped_steps", 0)
+    health = StepHealth(topo.device, cfg.train.max_bad_steps)
+    syncs = StepSyncs(cfg.logging.host_syncs)
+    last_loss = float("nan")  # the progress bar shows the last logged loss: reading every step's would wait for the GPU
+    window_start, window_steps = time.perf_counter(), 0
     exit_code = EXIT_OK
 
     last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     if step >= last_step:
         out.say(f"nothing to do: the run is already at step {step} (train.steps={cfg.train.steps})")
     while step < last_step:
-        lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
-        t0 = time.perf_counter()
-        for hook in hooks:
-            hook.before_step(ctx, step + 1)
-        loss = train_step(built, train_iter, topo)
-        step += 1
-        consumed_samples += cfg.train.global_batch_size
-        ctx.step, extra = step, {}
-        for hook in hooks:
-            extra.update(hook.after_step(ctx, step))
-        step_time = time.perf_counter() - t0
-        applied = built.engine.was_step_applied() and math.isfinite(loss)
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
-        skipped_total += 0 if applied else 1
-        window_time, window_steps = window_time + step_time, window_steps + 1
-        if not applied and rank0:
-            out.say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped ({bad_in_a_row} in a row)")
-        if step % cfg.logging.interval == 0 or step == last_step or not applied:
-            tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
-            record = {
-                "step": step, "loss": loss, "lr": lr, "grad_norm": _grad_norm(built),
-                "tokens_per_s": tokens_per_s, "consumed_tokens": consumed_samples * cfg.data.seq_len, "step_time": step_time,
-                "skipped_steps": skipped_total, **extra,
-            }
-            if peak:
-                record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
-            out.write(record, "train")
-            out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
-            window_time, window_steps = 0.0, 0
-        if bad_in_a_row >= cfg.train.max_bad_steps:
-            if rank0:
-                out.say(
-                    f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; stopping. "
-                    "Lower train.lr, raise train.warmup_steps or check the data; resume from the last checkpoint"
-                )
-            exit_code = EXIT_UNSTABLE
-            break
-        out.advance(step, loss)
-        if val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            val_loss = evaluate(built, val_batches, topo)
-            out.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
-            out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
-        stop = [hook.stop_requested(ctx) for hook in hooks]  # every hook, every rank: they may be collectives
-        periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
-        if periodic or any(stop) or step == last_step:
-            trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
-                             "skipped_steps": skipped_total, "data_fingerprint": fingerprint}
-            folder = checkpoint.save(built, cfg, ckpt_root, step, trainer_state, topo)
-            out.say(f"step {step:>6} | saved {folder}")
-        if any(stop):
-            out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
-            exit_code = EXIT_PREEMPTED
-            break
+        with syncs.step():  # counts this step's host synchronisations (logging.host_syncs)
+            lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
+            for hook in hooks:
+                hook.before_step(ctx, step + 1)
+            health.record(step + 1, train_step(built, train_iter, topo), built)
+            step += 1
+            window_steps += 1
+            consumed_samples += cfg.train.global_batch_size
+            ctx.step, extra = step, {}
+            for hook in hooks:
+                extra.update(hook.after_step(ctx, step))
+            evaluating = val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
+            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+            stop = [hook.stop_requested(ctx) for hook in hooks]  # every hook, every rank: they may be collectives
+            saving = periodic or any(stop) or step == last_step
+            if any(hook.writes_at(step) for hook in hooks):
+                syncs.busy()
+            if step % cfg.logging.interval == 0 or step == last_step or saving or evaluating:
+                # The one read of the device since the last: the losses, skip flags and timing of the window.
+                settled = health.settle(built.engine.get_global_grad_norm())
+                window_time = time.perf_counter() - window_start
+                skipped_total += len(settled.bad_steps)
+                if settled.bad_steps and rank0:
+                    out.say(f"{_steps(settled.bad_steps)}: non-finite loss or gradient (loss={settled.loss}); update "
+                            f"skipped ({settled.in_a_row} in a row at step {step})")
+                tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
+                record = {
+                    "step": step, "loss": settled.loss, "lr": lr, "grad_norm": settled.grad_norm,
+                    "tokens_per_s": tokens_per_s, "consumed_tokens": consumed_samples * cfg.data.seq_len,
+                    "step_time": window_time / window_steps, "skipped_steps": skipped_total,
+                    **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in extra.items()},
+                }
+                if peak:
+                    record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
+                record.update(syncs.logged())
+                out.write(record, "train")
+                out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
+                last_loss, window_start, window_steps = settled.loss, time.perf_counter(), 0
+                if settled.stop_at is not None:
+                    if rank0:
+                        out.say(
+                            f"error: {cfg.train.max_bad_steps} consecutive steps with a non-finite loss or gradient "
+                            f"(at step {settled.stop_at}); stopping. Lower train.lr, raise train.warmup_steps or check "
+                            "the data; resume from the last checkpoint"
+                        )
+                    exit_code = EXIT_UNSTABLE
+                    break
+            out.advance(step, last_loss)
+            if evaluating:
+                val_loss = evaluate(built, val_batches, topo)
+                out.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
+                out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
+            if saving:
+                trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
+                                 "skipped_steps": skipped_total, "data_fingerprint": fingerprint}
+                folder = checkpoint.save(built, cfg, ckpt_root, step, trainer_state, topo)
+                out.say(f"step {step:>6} | saved {folder}")
+            if any(stop):
+                out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
+                exit_code = EXIT_PREEMPTED
+                break
     for hook in hooks:
         hook.on_finish(ctx, exit_code)
     out.close()
@@ -188,9 +201,8 @@ def schedule_change(old: ExperimentConfig, new: ExperimentConfig, step: int, pla
             f"{', '.join(keys)}, from where the run is)")
 
 
-def _grad_norm(built: Built) -> float:
-    norm = built.engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+def _steps(steps: list[int]) -> str:
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}"
 
 
 def _flops_per_token(cfg: ExperimentConfig) -> float:

@@ -16,13 +16,20 @@ class StopOnSignal(TrainHooks):
 
     def __init__(self):
         self.received: int | None = None
+        self.group = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
 
+    def on_start(self, ctx: TrainContext) -> None:
+        # The flag is host data: agree on it over gloo with CPU tensors, so that asking every step never waits for
+        # the GPU (an NCCL all-reduce would need a device tensor and a read back: a host synchronisation a step).
+        if dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+
     def stop_requested(self, ctx: TrainContext) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=ctx.topo.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops them all at the same step
-        return bool(flag.item())
+        flag = torch.full((1,), 1.0 if self.received else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # one rank's signal stops them all at one step
+        return bool(flag.numpy()[0])  # a CPU tensor (numpy() refuses a device one): no device is waited for
