@@ -14,6 +14,8 @@ them) and runs the stages below as subprocesses, each with a time limit, writing
     env            versions (Python, torch, CUDA, packages), the GPU, nvidia-smi, pretrain.compat's untested versions
     cuda-tests     pytest -m cuda tests/test_cuda.py (junit XML)
     bench          pretrain bench, one process per preset, eager
+    memory         the 1b preset at seq 2048: fused loss on and off, activation checkpointing none, full, selective
+                   (peak memory, tokens/s, host syncs per step; beside `pretrain plan`'s prediction where it exists)
     diagnostics    the cost of per-layer diagnostics: one preset at interval 0, 100 and 1, 120 timed steps each
     profile        pretrain bench --profile: one training step of the 1b preset under torch.profiler
     bench-compile  pretrain bench --compile, one process per preset (last: compiling is the slowest and riskiest)
@@ -99,10 +101,10 @@ TARGET = ["--python-version", "3.12", "--implementation", "cp", "--platform", "m
 # room for a loaded machine (a 120-step run took 12 s at load 3 and 108 s at load 8) and for the first run's JIT
 # build of DeepSpeed's CPU communication op (~40 s after every fresh install: its sources are new files).
 LIMITS = {
-    "gpu": {"install": 60, "env": 60, "cuda-tests": 180, "bench": 90, "diagnostics": 60, "profile": 90,
-            "bench-compile": 150},
-    "cpu": {"install": 120, "env": 90, "cuda-tests": 180, "bench": 180, "diagnostics": 180, "profile": 120,
-            "bench-compile": 240},
+    "gpu": {"install": 60, "env": 60, "cuda-tests": 180, "bench": 90, "memory": 75, "diagnostics": 60,
+            "profile": 90, "bench-compile": 150},
+    "cpu": {"install": 120, "env": 90, "cuda-tests": 180, "bench": 180, "memory": 120, "diagnostics": 180,
+            "profile": 120, "bench-compile": 240},
 }
 DEADLINE_S = 480  # no new run starts after this, and a running one is cut at it: one device call is 10 minutes
 MIN_START_S = 15  # a run with less time than this left is not started ("out of time")
@@ -113,6 +115,11 @@ GPU_PRESETS = ("130m", "350m", "1b", "1b-aligned")
 # 130m the 35% one, 1b-aligned is 1b's shape with ffn 5504.
 GPU_COMPILE_ORDER = ("1b", "130m", "1b-aligned", "350m")
 DIAGNOSTICS_INTERVALS = (0, 100, 1)
+# The memory stage's variants (train.fused_loss, train.activation_checkpointing), the default first, and its shape:
+# at seq 2048 and micro-batch 8 the unfused loss holds 2 GiB of fp32 logits and as much again for their gradient.
+MEMORY_VARIANTS = ((True, "none"), (False, "none"), (True, "full"), (True, "selective"))
+MEMORY_SHAPE = {"gpu": ("1b", ["--seq-len", "2048", "--micro-batch-size", "8", "--steps", "5"]),
+                "cpu": ("tiny", ["--seq-len", "64", "--micro-batch-size", "4", "--steps", "3"])}
 DIAGNOSTICS_STEPS = 120  # interval 100 must fire inside the timed steps (steps 4..123 after 3 warm-up steps)
 
 
@@ -446,6 +453,21 @@ def bench_stage(compile: bool):
     return stage
 
 
+def stage_memory(kit: Kit):
+    preset, shape = MEMORY_SHAPE["cpu" if kit.cpu else "gpu"]
+    rows = []
+    for fused, checkpointing in MEMORY_VARIANTS:
+        args = ["--presets", preset, *shape, "--fused-loss" if fused else "--no-fused-loss",
+                "--activation-checkpointing", checkpointing]
+        name = f"{'fused' if fused else 'unfused'}-{checkpointing}"
+        got = run_bench(kit, f"{preset} {name}", args, kit.out / "memory" / f"{name}.json")
+        rows.append(got[0] if got else {"preset": preset, "fused_loss": fused, "activation_checkpointing": checkpointing,
+                                        "command": shlex.join(["pretrain", "bench", *args]),
+                                        "run_status": kit.results["stages"]["memory"]["runs"][-1]["status"]})
+        kit.results["memory"] = rows
+        kit.save()
+
+
 def stage_diagnostics(kit: Kit):
     preset = "tiny" if kit.cpu else "130m"
     rows = {}
@@ -506,6 +528,7 @@ STAGES = {
     "env": stage_env,
     "cuda-tests": stage_cuda_tests,
     "bench": bench_stage(compile=False),
+    "memory": stage_memory,
     "diagnostics": stage_diagnostics,
     "profile": stage_profile,
     "bench-compile": bench_stage(compile=True),
@@ -604,19 +627,35 @@ def render_table(results: dict) -> str:
              f"{device}, {date}, torch {torch_info.get('version', '?')} (CUDA {torch_info.get('cuda')}), "
              f"{first.get('precision', '?')}, seq_len {first.get('seq_len', '?')}, median of the timed steps after "
              "3 warm-up steps, one process per row:", "",
-             "| command | preset | compile | micro | step ms | tokens/s | TFLOP/s | MFU | mem GiB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| command | preset | compile | micro | step ms | tokens/s | TFLOP/s | MFU | mem GiB | syncs/step |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if not rows:
         lines[-2:] = ["(no bench rows: see the stages in results.json)"]
     order = {p: i for i, p in enumerate(("tiny", *GPU_PRESETS))}
     for r in sorted(rows, key=lambda r: (r.get("compile", False), order.get(r.get("preset"), 99))):
         compiled = "yes" if r.get("compile") else "no"
         if "step_ms" not in r:
-            lines.append(f"| `{r['command']}` | {r.get('preset')} | {compiled} | | {r['run_status']} | | | | |")
+            lines.append(f"| `{r['command']}` | {r.get('preset')} | {compiled} | | {r['run_status']} | | | | | |")
             continue
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| `{r['command']}` | {r['preset']} | {compiled} | {r['micro']} | {r['step_ms']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['mem_gib']:.1f} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {r['mem_gib']:.1f} | "
+                     f"{_num(r.get('host_syncs'), 'd')} |")
+    memory = results.get("memory")
+    if memory:
+        lines += ["", "Memory stage: fused loss and activation checkpointing, one process per row (plan: `pretrain "
+                  "plan`'s prediction for the same shape, where the row has one):", "",
+                  "| fused loss | checkpointing | micro | seq | step ms | tokens/s | MFU | peak GiB | plan GiB | "
+                  "plan tokens/s | syncs/step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in memory:
+            head = f"| {'on' if r['fused_loss'] else 'off'} | {r['activation_checkpointing']} |"
+            if "step_ms" not in r:
+                lines.append(f"{head} | | {r['run_status']} | | | | | | |")
+                continue
+            mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            lines.append(f"{head} {r['micro']} | {r['seq_len']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{mfu} | {r['mem_gib']:.1f} | {_num(r.get('plan_mem_gib'), '.1f')} | "
+                         f"{_num(r.get('plan_tokens_per_s'), ',.0f')} | {_num(r.get('host_syncs'), 'd')} |")
     diag = results.get("diagnostics")
     if diag and diag["rows"]:
         lines += ["", f"Diagnostics cost, `{diag['preset']}`, {diag['steps']} timed steps per interval, same stage:",

@@ -57,6 +57,7 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
     from pretrain.train.hooks import TrainContext
     from pretrain.train.metrics import MetricsWriter, peak_flops
     from pretrain.train.steps import train_step
+    from pretrain.train.syncs import HostSyncs
 
     built = build_engine(cfg, topo)
     t = cfg.train
@@ -93,6 +94,9 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
         one_step()
         _sync(topo.device)
         times.append(time.perf_counter() - t0)
+    with HostSyncs(keep=100) as syncs:  # after the timed steps: the counting mode costs a Python call per op
+        one_step()
+    _sync(topo.device)
     step_s = statistics.median(times)
     tokens_per_s = t.global_batch_size * cfg.data.seq_len / step_s
     flops = built.model.flops_per_token(cfg.data.seq_len) * tokens_per_s
@@ -108,7 +112,8 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
     return {"preset": cfg.model.preset, "micro": t.micro_batch_size, "step_ms": 1000 * step_s,
             "tokens_per_s": tokens_per_s, "tflops": flops / 1e12, "mfu": flops / peak if peak else None, "mem_gib": mem,
             "mean_step_ms": 1000 * statistics.fmean(times), "step_times_ms": [1000 * x for x in times],
-            "first_timed_step": first_timed, "steps": steps}
+            "first_timed_step": first_timed, "steps": steps, "host_syncs": syncs.count,
+            "host_sync_sites": sorted(set(syncs.sites))}
 
 
 def profile_step(one_step, device: torch.device, out_dir: str, about: dict) -> dict:

@@ -8,10 +8,13 @@ random tokens, and times optimizer steps after a warm-up. MFU = achieved model F
 later preset leaves the earlier rows). `--profile DIR` traces one training step of the first preset with
 torch.profiler, after the warm-up and outside the timed steps: DIR/profile.txt (the operator table), DIR/profile.json
 (top kernels and operators, host synchronisations, peak memory) and DIR/trace.json.gz (chrome://tracing, Perfetto).
+Every row also counts the host synchronisations of one more step (pretrain/train/syncs.py; `host_sync_sites` in
+--json), after the timed ones, since counting slows a step.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 
@@ -28,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=10,
                    help="timed optimizer steps per preset, after untimed warm-up steps (default 10)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (train.compile)")
+    p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="the chunked head + cross-entropy (train.fused_loss; default on)")
+    p.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+                   help="recompute in backward (train.activation_checkpointing; default none)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--diagnostics-interval", type=int, default=0,
                    help="measure per-layer diagnostics every N steps while timing (0 = off), to see their cost")
@@ -62,7 +69,8 @@ def cmd_bench(args) -> int:
     # What every row of --json carries besides its own figures: enough to tell two runs' rows apart.
     common = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "precision": precision,
               "seq_len": args.seq_len, "compile": args.compile, "diagnostics_interval": args.diagnostics_interval,
-              "norm_scheme": args.norm_scheme}
+              "norm_scheme": args.norm_scheme, "fused_loss": args.fused_loss,
+              "activation_checkpointing": args.activation_checkpointing}
     try:
         rows = []
         for i, preset in enumerate(args.presets):
@@ -73,17 +81,21 @@ def cmd_bench(args) -> int:
                 f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", f"train.precision={precision}",
                 f"parallel.zero_stage={1 if precision == 'bf16' else 0}",  # DeepSpeed's bf16 optimizer
                 f"train.compile={str(args.compile).lower()}", "train.warmup_steps=1",
+                f"train.fused_loss={str(args.fused_loss).lower()}",
+                f"train.activation_checkpointing={args.activation_checkpointing}",
             ])
             rows.append(bench_preset(cfg, topo, args.steps, profile_dir=args.profile if i == 0 else None))
             if args.json:
                 write_json(args.json, [{**common, **r} for r in rows])
         print(f"\n{device}, {precision}, seq_len {args.seq_len}, compile={args.compile}, "
+              f"fused_loss={args.fused_loss}, activation_checkpointing={args.activation_checkpointing}, "
               f"diagnostics every {args.diagnostics_interval or 'never'} step(s)")
-        print(f"{'preset':<7}{'micro':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
+        print(f"{'preset':<7}{'micro':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}"
+              f"{'syncs':>7}")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
             print(f"{r['preset']:<7}{r['micro']:>6}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-                  f"{r['tflops']:>9.1f}{mfu:>7}{r['mem_gib']:>9.1f}")
+                  f"{r['tflops']:>9.1f}{mfu:>7}{r['mem_gib']:>9.1f}{r['host_syncs']:>7}")
     finally:
         shutdown()
     return 0

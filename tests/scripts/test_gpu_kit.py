@@ -156,7 +156,13 @@ def test_table_has_a_row_per_run_including_the_ones_that_ended_badly():
                     "run_status": "timeout"},
                    {"command": "pretrain bench --presets 130m", "preset": "130m", "compile": False, "micro": 32,
                     "step_ms": 40.0, "tokens_per_s": 204800.0, "tflops": 140.4, "mfu": 0.142, "mem_gib": 9.9,
-                    "precision": "bf16", "seq_len": 256, "run_status": "ok"}],
+                    "precision": "bf16", "seq_len": 256, "run_status": "ok", "host_syncs": 4}],
+               "memory": [
+                   {"preset": "1b", "fused_loss": True, "activation_checkpointing": "none", "micro": 8, "seq_len": 2048,
+                    "step_ms": 900.0, "tokens_per_s": 18204.4, "mfu": 0.41, "mem_gib": 52.3, "host_syncs": 4,
+                    "plan_mem_gib": 50.1, "plan_tokens_per_s": 17000.0, "run_status": "ok"},
+                   {"preset": "1b", "fused_loss": False, "activation_checkpointing": "none", "run_status": "failed",
+                    "command": "pretrain bench --presets 1b --no-fused-loss"}],
                "profile": {"preset": "1b", "step": 4, "step_wall_ms": 410.0, "device_busy_ms": 380.5, "host_syncs": 3,
                            "sync_events": {"cudaStreamSynchronize": 3, "aten::item": 3, "cudaDeviceSynchronize": 0},
                            "peak_mem_gib": 41.2, "top_kernels": [{"name": "sm90_gemm", "calls": 96, "device_ms": 250.0}],
@@ -165,7 +171,9 @@ def test_table_has_a_row_per_run_including_the_ones_that_ended_badly():
     assert "device busy 380.5 ms; host synchronisations 3 (cudaStreamSynchronize 3, aten::item 3), peak memory " \
            "41.2 GiB" in table and "| `sm90_gemm` | 96 | 250.00 |" in table
     assert "NVIDIA H100 80GB HBM3, 2026-11-27" in table
-    assert "| `pretrain bench --presets 130m` | 130m | no | 32 | 40.0 | 204,800 | 140.4 | 14.2% | 9.9 |" in table
+    assert "| `pretrain bench --presets 130m` | 130m | no | 32 | 40.0 | 204,800 | 140.4 | 14.2% | 9.9 | 4 |" in table
+    assert "| on | none | 8 | 2048 | 900.0 | 18,204 | 41.0% | 52.3 | 50.1 | 17,000 | 4 |" in table
+    assert "| off | none | | | failed |" in table
     assert "| `pretrain bench --presets 1b --compile` | 1b | yes | | timeout |" in table
 
 
