@@ -5,7 +5,9 @@ there an error is the one line a user (and a script) reads."""
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,3 +27,37 @@ def when_slow(what: str, enabled: bool = True, after: float = AFTER_S) -> Iterat
         yield
     finally:
         timer.cancel()
+
+
+class Progress:
+    """A progress line with MB/s for a long loop over bytes (`data prepare` tokenizing): nothing for the first
+    `after` seconds, so a quick run (and a test) stays quiet; then on a terminal one line rewritten in place every
+    second, elsewhere (a log file) a new line every `every` seconds; `close()` ends with the total and the rate."""
+
+    def __init__(self, what: str, total_bytes: int | None = None, enabled: bool = True, after: float = AFTER_S,
+                 every: float = 30.0):
+        self.what, self.total, self.enabled, self.after = what, total_bytes, enabled, after
+        self.tty = sys.stdout.isatty()
+        self.every = 1.0 if self.tty else every
+        self.start = time.perf_counter()
+        self.done = 0
+        self.last = None  # when the last line was printed
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if not self.enabled or now - self.start < self.after or (self.last and now - self.last < self.every):
+            return
+        self.last = now
+        total = f" / {self.total / 1e6:,.1f}" if self.total else ""
+        line = f"pretrain: {self.what} {self.done / 1e6:,.1f}{total} MB, {self.rate(now):.1f} MB/s"
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def rate(self, now: float | None = None) -> float:
+        return self.done / 1e6 / max((now or time.perf_counter()) - self.start, 1e-9)
+
+    def close(self) -> None:
+        if self.last is not None:
+            now = time.perf_counter()
+            line = f"pretrain: {self.what} {self.done / 1e6:,.1f} MB in {now - self.start:.1f} s, {self.rate(now):.1f} MB/s"
+            print(f"\r{line}" if self.tty else line, flush=True)

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.data.backends import encoder
 from pretrain.data.folders import MODEL_FILE, SPLITS, is_prepared, staging_dir, token_dtype, write_meta
 from pretrain.data.sources import SampleBy, Source, check_field, check_text, check_utf8, load_source, resolve_source
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
+from pretrain.notice import Progress
 
-ENCODE_BATCH = 1000
+# Documents per encode call: large enough for the tokenizers backend to spread over its threads (~1-3 MB of text).
+ENCODE_BATCH = 16384
 
 
 def prepare_dataset(
@@ -38,6 +41,8 @@ def prepare_dataset(
     subset: str | None = None,
     max_documents: int | None = None,
     overwrite: bool = False,
+    backend: str = "tokenizers",
+    progress: bool = True,
 ) -> str:
     """Tokenize `source` (EOS after every document) into a prepared folder at `out_dir`; return its path.
 
@@ -45,6 +50,8 @@ def prepare_dataset(
     dataset name (`subset`, `split`, `streaming` apply). For text files `sample_by` sets what one document
     is. Each non-empty document goes to val with probability `val_fraction`, decided by a hash of (seed,
     document index); the first goes to train and, when none was picked, the last goes to val.
+    `backend` (backends.py) tokenizes: tokenizers or sentencepiece, the same ids and files. `num_proc` is the number
+    of tokenizer threads (default: one per core, at most 16). `progress`: a line with MB/s once it takes over 2 s.
     """
     if sample_by not in ("line", "paragraph", "document"):
         raise UserError(f"--sample-by {sample_by!r} is not one of line, paragraph, document")
@@ -65,21 +72,20 @@ def prepare_dataset(
     dtype = token_dtype(tok.vocab_size)
     out = Path(out_dir).expanduser().absolute()
 
+    enc = encoder(tok, backend, threads=num_proc or min(os.cpu_count() or 1, 16))
     with staging_dir(out, overwrite, is_prepared, what="a prepared dataset", kind="data") as tmp:
-        # Local files and the tokenized intermediate get a throwaway datasets cache inside the staging
-        # folder; hub downloads keep the user's cache so that they are not fetched again.
+        # Local files get a throwaway datasets cache inside the staging folder; hub downloads keep the user's
+        # cache so that they are not fetched again.
         cache = tmp / ".hf_cache"
         cache.mkdir()
         ds = load_source(src, sample_by=sample_by, streaming=streaming, cache_dir=str(cache) if src.local else None)
         strip = src.builder == "text" and sample_by == "paragraph"
-        if strip:
-            ds = _split_whitespace_paragraphs(ds, streaming, num_proc, cache_file=str(cache / "paragraphs.arrow"))
+        total = sum(f.stat().st_size for f in src.files) if src.local else None
+        meter = Progress("tokenizing", total, enabled=progress)
         with _SplitWriter(tmp, dtype) as writer:
-            if streaming:
-                _write_streaming(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip)
-            else:
-                _write_mapped(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip,
-                              cache_file=str(cache / "tokens.arrow"))
+            batches = _batches(ds, src, text_field, streaming, strip, max_documents)
+            _write_documents(batches, enc, writer, val_fraction, seed, strip, meter, last_to_val=not streaming)
+        meter.close()
         del ds
         shutil.rmtree(cache, ignore_errors=True)
         if writer.docs["train"] == 0:
@@ -87,6 +93,7 @@ def prepare_dataset(
         if val_fraction > 0 and writer.docs["val"] == 0:
             raise UserError(_empty_val_message(src, sample_by, val_fraction, writer.docs["train"], streaming))
         (tmp / MODEL_FILE).write_bytes(tok.model_bytes)
+        # The backend is not recorded: both write the same files.
         options = dict(text_field=text_field, streaming=streaming, max_documents=max_documents)
         if src.builder == "text":
             options["sample_by"] = sample_by
@@ -155,27 +162,22 @@ class _SplitWriter:
         self.tokens[split] += int(tokens.size)
         self.docs[split] += num_docs
 
+    def move_last_to_val(self, tokens: np.ndarray) -> None:
+        """Move the document just written to train (its `tokens`) to val: cut it off the end of train.bin."""
+        f = self.files["train"]
+        f.flush()
+        f.truncate(f.tell() - tokens.size * np.dtype(self.dtype).itemsize)
+        f.seek(0, os.SEEK_END)
+        self.tokens["train"] -= int(tokens.size)
+        self.docs["train"] -= 1
+        self.write("val", tokens, 1)
+
     def __enter__(self) -> "_SplitWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         for f in self.files.values():
             f.close()
-
-
-class _Encode:
-    """datasets.map function: texts -> token ids + EOS; blank documents give [] and are dropped later."""
-
-    def __init__(self, tok: Tokenizer, text_field: str, strip_newlines: bool):
-        self.tok, self.text_field, self.strip_newlines = tok, text_field, strip_newlines
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [_clean(t, self.strip_newlines) for t in batch[self.text_field]]
-        keep = [i for i, t in enumerate(texts) if t is not None]
-        ids: list[list[int]] = [[] for _ in texts]
-        for i, row in zip(keep, self.tok.encode_batch([texts[i] for i in keep], eos=True)):
-            ids[i] = row
-        return {"ids": ids}
 
 
 def _clean(text: str | None, strip_newlines: bool) -> str | None:
@@ -205,90 +207,79 @@ def split_paragraphs(text: str) -> list[str]:
     return paragraphs
 
 
-def _split_paragraph_rows(batch: dict) -> dict:
-    """datasets.map function: every row of the text builder's paragraph mode -> its paragraphs, one per row."""
-    return {"text": [p for text in batch["text"] if text is not None for p in split_paragraphs(text)]}
+def _batches(ds, src: Source, text_field: str, streaming: bool, strip: bool, max_documents: int | None):
+    """(documents, UTF-8 bytes read for them) in order, in batches; a document is a text or None (no text). Text
+    files read by paragraph are cut at whitespace-only lines too (`split_paragraphs`); `max_documents` counts the
+    documents after that cut."""
+    rows = _stream_rows(ds, src, text_field) if streaming else _arrow_rows(ds, src, text_field)
+    left = max_documents
+    for texts, nbytes in rows:
+        if strip:
+            texts = [p for text in texts if text is not None for p in split_paragraphs(text)]
+        if left is not None:
+            texts = texts[:left]
+            left -= len(texts)
+        yield texts, nbytes
+        if left == 0:
+            return
 
 
-def _split_whitespace_paragraphs(ds, streaming: bool, num_proc: int | None, cache_file: str):
-    """`ds` (the text builder, sample_by="paragraph") with its rows cut at whitespace-only lines too."""
-    if streaming:
-        return ds.map(_split_paragraph_rows, batched=True, batch_size=ENCODE_BATCH, remove_columns=["text"])
+def _arrow_rows(ds, src: Source, text_field: str):
+    """The text column of a cached dataset in batches of ENCODE_BATCH rows, read as arrow (no per-row python)."""
     import datasets  # 0.6 s to import: only tokenizing needs it, not the training runs that import this module
-
-    return ds.map(
-        _split_paragraph_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=_num_proc(num_proc, len(ds)) or None,
-        remove_columns=ds.column_names, features=datasets.Features({"text": datasets.Value("string")}),
-        cache_file_name=cache_file, desc="Splitting paragraphs",
-    )
-
-
-def _write_mapped(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip, cache_file) -> None:
-    import datasets  # 0.6 s to import: only tokenizing needs it, not the training runs that import this module
-    import pyarrow as pa  # as datasets: only tokenizing needs it
     import pyarrow.compute as pc  # as datasets: only tokenizing needs it
 
     check_field(src, text_field, ds.column_names)
     feature = ds.features[text_field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise UserError(f"{src.label}: field {text_field!r} holds {feature}, not text; pass --text-field")
-    if max_documents is not None and len(ds) > max_documents:
-        ds = ds.select(range(max_documents))
-    ids = ds.map(
-        _Encode(tok, text_field, strip), batched=True, batch_size=ENCODE_BATCH,
-        num_proc=_num_proc(num_proc, len(ds)) or None,
-        remove_columns=ds.column_names, features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
-        cache_file_name=cache_file, desc="Tokenizing",
-    ).with_format("arrow")
-    batch_rows = 1 << 16
-    lengths = np.concatenate(  # no rows at all: a text file of whitespace only is caught as empty below
-        [np.zeros(0, np.int64)]
-        + [pc.list_value_length(b.column("ids")).to_numpy(zero_copy_only=False) for b in ids.iter(batch_rows)]
-    )
-    is_val = assign_val(lengths > 0, val_fraction, seed)
-    start = 0
-    for b in ids.iter(batch_rows):
-        col, n = b.column("ids"), b.num_rows
-        val, nonempty = is_val[start:start + n], lengths[start:start + n] > 0
-        for split, mask in (("train", ~val), ("val", val)):
-            rows = col.filter(pa.array(mask))
-            writer.write(split, pc.list_flatten(rows).to_numpy(), int((mask & nonempty).sum()))
-        start += n
+    for batch in ds.select_columns([text_field]).with_format("arrow").iter(ENCODE_BATCH):
+        column = batch.column(text_field)
+        yield column.to_pylist(), pc.sum(pc.binary_length(column)).as_py() or 0
 
 
-def _write_streaming(ds, src, tok, text_field, writer, val_fraction, seed, num_proc, max_documents, strip) -> None:
-    threads = num_proc or min(os.cpu_count() or 1, 16)
-    seen_train = False
-    index = 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal seen_train, index
-        texts = [_clean(t, strip) for t in batch]
-        keep = [t is not None for t in texts]
-        rows = tok.encode_batch([t for t in texts if t is not None], eos=True, num_threads=threads)
-        doc_ids = index + np.arange(len(batch))
-        val = (_doc_uniform(seed, doc_ids) < val_fraction)[np.array(keep, bool)]
-        if not seen_train and len(rows):
-            val[0], seen_train = False, True  # the first document always trains, as in assign_val
-        for split, flag in (("train", False), ("val", True)):
-            chosen = [r for r, v in zip(rows, val) if v == flag]
-            flat = np.fromiter(itertools.chain.from_iterable(chosen), np.int64, count=sum(map(len, chosen)))
-            writer.write(split, flat, len(chosen))
-        index += len(batch)
-        batch.clear()
-
+def _stream_rows(ds, src: Source, text_field: str):
+    """The texts of a streamed dataset in batches of ENCODE_BATCH rows, each checked to be text."""
+    batch: list[str | None] = []
+    nbytes = 0
     for i, ex in enumerate(ds):
-        if max_documents is not None and i >= max_documents:
-            break
         if i == 0:
             check_field(src, text_field, list(ex))
         text = ex.get(text_field)
         batch.append(None if text is None else check_text(src, text_field, text))
+        nbytes += len(text.encode("utf-8")) if text else 0
         if len(batch) == ENCODE_BATCH:
-            flush()
+            yield batch, nbytes
+            batch, nbytes = [], 0
     if batch:
-        flush()
+        yield batch, nbytes
+
+
+def _write_documents(batches, enc, writer: _SplitWriter, val_fraction: float, seed: int, strip: bool,
+                     meter: Progress, last_to_val: bool) -> None:
+    """Tokenize each batch of documents (blank ones are skipped but keep their index) and append each document's
+    tokens and EOS to its split, as whole arrays. The split of document i is `assign_val`'s: hashed from (seed, i),
+    the first document to train and, with `last_to_val` (all but streaming), the last to val if none went there."""
+    index, seen_train = 0, False
+    last = np.zeros(0, np.int64)  # the tokens of the last non-empty document
+    for texts, nbytes in batches:
+        docs = [_clean(t, strip) for t in texts]
+        kept = np.flatnonzero([d is not None for d in docs])
+        rows = enc.encode([d for d in docs if d is not None], eos=True)
+        lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count=int(lengths.sum()))
+        val = _doc_uniform(seed, index + kept) < val_fraction
+        if not seen_train and len(rows):
+            val[0], seen_train = False, True  # the first document always trains
+        on_val = np.repeat(val, lengths)
+        writer.write("train", flat[~on_val], int((~val).sum()))
+        writer.write("val", flat[on_val], int(val.sum()))
+        if len(rows):
+            last = flat[flat.size - lengths[-1]:]
+        index += len(texts)
+        meter.add(nbytes)
+    if last_to_val and val_fraction > 0 and writer.docs["val"] == 0 and writer.docs["train"] >= 2:
+        writer.move_last_to_val(last)
 
 
 def assign_val(nonempty: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -314,13 +305,3 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _num_proc(requested: int | None, n_docs: int) -> int:
-    """Worker processes for datasets.map; 0 means none (datasets forks a pool even for num_proc=1)."""
-    if requested is not None:
-        n = min(requested, n_docs)
-    else:  # a worker costs a few tenths of a second to start; small inputs are faster in this process
-        n = min(os.cpu_count() or 1, 16, n_docs // 2000)
-    return n if n > 1 else 0
-

@@ -213,11 +213,11 @@ def test_interrupted_prepare_leaves_nothing_and_partial_folder_is_refused(tmp_pa
     src = write_txt(tmp_path / "c.txt", DOCS)
     out = tmp_path / "out"
 
-    def boom(self, batch):
+    def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while tokenizing")
 
     with monkeypatch.context() as m:
-        m.setattr(prep._Encode, "__call__", boom)
+        m.setattr(prep, "_write_documents", boom)
         with pytest.raises(Exception, match="simulated crash"):
             prepare_dataset(str(src), tiny_tokenizer_dir(), str(out), num_proc=1)
     assert not out.exists() and leftovers(tmp_path) == []
