@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pretrain.data.backends import BACKENDS
 from pretrain.data.folders import read_meta
 from pretrain.data.prepare import prepare_dataset
 from pretrain.data.resolve import resolve_data_path, resolve_tokenizer
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="Output folder; written atomically.")
     p.add_argument("--text-field", default="text", help="Field holding the text (default: text; .txt files give 'text').")
     p.add_argument("--num-proc", type=int, default=None, metavar="N",
-                   help="Tokenizer processes (default: one per core for inputs of a few thousand documents or more).")
+                   help="Tokenizer threads (default: one per core, at most 16).")
     p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                    help="Fraction of documents held out for validation (default: 0.05).")
     p.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="paragraph",
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
     p.add_argument("--max-docs", type=int, default=None, metavar="N", help="Stop after the first N documents.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the train/val assignment (default: 0).")
+    p.add_argument("--backend", choices=BACKENDS, default="tokenizers",
+                   help="Tokenizing library: tokenizers (default; Rust, parallel) or sentencepiece (the reference); "
+                   "both write the same token ids, and a tokenizer tokenizers cannot reproduce falls back to "
+                   "sentencepiece with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -79,6 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="Stop after the first N records.")
     p.add_argument("--num-proc", type=int, default=None, metavar="N", help="Tokenizer threads (default: one per core).")
+    p.add_argument("--backend", choices=BACKENDS, default="tokenizers",
+                   help="Tokenizing library: tokenizers (default; Rust, parallel) or sentencepiece (the reference); "
+                   "both write the same token ids, and a tokenizer tokenizers cannot reproduce falls back to "
+                   "sentencepiece with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare_sft)
 
@@ -92,6 +101,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         args.source, args.tokenizer, args.out, text_field=args.text_field, val_fraction=args.val_fraction,
         num_proc=args.num_proc, seed=args.seed, sample_by=args.sample_by, streaming=args.streaming,
         split=args.split, subset=args.subset, max_documents=args.max_docs, overwrite=args.overwrite,
+        backend=args.backend,
     )
     print(f"prepared: {out} ({summary(read_meta(out))})")
     return 0
@@ -103,7 +113,7 @@ def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
         args.source, resolve_tokenizer(args.tokenizer), args.out, fmt=args.format, template=args.template,
         train_on_prompt=args.train_on_prompt, seq_len=args.seq_len, overlong=args.overlong,
         val_fraction=args.val_fraction, seed=args.seed, split=args.split, subset=args.subset,
-        max_examples=args.max_examples, num_proc=args.num_proc, overwrite=args.overwrite,
+        max_examples=args.max_examples, num_proc=args.num_proc, overwrite=args.overwrite, backend=args.backend,
     )
     print(f"prepared: {out} ({summary(read_meta(out))})")
     return 0

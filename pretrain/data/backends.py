@@ -87,6 +87,8 @@ def backend_tokenizer(tok: Tokenizer, specials: bool = True):
         unk = pieces[tok.unk_id][0] if tok.unk_id >= 0 else None
         model = BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
     else:  # unigram
+        if not specials:  # its lattice would match "<s>" & co in a text; no normalized text holds a space
+            pieces = [(" " + piece if t in (CONTROL, UNKNOWN) else piece, s, t) for piece, s, t in pieces]
         model = Unigram([(piece, s) for piece, s, _ in pieces], tok.unk_id if tok.unk_id >= 0 else None,
                         byte_fallback=spec.byte_fallback)
     hf = HFTokenizer(model)
@@ -110,7 +112,7 @@ def backend_tokenizer(tok: Tokenizer, specials: bool = True):
         hf.add_special_tokens([AddedToken(piece, special=True, normalized=False)
                                for piece, _, t in pieces if t in (CONTROL, UNKNOWN)])
     if tok.bos_id >= 0:
-        bos = pieces[tok.bos_id][0]
+        bos = tok.sp.id_to_piece(tok.bos_id)
         hf.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
     return hf

@@ -140,14 +140,18 @@ def check_tokenizer(tok: Tokenizer) -> None:
 
 
 def encode_conversations(tok: Tokenizer, template: Template, convs: Sequence[Conversation], train_on_prompt: bool = False,
-                         num_threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+                         num_threads: int = 1, encoder=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(tokens int64, trained-target mask bool) per conversation: BOS, prompts, responses each followed by EOS.
+    The texts are encoded by `encoder` (backends.encoder: the same ids whichever backend), else by `tok` itself.
 
     A conversation whose last turn has no response ends with that turn's prompt (a generation prompt)."""
     check_tokenizer(tok)
     parts = [segments(c, template) for c in convs]
     texts = [text for segs in parts for text, _ in segs]
-    ids = iter(tok.encode_batch(texts, num_threads=num_threads) if texts else [])
+    if encoder is not None:
+        ids = iter(encoder.encode(texts))
+    else:
+        ids = iter(tok.encode_batch(texts, num_threads=num_threads) if texts else [])
     out = []
     for segs in parts:
         tokens, mask = [tok.bos_id], [False]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.data.backends import encoder
 from pretrain.data.folders import (
     META_FILE, MODEL_FILE, SFT_KIND, is_prepared, read_meta, staging_dir, token_dtype, write_meta,
 )
@@ -59,12 +60,14 @@ def prepare_sft(
     max_examples: int | None = None,
     num_proc: int | None = None,
     overwrite: bool = False,
+    backend: str = "tokenizers",
 ) -> str:
     """Tokenize instruction records into an SFT folder at `out_dir` (see the module docstring) with the resolved
     `tokenizer` (resolve.resolve_tokenizer); return the folder's path.
 
     Each kept example goes to val with probability `val_fraction`, decided by a hash of (seed, record index), as
-    `data prepare` does for documents. Nothing is written unless every record is valid."""
+    `data prepare` does for documents. Nothing is written unless every record is valid. `backend` (backends.py):
+    tokenizers or sentencepiece, the same ids and files."""
     tmpl = get_template(template)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -80,7 +83,7 @@ def prepare_sft(
         raise UserError(f"--max-examples {max_examples} must be >= 1")
     check_tokenizer(tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
-    threads = num_proc or min(os.cpu_count() or 1, 16)
+    enc = encoder(tokenizer, backend, threads=num_proc or min(os.cpu_count() or 1, 16))
     out = Path(out_dir).expanduser().absolute()
     with staging_dir(out, overwrite, is_sft_folder, what="a prepared SFT dataset", known=FILES, kind=KIND) as tmp:
         cache = tmp / ".hf_cache"
@@ -91,7 +94,7 @@ def prepare_sft(
         resolved = fmt
         label = resolve_source(records_spec(source), split=split, subset=subset).label
         for start, resolved, convs in iter_records(source, fmt, split, subset, str(cache), limit=max_examples):
-            for i, (ids, mask) in enumerate(encode_conversations(tokenizer, tmpl, convs, train_on_prompt, threads)):
+            for i, (ids, mask) in enumerate(encode_conversations(tokenizer, tmpl, convs, train_on_prompt, encoder=enc)):
                 counts["read"] += 1
                 if seq_len is not None and len(ids) - 1 > seq_len:
                     if overlong == "error":
