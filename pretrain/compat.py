@@ -54,7 +54,7 @@ TESTED = {
     "safetensors": ("0.8", "1"),
     "datasets": ("5.2", "6"),
     "sentencepiece": ("0.2.2", "0.3"),
-    "tokenizers": ("0.23.1", "0.24"),  # data prepare's default backend; transformers 5.25 pins this range too
+    "tokenizers": ("0.23.1", "0.24"),  # data prepare's --backend tokenizers; transformers 5.25 pins this range too
     "numpy": ("2.2", "3"),  # 2.3 and later need Python >= 3.11
     "pyyaml": ("6.0.1", "7"),
     "jinja2": ("3.1", "4"),  # lm-eval task templates (pretrain eval-choices); torch depends on it too

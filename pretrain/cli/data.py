@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pretrain.data.backends import BACKENDS
+from pretrain.data.backends import BACKENDS, DEFAULT_BACKEND
 from pretrain.data.folders import read_meta
 from pretrain.data.prepare import prepare_dataset
 from pretrain.data.resolve import resolve_data_path, resolve_tokenizer
@@ -47,10 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
     p.add_argument("--max-docs", type=int, default=None, metavar="N", help="Stop after the first N documents.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the train/val assignment (default: 0).")
-    p.add_argument("--backend", choices=BACKENDS, default="tokenizers",
-                   help="Tokenizing library: tokenizers (default; Rust, parallel) or sentencepiece (the reference); "
-                   "both write the same token ids, and a tokenizer tokenizers cannot reproduce falls back to "
-                   "sentencepiece with a one-line note.")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help="Tokenizing library: sentencepiece (default: the reference, and the faster here) or "
+                   "tokenizers (Hugging Face's, in Rust); both write the same token ids, and a tokenizer tokenizers "
+                   "cannot reproduce falls back to sentencepiece with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -84,10 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", default=None, help="Configuration (subset) name of a hub dataset.")
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="Stop after the first N records.")
     p.add_argument("--num-proc", type=int, default=None, metavar="N", help="Tokenizer threads (default: one per core).")
-    p.add_argument("--backend", choices=BACKENDS, default="tokenizers",
-                   help="Tokenizing library: tokenizers (default; Rust, parallel) or sentencepiece (the reference); "
-                   "both write the same token ids, and a tokenizer tokenizers cannot reproduce falls back to "
-                   "sentencepiece with a one-line note.")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help="Tokenizing library: sentencepiece (default: the reference, and the faster here) or "
+                   "tokenizers (Hugging Face's, in Rust); both write the same token ids, and a tokenizer tokenizers "
+                   "cannot reproduce falls back to sentencepiece with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare_sft)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.backends import encoder
+from pretrain.data.backends import DEFAULT_BACKEND, encoder
 from pretrain.data.folders import MODEL_FILE, SPLITS, is_prepared, staging_dir, token_dtype, write_meta
 from pretrain.data.sources import SampleBy, Source, check_field, check_text, check_utf8, load_source, resolve_source
 from pretrain.data.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def prepare_dataset(
     subset: str | None = None,
     max_documents: int | None = None,
     overwrite: bool = False,
-    backend: str = "tokenizers",
+    backend: str = DEFAULT_BACKEND,
     progress: bool = True,
 ) -> str:
     """Tokenize `source` (EOS after every document) into a prepared folder at `out_dir`; return its path.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.backends import encoder
+from pretrain.data.backends import DEFAULT_BACKEND, encoder
 from pretrain.data.folders import (
     META_FILE, MODEL_FILE, SFT_KIND, is_prepared, read_meta, staging_dir, token_dtype, write_meta,
 )
@@ -60,7 +60,7 @@ def prepare_sft(
     max_examples: int | None = None,
     num_proc: int | None = None,
     overwrite: bool = False,
-    backend: str = "tokenizers",
+    backend: str = DEFAULT_BACKEND,
 ) -> str:
     """Tokenize instruction records into an SFT folder at `out_dir` (see the module docstring) with the resolved
     `tokenizer` (resolve.resolve_tokenizer); return the folder's path.

@@ -114,7 +114,7 @@ def _pipeline(tok: Tokenizer, build=backends.backend_tokenizer):
 
 
 def test_bad_backend_is_one_line(toks, tmp_path, capsys):
-    with pytest.raises(UserError, match=r"--backend 'rust' is not one of tokenizers, sentencepiece"):
+    with pytest.raises(UserError, match=r"--backend 'rust' is not one of sentencepiece, tokenizers"):
         encoder(toks["bpe"], "rust")
     src = tmp_path / "c.txt"
     src.write_text(CORPUS[:5000], encoding="utf-8")
