@@ -18,8 +18,8 @@ from torch import nn
 from models.config import ModelConfig
 from models.norms import ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain
 from models.parts import normalize_unit_weights
-from models.parallel import (TensorParallel, chunked_cross_entropy, column_linear, cross_entropy, row_linear, tied_logits,
-                             vocab_embedding)
+from models.parallel import (TensorParallel, chunked_cross_entropy, column_linear, cross_entropy, liger_cross_entropy,
+                             row_linear, tied_logits, vocab_embedding)
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +199,12 @@ class HeadPart:
         self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
 
     fused_loss = True  # train.fused_loss (`recompute` sets it): the head and the loss in chunks of tokens
+    liger = False  # ... by Liger's fused kernel (CUDA; `recompute` sets it where the kernel applies)
+
+    def liger_applies(self) -> bool:
+        """Liger's kernel computes x W^T and the loss: a whole-vocabulary head (no TP) with no logit scale (ngpt's
+        s_z multiplies the logits, which the kernel never hands back)."""
+        return self.tp is None and not any(True for _ in self.logit_scale.parameters())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, D] -> [B, T, V] (this rank's vocabulary shard under TP)
@@ -209,28 +215,37 @@ class HeadPart:
         logits are never held (models/parallel.py `chunked_cross_entropy`)."""
         if not self.fused_loss:
             return cross_entropy(self.logits(x), labels, self.tp, reduction=reduction)
-        vocab = (self.tok_emb if self.head is None else self.head).weight.shape[0]  # this rank's share
-        return chunked_cross_entropy(self.logits, x, labels, self.tp, vocab, reduction=reduction)
+        weight = (self.tok_emb if self.head is None else self.head).weight  # [V, D], this rank's share under TP
+        if self.liger and torch.is_grad_enabled():  # (Liger makes the gradients in its forward: not for evaluation)
+            return liger_cross_entropy(x, weight, labels, reduction=reduction)
+        return chunked_cross_entropy(self.logits, x, labels, self.tp, weight.shape[0], reduction=reduction)
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
-def recompute(model: nn.Module, activation_checkpointing: str = "none", fused_loss: bool = True) -> None:
+def recompute(model: nn.Module, activation_checkpointing: str = "none", fused_loss: bool = True,
+              liger: bool = False) -> set[str]:
     """How `model` (a Llama or a pipeline's stages) trades compute for memory in training (train.fused_loss,
     train.activation_checkpointing): "full" keeps only each block's input and runs the block again in backward;
     "selective" keeps the matmul outputs and recomputes the attention core (softmax(q k^T) v) and SwiGLU's
-    activation (Megatron's selective recomputation); fused, the loss holds one chunk of logits at a time. The math
-    and every gradient are those of the plain model; evaluation and generation (no grad) never recompute."""
+    activation (Megatron's selective recomputation); fused, the loss holds one chunk of logits at a time, by
+    Liger's kernel where `liger` (CUDA, liger-kernel installed) and the head allows it. The math and every gradient
+    are those of the plain model; evaluation and generation (no grad) never recompute. Returns the loss paths of
+    the heads `model` holds ("unfused", "chunked", "liger"; none for a pipeline stage without the head)."""
     if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, "
                          f"got {activation_checkpointing!r}")
+    paths = set()
     for module in model.modules():
         if isinstance(module, Block):
             module.recompute_all = activation_checkpointing == "full"
             module.attn.recompute_core = module.mlp.recompute_act = activation_checkpointing == "selective"
         if isinstance(module, HeadPart):
             module.fused_loss = fused_loss
+            module.liger = fused_loss and liger and module.liger_applies()
+            paths.add("liger" if module.liger else "chunked" if fused_loss else "unfused")
+    return paths
 
 
 def initialize(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:

@@ -342,6 +342,28 @@ def chunked_cross_entropy(logits_fn, x: torch.Tensor, labels: torch.Tensor, tp: 
     return total if reduction == "sum" else total / (labels != ignore_index).sum().clamp(min=1)
 
 
+def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """`cross_entropy(x @ weight^T, labels)` by Liger's fused linear cross-entropy (liger-kernel, Triton, CUDA only),
+    which makes each chunk's logits and their gradient in one pass and never holds [B, T, V]. A whole-vocabulary
+    head only (no TP): `HeadPart` routes here when `recompute(..., liger=True)` found it applicable. Liger sums;
+    the mean divides by the counted tokens as `cross_entropy` does (0 tokens: 0, not NaN)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # CUDA only: never imported on CPU
+
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # [N, D], [N]
+    total = liger_fused_linear_cross_entropy(x, weight, labels, ignore_index=ignore_index, reduction="sum").float()
+    return total if reduction == "sum" else total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def liger_available() -> bool:
+    """Whether Liger's kernel can run here: liger-kernel installed and a CUDA device (Triton has no CPU backend)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """A full (TP = 1) state dict cut down to the shards `model` (built at any TP) holds."""
     splits = tp_splits(model)

@@ -76,6 +76,8 @@ PINS = (
     Pin("megatron-core", "0.19.2"),
     # Data preparation (pretrain/data); the data and training tests import it.
     Pin("datasets", "5.2.0"),
+    # Liger's fused linear cross-entropy, train.fused_loss's kernel on a GPU (pure Python; Triton comes with torch).
+    Pin("liger-kernel", "0.8.5"),
     # setup.cfg's pytest options pass --timeout, which pytest refuses without this plugin.
     Pin("pytest-timeout", "2.4.0"),
     # DeepSpeed's imports that the image lacks: its config parser, and pydantic >= 2 for its config classes (the
@@ -541,7 +543,7 @@ STAGES = {
 PACKAGES = ("torch", "triton", "deepspeed", "megatron-core", "transformers", "tokenizers", "safetensors", "datasets",
             "sentencepiece", "numpy", "pyyaml", "tensorboard", "matplotlib", "tqdm", "ninja", "einops", "psutil",
             "msgpack", "py-cpuinfo", "nvidia-ml-py", "pyarrow", "pandas", "hjson", "pydantic", "pydantic-core",
-            "dill", "multiprocess", "xxhash", "pytest", "pytest-timeout")
+            "dill", "multiprocess", "xxhash", "liger-kernel", "pytest", "pytest-timeout")
 IMPORTS = ("torch", "deepspeed", "megatron.core", "transformers", "datasets", "sentencepiece", "pretrain.train.engine")
 
 

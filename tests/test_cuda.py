@@ -9,6 +9,8 @@ What runs here and nowhere else:
   raise) and its default dispatch picks a fused kernel; packed SFT rows (boolean block mask) equal each example
   alone, and packed SFT training on the GPU gives the CPU's losses;
 * megatron-core's tensor-parallel layers built on the GPU (TP = 1 over a one-rank NCCL group);
+* train.fused_loss by Liger's fused linear cross-entropy against our chunked loss (fp32, bf16, tied and not), with
+  both paths' peak memory and time printed;
 * KV-cache generation against recomputation, fp32 and bf16, and `pretrain generate --device cuda`;
 * `pretrain analyze-depth` on the GPU against the same analysis on the CPU;
 * a checkpoint saved on the GPU resumed on the CPU, and that one resumed on the GPU with another ZeRO stage;
@@ -638,6 +640,56 @@ def test_kv_cache_generation_on_gpu(gpu_free, dtype):
     print(dtype, out)
     if dtype == torch.float32:
         assert out["splits"] == 0
+
+
+def head_loss_run(model: Llama, x: torch.Tensor, labels: torch.Tensor, liger: bool) -> dict:
+    """One head + loss forward and backward through `model`'s fused loss (Liger's kernel or our chunked one): the
+    loss, x's and the head weight's gradients, peak memory above the start and the time."""
+    from models.llama import recompute
+
+    recompute(model, fused_loss=True, liger=liger)
+    assert model.liger == liger
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    loss = model.head_loss(x, labels)
+    loss.backward()
+    torch.cuda.synchronize()
+    weight = (model.tok_emb if model.head is None else model.head).weight
+    return {"loss": loss.detach(), "dx": x.grad, "dw": weight.grad, "seconds": time.perf_counter() - start,
+            "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+
+@cuda
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_liger_loss_matches_the_chunked_loss(gpu_free, dtype, tied):
+    """train.fused_loss on a GPU: Liger's fused linear cross-entropy gives our chunked loss and its gradients (x and
+    the head, tied or not), fp32 to 1e-5 and bf16 no further from the fp32 reference than our bf16 path plus its
+    rounding; a tenth of the labels ignored. Prints both paths' peak memory and time (V = 32,000, 8 x 1,024)."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (the GPU kit's wheels carry it)")
+    cfg = ModelConfig(vocab_size=32_000, d_model=512, n_layers=1, n_heads=8, n_kv_heads=8, ffn_hidden=1024,
+                      max_seq_len=1024, tie_embeddings=tied)
+    model = Llama(cfg, seed=4).to(CUDA, dtype)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(8, 1024, cfg.d_model, device=CUDA, generator=gen).to(dtype)
+    labels = torch.randint(0, cfg.vocab_size, (8, 1024), device=CUDA, generator=gen)
+    labels[torch.rand(labels.shape, device=CUDA, generator=gen) < 0.1] = IGNORE_INDEX
+    for _ in range(2):  # the second round is timed warm (Triton's compile and cuBLAS's heuristics in the first)
+        ours, liger = head_loss_run(model, x, labels, liger=False), head_loss_run(model, x, labels, liger=True)
+    print(f"{dtype} tied={tied}: chunked {ours['peak_mib']:.0f} MiB {ours['seconds'] * 1e3:.1f} ms, "
+          f"liger {liger['peak_mib']:.0f} MiB {liger['seconds'] * 1e3:.1f} ms")
+    if dtype == torch.float32:
+        for key in ("loss", "dx", "dw"):
+            assert rel_err(liger[key], ours[key]) < 1e-5, key
+        return
+    reference = head_loss_run(copy.deepcopy(model).float(), x.float(), labels, liger=False)
+    for key in ("loss", "dx", "dw"):
+        ours_err, liger_err = rel_err(ours[key], reference[key]), rel_err(liger[key], reference[key])
+        assert liger_err <= 2 * ours_err + 1e-2, (key, liger_err, ours_err)
 
 
 # ------------------------------------------------------------------------- bf16 training steps (the jobs from here)

@@ -72,7 +72,8 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile the model (fast path on GPU).")
     fused_loss: bool = doc(
         True, "The head and the cross-entropy in chunks of tokens (forward and backward), so the fp32 [batch, "
-        "sequence, vocab] logits are never held (every layout; equal to the unfused loss up to summation order)."
+        "sequence, vocab] logits are never held (every layout; equal to the unfused loss up to summation order); on a "
+        "GPU with liger-kernel installed, Liger's fused linear cross-entropy where the head is whole (no TP, no logit scale)."
     )
     activation_checkpointing: Literal["none", "full", "selective"] = doc(
         "none", "Recompute activations in backward to save memory: full (keep each block's input only; about one "

@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 
 from models import Llama
 from models.llama import Block, recompute
-from models.parallel import TensorParallel
+from models.parallel import TensorParallel, liger_available
 from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
@@ -207,6 +207,7 @@ class Built:
     pipelined: bool
     gas: int
     param_names: list[list[str]]  # this rank's parameter names in optimizer order (`optimizer_param_names`)
+    loss_line: str | None = None  # how the fused loss runs on a GPU, for the log
 
 
 def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
@@ -226,7 +227,9 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     except ValueError as e:  # divisibility of heads / vocab by tp
         raise UserError(str(e)) from None
     model.to(topo.device)
-    recompute(model, cfg.train.activation_checkpointing, cfg.train.fused_loss)
+    on_gpu = topo.device.type == "cuda"
+    liger = on_gpu and cfg.train.fused_loss and liger_available()
+    paths = recompute(model, cfg.train.activation_checkpointing, cfg.train.fused_loss, liger=liger)
     if cfg.train.compile:
         # Compile block by block (nn.Module.compile keeps parameter names, so checkpoints and hooks see the same
         # module tree); the blocks are where the time goes, and the pipeline engine sees the same layers.
@@ -252,7 +255,19 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
         mpu=None if cfg.parallel.pp > 1 else parallel_state_mpu(),
     )
     return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"],
-                 param_names=optimizer_param_names(model, cfg))
+                 param_names=optimizer_param_names(model, cfg),
+                 loss_line=fused_loss_line(paths, liger) if on_gpu and cfg.train.fused_loss else None)
+
+
+def fused_loss_line(paths: set[str], liger: bool) -> str | None:
+    """On a GPU, which kernel computes train.fused_loss on this rank (none said where it holds no head)."""
+    if "liger" in paths:
+        return "train.fused_loss: Liger's fused linear cross-entropy (liger-kernel)"
+    if "chunked" not in paths:
+        return None
+    why = ("a vocab-parallel or scaled head, which Liger's kernel does not compute" if liger
+           else "liger-kernel is not installed; `pip install liger-kernel` for its fused kernel")
+    return f"train.fused_loss: the chunked head + cross-entropy ({why})"
 
 
 def parallel_state_mpu():

@@ -92,6 +92,8 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             line = schedule_change(start.old_cfg, cfg, step, plan)
             if line:
                 out.say(line)
+        if built.loss_line:
+            out.say(built.loss_line)
         line = scheme_defaults_line(cfg)
         if line and plan is None:  # a resumed run said it when it started
             out.say(line)

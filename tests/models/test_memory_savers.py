@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import models.llama
 import models.parallel
 from helpers.train import REPO
 from models.config import ModelConfig
@@ -91,6 +92,35 @@ def test_fused_loss_in_bf16_is_within_its_rounding(monkeypatch):
     unfused = loss_and_grads(model, tokens, labels)
     recompute(model, fused_loss=True)
     assert_same(loss_and_grads(model, tokens, labels), unfused, 2 ** -7, "bf16 fused")  # bf16: 8 significant bits
+
+
+@pytest.mark.parametrize("case", [dict(norm_scheme="pre_ln"), dict(norm_scheme="lns", tie_embeddings=True),
+                                  dict(norm_scheme="ngpt", tie_embeddings=False)], ids=scheme_id)
+def test_liger_routing(case, monkeypatch):
+    """recompute(liger=True) (a GPU with liger-kernel) hands a whole head's training loss to Liger's kernel with
+    the head's weight (the embedding's when tied) and the reduction, keeps ngpt's scaled head chunked, and
+    evaluates (no grad) chunked. Liger is CUDA-only: its call is stood in for by the plain loss of x W^T."""
+    calls = []
+
+    def liger_stand_in(x, weight, labels, reduction="mean"):
+        calls.append(weight)
+        return models.parallel.cross_entropy(torch.nn.functional.linear(x, weight), labels, None, reduction=reduction)
+
+    monkeypatch.setattr(models.llama, "liger_cross_entropy", liger_stand_in)
+    cfg = ModelConfig(**{**SHAPE, **case})
+    model = Llama(cfg, seed=0)
+    tokens, labels, _ = batch(cfg)
+    recompute(model, fused_loss=False)
+    unfused = loss_and_grads(model, tokens, labels, "sum")
+    applies = case["norm_scheme"] != "ngpt"
+    assert recompute(model, fused_loss=True, liger=True) == {"liger" if applies else "chunked"}
+    assert_same(loss_and_grads(model, tokens, labels, "sum"), unfused, 1e-6, "liger routing")
+    weight = model.tok_emb.weight if model.head is None else model.head.weight
+    assert [w is weight for w in calls] == ([True] if applies else [])
+    with torch.no_grad():
+        model(tokens, labels)
+    assert len(calls) == applies  # evaluation stays on the chunked path
+    assert recompute(model, fused_loss=False, liger=True) == {"unfused"} and not model.liger
 
 
 def test_a_fused_loss_holds_no_logits_of_the_whole_batch(monkeypatch):
