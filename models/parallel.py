@@ -13,6 +13,7 @@ model built from the same seed is the same model at any TP size.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 
@@ -359,8 +360,6 @@ def liger_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 def liger_available() -> bool:
     """Whether Liger's kernel can run here: liger-kernel installed and a CUDA device (Triton has no CPU backend)."""
-    import importlib.util
-
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
