@@ -367,7 +367,7 @@ def eager_modules(root: torch.nn.Module):
 def compiled_graphs() -> int:
     """How many graphs torch.compile (dynamo) has compiled in this process so far, first compilations and
     recompilations alike (dynamo's `unique_graphs` counter; one per frame it captured, a graph break making two)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # here, not at the top: see the imports (and dynamo only when compiling)
 
     return int(counters["stats"]["unique_graphs"])
 
