@@ -78,9 +78,6 @@ def main() -> None:
     print(f"ratio DeepSpeed / plain = {d / p:.3f}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 class Repeat:
     """The same pretraining micro-batch forever (a loader of pretrain/data/batches.py's protocol)."""
@@ -92,3 +89,7 @@ class Repeat:
 
     def __next__(self):
         return self.batch
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ model built from the same seed is the same model at any TP size.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ def _no_init(w):
     return w
 
 
+@functools.cache  # one class per megatron class: train.compile guards on the class of each layer it traces, and a
+# class per layer made every TP linear of a compiled block a recompilation (past dynamo's limit of 8: then eager)
 def _single_output(cls):
     """A megatron layer that returns only its output and keeps no `_extra_state` in its state dict.
 

@@ -12,7 +12,8 @@ What is here:
   * DeepSpeed engine internals: the optimizer that holds the Adam state behind a ZeRO / bf16 wrapper, the
     fp32 master fragments each rank owns (`_hp_mapping`), ZeRO's own gradient-clipping value, and the hook
     before every optimizer step (`_take_model_step`) the per-layer gradient norms need.
-  * torch: the compiled forward that `nn.Module.compile` installs (`_compiled_call_impl`).
+  * torch: the compiled forward that `nn.Module.compile` installs (`_compiled_call_impl`), and dynamo's count of
+    the graphs it has compiled (`torch._dynamo.utils.counters`), which train.compile's recompilation count reads.
   * TensorBoard: writing many scalars as one event (the writer's file writer and Summary proto).
 
 models/ uses megatron-core's public tensor_parallel layers only (models must not depend on pretrain/), and
@@ -21,6 +22,7 @@ DeepSpeed's public pipeline, topology and `safe_*_full_*` APIs are used where th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -348,6 +350,26 @@ def suspend_compiled(module: torch.nn.Module):
 def restore_compiled(module: torch.nn.Module, compiled) -> None:
     if compiled is not None:
         module._compiled_call_impl = compiled
+
+
+@contextlib.contextmanager
+def eager_modules(root: torch.nn.Module):
+    """Every `module.compile()`d module under `root` (itself included) runs eagerly inside the `with`, and its
+    compiled version (the same object: no recompilation) afterwards."""
+    saved = [(m, suspend_compiled(m)) for m in root.modules()]
+    try:
+        yield
+    finally:
+        for m, compiled in saved:
+            restore_compiled(m, compiled)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile (dynamo) has compiled in this process so far, first compilations and
+    recompilations alike (dynamo's `unique_graphs` counter; one per frame it captured, a graph break making two)."""
+    from torch._dynamo.utils import counters  # here, not at the top: see the imports (and dynamo only when compiling)
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def add_scalars(tb, scalars: list[tuple[str, float]], step: int) -> None:

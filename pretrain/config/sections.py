@@ -69,7 +69,11 @@ class TrainConfig:
         None, "Save and exit (code 0) once this step is done; the lr schedule still runs to train.steps."
     )
     max_bad_steps: int = doc(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient.")
-    compile: bool = doc(False, "torch.compile the model (fast path on GPU).")
+    compile: bool = doc(
+        False, "torch.compile each transformer block (inductor; GPU, and CPU through its C++ backend): the first two "
+        "steps compile, later ones reuse the graphs (metrics.jsonl: compiled_graphs, recompiles); evaluation runs "
+        "the blocks eagerly."
+    )
     fused_loss: bool = doc(
         True, "The head and the cross-entropy in chunks of tokens (forward and backward), so the fp32 [batch, "
         "sequence, vocab] logits are never held (every layout; equal to the unfused loss up to summation order); on a "

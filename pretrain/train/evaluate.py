@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pretrain import compat
 from pretrain.data.loader import Dataset, ValidationBatches, validation_batches
 from pretrain.train.distributed import Topology
 from pretrain.train.engine import Built
@@ -40,28 +41,39 @@ def build_validation(dataset: Dataset, tokens: int, micro_batch_size: int, topo:
 @torch.no_grad()
 def evaluate(built: Built, val, topo: Topology) -> float:
     """Mean next-token loss over all label tokens of the validation set `val` (this rank's share, from
-    `build_validation`); the same value on every rank. Leaves the engine in training mode."""
+    `build_validation`); the same value on every rank. Leaves the engine in training mode.
+
+    Under train.compile the blocks run eagerly here: grad mode is part of dynamo's guards, so under no_grad a
+    compiled block would compile a second (inference) graph at the first evaluation, in the middle of the run (and
+    a smaller last micro-batch a third, dynamic=False); evaluation is a small share of a run's forwards, and the
+    training graphs are used again, not recompiled, after it (tests/pretrain/train/test_compile_cpu.py counts)."""
     engine = built.engine
     engine.eval()
     try:
-        if built.pipelined:
-            # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
-            # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
-            mean = engine.eval_batch(data_iter=(b.pipeline(scale=1.0) for b in val), num_micro_batches=len(val))
-            count = torch.tensor([sum(b.trained_tokens() for b in val)], dtype=torch.float64, device=topo.device)
-            _all_reduce_data_parallel(count)
-            loss_sum, count = float(mean) * len(val) * topo.dp, float(count)
-        else:
-            totals = torch.zeros(2, dtype=torch.float64, device=topo.device)  # (loss sum, label tokens)
-            for b in val:
-                totals[0] += engine(b.tokens.to(topo.device), b.labels.to(topo.device), reduction="sum",
-                                    **b.model_kwargs(topo.device)).double()
-                totals[1] += b.trained_tokens()
-            _all_reduce_data_parallel(totals)
-            loss_sum, count = totals.tolist()
-        return loss_sum / count if count else float("nan")
+        with compat.eager_modules(built.model):
+            return _loss(built, val, topo)
     finally:
         engine.train()
+
+
+def _loss(built: Built, val, topo: Topology) -> float:
+    engine = built.engine
+    if built.pipelined:
+        # Mean over micro-batches and data-parallel ranks of per-micro-batch sums (float32, as DeepSpeed
+        # broadcasts it), the same on every stage; every rank has len(val) equal micro-batches.
+        mean = engine.eval_batch(data_iter=(b.pipeline(scale=1.0) for b in val), num_micro_batches=len(val))
+        count = torch.tensor([sum(b.trained_tokens() for b in val)], dtype=torch.float64, device=topo.device)
+        _all_reduce_data_parallel(count)
+        loss_sum, count = float(mean) * len(val) * topo.dp, float(count)
+    else:
+        totals = torch.zeros(2, dtype=torch.float64, device=topo.device)  # (loss sum, label tokens)
+        for b in val:
+            totals[0] += engine(b.tokens.to(topo.device), b.labels.to(topo.device), reduction="sum",
+                                **b.model_kwargs(topo.device)).double()
+            totals[1] += b.trained_tokens()
+        _all_reduce_data_parallel(totals)
+        loss_sum, count = totals.tolist()
+    return loss_sum / count if count else float("nan")
 
 
 def _all_reduce_data_parallel(x: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
 from pretrain.train.health import StepHealth
+from pretrain.train.recompiles import CompileCount
 from pretrain.train.steps import train_step
 from pretrain.train.syncs import StepSyncs
 
@@ -114,6 +115,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
     skipped_total = start.saved.get("skipped_steps", 0)
     health = StepHealth(topo.device, cfg.train.max_bad_steps)
     syncs = StepSyncs(cfg.logging.host_syncs)
+    compiles = CompileCount(cfg.train.compile)  # graphs compiled, and recompiled after the warm-up
     last_loss = float("nan")  # the progress bar shows the last logged loss: reading every step's would wait for the GPU
     window_start, window_steps = time.perf_counter(), 0
     exit_code = EXIT_OK
@@ -128,6 +130,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 hook.before_step(ctx, step + 1)
             health.record(step + 1, train_step(built, train_iter, topo), built)
             step += 1
+            compiles.stepped()
             window_steps += 1
             consumed_samples += cfg.train.global_batch_size
             ctx.step, extra = step, {}
@@ -157,6 +160,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 if peak:
                     record["mfu"] = tokens_per_s * flops_per_token / (peak * topo.world_size)
                 record.update(syncs.logged())
+                record.update(compiles.logged())
                 out.write(record, "train")
                 out.say(log_line(record, cfg.train.steps, (cfg.train.steps - step) * window_time / window_steps))
                 last_loss, window_start, window_steps = settled.loss, time.perf_counter(), 0
@@ -183,6 +187,9 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 out.say(f"stopping on signal after saving step {step}; resume with train.resume=auto (exit {EXIT_PREEMPTED})")
                 exit_code = EXIT_PREEMPTED
                 break
+    line = compiles.closing_line()
+    if line:
+        out.say(line)
     for hook in hooks:
         hook.on_finish(ctx, exit_code)
     out.close()

@@ -32,9 +32,10 @@ def train_cmd(run_dir: str, *overrides: str, nproc: int | None = None, script: l
 
 
 def run_train(run_dir: str, *overrides: str, cache_dir: str, nproc: int | None = None, timeout: float = 400,
-              expect: int = 0, script: list[str] | None = None) -> subprocess.CompletedProcess:
+              expect: int = 0, script: list[str] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`env`: more environment variables for the run (over `train_env`'s)."""
     proc = subprocess.run(
-        train_cmd(run_dir, *overrides, nproc=nproc, script=script), cwd=REPO, env=train_env(cache_dir),
+        train_cmd(run_dir, *overrides, nproc=nproc, script=script), cwd=REPO, env={**train_env(cache_dir), **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != expect:
