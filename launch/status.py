@@ -4,7 +4,7 @@
     python -m launch.sweep status runs/sweeps/norms --json   # a sweep folder; a single run folder works too
 
 Per run: the swept values, the state, the job id, step/total, tokens/s, ETA, last train loss, last validation
-perplexity, last checkpoint, requeue count, and for a run that failed, its error line. Sources:
+perplexity and bits per byte (val_bpb: comparable across tokenizers), last checkpoint, requeue count, and for a run that failed, its error line. Sources:
 
 * sweep.json (launch/sweep.py) lists the runs and their swept values, including runs not started yet; without
   it the run folders under ROOT are listed, their values read from the folder names (key=value,...).
@@ -63,6 +63,7 @@ class RunStatus:
     elapsed_s: float | None = None
     train_loss: float | None = None
     val_ppl: float | None = None
+    val_bpb: float | None = None
     val_step: int | None = None
     checkpoint: str | None = None
     requeues: int = 0
@@ -175,7 +176,7 @@ def run_status(path: str, values: dict, events: list[dict]) -> RunStatus:
         last = train[-1]
         row.step, row.train_loss, row.tokens_per_s = last.get("step"), last.get("loss"), last.get("tokens_per_s")
     if val:
-        row.val_ppl, row.val_step = val[-1].get("val_ppl"), val[-1].get("step")
+        row.val_ppl, row.val_bpb, row.val_step = val[-1].get("val_ppl"), val[-1].get("val_bpb"), val[-1].get("step")
     row.checkpoint = run_folder.latest_checkpoint(path)
     with_job = [e for e in events if e.get("job_id")]
     if with_job:
@@ -349,14 +350,16 @@ def format_table(rows: list[RunStatus]) -> str:
     with_slurm = any(r.slurm_state for r in rows)
     header = [short[k] for k in keys] or ["run"]
     header += ["state"] + (["slurm"] if with_slurm else []) + ["job", "step", "tok/s", "elapsed", "ETA", "loss",
-                                                               "val_ppl", "checkpoint", "requeues", "error"]
+                                                               "val_ppl", "val_bpb", "checkpoint", "requeues",
+                                                               "error"]
     table = [header]
     for r in rows:
         cells = [str(r.values.get(k, "-")) for k in keys] or [r.run]
         cells += [r.state] + ([r.slurm_state or "-"] if with_slurm else [])
         step = "-" if r.step is None else f"{r.step}/{r.total_steps if r.total_steps is not None else '?'}"
         cells += [r.job_id or "-", step, _fmt(r.tokens_per_s, ",.0f"), _fmt_duration(r.elapsed_s), _fmt_duration(r.eta_s),
-                  _fmt(r.train_loss, ".4f"), _fmt(r.val_ppl, ".2f"), r.checkpoint or "-", str(r.requeues),
+                  _fmt(r.train_loss, ".4f"), _fmt(r.val_ppl, ".2f"), _fmt(r.val_bpb, ".4f"), r.checkpoint or "-",
+                  str(r.requeues),
                   (r.error or "-")[:120]]
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -24,7 +24,8 @@ from x_s once, which gives skip_loss, skip_effect and skip_output_change togethe
 Output (written to a temporary folder next to --out, then renamed; an existing --out is refused):
 
     DIR/depth.json   {"checkpoint", "step", "norm_scheme", "layers", "data", "split", "batches", "micro_batch_size",
-                      "seq_len", "keep_first", "tokens", "val_loss", "seconds", and the per-layer lists above
+                      "seq_len", "keep_first", "tokens", "val_loss", "val_bpb" (bits per byte by the data's tokenizer, null
+                      without one: pretrain/cli/analyze_depth.py), "seconds", and the per-layer lists above
                       (index 0 = block 1, except logit_lens_kl whose index 0 is the embedding; skip_effect is L x L)}; for an HF directory "step" is null and "hf_model_type" is added
     DIR/depth.png    all of them against layer, the skip effect as a heat map
 """

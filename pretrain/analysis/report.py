@@ -8,7 +8,9 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
     Table 1          validation perplexity at equal tokens, rows = norm scheme, columns = the swept keys (a sweep's
                      grid, else the keys the runs differ in; --columns to choose), best per column in bold,
                      diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
-    Runs             one line per run: scheme, column, steps, tokens, last losses, how it ended
+    Table 1b         the same evaluations' bits per byte (where the runs logged val_bpb), best per column in bold:
+                     comparable across tokenizers of one text, where perplexity is not
+    Runs             one line per run: scheme, column, steps, tokens, last losses (val ppl and bpb), how it ended
     per column       loss curves; the per-layer statistics of the measure table's stats_panel entries (variance and
                      gradient norm) against depth at the last measured step (diagnostics.interval > 0);
                      `pretrain analyze-depth` results where a run folder holds one
@@ -66,26 +68,38 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_") or "all"
 
 
-def _cell_text(cell) -> tuple[str, str]:
+def _cell_text(cell, bpb: bool = False) -> tuple[str, str]:
+    """A Table 1 cell: its perplexity, or with `bpb` its bits per byte (Table 1b)."""
     if cell is None:
         return "", ""
     if cell.ppl is None:
         return ("diverged", "diverged") if cell.diverged else (cell.note or "-", "")
-    text = f"{cell.ppl:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    if bpb:
+        if cell.bpb is None:
+            return "-", ""
+        text = f"{cell.bpb:.4f}" + (f" ± {cell.bpb_std:.4f}" if cell.bpb_std is not None else "")
+    else:
+        text = f"{cell.ppl:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
     if cell.earlier:
         text += f" (at {human_tokens(cell.tokens)})"
     if cell.diverged:
         return f"{text}; {cell.note}", "diverged"
-    return text, "best" if cell.best else ""
+    return text, "best" if (cell.bpb_best if bpb else cell.best) else ""
 
 
-def table1_block(table: Table) -> TableBlock:
+def table1_block(table: Table, bpb: bool = False) -> TableBlock:
+    """Table 1 (perplexity), or with `bpb` Table 1b (bits per byte of the same evaluations)."""
     header = ["norm scheme"]
     for col in table.columns:
         size = f"{table.params[col]} params, " if table.params[col] else ""
         header.append(f"{col} ({size}{human_tokens(table.tokens[col])} tokens)")
-    rows = [[(scheme, "")] + [_cell_text(table.cells.get((scheme, col))) for col in table.columns]
+    rows = [[(scheme, "")] + [_cell_text(table.cells.get((scheme, col)), bpb) for col in table.columns]
             for scheme in table.rows]
+    if bpb:
+        caption = ("Validation bits per byte (val_bpb: the loss in bits per UTF-8 byte of the validation text) of the "
+                   "evaluations of Table 1. Lower is better; the best per column is bold. Unlike perplexity it does "
+                   "not depend on the tokenizer: runs on one text tokenized differently rank by it.")
+        return TableBlock("table1_bpb", header, rows, caption)
     threshold = f", or perplexity above {table.diverged_ppl:g}" if table.diverged_ppl is not None else ""
     caption = ("Validation perplexity at equal training tokens (the column header's count; a value marked "
                "'at N' is the run's last evaluation before it). Lower is better; the best per column is bold; "
@@ -110,7 +124,7 @@ def _run_state(r: Run) -> str:
 
 
 def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
-    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "state"]
+    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "val bpb", "state"]
     rows = []
     for r in runs:
         last = r.train[-1] if r.train else {}
@@ -120,6 +134,7 @@ def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
                      (human_tokens(r.last_tokens), ""),
                      (f"{last['loss']:.4f}" if "loss" in last else "-", ""),
                      (f"{val['val_ppl']:.2f} ({val['step']})" if val else "-", ""),
+                     (f"{val['val_bpb']:.4f}" if val and val.get("val_bpb") is not None else "-", ""),
                      (_run_state(r), "diverged" if r.diverged_in_training else "")])
     return TableBlock("runs", header, rows, left=len(header))
 
@@ -137,6 +152,8 @@ def report_blocks(runs: list[Run], table: Table, title: str, paths: list[str]) -
                     ("p", f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
                           f"{time.strftime('%Y-%m-%d %H:%M')} by `pretrain report`.")]
     blocks += [("h2", "Table 1: validation perplexity"), ("table", table1_block(table))]
+    if table.has_bpb:
+        blocks += [("h2", "Table 1b: validation bits per byte"), ("table", table1_block(table, bpb=True))]
     notes = [*table.warnings]
     differences = row_differences(runs, table.keys)
     if differences:
@@ -227,7 +244,7 @@ def render_html(blocks: list, images: dict[str, bytes], title: str) -> str:
             for row in t.rows:
                 cells = []
                 for i, (text, css) in enumerate(row):
-                    tag = "th" if i == 0 and t.id == "table1" else "td"
+                    tag = "th" if i == 0 and t.id.startswith("table1") else "td"
                     css = " ".join(c for c in (css, "name" if i < t.left else "") if c)
                     cls = f' class="{css}"' if css else ""
                     cells.append(f"<{tag}{cls}>{html.escape(text)}</{tag}>")

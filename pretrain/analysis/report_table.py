@@ -11,6 +11,9 @@ Table 1 (after the Curse of Depth paper's): one row per norm scheme, one column 
 at equal tokens: for a column, the largest number of training tokens T at which every run of the column that
 did not diverge has a validation entry; each cell is the run's validation perplexity at T (or at its last
 evaluation before T, marked). Several runs in one cell (e.g. seeds) give their mean and standard deviation.
+Each cell also carries the bits per byte of the same evaluations (val_bpb, where every one of them has it), the
+report's Table 1b, its best per column marked by bpb: perplexity depends on the tokenizer, bits per byte does not,
+so runs on one text tokenized differently (a sweep over tokenizers) rank by bpb.
 A run is flagged diverged when its last training loss or a validation loss is non-finite, its trainer stopped
 for non-finite steps (exit 3), or its validation loss rose at each of its last RISING_EVALS - 1 evaluations (a
 finite run that is still falling, however high, is not diverged: a short run of a slow starter is not a failure);
@@ -229,6 +232,9 @@ class Cell:
     diverged: bool = False
     best: bool = False
     note: str = ""
+    bpb: float | None = None  # mean bits per byte of the same evaluations (None unless each has one)
+    bpb_std: float | None = None
+    bpb_best: bool = False  # the lowest bpb of its column (Table 1b)
 
 
 @dataclass
@@ -241,6 +247,10 @@ class Table:
     params: dict  # column -> parameter count(s) text
     warnings: list[str]
     diverged_ppl: float | None = None  # the optional fixed threshold the table was built with
+
+    @property
+    def has_bpb(self) -> bool:
+        return any(c.bpb is not None for c in self.cells.values())
 
 
 def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = None) -> Table:
@@ -267,7 +277,8 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
                  for r in in_col}
         if len(evals) > 1:
             warnings.append(f"column {col}: the runs were validated on different sets (eval.tokens, data.seq_len "
-                            "or data.paths differ); their perplexities are not comparable")
+                            "or data.paths differ); their perplexities are not comparable (their bits per byte, "
+                            "Table 1b, are where the sets hold one text tokenized differently)")
         for scheme in rows:
             members = [r for r in in_col if r.scheme == scheme]
             if members:
@@ -275,6 +286,9 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
         finite = [c for (s, c_), c in cells.items() if c_ == col and c.ppl is not None and not c.diverged]
         if finite:
             min(finite, key=lambda c: c.ppl).best = True
+        with_bpb = [c for (s, c_), c in cells.items() if c_ == col and c.bpb is not None and not c.diverged]
+        if with_bpb:
+            min(with_bpb, key=lambda c: c.bpb).bpb_best = True
     return Table(keys, columns, rows, cells, tokens, params, warnings, diverged_ppl)
 
 
@@ -289,7 +303,7 @@ def _above(ppl: float | None, diverged_ppl: float | None) -> bool:
 
 def _cell(members: list[Run], target: int | None, diverged_ppl: float | None) -> Cell:
     cell = Cell(members)
-    values, at = [], []
+    values, at, bpbs = [], [], []
     for r in members:
         if _diverged(r, diverged_ppl):
             cell.diverged = True
@@ -303,9 +317,13 @@ def _cell(members: list[Run], target: int | None, diverged_ppl: float | None) ->
             continue
         values.append(entry["val_ppl"])
         at.append(entry["tokens"])
+        bpbs.append(entry.get("val_bpb"))
     if values:
         cell.ppl = statistics.fmean(values)
         cell.std = statistics.stdev(values) if len(values) > 1 else None
+        if all(_finite(b) for b in bpbs):
+            cell.bpb = statistics.fmean(bpbs)
+            cell.bpb_std = statistics.stdev(bpbs) if len(bpbs) > 1 else None
         cell.tokens = min(at)
         cell.earlier = target is not None and cell.tokens < target
     if cell.diverged and values:

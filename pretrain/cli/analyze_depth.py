@@ -10,6 +10,7 @@ renamed, so an existing --out is refused and an interrupted analysis leaves no -
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,19 @@ def data_bos_id(data_path: str) -> int | None:
     return (read_meta(data_path).get("tokenizer") or {}).get("bos_id")
 
 
+def data_bits_per_byte(data_path: str, batches: list, loss_sum: float) -> float | None:
+    """Bits per byte of the loss sum `loss_sum` over `batches` of the prepared folder `data_path`, by its tokenizer
+    (pretrain/data/text_bytes.py); None when the folder holds none."""
+    from pretrain.data.folders import read_meta  # numpy and the data package: only when the command runs
+    from pretrain.data.text_bytes import bits_per_byte, token_bytes  # sentencepiece: only when the command runs
+
+    tok = read_meta(data_path).get("tokenizer") or {}
+    table = token_bytes(os.path.join(data_path, tok["file"]) if tok.get("file") and tok.get("sha256") else None)
+    if table is None:
+        return None
+    return bits_per_byte(loss_sum, sum(table.count(tokens, labels) for tokens, labels in batches))
+
+
 def describe(source: ModelSource) -> str:
     """The model in a result line: `lns step 40`, or `pre_ln (Hugging Face directory)`."""
     scheme = source.model_config.norm_scheme
@@ -76,12 +90,14 @@ def run(args) -> int:
     result = {**source.description, "norm_scheme": source.model_config.norm_scheme, **settings}
     started = time.perf_counter()
     result.update(depth_analysis(model, batches, device, keep_first=keep_first))
+    result["val_bpb"] = data_bits_per_byte(settings["data"], batches, result["val_loss"] * result["tokens"])
     result["seconds"] = time.perf_counter() - started
     publish(out, args.out, "depth", result, depth_figure)
     worst = max(range(result["layers"]), key=lambda l: result["skip_loss_increase"][l])
+    bpb = f" ({result['val_bpb']:.4f} bits per byte)" if result["val_bpb"] is not None else ""
     print(
         f"wrote {args.out}/depth.json and depth.png: {describe(source)}, val loss "
-        f"{result['val_loss']:.4f} on {result['tokens']:,} tokens; skipping block {worst + 1} hurts most "
+        f"{result['val_loss']:.4f}{bpb} on {result['tokens']:,} tokens; skipping block {worst + 1} hurts most "
         f"(+{result['skip_loss_increase'][worst]:.4f})"
     )
     return 0

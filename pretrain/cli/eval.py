@@ -1,11 +1,13 @@
-"""`pretrain eval --checkpoint PATH|HF_DIR --data DIR [--tokens N] [--json]`: loss and perplexity on the fixed
-validation set.
+"""`pretrain eval --checkpoint PATH|HF_DIR --data DIR [--tokens N] [--json]`: loss, perplexity and bits per byte on
+the fixed validation set.
 
 The token set is the one in-loop validation uses (pretrain/train/evaluate.py): the first min(tokens // seq_len,
 samples in the split) samples of the val split of --data in fixed, unshuffled order
 (`pretrain.data.loader.validation_batches`), independent of micro-batch size and TP/PP layout. The loss is the
 sum of the per-token losses over all label tokens, accumulated in float64, divided by their number; ppl is
-exp(loss). On one process, in fp32, this is the in-loop `val_loss` of the same weights, to float rounding
+exp(loss); bpb is that sum / (ln 2 * the UTF-8 bytes of the text those tokens cover), the bytes counted by the data
+folder's tokenizer (pretrain/data/text_bytes.py; null for data saved without one), so that models with different
+tokenizers compare on the same text (an HF model is scored on --data's tokens, hence by --data's tokenizer). On one process, in fp32, this is the in-loop `val_loss` of the same weights, to float rounding
 (a bf16 run's in-loop value differs by bf16 rounding; this one is always fp32).
 
 Models (both through `pretrain.state.sources.open_source`):
@@ -23,14 +25,14 @@ has none, so it gets the config defaults (seq_len clipped to max_position_embedd
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 from pretrain.errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint or HF model on the fixed validation set")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint or HF model on the fixed "
+                                    "validation set")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder, checkpoints/ folder or step folder (any TP/PP layout), or a Hugging Face "
                         "model directory (config.json + weights)")
@@ -40,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the checkpoint's data.seq_len)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="samples per forward; changes memory, not the result (default: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (loss, ppl, tokens, ...) instead of a line")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (loss, ppl, bpb, tokens, bytes, ...) instead of a line")
     p.set_defaults(func=run)
 
 
@@ -79,15 +82,17 @@ def run(args) -> int:
     check_vocab(dataset, vocab)
     check_seq_len(dataset, seq_len)
     batches = validation_batches(dataset, tokens, micro, what="--tokens")
-    loss, count = mean_loss(loss_sum, batches, device)
-    result = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "samples": count // seq_len,
-              "seq_len": seq_len, "data": dataset.path if hasattr(dataset, "path") else args.data,
-              **source.description}
+    val = mean_loss(loss_sum, batches, device, batches.token_bytes)
+    count = val.tokens
+    result = {"loss": val.loss, "ppl": val.ppl, "bpb": val.bpb, "tokens": count, "bytes": val.bytes,
+              "samples": count // seq_len, "seq_len": seq_len,
+              "data": dataset.path if hasattr(dataset, "path") else args.data, **source.description}
     if args.json:
         json.dump(result, sys.stdout)
         print()
     else:
         step = f" step {result['step']}" if result.get("step") is not None else ""
-        print(f"loss {loss:.6f} | ppl {result['ppl']:.4f} | {count:,} tokens ({result['samples']} samples of "
-              f"{seq_len}) | {args.checkpoint}{step}")
+        bpb = "-" if val.bpb is None else f"{val.bpb:.4f}"
+        print(f"loss {val.loss:.6f} | ppl {val.ppl:.4f} | bpb {bpb} | {count:,} tokens ({result['samples']} samples "
+              f"of {seq_len}) | {args.checkpoint}{step}")
     return 0

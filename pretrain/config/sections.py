@@ -157,7 +157,7 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    interval: int = doc(100, "Validation loss and perplexity every N steps and at the end (0 = never).")
+    interval: int = doc(100, "Validation loss, perplexity and bits per byte every N steps and at the end (0 = never).")
     tokens: int = doc(
         1_048_576,
         "Validation token budget, clipped to the val split: its first tokens // data.seq_len samples, the same "

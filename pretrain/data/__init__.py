@@ -5,6 +5,7 @@ Modules, lowest first, each importing only those above it:
     folders.py        the folders the package writes: prepared-folder format (read_meta, write_meta), telling folder
                       kinds apart (a tokenizer given as data ...), atomic publishing through a staging folder
     tokenizer.py      train_tokenizer, Tokenizer
+    text_bytes.py     the UTF-8 bytes of text that targets cover, by the tokenizer's pieces (bits per byte)
     prepare.py        prepare_dataset (text -> train.bin / val.bin / meta.json), save_arrays
     batches.py        the micro-batch protocol between loaders and the training loop (LMBatch, IGNORE_INDEX)
     loader.py         TokenDataset, BlendedDataset, DataLoader, validation_batches, check_vocab, check_seq_len

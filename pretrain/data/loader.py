@@ -19,6 +19,7 @@ order, dealt out over the data-parallel ranks like training micro-steps: one fix
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 
 from pretrain.data.batches import IGNORE_INDEX, LMBatch
 from pretrain.data.folders import read_meta
+from pretrain.data.text_bytes import TokenBytes, token_bytes
 from pretrain.errors import UserError
 
 
@@ -71,6 +73,12 @@ class TokenDataset:
     @property
     def tokenizer_sha256(self) -> str | None:
         return self.meta["tokenizer"].get("sha256")
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        """The folder's copy of its tokenizer (None for arrays saved without one)."""
+        name = self.meta["tokenizer"].get("file")
+        return str(Path(self.path) / name) if name and self.tokenizer_sha256 else None
 
     def num_samples(self, seq_len: int | None = None) -> int:
         """How many samples of `seq_len` (default: this dataset's) the split holds."""
@@ -156,6 +164,10 @@ class BlendedDataset:
     @property
     def tokenizer_sha256(self) -> str | None:
         return self.datasets[0].tokenizer_sha256
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        return self.datasets[0].tokenizer_file  # one tokenizer for all (checked above)
 
     def __len__(self) -> int:
         """Samples in one pass over every member (the natural size of a validation pass)."""
@@ -316,6 +328,12 @@ class ValidationBatches:
     def num_tokens(self) -> int:
         """Label tokens of the whole set (all ranks): the denominator of the validation loss."""
         return self.num_samples * self.seq_len
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes | None:
+        """The byte table of the set's tokenizer, which counts the text each micro-batch's targets cover (bits per
+        byte: text_bytes.py); None when the data has no tokenizer."""
+        return token_bytes(getattr(self.dataset, "tokenizer_file", None))
 
     def positions(self, k: int) -> np.ndarray:
         """Global positions of the real samples in this rank's micro-batch k (fewer than micro_batch_size at the end)."""

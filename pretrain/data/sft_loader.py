@@ -82,6 +82,12 @@ class SFTDataset:
         return self.metas[0]["tokenizer"].get("sha256")
 
     @property
+    def tokenizer_file(self) -> str | None:
+        """The first folder's copy of the tokenizer (all share one)."""
+        name = self.metas[0]["tokenizer"].get("file")
+        return str(Path(self.paths[0]) / name) if name else None
+
+    @property
     def trained_tokens(self) -> int:
         return sum(int(m["splits"][self.split]["num_trained_tokens"]) for m in self.metas)
 
@@ -223,6 +229,10 @@ class SFTSamples:
 
     def batch(self, positions: np.ndarray, seed: Sequence[int], shuffle: bool = True) -> SFTBatch:
         return self.rows(self.groups(positions, seed, shuffle))
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        return self.dataset.tokenizer_file
 
     def fingerprint(self) -> dict:
         return {**self.dataset.fingerprint(), "seq_len": self.seq_len, "packing": self.packing}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 
@@ -57,9 +56,9 @@ class RemovalHooks(TrainHooks):
         for module in self.local.values():
             module.tracking = True
         if ctx.step == 0 and ctx.val_batches is not None:
-            ce = evaluate(ctx.built, ctx.val_batches, ctx.topo)
-            ctx.out.write({"step": 0, "val_loss": ce, "val_ppl": math.exp(min(ce, 50))}, "val")
-            ctx.out.say(f"step      0 | val_loss {ce:.4f} | the source model, every norm live (ce_original)")
+            val = evaluate(ctx.built, ctx.val_batches, ctx.topo)
+            ctx.out.write(val.record(0), "val")
+            ctx.out.say(f"{val.line(0)} | the source model, every norm live (ce_original)")
 
     def removed_by(self, step: int) -> int:
         return sum(1 for s in self.sites if s.step <= step)
@@ -183,7 +182,8 @@ def write_ln_free(ctx: TrainContext, target: str) -> None:
     built = build_engine(ln_cfg, topo)
     reshard.apply_weights(built, ln_cfg, folded)
     del weights, folded
-    ce = evaluate(built, ctx.val_batches, topo)
+    val = evaluate(built, ctx.val_batches, topo)
+    ce = val.loss
     partial = os.path.join(cfg.run.dir, f".{LN_FREE_DIR}.partial")
     if rank0 and os.path.isdir(partial):
         shutil.rmtree(partial)
@@ -194,7 +194,7 @@ def write_ln_free(ctx: TrainContext, target: str) -> None:
     if rank0:
         save_config(ln_cfg, os.path.join(partial, CONFIG_FILE))
         with open(os.path.join(partial, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"step": 0, "val_loss": ce, "val_ppl": math.exp(min(ce, 50))}) + "\n")
+            f.write(json.dumps(val.record(0)) + "\n")
         publish_folder(partial, target, replace=True)  # an earlier ln_free stays until the new one is in place
     dist.barrier()
     ctx.out.write({"step": step, "ce_ln_free": ce}, "removal")

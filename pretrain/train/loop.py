@@ -10,7 +10,6 @@ train.resume=auto).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Sequence
@@ -175,9 +174,9 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                     break
             out.advance(step, last_loss)
             if evaluating:
-                val_loss = evaluate(built, val_batches, topo)
-                out.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
-                out.say(f"step {step:>6} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
+                val = evaluate(built, val_batches, topo)
+                out.write(val.record(step), "val")
+                out.say(val.line(step))
             if saving:
                 trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
                                  "skipped_steps": skipped_total, "data_fingerprint": fingerprint}

@@ -2,8 +2,8 @@
 
 metrics.jsonl holds one JSON object per logged step:
     {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "step_time", "skipped_steps", ...}
-and validation entries {"step", "val_loss", "val_ppl"}. TensorBoard (run.dir/tb) gets the same scalars
-as train/<name> and val/<name>.
+and validation entries {"step", "val_loss", "val_ppl", "val_bpb"} (bits per byte: pretrain/train/evaluate.py; null
+when the data has no tokenizer). TensorBoard (run.dir/tb) gets the same scalars as train/<name> and val/<name>.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def closing_summary(cfg, seconds: float) -> list[str]:
     took = f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     losses = f"train loss {train['loss']:.4f} at step {train['step']}" if train else "no step logged"
     if val is not None:
-        losses += f"; val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}) at step {val['step']}"
+        bpb = f", {val['val_bpb']:.3f} bits per byte" if val.get("val_bpb") is not None else ""
+        losses += f"; val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}{bpb}) at step {val['step']}"
     what = f"{cfg.model.norm_scheme} ({cfg.model.preset or 'custom'})"
     if train and train["step"] < cfg.train.steps:  # train.stop_at_step
         return [f"stopped at step {train['step']} of {cfg.train.steps} after {took} (train.stop_at_step): {what}, "

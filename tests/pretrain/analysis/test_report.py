@@ -29,13 +29,16 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 
 
 def fake_run(scheme: str, layers: int, val: list[tuple[int, float]], seed: int = 0, last_loss: float = 3.0,
-             exit_codes: tuple = (), **config) -> Run:
+             exit_codes: tuple = (), bytes_per_token: float | None = None, **config) -> Run:
+    """A run's folder as read; `bytes_per_token` gives its validation entries val_bpb (its tokenizer's bytes per
+    token on the validation text)."""
     flat = {"model.norm_scheme": scheme, "model.n_layers": layers, "train.seed": seed, "train.steps": 100,
             "eval.tokens": 1000, "data.seq_len": 64, "data.paths": ["d"], "run.dir": f"r/{scheme}{layers}{seed}",
             **config}
     return Run(path=f"/r/{scheme}-{layers}-{seed}", name=f"{scheme}-{layers}-{seed}", config=flat, scheme=scheme,
                train=[{"step": 100, "loss": last_loss, "consumed_tokens": max(t for t, _ in val) if val else 0}],
-               val=[{"step": t // 10, "tokens": t, "val_loss": math.log(p), "val_ppl": p} for t, p in val],
+               val=[{"step": t // 10, "tokens": t, "val_loss": math.log(p), "val_ppl": p,
+                     "val_bpb": math.log2(p) / bytes_per_token if bytes_per_token else None} for t, p in val],
                exit_codes=list(exit_codes), params=1000 * layers)
 
 
@@ -68,6 +71,22 @@ def test_table_equal_tokens_best_and_diverged():
     # the paper's fixed threshold is an option
     assert build_table(runs, ["model.n_layers"], diverged_ppl=1000.0).cells["post_ln", "n_layers=8"].diverged
     assert not build_table(runs, ["model.n_layers"], diverged_ppl=1e4).cells["post_ln", "n_layers=8"].diverged
+
+
+def test_table_1b_ranks_runs_across_tokenizers_by_bits_per_byte():
+    # one text under two tokenizers: the 8k vocabulary's tokens cover fewer bytes, so its lower perplexity is the
+    # worse model per byte (log2(30) / 3 = 1.64 bits per byte against log2(40) / 4 = 1.33)
+    runs = [fake_run("pre_ln", 4, [(100, 40.0)], bytes_per_token=4.0, **{"data.paths": ["text_bpe32k"]}),
+            fake_run("lns", 4, [(100, 30.0)], bytes_per_token=3.0, **{"data.paths": ["text_bpe8k"]}),
+            fake_run("lns", 4, [(100, 31.0)], seed=1, bytes_per_token=3.0, **{"data.paths": ["text_bpe8k"]})]
+    table = build_table(runs, [])
+    pre_ln, lns = table.cells["pre_ln", "all runs"], table.cells["lns", "all runs"]
+    assert table.has_bpb and pre_ln.bpb == pytest.approx(math.log2(40) / 4)
+    assert lns.bpb == pytest.approx((math.log2(30) + math.log2(31)) / 6) and lns.bpb_std is not None
+    assert lns.best and pre_ln.bpb_best and not lns.bpb_best  # perplexity says lns, bits per byte pre_ln
+    assert any("different sets" in w and "Table 1b" in w for w in table.warnings)
+    # a run without val_bpb (data saved without a tokenizer) leaves its cell's bpb empty
+    assert build_table([fake_run("pre_ln", 4, [(100, 40.0)])], []).has_bpb is False
 
 
 def test_columns_skip_settings_fixed_per_scheme():
@@ -110,8 +129,13 @@ def final_ppl(run_dir: Path) -> float:
     return vals[-1]["val_ppl"]
 
 
-def markdown_table1(text: str) -> list[list[str]]:
-    section = text.split("## Table 1", 1)[1].split("\n## ", 1)[0]
+def final_bpb(run_dir: Path) -> float:
+    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_ppl" in line]
+    return vals[-1]["val_bpb"]
+
+
+def markdown_table1(text: str, heading: str = "## Table 1:") -> list[list[str]]:
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     return [rows[0]] + rows[2:]
@@ -137,6 +161,12 @@ def test_report_files_and_table(sweep):
         for row in table[1:]:
             want = f"{expected[row[0]]:.2f}"
             assert row[j] == (f"**{want}**" if row[0] == best else want), (row, expected)
+    bpb_table = markdown_table1(text, "## Table 1b:")  # the same evaluations in bits per byte
+    assert bpb_table[0] == table[0] and [row[0] for row in bpb_table] == ["norm scheme", "pre_ln", "lns"]
+    for j, layers in enumerate((2, 3), start=1):
+        expected = {s: final_bpb(sweep_dir / f"norm_scheme={s},n_layers={layers}") for s in ("pre_ln", "lns")}
+        for row in bpb_table[1:]:
+            assert row[j].strip("*") == f"{expected[row[0]]:.4f}", (row, expected)
     for name in pngs:
         assert f"]({name})" in text
     page = (report / "report.html").read_text()

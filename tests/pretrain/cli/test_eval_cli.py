@@ -53,9 +53,15 @@ def test_eval_equals_in_loop_validation_and_hf_export(run, tmp_path, env_cache, 
     assert (ours["tokens"], ours["samples"], ours["seq_len"], ours["step"]) == (46 * 64, 46, 64, 4)
     assert ours["norm_scheme"] == "lns" and ours["ppl"] == pytest.approx(math.exp(ours["loss"]), rel=1e-12)
     assert ours["loss"] == pytest.approx(in_loop["val_loss"], abs=1e-5), (ours, in_loop)
+    # bits per byte: the loss sum over the bytes the tokens cover, by the data's tokenizer; the loop's likewise
+    assert ours["bytes"] > ours["tokens"] and ours["bpb"] == pytest.approx(
+        ours["loss"] * ours["tokens"] / (math.log(2) * ours["bytes"]), rel=1e-12)
+    assert in_loop["val_bpb"] == pytest.approx(ours["bpb"], rel=1e-5) and in_loop["val_ppl"] == pytest.approx(
+        math.exp(in_loop["val_loss"]), rel=1e-12)
     # the micro-batch size changes nothing but memory
     other = eval_json(capsys, "--checkpoint", run, "--data", DATA, "--micro-batch-size", "5")
     assert other["loss"] == pytest.approx(ours["loss"], abs=1e-6) and other["tokens"] == ours["tokens"]
+    assert other["bytes"] == ours["bytes"]
 
     hf_dir = str(tmp_path / "hf")
     assert main(["export-hf", "--checkpoint", run, "--out", hf_dir]) == 0
@@ -63,11 +69,13 @@ def test_eval_equals_in_loop_validation_and_hf_export(run, tmp_path, env_cache, 
     hf = eval_json(capsys, "--checkpoint", hf_dir, "--data", DATA, "--seq-len", "64", "--tokens", "3000")
     assert hf["tokens"] == ours["tokens"] and hf["hf_model_type"] == "llama" and hf["step"] is None
     assert hf["loss"] == pytest.approx(ours["loss"], abs=1e-5), (hf, ours)
+    assert hf["bytes"] == ours["bytes"] and hf["bpb"] == pytest.approx(ours["bpb"], abs=1e-5)
 
     # the plain line
     assert main(["eval", "--checkpoint", run, "--data", DATA, "--tokens", "640"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("loss ") and "| 640 tokens (10 samples of 64) |" in line and line.endswith("step 4")
+    assert line.startswith("loss ") and " | bpb " in line and "| 640 tokens (10 samples of 64) |" in line
+    assert line.endswith("step 4")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -114,6 +122,7 @@ def test_analyze_depth_and_attribute_take_the_hf_export(run, tmp_path, env_cache
     assert (hf["step"], hf["norm_scheme"], hf["hf_model_type"]) == (None, "pre_ln", "llama")
     assert hf["checkpoint"] == os.path.abspath(hf_dir) and hf["tokens"] == ours["tokens"] == 2 * 3 * 48
     assert hf["val_loss"] == pytest.approx(ours["val_loss"], abs=1e-5)
+    assert 0 < ours["val_bpb"] == pytest.approx(hf["val_bpb"], abs=1e-5)
     for key in ("angular_distance", "skip_loss", "attn_contribution", "mlp_contribution", "block_contribution"):
         assert hf[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
     assert "pre_ln (Hugging Face directory)" in capsys.readouterr().out

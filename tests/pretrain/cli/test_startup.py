@@ -115,7 +115,8 @@ def test_training_builds_no_cpp_extension_and_ends_with_next_commands_that_work(
 
     summary = proc.stdout[proc.stdout.index("done: "):].splitlines()
     val = [json.loads(line) for line in open(run / "metrics.jsonl") if "val_loss" in line][-1]
-    assert f"val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}) at step 2" in summary[0]
+    assert (f"val loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f}, {val['val_bpb']:.3f} bits per byte) "
+            "at step 2") in summary[0]
     assert summary[1] == "next:"
     commands = [shlex.split(line.split("#")[0]) for line in summary[2:]]
     assert [c[:2] for c in commands] == [["pretrain", "plot"], ["pretrain", "report"], ["pretrain", "analyze-depth"]]

@@ -2,9 +2,9 @@
 imports on its own, and an import inside a function says why beside it.
 
 The layers, lowest first (setup.cfg's `data-layers` contract): sources, folders, batches, choice_tasks; tokenizer;
-prepare, sft_format; loader, sft_prepare; sft_loader, hf_tokenizer; resolve. resolve.py (what a data path or a
-tokenizer argument names, the bundled recipes and their cache) builds on both preparers; they know where the
-bundled texts are (sources.py) but nothing below resolve.py imports it. The graph is read from the source,
+backends, text_bytes; prepare, sft_format; loader, sft_prepare; sft_loader, hf_tokenizer; resolve. resolve.py (what
+a data path or a tokenizer argument names, the bundled recipes and their cache) builds on both preparers; they know
+where the bundled texts are (sources.py) but nothing below resolve.py imports it. The graph is read from the source,
 function-level (lazy) imports included: a lazy import hides a cycle at import time but is a cycle all the same.
 """
 

@@ -295,6 +295,7 @@ def test_remove_norms_end_to_end(removal, source, tmp_path):
     removed = {r["step"]: r["sites_removed"] for r in records if "loss" in r}
     assert removed == {s: min(max(s - 1, 0), 5) for s in range(1, 11)}
     assert [r["step"] for r in records if "val_loss" in r] == [0, 5, 10]
+    assert all(r["val_bpb"] > 0 for r in records if "val_loss" in r)  # the source's at step 0 included
     assert "removal: blocks.1.attn_norm fixed" in proc.stdout
     # The control: the same fine-tune (same data and lr schedule) with its norms.
     control = {r["step"]: r for r in metrics(os.path.join(run, "control")) if "loss" in r}

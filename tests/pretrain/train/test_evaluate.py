@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import numpy as np
@@ -98,14 +99,17 @@ LAYOUTS = {
 
 @pytest.mark.processes
 def test_val_loss_is_the_same_on_every_layout(tmp_path, data_cache):
-    got = {}
+    got, bpb = {}, {}
     for name, (overrides, nproc) in LAYOUTS.items():  # one after the other: each run keeps the 2 cores busy
         run_train(str(tmp_path / name), *EVAL, *overrides, nproc=nproc, cache_dir=data_cache)
         got[name] = [m["val_loss"] for m in metrics(str(tmp_path / name)) if "val_loss" in m]
+        bpb[name] = [m["val_bpb"] for m in metrics(str(tmp_path / name)) if "val_loss" in m]
     ref = got["single"]
     assert len(ref) == 1
     for name, val in got.items():
         assert val == pytest.approx(ref, rel=1e-5), f"{name}: val_loss {val} vs single-process {ref}"
+        # the bytes are reduced as the token count is: bits per byte agrees as the loss does
+        assert bpb[name] == pytest.approx(bpb["single"], rel=1e-5), f"{name}: val_bpb {bpb[name]} vs {bpb['single']}"
 
     # The definition: the mean token loss of the val split's first 58 samples, from the saved weights.
     from models import Llama
@@ -120,3 +124,5 @@ def test_val_loss_is_the_same_on_every_layout(tmp_path, data_cache):
     with torch.no_grad():
         expected = float(model(batch[:, :-1], batch[:, 1:]))
     assert ref[0] == pytest.approx(expected, rel=1e-5)
+    nbytes = validation_batches(dataset, 3750, 64).token_bytes.count(batch[:, :-1], batch[:, 1:])
+    assert bpb["single"][0] == pytest.approx(expected * 58 * 64 / (math.log(2) * nbytes), rel=1e-5)

@@ -48,8 +48,8 @@ def reference(tmp_path_factory, source, data_cache):
     return run
 
 
-def val_losses(run: str) -> list[float]:
-    return [m["val_loss"] for m in metrics(run) if "val_loss" in m]
+def val_losses(run: str, key: str = "val_loss") -> list[float]:
+    return [m[key] for m in metrics(run) if "val_loss" in m]
 
 
 def layer_stats(run: str) -> list[dict]:
@@ -67,6 +67,8 @@ def test_sft_steps_match_single_process(tmp_path, source, reference, data_cache,
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}: {got[step]} vs single-process {ref[step]}"
     assert val_losses(str(tmp_path)) == pytest.approx(val_losses(reference), rel=1e-5)
+    # the response bytes are reduced as the trained-token count is
+    assert val_losses(str(tmp_path), "val_bpb") == pytest.approx(val_losses(reference, "val_bpb"), rel=1e-5)
     for a, b in zip(layer_stats(str(tmp_path)), layer_stats(reference)):  # diagnostics through packed rows (and PP)
         assert a["variance"] == pytest.approx(b["variance"], rel=1e-3)
 
