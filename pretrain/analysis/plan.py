@@ -9,7 +9,8 @@
                   the partition) plus, at ZeRO 1 with accumulation, the full .grad it keeps between micro-batches;
                   bf16 without ZeRO (a pipeline) .grad and DeepSpeed's flat accumulation buffer, both bf16
     grad_buckets  ZeRO 1-2: DeepSpeed's gradient reduction bucket, `zero_optimization.reduce_bucket_size` elements
-                  (5e8 by default) in the model dtype, allocated at every backward however small the model
+                  (5e8 by default) in the model dtype, allocated at every backward however small the model (two
+                  under pipeline parallelism)
     optimizer     Adam's two moments in fp32, and the fp32 master weights wherever DeepSpeed keeps a copy (ZeRO 1-2,
                   fp32 too, and bf16): 1/dp of them under ZeRO or DeepSpeed's bf16 optimizer
     activations   what autograd keeps for backward, per token and block, counted from the block's real parts
@@ -175,17 +176,20 @@ def padded_group(numels: list[int], dp: int) -> int:
 
 
 def reduce_bucket_elements(cfg: ExperimentConfig) -> int:
-    """Elements of ZeRO 1-2's gradient reduction bucket: DeepSpeed allocates zero_optimization.reduce_bucket_size of
-    them at every backward (with contiguous_gradients, its default); 0 without ZeRO."""
+    """Elements of ZeRO 1-2's gradient reduction buckets: DeepSpeed allocates zero_optimization.reduce_bucket_size of
+    them at every backward (with contiguous_gradients, its default), and the pipeline engine, whose backward ZeRO
+    does not see, a second bucket when it reduces; 0 without ZeRO."""
     zero = cfg.deepspeed.get("zero_optimization", {})
     if cfg.parallel.zero_stage == 0 or not zero.get("contiguous_gradients", True):
         return 0
-    return int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)))
+    buckets = 2 if cfg.parallel.pp > 1 else 1
+    return buckets * int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)))
 
 
 def state_bytes(params: list[tuple[str, int, bool]], cfg: ExperimentConfig, dp: int, gas: int,
                 dp_rank: int | None = None) -> dict[str, float]:
-    """Bytes of weights, gradients, the gradient reduction bucket and optimizer state on one rank holding `params`
+    """Bytes of weights, gradients (at the optimizer step, and those ZeRO 1 accumulates in .grad between
+    micro-batches), the gradient reduction buckets and optimizer state on one rank holding `params`
     (`rank_parameters`), as the engine of pretrain/train/engine.py allocates them (see the module docstring); the
     data-parallel rank with the most gradient elements unless `dp_rank` is given."""
     zero, bf16 = cfg.parallel.zero_stage, cfg.train.precision == "bf16"
@@ -195,17 +199,19 @@ def state_bytes(params: list[tuple[str, int, bool]], cfg: ExperimentConfig, dp: 
     groups = [g for g in groups if g]
     numel = sum(n for _, n, _ in params)
     if zero == 0 and not bf16:  # GuardedAdamW: plain tensors, fp32 .grad, two moments
-        return {"params": FP32 * numel, "grads": FP32 * numel, "grad_buckets": 0, "optimizer": 2 * FP32 * numel}
+        return {"params": FP32 * numel, "grads": FP32 * numel, "accumulated_grads": 0, "grad_buckets": 0,
+                "optimizer": 2 * FP32 * numel}
     padded = sum(padded_group(g, dp) for g in groups)
     partition = padded // dp
     if zero == 0:  # bf16 with a pipeline: DeepSpeed's BF16_Optimizer (bf16 .grad and a flat bf16 accumulation buffer)
-        return {"params": width * padded, "grads": width * (numel + padded), "grad_buckets": 0,
-                "optimizer": 3 * FP32 * partition}
+        return {"params": width * padded, "grads": width * (numel + padded), "accumulated_grads": 0,
+                "grad_buckets": 0, "optimizer": 3 * FP32 * partition}
     ranks = range(dp) if dp_rank is None else [dp_rank]
     grads = max(sum(zero_partition(g, dp, r)[1] for g in groups) for r in ranks)
-    if zero == 1 and gas > 1:  # stage 1 accumulates the micro-batches' gradients in .grad and reduces at the last one
-        grads += numel
-    return {"params": width * padded, "grads": width * grads, "grad_buckets": width * reduce_bucket_elements(cfg),
+    # ZeRO 1 accumulates the micro-batches' gradients in .grad and reduces them into the partition at the last one
+    accumulated = numel if zero == 1 and gas > 1 else 0
+    return {"params": width * padded, "grads": width * grads, "accumulated_grads": width * accumulated,
+            "grad_buckets": width * reduce_bucket_elements(cfg),
             "optimizer": 3 * FP32 * partition}  # fp32 master partition + exp_avg + exp_avg_sq
 
 
@@ -445,7 +451,9 @@ def plan(cfg: ExperimentConfig, gpu: GPU, gpus: int = 1, mfu: float = DEFAULT_MF
         logits = logits_loss_bytes(c, tokens, tp, fused, width) if last else 0.0
         micro = (kept + readout) * tokens
         activations = micro * in_flight + max(0.0, backward * tokens - readout * tokens - logits)
-        parts = {**state, "activations": activations, "logits_loss": logits, "reserve": RESERVE_GIB * GIB}
+        parts = {"params": state["params"], "grads": state["grads"] + state["accumulated_grads"],
+                 "grad_buckets": state["grad_buckets"], "optimizer": state["optimizer"], "activations": activations,
+                 "logits_loss": logits, "reserve": RESERVE_GIB * GIB}
         stages.append({"stage": s, "blocks": len(blocks), "in_flight_micro_batches": in_flight,
                        "params_per_rank": sum(n for _, n, _ in rank_parameters(modules, tp)),
                        "activations_per_micro_batch_gib": micro / GIB,
