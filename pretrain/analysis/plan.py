@@ -44,7 +44,6 @@ from torch import nn
 import models.norm_layers as layers
 from models.config import ModelConfig
 from models.llama import Block, Llama, check_tp_divides
-from models.norms import NORM_SCHEMES, block_parts
 from models.parallel import LOSS_CHUNK_ELEMENTS
 from models.pipeline import BlockStage, EmbeddingStage, HeadStage, ReadoutStage
 from pretrain.config import ExperimentConfig
@@ -159,9 +158,7 @@ def zero_partition(numels: list[int], dp: int, rank: int) -> tuple[int, int]:
     """(partition elements, gradient elements) of data-parallel `rank` for one flat group of parameters of `numels`
     under ZeRO 1-2: the group padded to a multiple of 2 x dp and cut in dp equal partitions; the reduced gradients of
     the rank are kept for every parameter that reaches into its partition, whole (DeepSpeed's grads_in_partition)."""
-    total = sum(numels)
-    padded = -(-total // (ZERO_ALIGNMENT * dp)) * ZERO_ALIGNMENT * dp
-    size = padded // dp
+    size = padded_group(numels, dp) // dp
     lo, hi = rank * size, (rank + 1) * size
     grads, offset = 0, 0
     for n in numels:
@@ -172,6 +169,7 @@ def zero_partition(numels: list[int], dp: int, rank: int) -> tuple[int, int]:
 
 
 def padded_group(numels: list[int], dp: int) -> int:
+    """Elements of one flat parameter group as ZeRO and DeepSpeed's bf16 optimizer lay it out: padded to 2 x dp."""
     return -(-sum(numels) // (ZERO_ALIGNMENT * dp)) * ZERO_ALIGNMENT * dp
 
 
@@ -487,6 +485,9 @@ def plan(cfg: ExperimentConfig, gpu: GPU, gpus: int = 1, mfu: float = DEFAULT_MF
             "reduce_bucket_elements": reduce_bucket_elements(cfg),
             "loss_chunk_tokens": loss_tokens(c, tokens, tp, fused),
             "total": "the sum of the parts: an upper bound of the step's peak",
+            "recomputation": "MFU counts model FLOPs only: full checkpointing runs about one more forward per step "
+                             "(selective: the attention core and SwiGLU's activation), so the same hardware "
+                             "utilization shows as a lower MFU",
         },
     }
 
@@ -497,6 +498,10 @@ def plan(cfg: ExperimentConfig, gpu: GPU, gpus: int = 1, mfu: float = DEFAULT_MF
 ROWS = (("params", "parameters"), ("grads", "gradients"), ("grad_buckets", "gradient buckets"),
         ("optimizer", "optimizer states"), ("activations", "activations"), ("logits_loss", "logits / loss"),
         ("reserve", "runtime reserve"))
+
+
+def count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def render(p: dict) -> str:
@@ -525,7 +530,7 @@ def render(p: dict) -> str:
                f"does NOT fit in {gpu['memory_gib']:.1f} GiB ({used - gpu['memory_gib']:.1f} GiB over)")
     where = f"; the fullest rank is pipeline stage {p['stage']} of {lay['pp']}" if lay["pp"] > 1 else ""
     lines = [
-        f"{m['preset'] or 'custom'} ({m['norm_scheme']}, {m['params'] / 1e9:.3g}B parameters) on {lay['gpus']} x "
+        f"{m['preset'] or 'custom'} ({m['norm_scheme']}, {count(m['params'])} parameters) on {lay['gpus']} x "
         f"{gpu['name']} ({gpu['memory_gib']:.1f} GiB, {gpu['peak_bf16_flops'] / 1e12:,.0f} TFLOP/s dense bf16)",
         f"layout: tp {lay['tp']}, pp {lay['pp']}, dp {lay['dp']}, {zero}, {width}; micro-batch "
         f"{lay['micro_batch_size']} x seq {lay['seq_len']}, global batch {lay['global_batch_size']} (accumulation "
@@ -542,4 +547,7 @@ def render(p: dict) -> str:
               f"tokens/s            {p['tokens_per_s']:,.0f}  at MFU {100 * a['mfu']:.0f}% ({lay['gpus']} x "
               f"{gpu['peak_bf16_flops'] / 1e12:,.0f} TFLOP/s x {a['mfu']:g} / FLOPs per token); "
               f"{p['tokens_per_s_per_gpu']:,.0f} per GPU"]
+    if lay["activation_checkpointing"] == "full":
+        lines.append("                    (full checkpointing runs about one more forward per step, which the MFU "
+                     "formula does not count: assume a lower MFU)")
     return "\n".join(lines)

@@ -54,6 +54,17 @@ def test_gpu_names():
     assert len({g.name for g in GPUS}) == len(GPUS)
 
 
+def test_pipeline_stages_are_cut_as_deepspeed_cuts_them():
+    from deepspeed.runtime.utils import partition_balanced as deepspeeds  # what PipelineModule calls
+
+    from pretrain.analysis.plan import partition_balanced
+
+    for layers in range(1, 25):
+        for pp in range(1, min(layers, 8) + 1):
+            weights = [0] + [1] * layers + [0, 0]  # embedding, blocks, final norm, head
+            assert partition_balanced(weights, pp) == list(deepspeeds(weights, pp)), (layers, pp)
+
+
 # ------------------------------------------------------------------------------------------- what a block keeps
 
 
