@@ -255,8 +255,8 @@ def initialize(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "")
     normalize_unit_weights(module, NORM_SCHEMES[cfg.norm_scheme].unit_weights)  # ngpt: every weight on the sphere
 
 
-def check_tp_divides(cfg: ModelConfig, tp: TensorParallel | None) -> None:
-    tp_size = 1 if tp is None else tp.size
+def check_tp_divides(cfg: ModelConfig, tp_size: int) -> None:
+    """A ValueError naming the first model size that `tp_size` ranks cannot split (vocabulary, heads, MLP width)."""
     for what, n in (("model.vocab_size", cfg.vocab_size), ("model.n_heads", cfg.n_heads),
                     ("model.n_kv_heads", cfg.n_kv_heads), ("model.ffn_hidden", cfg.ffn_hidden)):
         if n % tp_size:  # checked before any (megatron) layer is built
@@ -271,7 +271,7 @@ class Llama(EmbeddingPart, ReadoutPart, HeadPart, nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0):
         super().__init__()
-        check_tp_divides(cfg, tp)
+        check_tp_divides(cfg, 1 if tp is None else tp.size)
         self.cfg = cfg
         self.add_embedding(cfg, tp)
         self.blocks = nn.ModuleList(Block(cfg, block_parts(cfg, l), tp) for l in range(1, cfg.n_layers + 1))

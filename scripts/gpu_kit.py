@@ -15,7 +15,7 @@ them) and runs the stages below as subprocesses, each with a time limit, writing
     cuda-tests     pytest -m cuda tests/test_cuda.py (junit XML)
     bench          pretrain bench, one process per preset, eager
     memory         the 1b preset at seq 2048: fused loss on and off, activation checkpointing none, full, selective
-                   (peak memory, tokens/s, host syncs per step; beside `pretrain plan`'s prediction where it exists)
+                   (peak memory, tokens/s, host syncs per step; beside `pretrain plan`'s prediction for each)
     diagnostics    the cost of per-layer diagnostics: one preset at interval 0, 100 and 1, 120 timed steps each
     profile        pretrain bench --profile: one training step of the 1b preset under torch.profiler
     bench-compile  pretrain bench --compile, one process per preset (last: compiling is the slowest and riskiest)
@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 from pretrain.files import atomic_write  # noqa: E402
+from pretrain.gpus import for_device_name  # noqa: E402  (the GPU table: the standard library only, as files.py)
 WHEEL_DIR = REPO / ".whl"
 SITE = WHEEL_DIR / "site"
 MAX_WHEEL_BYTES = 64 * 2**20  # all the ignored paths the device tool carries, together
@@ -305,8 +306,9 @@ class Kit:
 
     # -- one command
 
-    def run(self, label: str, cmd: list[str], shown: str | None = None) -> dict:
-        """Run `cmd` in its own process group, output to kit.log, within this stage's limit and the deadline."""
+    def run(self, label: str, cmd: list[str], shown: str | None = None, stdout: Path | None = None) -> dict:
+        """Run `cmd` in its own process group, output to kit.log (standard output to `stdout` if given), within this
+        stage's limit and the deadline."""
         record = {"label": label, "command": shown or shlex.join(cmd)}
         self.results["stages"][self.stage_name]["runs"].append(record)
         left = self.deadline - time.monotonic()
@@ -319,9 +321,10 @@ class Kit:
         self.say(f"--- {label}: {record['command']}  (limit {limit:.0f} s)")
         start = self.log_path.stat().st_size
         t = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.log_path, "ab") as log, open(stdout or os.devnull, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=out if stdout else log,
+                                    stderr=subprocess.STDOUT if stdout is None else log, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
             try:
                 rc = proc.wait(timeout=limit)
                 status = "ok" if rc == 0 else "failed"
@@ -466,8 +469,44 @@ def stage_memory(kit: Kit):
         rows.append(got[0] if got else {"preset": preset, "fused_loss": fused, "activation_checkpointing": checkpointing,
                                         "command": shlex.join(["pretrain", "bench", *args]),
                                         "run_status": kit.results["stages"]["memory"]["runs"][-1]["status"]})
+        if got:
+            add_plan(kit, rows[-1], kit.out / "memory" / f"{name}.plan.json")
         kit.results["memory"] = rows
         kit.save()
+
+
+# The GPU `pretrain plan` predicts for in a --cpu rehearsal (its memory does not depend on the GPU; its tokens/s do,
+# and are not recorded there).
+CPU_STAND_IN_GPU = "H100 SXM"
+
+
+def plan_args(row: dict, gpu: str) -> list[str]:
+    """`pretrain plan`'s arguments for the shape and layout a `pretrain bench` row ran: bench's config (one process,
+    ZeRO 1 in bf16, 0 in fp32, global batch = micro-batch; pretrain/cli/bench.py)."""
+    return [row["preset"], f"data.seq_len={row['seq_len']}", f"model.max_seq_len={row['seq_len']}",
+            f"train.micro_batch_size={row['micro']}", f"train.global_batch_size={row['micro']}",
+            f"train.precision={row['precision']}", f"parallel.zero_stage={1 if row['precision'] == 'bf16' else 0}",
+            f"train.fused_loss={str(row['fused_loss']).lower()}",
+            f"train.activation_checkpointing={row['activation_checkpointing']}", "--gpu", gpu, "--json"]
+
+
+def add_plan(kit: Kit, row: dict, json_path: Path) -> None:
+    """`pretrain plan`'s prediction beside a memory row: plan_mem_gib, the memory of its tensors (its total less the
+    fixed reserve, what torch.cuda.max_memory_allocated counts too), and plan_tokens_per_s (at its default MFU, 40%;
+    on a GPU only)."""
+    device = ((kit.results.get("env") or {}).get("device") or {}).get("name", "")
+    gpu = CPU_STAND_IN_GPU if kit.cpu else device
+    if not kit.cpu and for_device_name(device) is None:
+        row["plan_note"] = f"no plan: {device or 'the device'} is not in pretrain/gpus.py"
+        return
+    args = plan_args(row, gpu)
+    run = kit.run(f"{row['preset']} plan", [sys.executable, "-m", "pretrain", "plan", *args],
+                  shown=shlex.join(["pretrain", "plan", *args]), stdout=json_path)
+    if run["status"] != "ok":
+        return
+    planned = json.loads(json_path.read_text())
+    row.update(plan_mem_gib=planned["allocated_gib"], plan_fits=planned["fits"], plan_gpu=planned["gpu"]["name"],
+               plan_tokens_per_s=None if kit.cpu else planned["tokens_per_s"])
 
 
 def stage_diagnostics(kit: Kit):
@@ -646,7 +685,8 @@ def render_table(results: dict) -> str:
     memory = results.get("memory")
     if memory:
         lines += ["", "Memory stage: fused loss and activation checkpointing, one process per row (plan: `pretrain "
-                  "plan`'s prediction for the same shape, where the row has one):", "",
+                  "plan`'s prediction for the same shape, where the row has one: its tensors, i.e. its total less the "
+                  "2 GiB reserve, against peak GiB = torch.cuda.max_memory_allocated; tokens/s at MFU 40%):", "",
                   "| fused loss | checkpointing | micro | seq | step ms | tokens/s | MFU | peak GiB | plan GiB | "
                   "plan tokens/s | syncs/step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in memory:

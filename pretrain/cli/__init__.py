@@ -23,10 +23,10 @@ def commands() -> tuple:
     # Imported here, inside main's error handler: a command module that imports pretrain.compat runs its version
     # check, which must reach the user as main's one-line error, not as a traceback.
     from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_choices, eval_sft, export_hf,
-                              generate, params, plot, remove_norms, report, tokenizer, train)
+                              generate, params, plan, plot, remove_norms, report, tokenizer, train)
 
-    return (train, config, params, export_hf, tokenizer, data, bench, generate, eval_sft, eval, eval_choices, report,
-            plot, analyze_depth, attribute, remove_norms)
+    return (train, config, params, plan, export_hf, tokenizer, data, bench, generate, eval_sft, eval, eval_choices,
+            report, plot, analyze_depth, attribute, remove_norms)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ def register(sub) -> None:
 def cmd_bench(args) -> int:
     # torch, DeepSpeed and megatron-core load here, for the command that trains
     import torch
+    from models.config import PRESETS, ModelConfig
     from pretrain.analysis.throughput import bench_preset, write_json
     from pretrain.config import load_config
     from pretrain.train.distributed import init_distributed, shutdown
@@ -75,9 +76,12 @@ def cmd_bench(args) -> int:
         rows = []
         for i, preset in enumerate(args.presets):
             micro = args.micro_batch_size or (16 if preset.startswith("1b") else 32)  # 1b-aligned: as 1b
+            # a longer sequence than the preset's RoPE tables: tables for it (the weights do not change)
+            max_seq_len = max(args.seq_len, PRESETS.get(preset, {}).get("max_seq_len", ModelConfig.max_seq_len))
             scratch = tempfile.mkdtemp(prefix="pretrain-bench-")  # layer_stats.jsonl of --diagnostics-interval
             cfg = load_config(None, [f"run.dir={scratch}", f"diagnostics.interval={args.diagnostics_interval}",
                 f"model.preset={preset}", f"model.norm_scheme={args.norm_scheme}", f"data.seq_len={args.seq_len}",
+                f"model.max_seq_len={max_seq_len}",
                 f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", f"train.precision={precision}",
                 f"parallel.zero_stage={1 if precision == 'bf16' else 0}",  # DeepSpeed's bf16 optimizer
                 f"train.compile={str(args.compile).lower()}", "train.warmup_steps=1",

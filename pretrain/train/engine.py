@@ -21,36 +21,9 @@ from models.parallel import TensorParallel, liger_available
 from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
+from pretrain.config.layout import check_parallel_support, gradient_accumulation_steps
 from pretrain.errors import UserError
 from pretrain.train.distributed import Topology, deepspeed_topology
-
-
-def gradient_accumulation_steps(cfg: ExperimentConfig, topo: Topology) -> int:
-    per_step = cfg.train.micro_batch_size * topo.dp
-    if cfg.train.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size * data-parallel size = {cfg.train.micro_batch_size} * {topo.dp}"
-        )
-    return cfg.train.global_batch_size // per_step
-
-
-def check_parallel_support(cfg: ExperimentConfig, topo: Topology) -> None:
-    zero, pp = cfg.parallel.zero_stage, cfg.parallel.pp
-    if pp > 1 and zero > 1:
-        raise UserError(f"parallel.zero_stage={zero} does not work with pipeline parallelism (DeepSpeed); use 0 or 1")
-    if zero == 3:
-        raise UserError(
-            "parallel.zero_stage=3 is not supported: its parameter partitioning conflicts with the megatron-core "
-            "tensor-parallel layers and the per-layer diagnostics; use zero_stage 0-2"
-        )
-    if cfg.train.precision == "bf16" and zero == 0 and pp == 1:
-        # DeepSpeed's only bf16 optimizer without ZeRO or a pipeline accumulates gradients in bf16.
-        raise UserError(
-            "train.precision=bf16 needs parallel.zero_stage >= 1 (or pipeline parallelism): without them DeepSpeed "
-            "accumulates gradients in bf16; zero_stage=1 keeps fp32 gradients and master weights and costs nothing "
-            "on one GPU"
-        )
 
 
 def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:
@@ -58,7 +31,7 @@ def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, topo),
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, topo.dp),
         # ZeRO 1-2 clip and skip non-finite steps themselves; at stage 0 GuardedAdamW does both.
         "gradient_clipping": t.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
@@ -211,13 +184,11 @@ class Built:
 
 
 def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
-    check_parallel_support(cfg, topo)
+    check_parallel_support(cfg)
     tp = TensorParallel.from_parallel_state()
     seed = cfg.train.seed
     try:
         if cfg.parallel.pp > 1:
-            if cfg.parallel.pp > cfg.model.n_layers:
-                raise UserError(f"parallel.pp={cfg.parallel.pp} exceeds model.n_layers={cfg.model.n_layers}")
             model = PipelineModule(
                 layers=layer_specs(cfg.model, tp, seed), loss_fn=pipeline_loss, topology=deepspeed_topology(topo),
                 partition_method=PARTITION_METHOD, activation_checkpoint_interval=0,

@@ -18,28 +18,15 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from pretrain.gpus import for_device_name
 from pretrain.runs import METRICS_FILE, read_metrics, torn_line_message, truncate_jsonl
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, for the MFU estimate, from NVIDIA's datasheets. Matched
-# against torch.cuda.get_device_name in this order, so the PCIe and NVL cards are not taken for SXM ones
-# ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3" = SXM5).
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H200 NVL", 835e12),
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100", 989e12),  # SXM5
-    ("A100", 312e12),  # SXM4 and PCIe alike
-    ("L40S", 362e12),
-    ("A10", 125e12),  # after "A100"
-    ("4090", 165e12),  # with fp32 accumulation
-)
 
 
 def peak_flops_for(name: str) -> float | None:
-    """Dense bf16 peak of the GPU called `name` (None: unknown, MFU is not reported)."""
-    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
+    """Dense bf16 peak of the GPU whose torch device name is `name` (None: unknown, MFU is not reported); the table is
+    pretrain/gpus.py's, which `pretrain plan` reads too."""
+    gpu = for_device_name(name)
+    return None if gpu is None else gpu.peak_bf16_flops
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -177,6 +177,33 @@ def test_table_has_a_row_per_run_including_the_ones_that_ended_badly():
     assert "| `pretrain bench --presets 1b --compile` | 1b | yes | | timeout |" in table
 
 
+MEMORY_ROW = {"preset": "tiny", "seq_len": 64, "micro": 4, "precision": "fp32", "fused_loss": False,
+              "activation_checkpointing": "full", "mem_gib": 0.0}
+
+
+def test_a_memory_row_is_planned_with_the_shape_bench_ran(capsys):
+    from pretrain.cli import main
+
+    assert main(["plan", *kit.plan_args(MEMORY_ROW, kit.CPU_STAND_IN_GPU)]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["layout"] | {"micro_batch_size": 4, "global_batch_size": 4, "seq_len": 64, "zero_stage": 0,
+                                "fused_loss": False, "activation_checkpointing": "full"} == planned["layout"]
+    assert planned["model"]["preset"] == "tiny" and 0 < planned["allocated_gib"] < planned["memory_gib_per_gpu"]
+
+
+@pytest.mark.processes
+def test_the_memory_stage_writes_the_plan_beside_its_row(tmp_path):
+    row = dict(MEMORY_ROW)
+    k = kit.Kit(tmp_path, cpu=True, limits={"memory": 300}, deadline_s=600, env=kit.child_env(True, tmp_path),
+                echo=lambda *a, **kw: None)
+    k.stage("memory", lambda k: kit.add_plan(k, row, tmp_path / "plan.json"))
+    assert k.results["stages"]["memory"]["status"] == "ok", (tmp_path / "kit.log").read_text()[-3000:]
+    assert row["plan_mem_gib"] > 0 and row["plan_gpu"] == "H100 SXM" and row["plan_tokens_per_s"] is None
+    table = kit.render_table({"kit": {"mode": "cpu", "started": "2026-12-06T10:00:00+00:00"},
+                              "memory": [{**row, "step_ms": 10.0, "tokens_per_s": 100.0}]})
+    assert f"| {row['plan_mem_gib']:.1f} |  |" in table
+
+
 # ----------------------------------------------------------------------------------------------------------
 # pretrain bench --json / --profile
 

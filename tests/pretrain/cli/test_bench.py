@@ -13,10 +13,11 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 
 
 def test_bench_prints_a_row_with_and_without_diagnostics(data_cache):
-    for interval in ("0", "1"):
+    """The second run also goes past the preset's model.max_seq_len (1,024): bench sizes the RoPE tables for it."""
+    for interval, seq_len, micro in (("0", "64", "4"), ("1", "1100", "1")):
         proc = subprocess.run(
-            [sys.executable, "-m", "pretrain", "bench", "--presets", "tiny", "--steps", "2", "--seq-len", "64",
-             "--micro-batch-size", "4", "--diagnostics-interval", interval],
+            [sys.executable, "-m", "pretrain", "bench", "--presets", "tiny", "--steps", "2", "--seq-len", seq_len,
+             "--micro-batch-size", micro, "--diagnostics-interval", interval],
             cwd=REPO, env=train_env(data_cache), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         row = [line for line in proc.stdout.splitlines() if line.startswith("tiny")]
