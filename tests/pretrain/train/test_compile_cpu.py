@@ -9,8 +9,8 @@ to metrics.jsonl as `compiled_graphs` and `recompiles`, pretrain/train/recompile
 
 Compiling costs most of each test (gcc builds every kernel, ~20 per scheme, 30-60 s on 2 cores): one inductor cache
 per session (kernels that recur between schemes are built once), compiling in the process itself (a pool of compile
-workers only competes for the 2 cores). The default set keeps pre_ln on one process and the QK-norm scheme (OLMo 2's
-reordered blocks, full-width q/k norms, whose norm all-reduces inside the block) on TP = 2; the other schemes are slow.
+workers only competes for the 2 cores). The default set runs every scheme on one process and the QK-norm scheme (OLMo
+2's reordered blocks, full-width q/k norms, whose norm all-reduces inside the block) on TP = 2; ngpt on TP = 2 is slow.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _check_compiled(run: str, reference: str, stdout: str) -> None:
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "pre_ln" else SLOW) for n in SCHEMES])
+@pytest.mark.parametrize("name", list(SCHEMES))
 def test_compiled_blocks_train_as_eager_and_compile_once(tmp_path, data_cache, compile_env, eager_run, name):
     run = str(tmp_path / "compiled")
     proc = run_train(run, *RUN, *SCHEMES[name], "train.compile=true", cache_dir=data_cache, env=compile_env)

@@ -16,7 +16,8 @@ from helpers.train import REPO, metrics, run_train, train_env, train_losses
 pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training runs (tests/conftest.py: tiers)
 
 STEPS = 5
-# The default run keeps one case per layout (TP = 2, PP = 2) and the sphere (nGPT's unit weights): the slow ones repeat
+# The default run keeps one case per layout (TP = 2, PP = 2); nGPT's sphere on TP = 2 is in the default run of
+# tests/pretrain/train/test_ngpt_unit_weights.py (tp 2 x ZeRO-1), so its case here is slow. The slow ones repeat
 # those paths with other parts, which tests/models/test_norm_schemes.py and tests/models/test_tensor_parallel.py cover per formula.
 SLOW = pytest.mark.slow
 
@@ -28,7 +29,7 @@ SLOW = pytest.mark.slow
     pytest.param("hybridnorm_star", ["model.attn_gate=elementwise"], ["parallel.tp=2"], id="hybridnorm_star-gate-tp2", marks=SLOW),
     pytest.param("mix_ln", ["model.gpas=true", "model.attn_gate=headwise"], ["parallel.pp=2"], id="mix_ln-gpas-gate-pp2", marks=SLOW),
     pytest.param("derf", ["model.norm_gain=zero_centered"], ["parallel.pp=2"], id="derf-zero_centered-pp2", marks=SLOW),
-    pytest.param("ngpt", ["model.n_kv_heads=4"], ["parallel.tp=2"], id="ngpt-tp2"),
+    pytest.param("ngpt", ["model.n_kv_heads=4"], ["parallel.tp=2"], id="ngpt-tp2", marks=SLOW),
 ])
 def test_designs_train_alike_on_layouts_resume_and_are_diagnosed(tmp_path, data_cache, scheme, keys, layout):
     model = [f"model.norm_scheme={scheme}", *keys, f"train.steps={STEPS}"]
