@@ -29,18 +29,7 @@ from pretrain.data.batches import LMBatch  # noqa: E402
 from pretrain.train.distributed import init_distributed, shutdown  # noqa: E402
 from pretrain.train.engine import build_engine  # noqa: E402
 from pretrain.train.steps import train_step  # noqa: E402
-
-
-class Repeat:
-    """The same pretraining micro-batch forever (a loader of pretrain/data/batches.py's protocol)."""
-
-    token_weighted = False
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __next__(self):
-        return self.batch
+from bench_train import Repeat  # noqa: E402  (benchmarks/ is the script's folder, first on sys.path)
 
 
 def main() -> None:
