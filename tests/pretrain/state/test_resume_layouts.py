@@ -57,7 +57,9 @@ PAIRS = [
 # The compatibility set (CI's other stacks) resumes TP x PP onto one process and a bf16 pipeline onto ZeRO-2 data
 # parallelism: between them every reader and writer of full_state.py and compat.py's checkpoint formats.
 COMPAT = {"tp2xpp2-to-tp1xpp1", "bf16-pp2-to-zero2-dp2"}
-SLOW = {"dp1-to-dp2-zero1"}  # a data-parallel change is also in tp1-to-tp2xdp2-zero2 and bf16-pp2-to-zero2-dp2
+# A data-parallel change is also in tp1-to-tp2xdp2-zero2 and bf16-pp2-to-zero2-dp2; ZeRO-1's files are read in
+# fp32-to-bf16-zero1, and a resume onto ZeRO-0's optimizer is tp2xpp2-to-tp1xpp1's.
+SLOW = {"dp1-to-dp2-zero1", "zero1-to-zero0"}
 MARKS = {**{name: [pytest.mark.compat] for name in COMPAT}, **{name: [pytest.mark.slow] for name in SLOW}}
 
 
