@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 
 from models import Llama
 from models.llama import Block, recompute
-from models.parallel import TensorParallel, liger_available
+from models.parallel import TensorParallel, cross_entropy, liger_available, liger_cross_entropy
 from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
@@ -199,7 +199,8 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
         raise UserError(str(e)) from None
     model.to(topo.device)
     on_gpu = topo.device.type == "cuda"
-    liger = on_gpu and cfg.train.fused_loss and liger_available()
+    liger_failed = liger_probe(topo.device) if on_gpu and cfg.train.fused_loss and liger_available() else None
+    liger = on_gpu and cfg.train.fused_loss and liger_available() and liger_failed is None
     paths = recompute(model, cfg.train.activation_checkpointing, cfg.train.fused_loss, liger=liger)
     if cfg.train.compile:
         # Compile block by block (nn.Module.compile keeps parameter names, so checkpoints and hooks see the same
@@ -227,17 +228,40 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
     )
     return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"],
                  param_names=optimizer_param_names(model, cfg),
-                 loss_line=fused_loss_line(paths, liger) if on_gpu and cfg.train.fused_loss else None)
+                 loss_line=fused_loss_line(paths, liger, liger_failed) if on_gpu and cfg.train.fused_loss else None)
 
 
-def fused_loss_line(paths: set[str], liger: bool) -> str | None:
+def liger_probe(device: torch.device) -> str | None:
+    """None when Liger's kernel runs on `device` and gives our loss and gradient on a small case, else why not (a
+    Triton or liger-kernel release that does not work with this torch must not stop a run: the chunked loss runs)."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(64, 32, device=device, generator=gen, requires_grad=True)
+        w = torch.randn(100, 32, device=device, generator=gen)
+        labels = torch.randint(0, 100, (64,), device=device, generator=gen)
+        got = liger_cross_entropy(x, w, labels)
+        (grad,) = torch.autograd.grad(got, x)
+        want = cross_entropy(torch.nn.functional.linear(x, w), labels, None)
+        (want_grad,) = torch.autograd.grad(want, x)
+        if not (torch.allclose(got, want, rtol=1e-4) and torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-6)):
+            return f"its loss {float(got.detach()):.6f} differs from ours {float(want.detach()):.6f} on a check"
+    except Exception as e:  # noqa: BLE001 (whatever Triton raises: the run goes on without the kernel)
+        return f"it failed on a check: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def fused_loss_line(paths: set[str], liger: bool, liger_failed: str | None = None) -> str | None:
     """On a GPU, which kernel computes train.fused_loss on this rank (none said where it holds no head)."""
     if "liger" in paths:
         return "train.fused_loss: Liger's fused linear cross-entropy (liger-kernel)"
     if "chunked" not in paths:
         return None
-    why = ("a vocab-parallel or scaled head, which Liger's kernel does not compute" if liger
-           else "liger-kernel is not installed; `pip install liger-kernel` for its fused kernel")
+    if liger_failed:
+        why = f"Liger's kernel is installed but {liger_failed}"
+    elif liger:
+        why = "a vocab-parallel or scaled head, which Liger's kernel does not compute"
+    else:
+        why = "liger-kernel is not installed; `pip install liger-kernel` for its fused kernel"
     return f"train.fused_loss: the chunked head + cross-entropy ({why})"
 
 
