@@ -31,11 +31,11 @@ from pretrain.train.engine import apply_optimizer_settings, build_engine, lr_lam
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
-from pretrain.train.trackers import open_trackers
 from pretrain.train.health import StepHealth
 from pretrain.train.recompiles import CompileCount
 from pretrain.train.steps import train_step
 from pretrain.train.syncs import StepSyncs
+from pretrain.train.trackers import open_trackers
 
 
 def train(start: RunStart, hooks: Sequence[TrainHooks] = ()) -> int:
