@@ -140,10 +140,12 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra_before_the_run_f
         TrackioTracker(load_config(None, [f"run.dir={tmp_path}"]), {}, {})
 
 
-def test_tracking_json_keeps_the_trackio_run_across_restarts_and_each_run_folder_its_own_database(tmp_path):
+def test_tracking_json_keeps_the_trackio_run_across_restarts_and_each_run_folder_its_own_database(tmp_path,
+                                                                                                monkeypatch):
     """Real trackio, in this process: a run's trackers log to run.dir/trackio under the run id kept in tracking.json;
     a restart continues that run (the same id, the later steps appended), and a second run folder in the same
     process (pretrain remove-norms trains two) gets its own database, the first left as it was."""
+    monkeypatch.delenv("TRACKIO_DIR", raising=False)  # the trackers set it; restored after the test
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     for d in (first, second):
         os.makedirs(d)
