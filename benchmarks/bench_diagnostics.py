@@ -53,14 +53,13 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.norm_scheme=lns")
     args = parser.parse_args()
 
-    from torch.utils.tensorboard import SummaryWriter
-
     from pretrain.config import load_config
     from pretrain.diagnostics.hooks import LayerStatsHooks
     from pretrain.features import hooks_for
     from pretrain.runs import LAYER_STATS_FILE
     from pretrain.train.hooks import TrainContext
     from pretrain.train.metrics import MetricsWriter
+    from pretrain.train.trackers import TensorBoardTracker
     from pretrain.train.signals import StopOnSignal
     from pretrain.train.distributed import init_distributed, shutdown
     from pretrain.train.engine import build_engine
@@ -80,8 +79,8 @@ def main() -> int:
             hooks = [] if interval is None else [h for h in hooks_for(cfg, StopOnSignal())
                                                  if not isinstance(h, StopOnSignal)]
             assert all(isinstance(h, LayerStatsHooks) for h in hooks)
-            out = MetricsWriter(cfg.run.dir, 10**6, 0, tensorboard=False, progress_bar=False, enabled=False)
-            out.tb = SummaryWriter(os.path.join(cfg.run.dir, "tb")) if interval else None
+            out = MetricsWriter(cfg.run.dir, 10**6, 0, trackers=(), progress_bar=False, enabled=False)
+            out.trackers = [TensorBoardTracker(cfg.run.dir, 0)] if interval else []  # the hooks' writer logs there
             ctx = TrainContext(cfg, topo, built, out, None, "", 0)
             for hook in hooks:
                 hook.on_start(ctx)

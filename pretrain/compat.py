@@ -15,6 +15,7 @@ What is here:
   * torch: the compiled forward that `nn.Module.compile` installs (`_compiled_call_impl`), and dynamo's count of
     the graphs it has compiled (`torch._dynamo.utils.counters`), which train.compile's recompilation count reads.
   * TensorBoard: writing many scalars as one event (the writer's file writer and Summary proto).
+  * trackio: the folder of its databases, read once when it is imported (`set_trackio_dir`).
 
 models/ uses megatron-core's public tensor_parallel layers only (models must not depend on pretrain/), and
 DeepSpeed's public pipeline, topology and `safe_*_full_*` APIs are used where they are needed.
@@ -29,6 +30,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrain.errors import UserError
@@ -382,3 +384,20 @@ def add_scalars(tb, scalars: list[tuple[str, float]], step: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary  # tensorboard's protobufs: only where scalars are written
 
     writer().add_summary(Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars]), step)
+
+
+def set_trackio_dir(folder: str) -> None:
+    """Make trackio keep its databases in `folder`. trackio reads TRACKIO_DIR from the environment once, when it is
+    imported (trackio.utils.TRACKIO_DIR, MEDIA_DIR, ARTIFACTS_DIR, copied into the modules that import them by name):
+    set it before the import; in a process that imported trackio for an earlier run (`pretrain remove-norms` trains
+    its control after the removal run) those copies are pointed at the new folder."""
+    os.environ["TRACKIO_DIR"] = folder
+    if "trackio.utils" not in sys.modules:
+        return
+    new = {"TRACKIO_DIR": Path(folder), "MEDIA_DIR": Path(folder) / "media", "ARTIFACTS_DIR": Path(folder) / "artifacts"}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "trackio" or name.startswith("trackio.")):
+            continue
+        for attr, path in new.items():
+            if isinstance(getattr(module, attr, None), Path):
+                setattr(module, attr, path)

@@ -5,6 +5,9 @@ here by resume, `pretrain plot`, `pretrain report` and `python -m launch.sweep s
     RUN_DIR/metrics.jsonl       one JSON object per logged step, and validation entries (pretrain/train/metrics.py)
     RUN_DIR/layer_stats.jsonl   per-layer statistics every diagnostics.interval steps (pretrain/diagnostics/)
     RUN_DIR/launch.jsonl        the launchers' events (below)
+    RUN_DIR/tracking.json       the W&B and trackio run ids of logging.backends (pretrain/train/trackers.py):
+                                {"wandb": {"project", "id", "name"}, "trackio": {"project", "name", "id"}}
+    RUN_DIR/tb/, wandb/, trackio/   the trackers' own files
     RUN_DIR/checkpoints/        step_N folders and `latest` (pretrain/state/)
     ROOT/NAME/sweep.json        a sweep's runs and grid (below)
 
@@ -58,6 +61,7 @@ LAYER_STATS_FILE = "layer_stats.jsonl"
 EVENTS_FILE = "launch.jsonl"
 MANIFEST_FILE = "sweep.json"
 CHECKPOINTS_DIR = "checkpoints"
+TRACKING_FILE = "tracking.json"
 LATEST_FILE = "latest"  # CHECKPOINTS_DIR/latest: the name of the newest complete checkpoint
 
 # What makes a folder a run: anything a launcher or a trainer writes into it. A launcher writes launch.jsonl when
@@ -190,6 +194,27 @@ def find_checkpoint(path: str) -> str:
             with open(latest) as f:
                 return os.path.join(root, f.read().strip())
     return path
+
+
+def read_tracking(run_dir: str) -> dict:
+    """tracking.json: {backend: {"id", ...}} of the trackers that logged this run ({} when none did yet)."""
+    path = os.path.join(run_dir, TRACKING_FILE)
+    try:
+        with open(path) as f:
+            ids = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); it holds the W&B/trackio run ids: fix it or remove it (the run "
+                        "then logs to a new tracker run)") from None
+    if not isinstance(ids, dict):
+        raise UserError(f"{path}: expected a JSON object of tracker run ids; fix it or remove it")
+    return ids
+
+
+def write_tracking(run_dir: str, ids: dict) -> None:
+    """Replace tracking.json atomically (a requeued run reads the old file or the new one, never half of one)."""
+    atomic_write(os.path.join(run_dir, TRACKING_FILE), json.dumps(ids, indent=1, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------- launch.jsonl, sweep.json

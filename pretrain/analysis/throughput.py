@@ -63,7 +63,7 @@ def bench_preset(cfg, topo, steps: int, profile_dir: str | None = None) -> dict:
     t = cfg.train
     it = RandomTokens(cfg.model.vocab_size, t.micro_batch_size, cfg.data.seq_len)
     hooks = [LayerStatsHooks()] if cfg.diagnostics.interval > 0 else []  # --diagnostics-interval
-    ctx = TrainContext(cfg, topo, built, MetricsWriter(cfg.run.dir, steps, 0, False, False, enabled=False), None, "", 0)
+    ctx = TrainContext(cfg, topo, built, MetricsWriter(cfg.run.dir, steps, 0, (), False, enabled=False), None, "", 0)
     for hook in hooks:
         hook.on_start(ctx)
     step = 0

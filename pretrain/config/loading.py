@@ -15,7 +15,7 @@ import yaml
 
 from models.config import PRESETS, ModelConfig, check_choices, literal_choices
 from models.norms import NORM_SCHEMES
-from pretrain.config.sections import SECTIONS, ExperimentConfig, sections
+from pretrain.config.sections import SECTIONS, ExperimentConfig, LoggingConfig, sections
 from pretrain.errors import UserError
 from pretrain.files import atomic_write
 
@@ -60,6 +60,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
         set_key(raw, key, value)
     for item in overrides:
         apply_override(raw, item)
+    _translate_tensorboard(raw, say=not stored)
     _drop_removed_keys(raw, refuse=not stored)
     if stored:
         for dotted, value in LEGACY_DEFAULTS.items():
@@ -113,6 +114,27 @@ def _scheme_train_defaults(cfg: ExperimentConfig, raw: dict, chosen: set[str], p
               f"{', '.join(f'{k}={v}' for k, v in replaced.items())} (set for {file_scheme}); give a key on the "
               f"command line to choose otherwise", file=sys.stderr)
     return applied
+
+
+def _translate_tensorboard(raw: dict, say: bool) -> None:
+    """logging.tensorboard (before logging.backends) as logging.backends: true keeps tensorboard in the backends
+    (given or default), false removes it. A user's file or override gets a one-line notice; a stored config (an older
+    run's, read to resume it) is translated silently."""
+    logging = raw.get("logging")
+    if not isinstance(logging, dict) or "tensorboard" not in logging:
+        return
+    on = logging.pop("tensorboard")
+    if not isinstance(on, bool):
+        raise UserError(f"logging.tensorboard: expected true or false, got {on!r}; it is logging.backends now, e.g. "
+                        "logging.backends=[tensorboard,wandb]")
+    backends = logging.get("backends", LoggingConfig().backends)
+    if isinstance(backends, list):
+        backends = [b for b in backends if b != "tensorboard"]
+        logging["backends"] = ["tensorboard", *backends] if on else backends
+    if say:
+        shown = "[" + ",".join(map(str, logging["backends"])) + "]" if isinstance(backends, list) else backends
+        print(f"note: logging.tensorboard={str(on).lower()} is read as logging.backends={shown}; use "
+              "logging.backends instead (logging.tensorboard will be removed)", file=sys.stderr)
 
 
 def _drop_removed_keys(raw: dict, refuse: bool) -> None:

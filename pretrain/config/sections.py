@@ -5,12 +5,18 @@ each section validated where it is built (one-line ValueErrors naming the key)."
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from models.config import ModelConfig, doc
 from models.norms import NORM_SCHEMES, REMOVAL_GROUPS
+from pretrain.errors import UserError
+
+# logging.backends: name -> the module it imports (None: a dependency of normlab itself)
+TRACKING_BACKENDS = {"tensorboard": None, "wandb": "wandb", "trackio": "trackio"}
 
 
 @dataclass
@@ -182,7 +188,16 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     interval: int = doc(10, "Log line and metrics.jsonl entry every N steps.")
-    tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tb.")
+    backends: list = doc(
+        ["tensorboard"],
+        "Experiment trackers that get every metrics.jsonl and layer_stats.jsonl number besides those files, on rank "
+        "0, their files inside the run folder: tensorboard (run.dir/tb), wandb (run.dir/wandb, offline unless "
+        "WANDB_MODE says otherwise), trackio (run.dir/trackio); [] for none. wandb and trackio need the tracking "
+        "extra (pip install -e '.[tracking]'). Replaces logging.tensorboard (docs/training.md, Tracking).",
+    )
+    project: str = doc(
+        "normlab", "The W&B and trackio project the run is logged under, as a run named after run.dir's folder."
+    )
     progress_bar: bool | None = doc(None, "Progress bar: true, false, or null to show it only in an interactive terminal.")
     host_syncs: bool = doc(
         False, "Count each step's host synchronisations (tensor values read into Python; each stalls a GPU) into "
@@ -192,6 +207,28 @@ class LoggingConfig:
 
     def __post_init__(self):
         _at_least(self, "logging.", "interval", 1, hint="a log line every N steps")
+        for name in self.backends:
+            if name not in TRACKING_BACKENDS:
+                raise ValueError(f"logging.backends: {name!r} is not one of {', '.join(TRACKING_BACKENDS)}")
+        if len(set(self.backends)) < len(self.backends):
+            raise ValueError(f"logging.backends: {self.backends} names a backend twice")
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise ValueError(f"logging.project: {self.project!r} is not a project name; e.g. logging.project=norms")
+
+    def missing_packages(self) -> list[str]:
+        """The backends whose package is not installed (checked without importing it: trackio reads its folder
+        from the environment when it is imported, pretrain/train/trackers.py sets that first)."""
+        return [name for name in self.backends if TRACKING_BACKENDS[name] and not _installed(TRACKING_BACKENDS[name])]
+
+    def check_installed(self) -> None:
+        """A one-line UserError naming the extra to install, before any process starts or the run folder is
+        touched (pretrain.state.resume.prepare_run)."""
+        missing = self.missing_packages()
+        if missing:
+            names = " and ".join(missing)
+            raise UserError(f"logging.backends: {names} {'is' if len(missing) == 1 else 'are'} not installed; "
+                            f"install the tracking extra (pip install -e '.[tracking]' in a checkout) or drop {names} from "
+                            "logging.backends")
 
 
 @dataclass
@@ -199,7 +236,7 @@ class DiagnosticsConfig:
     interval: int = doc(
         0,
         "Per-layer residual variance/RMS, branch-to-residual ratios, angular distance and gradient norms every N "
-        "steps, to layer_stats.jsonl and TensorBoard (0 = off). See pretrain/diagnostics/.",
+        "steps, to layer_stats.jsonl and the trackers of logging.backends (0 = off). See pretrain/diagnostics/.",
     )
 
     def __post_init__(self):
@@ -355,6 +392,12 @@ def _number(obj, prefix: str, name: str, low: float, high: float | None = None, 
     if not math.isfinite(value) or (value < low if low_ok else value <= low) or (high is not None and value > high):
         rule = f"in [{low:g}, {high:g}]" if high is not None else f"{'>=' if low_ok else '>'} {low:g}"
         raise ValueError(f"{prefix}{name}: must be a finite number {rule}{f' ({hint})' if hint else ''}, got {value}")
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # imported already, or blocked (None)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def sections() -> list[dataclasses.Field]:

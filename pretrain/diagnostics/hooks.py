@@ -19,7 +19,7 @@ from megatron.core import parallel_state  # noqa: E402
 
 
 class LayerStatsHooks(TrainHooks):
-    """Measures every diagnostics.interval-th step into layer_stats.jsonl and TensorBoard's layers/*: the activation
+    """Measures every diagnostics.interval-th step into layer_stats.jsonl and the trackers' layers/*: the activation
     statistics of the step's first micro-batch on data-parallel rank 0 (before step s), the gradient norms of the
     whole global batch (inside the optimizer step, before clipping), written after the step.
 
@@ -41,7 +41,8 @@ class LayerStatsHooks(TrainHooks):
             self.probe = ActivationProbe(local_blocks(built.model), self.n_layers)
         self.entries = parameter_groups(built.model, self.n_layers)
         self.n_groups = self.n_layers + N_EXTRA_GROUPS
-        self.writer = LayerStatsWriter(cfg.run.dir, ctx.step, ctx.out.tb, figure=self.figure) if topo.rank == 0 else None
+        self.writer = LayerStatsWriter(cfg.run.dir, ctx.step, ctx.out.trackers, tb=ctx.out.tb,
+                                       figure=self.figure) if topo.rank == 0 else None
         compat.wrap_model_step(built.engine, self._before_model_step)
 
     def _before_model_step(self) -> None:

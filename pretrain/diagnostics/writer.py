@@ -1,4 +1,4 @@
-"""layer_stats.jsonl and TensorBoard's layers/* (rank 0 only); the record format is documented in
+"""layer_stats.jsonl and the trackers' layers/* (rank 0 only); the record format is documented in
 pretrain/diagnostics/__init__.py."""
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ import sys
 import torch
 from tqdm import tqdm
 
-from pretrain import compat
 from pretrain.diagnostics.measures import LAYER_STATS
 from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
 from pretrain.runs import LAYER_STATS_FILE, torn_line_message, truncate_jsonl
+
+
+def tracked(record: dict) -> dict:
+    """A layer_stats.jsonl record as the trackers log it (under layers/): {"<stat>/lNN": value} per layer (1-based,
+    one panel group per statistic) and {"grad_norm_<part>": value}."""
+    flat = {f"{s.name}/l{l:02d}": v for s in LAYER_STATS for l, v in enumerate(record[s.name], start=1)}
+    flat.update({f"grad_norm_{name}": record[f"grad_norm_{name}"] for name in (*GRADIENT_GROUPS, "global")})
+    return flat
 
 
 def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, grad_sq: torch.Tensor,
@@ -36,12 +43,14 @@ def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, g
 
 
 class LayerStatsWriter:
-    """layer_stats.jsonl and TensorBoard (rank 0 only). `figure(history)` draws variance against depth for the
-    end-of-run TensorBoard image (None: no image)."""
+    """layer_stats.jsonl and the run's trackers (pretrain/train/trackers.py; rank 0 only): every tracker gets the
+    record's numbers as layers/<stat>/lNN and layers/grad_norm_<part>; TensorBoard (`tb`, its SummaryWriter, None
+    without it) also a variance-against-depth histogram per step and, from `figure(history)`, an end-of-run image
+    (None: no image)."""
 
-    def __init__(self, run_dir: str, start_step: int, tb=None, say=None, figure=None):
+    def __init__(self, run_dir: str, start_step: int, trackers=(), tb=None, say=None, figure=None):
         self.path = os.path.join(run_dir, LAYER_STATS_FILE)
-        self.tb, self.figure = tb, figure
+        self.trackers, self.tb, self.figure = list(trackers), tb, figure
         self.history: list[dict] = []
         torn = truncate_jsonl(self.path, start_step)  # a torn last line (a write cut off) is dropped, and said
         if torn is not None:
@@ -56,12 +65,13 @@ class LayerStatsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.history.append({"step": record["step"], "variance": record["variance"]})
+        step, n = record["step"], record["layers"]
+        if self.trackers:
+            flat = tracked(record)
+            for tracker in self.trackers:
+                tracker.log(flat, "layers", step)
         if self.tb is None:
             return
-        step, n = record["step"], record["layers"]
-        scalars = [(f"layers/{s.name}/l{l:02d}", v) for s in LAYER_STATS for l, v in enumerate(record[s.name], start=1)]
-        scalars += [(f"layers/grad_norm_{name}", record[f"grad_norm_{name}"]) for name in (*GRADIENT_GROUPS, "global")]
-        compat.add_scalars(self.tb, [(tag, v) for tag, v in scalars if v is not None and math.isfinite(v)], step)
         variance = record["variance"]
         if all(math.isfinite(v) for v in variance):
             # A "histogram" whose bucket l spans (l - 1/2, l + 1/2] and holds layer l's variance: TensorBoard's

@@ -20,7 +20,8 @@ HF_LR = 3e-4  # a Hugging Face source has no training config
 INHERITED = ("train.global_batch_size", "train.micro_batch_size", "train.precision", "train.betas", "train.eps",
              "train.seed", "train.max_bad_steps", "train.compile", "data.seq_len", "data.cache_dir", "parallel.tp",
              "parallel.pp", "parallel.zero_stage", "eval.tokens", "checkpoint.interval", "checkpoint.keep",
-             "logging.interval", "logging.tensorboard", "logging.progress_bar", "diagnostics.interval", "deepspeed")
+             "logging.interval", "logging.backends", "logging.project", "logging.progress_bar", "diagnostics.interval",
+             "deepspeed")
 
 
 def removal_configs(checkpoint: str, data: str, out: str, steps: int, order: list[str], control: bool,

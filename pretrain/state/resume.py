@@ -157,7 +157,9 @@ class RunStart:
 
 def prepare_run(cfg: ExperimentConfig) -> RunStart:
     """Everything about the start that can be checked before any process starts: the resume target, the model keys
-    taken from it or from train.init_from, and the config changes a resume refuses (one-line UserErrors)."""
+    taken from it or from train.init_from, the config changes a resume refuses and the tracking packages
+    logging.backends needs (one-line UserErrors)."""
+    cfg.logging.check_installed()
     check_resume_target(cfg)
     folder = checkpoint.resolve_resume(cfg.train.resume, os.path.join(cfg.run.dir, "checkpoints"))
     old = read_stored_config(folder) if folder is not None else None

@@ -24,7 +24,8 @@ class TrainContext:
     cfg: ExperimentConfig
     topo: Topology
     built: Built
-    out: MetricsWriter  # metrics.jsonl, TensorBoard (`out.tb`, None when off or not rank 0) and log lines
+    out: MetricsWriter  # metrics.jsonl, the trackers (`out.trackers`; TensorBoard's writer `out.tb`, None when off or
+    # not rank 0) and log lines
     val_batches: object  # this rank's validation micro-batches (pretrain/train/evaluate.py), or None
     data_fingerprint: str
     step: int  # the last completed optimizer step (the checkpoint's step before the first one)

@@ -35,6 +35,7 @@ from pretrain.train.health import StepHealth
 from pretrain.train.recompiles import CompileCount
 from pretrain.train.steps import train_step
 from pretrain.train.syncs import StepSyncs
+from pretrain.train.trackers import open_trackers
 
 
 def train(start: RunStart, hooks: Sequence[TrainHooks] = ()) -> int:
@@ -82,7 +83,8 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         os.makedirs(cfg.run.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.dir, CONFIG_FILE))
 
-    out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, cfg.logging.tensorboard, cfg.logging.progress_bar, rank0)
+    trackers = open_trackers(cfg, step) if rank0 else []  # logging.backends: TensorBoard, W&B, trackio
+    out = MetricsWriter(cfg.run.dir, cfg.train.steps, step, trackers, cfg.logging.progress_bar, rank0)
     if rank0:
         for line in placement(topo):
             out.say(line)
@@ -103,9 +105,10 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
         out.say(
             f"training {cfg.model.norm_scheme} ({cfg.model.preset or 'custom'}) on {topo.world_size} rank(s) "
             f"[tp={topo.tp} pp={topo.pp} dp={topo.dp}, grad accum {built.gas}], {n:,} parameters on rank 0, "
-            f"{how}; "
-            f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run.dir, 'tb')}"
+            f"{how}"
         )
+        for tracker in trackers:
+            out.say(tracker.line)
     ctx = TrainContext(cfg, topo, built, out, val_batches, fingerprint, step)
     for hook in hooks:
         hook.on_start(ctx)

@@ -1,25 +1,27 @@
-"""Where training numbers go (rank 0 only): metrics.jsonl, TensorBoard, a log line, a progress bar.
+"""Where training numbers go (rank 0 only): metrics.jsonl, the trackers of logging.backends, a log line, a progress
+bar.
 
 metrics.jsonl holds one JSON object per logged step:
     {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "step_time", "skipped_steps", ...}
 and validation entries {"step", "val_loss", "val_ppl", "val_bpb"} (bits per byte: pretrain/train/evaluate.py; null
-when the data has no tokenizer). TensorBoard (run.dir/tb) gets the same scalars as train/<name> and val/<name>.
+when the data has no tokenizer). Every tracker (TensorBoard in run.dir/tb, W&B, trackio: pretrain/train/trackers.py)
+gets the same numbers as train/<name> and val/<name>.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
+from typing import Sequence
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pretrain.gpus import for_device_name
 from pretrain.runs import METRICS_FILE, read_metrics, torn_line_message, truncate_jsonl
+from pretrain.train.trackers import TensorBoardTracker, Tracker, close_all
 
 
 def peak_flops_for(name: str) -> float | None:
@@ -36,31 +38,36 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool | None,
-                 enabled: bool):
+    """metrics.jsonl and `trackers` (pretrain/train/trackers.py: opened by the loop, closed here) on rank 0; nothing
+    when not `enabled`."""
+
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, trackers: Sequence[Tracker],
+                 progress_bar: bool | None, enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(run_dir, METRICS_FILE)
-        self.tb = None
+        self.trackers: list[Tracker] = list(trackers) if enabled else []
         self.bar = None
         if not enabled:
             return
         torn = truncate_jsonl(self.path, start_step)
-        if tensorboard:
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
         if progress_bar or (progress_bar is None and sys.stderr.isatty()):
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if torn is not None:
             self.say(torn_line_message(self.path, torn))
+
+    @property
+    def tb(self):
+        """TensorBoard's SummaryWriter (None when logging.backends has no tensorboard, or not rank 0): for what only
+        TensorBoard shows (the variance-against-depth histogram and image, removal/switched texts)."""
+        return next((t.writer for t in self.trackers if isinstance(t, TensorBoardTracker)), None)
 
     def write(self, record: dict, prefix: str) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record, prefix, record["step"])
 
     def say(self, line: str) -> None:
         if not self.enabled:
@@ -76,9 +83,9 @@ class MetricsWriter:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        for line in close_all(self.trackers):
+            self.say(line)
+        self.trackers = []
         if self.bar is not None:
             self.bar.close()
 

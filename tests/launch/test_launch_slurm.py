@@ -31,7 +31,7 @@ needs_slurm = pytest.mark.skipif(
 
 CPU_NODE = ["--nodes=1", "--gpus-per-task=0"]  # the script asks for one GPU per task by default
 TINY = [
-    "eval.interval=0", "logging.interval=1", "logging.tensorboard=false", "data.seq_len=64",
+    "eval.interval=0", "logging.interval=1", "logging.backends=[]", "data.seq_len=64",
     "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=2",
 ]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

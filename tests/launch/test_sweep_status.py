@@ -24,7 +24,7 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=2",
-        "eval.interval=0", "logging.interval=1", "logging.progress_bar=false", "logging.tensorboard=false",
+        "eval.interval=0", "logging.interval=1", "logging.progress_bar=false", "logging.backends=[]",
         "checkpoint.interval=0"]
 GRID = ["--grid", "train.init_from=null,/nonexistent/weights"]
 needs_slurm = pytest.mark.skipif(shutil.which("sbatch") is None,

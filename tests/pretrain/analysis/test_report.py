@@ -108,7 +108,7 @@ def sweep(tmp_path_factory, data_cache):
     """pre_ln and lns at 2 and 3 layers, 8 steps each (validation and diagnostics every 4), one depth analysis."""
     root = tmp_path_factory.mktemp("report")
     cmd = [sys.executable, "-m", "launch.sweep", "configs/tiny.yaml", "train.steps=8", *TINY, "eval.interval=4",
-           "diagnostics.interval=4", "logging.tensorboard=false", "--grid", "model.norm_scheme=pre_ln,lns",
+           "diagnostics.interval=4", "logging.backends=[]", "--grid", "model.norm_scheme=pre_ln,lns",
            "model.n_layers=2,3", "--name", "abl", "--root", str(root), "--local"]
     out = subprocess.run(cmd, cwd=REPO, env=train_env(data_cache), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -148,7 +148,7 @@ def test_generate_and_remove_norms_take_the_stock_export(runs, name, tmp_path, e
     out = str(tmp_path / "removal")
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "remove-norms", "--checkpoint", hf_dir, "--data", DATA, "--out", out,
-         "--steps", "12", *TINY, "removal.start=2", "removal.gap=1", "eval.interval=12", "logging.tensorboard=false"],
+         "--steps", "12", *TINY, "removal.start=2", "removal.gap=1", "eval.interval=12", "logging.backends=[]"],
         cwd=REPO, env=train_env(data_cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.load(open(os.path.join(out, "removal.json")))

@@ -271,7 +271,6 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
 
     matplotlib.use("Agg")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
 
     from pretrain.analysis.figures import label_runs, layer_stats_figure, plot_figure
     from pretrain.analysis.report_table import read_run
@@ -279,13 +278,14 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS
     from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, ACTIVATION_STATS
     from pretrain.diagnostics.writer import LayerStatsWriter
+    from pretrain.train.trackers import TensorBoardTracker
 
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
     save_config(load_config(None, [f"run.dir={run_dir}"]), os.path.join(run_dir, "config.yaml"))
     L = 3
-    tb = SummaryWriter(os.path.join(run_dir, "tb"))
-    writer = LayerStatsWriter(run_dir, 0, tb)
+    tb = TensorBoardTracker(run_dir, 0)
+    writer = LayerStatsWriter(run_dir, 0, [tb], tb=tb.writer)
     act = torch.arange(1, len(ACTIVATION_STATS) * L + 1, dtype=torch.float64).view(len(ACTIVATION_STATS), L) / 10
     sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
     writer.write(make_record(5, L, "pre_ln", act, sq, counts))

@@ -237,7 +237,7 @@ def test_attribution_parts_sum_to_the_logit():
 
 
 FAST = ["data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=4", "eval.tokens=512",
-        "logging.interval=1", "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.interval=0"]
+        "logging.interval=1", "logging.progress_bar=false", "logging.backends=[]", "checkpoint.interval=0"]
 REMOVAL = ["--steps", "10", "removal.start=2", "removal.gap=1", "eval.interval=5", *FAST]
 
 

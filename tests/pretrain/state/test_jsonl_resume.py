@@ -67,19 +67,19 @@ def test_corruption_before_the_last_line_is_refused(tmp_path, bad):
 
 def test_metrics_writer_says_it_dropped_a_torn_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(entries(1, 2, 3) + '{"step": 4, "loss": 0.1')
-    writer = MetricsWriter(str(tmp_path), 10, 3, tensorboard=False, progress_bar=False, enabled=True)
+    writer = MetricsWriter(str(tmp_path), 10, 3, trackers=(), progress_bar=False, enabled=True)
     out = capsys.readouterr().out
     assert out == "metrics.jsonl: dropped a torn last line (a write was cut off): '{\"step\": 4, \"loss\": 0.1'\n"
     writer.write({"step": 4, "loss": 0.1}, "train")
     assert steps_in(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]
-    MetricsWriter(str(tmp_path), 10, 4, tensorboard=False, progress_bar=False, enabled=True)
+    MetricsWriter(str(tmp_path), 10, 4, trackers=(), progress_bar=False, enabled=True)
     assert capsys.readouterr().out == ""  # a clean file: nothing to say
 
 
 def test_long_torn_line_is_shortened_in_the_log(tmp_path, capsys):
     torn = '{"step": 4, "variance": [' + ", ".join(["1.5"] * 200)
     (tmp_path / "metrics.jsonl").write_text(entries(1) + torn)
-    MetricsWriter(str(tmp_path), 10, 3, tensorboard=False, progress_bar=False, enabled=True)
+    MetricsWriter(str(tmp_path), 10, 3, trackers=(), progress_bar=False, enabled=True)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and len(out) < 200 and "...'" in out
 
