@@ -199,8 +199,9 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
         raise UserError(str(e)) from None
     model.to(topo.device)
     on_gpu = topo.device.type == "cuda"
-    liger_failed = liger_probe(topo.device) if on_gpu and cfg.train.fused_loss and liger_available() else None
-    liger = on_gpu and cfg.train.fused_loss and liger_available() and liger_failed is None
+    liger_installed = on_gpu and cfg.train.fused_loss and liger_available()
+    liger_failed = liger_probe(topo.device) if liger_installed else None
+    liger = liger_installed and liger_failed is None
     paths = recompute(model, cfg.train.activation_checkpointing, cfg.train.fused_loss, liger=liger)
     if cfg.train.compile:
         # Compile block by block (nn.Module.compile keeps parameter names, so checkpoints and hooks see the same
