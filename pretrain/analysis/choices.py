@@ -6,7 +6,7 @@ BOS, as our exports' do): the continuation is `delimiter + choice`; whitespace a
 the start of the continuation; whole = BOS + encode(context + continuation), context = BOS + encode(context), and the
 continuation's tokens are whole[len(context):] (so a token that straddles the boundary counts as continuation).
 The model reads (context + continuation)[:-1], its last max_len + 1 tokens when longer, as lm-eval truncates; the
-log-likelihood is the sum of the continuation tokens' log-probabilities (float32 log-softmax, as lm-eval).
+log-likelihood is the sum of the continuation tokens' log-probabilities (log-softmax in float32 at least, as lm-eval).
 acc: the gold choice has the highest log-likelihood; acc_norm: the highest per character of the choice (lm-eval's
 `len(choice)`, without the delimiter; for Winogrande's partial scoring its per-choice context); acc_per_token: per
 token of the continuation (OLMo's acc_per_token); acc_per_char: per character of the continuation, its leading space
@@ -108,7 +108,9 @@ def loglikelihoods(logits_fn: Logits, pairs: list[tuple[list[int], list[int]]], 
     batch = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         batch[i, :len(r)] = torch.tensor(r)
-    logp = torch.log_softmax(logits_fn(batch.to(device)).float(), dim=-1).cpu()
+    logits = logits_fn(batch.to(device))
+    # at least float32 (as lm-eval); a float64 model keeps float64
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
     out = []
     for i, ((_, cont), r) in enumerate(zip(pairs, rows)):
         n = len(cont)

@@ -54,6 +54,8 @@ def run(args) -> int:
     check_combination(names, args.format, args.shots)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: a positive number of questions per task")
     # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
     import torch
     from pretrain.analysis.choices import OLMO_METRICS, choice_metrics, model_logits, prepare, score_prepared

