@@ -30,7 +30,8 @@ def when_slow(what: str, enabled: bool = True, after: float = AFTER_S) -> Iterat
 
 
 class Progress:
-    """A progress line with MB/s for a long loop over bytes (`data prepare` tokenizing; or another `unit`): nothing for the first
+    """A progress line with MB/s for a long loop over bytes (`data prepare` tokenizing; other counts with `unit` and
+    `scale`: eval-downstream's requests): nothing for the first
     `after` seconds, so a quick run (and a test) stays quiet; then on a terminal one line rewritten in place every
     second, elsewhere (a log file) a new line every `every` seconds; `close()` ends with the total and the rate."""
 

