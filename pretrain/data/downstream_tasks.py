@@ -199,8 +199,7 @@ def validation_folder(root: Path, name: str) -> Path:
 
 def validation_set(root: Path, name: str):
     """The task's validation set, a `datasets.Dataset`."""
-    # datasets loads only here: the command's data, not every import of this module (the task table, --help)
-    import datasets
+    import datasets  # loads only here: the command's data, not every import of this module (the task table, --help)
 
     folder = validation_folder(root, name)
     if not folder.is_dir():
