@@ -109,12 +109,13 @@ def loglikelihoods(logits_fn: Logits, pairs: list[tuple[list[int], list[int]]], 
     for i, r in enumerate(rows):
         batch[i, :len(r)] = torch.tensor(r)
     logits = logits_fn(batch.to(device))
-    # at least float32 (as lm-eval); a float64 model keeps float64
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # at least float32, as lm-eval; float64 stays float64
     out = []
     for i, ((_, cont), r) in enumerate(zip(pairs, rows)):
         n = len(cont)
-        picked = logp[i, len(r) - n:len(r)].gather(-1, torch.tensor(cont).unsqueeze(-1))
+        # the log-softmax of the continuation's positions only: each position's is its own, as over the whole row
+        logp = torch.log_softmax(logits[i, len(r) - n:len(r)].to(dtype), dim=-1)
+        picked = logp.gather(-1, torch.tensor(cont, device=logp.device).unsqueeze(-1))
         out.append(float(picked.sum()))
     return out
 
