@@ -62,6 +62,8 @@ EVENTS_FILE = "launch.jsonl"
 MANIFEST_FILE = "sweep.json"
 CHECKPOINTS_DIR = "checkpoints"
 TRACKING_FILE = "tracking.json"
+# `pretrain eval-downstream --out RUN_DIR/downstream.json` (or RUN_DIR/*/downstream.json): the report's downstream table
+DOWNSTREAM_FILE = "downstream.json"
 LATEST_FILE = "latest"  # CHECKPOINTS_DIR/latest: the name of the newest complete checkpoint
 
 # What makes a folder a run: anything a launcher or a trainer writes into it. A launcher writes launch.jsonl when

