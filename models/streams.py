@@ -19,7 +19,7 @@ its [B, T, D] stream and its exact arithmetic. The model expands the embedding's
                u = sum_i pre_i S_i;  S'_k = post_k F(u) + sum_j comb_jk S_j
                embedding copied into the n streams; collapsed by its own pre weights (DeepseekV4HyperHead) before
                the final norm. W ~ N(0, model.init_std), b = 0, s = 1 (DeepseekV4PreTrainedModel._init_weights);
-               eps = 1e-6 (hc_eps). The projection and the weights in fp32, as there.
+               eps = 1e-6 (hc_eps). The projection and the weights in (at least) fp32, as there.
     hc         hyper-connections (Zhu et al., ICLR 2025, Algorithm 2 of its appendix), dynamic (DHC):
     hc_static  ... static (SHC):
                A = A_static + s_a tanh(LN(S) W_a) [n, n + 1],  beta = beta_static + s_b tanh(LN(S) w_b) [n]
@@ -52,6 +52,11 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int, eps: float = HC_EPS) -> tor
     return comb
 
 
+def _wide(x: torch.Tensor) -> torch.dtype:
+    """fp32, as DeepSeek-V4 computes the weights (`.float()`); a float64 model stays float64 (the tests' formulas)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """DeepseekV4UnweightedRMSNorm on fp32 input."""
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
@@ -76,11 +81,11 @@ class MHCWeights(nn.Module):
         self.scale = nn.Parameter(torch.ones(3))
 
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.n
-        flat = unweighted_rms(state.flatten(-2).float(), self.norm_eps)
-        pre_w, post_w, comb_w = F.linear(flat, self.fn.float()).split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
-        pre_s, post_s, comb_s = self.scale.float().unbind(0)
+        n, wide = self.n, _wide(state)
+        flat = unweighted_rms(state.flatten(-2).to(wide), self.norm_eps)
+        pre_w, post_w, comb_w = F.linear(flat, self.fn.to(wide)).split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.to(wide).split([n, n, n * n])
+        pre_s, post_s, comb_s = self.scale.to(wide).unbind(0)
         pre = torch.sigmoid(pre_w * pre_s + pre_b) + HC_EPS
         post = 2 * torch.sigmoid(post_w * post_s + post_b)
         comb = sinkhorn_knopp(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), self.iters)
@@ -216,8 +221,9 @@ class MHCHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        flat = unweighted_rms(state.flatten(-2).float(), self.norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.fn.float()) * self.scale.float() + self.base.float()) + HC_EPS
+        wide = _wide(state)
+        flat = unweighted_rms(state.flatten(-2).to(wide), self.norm_eps)
+        pre = torch.sigmoid(F.linear(flat, self.fn.to(wide)) * self.scale.to(wide) + self.base.to(wide)) + HC_EPS
         return collapse(pre, state)
 
     def reset_parameters(self) -> None:  # fn is drawn by init_weights (`seeded`)
