@@ -254,3 +254,41 @@ def test_export_refuses_streams_with_the_reason():
     for residual in ("mhc", "hc", "hc_static"):
         with pytest.raises(NotExportable, match=rf"^model\.residual={residual} cannot be exported .*DeepSeek-V4"):
             export_target(ModelConfig(**SHAPE, residual=residual))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The state between pipeline stages, with the packed-SFT extras beside it; every stream weight trains
+
+def test_pipeline_stages_pass_the_state_and_the_packing_inputs():
+    """Packed rows (positions, doc_ids) travel with the stream state through the block stages; chained, the stages
+    give the model's loss bit for bit."""
+    from models.pipeline import BlockStage, EmbeddingStage, HeadStage, ReadoutStage
+
+    cfg = ModelConfig(**SHAPE, residual="mhc")
+    model = Llama(cfg, seed=4)
+    stages = [EmbeddingStage(cfg, None, 4), *(BlockStage(cfg, l, None, 4) for l in range(1, cfg.n_layers + 1)),
+              ReadoutStage(cfg, 4), HeadStage(cfg, None, 4)]
+    tok = tokens(cfg)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]] * 2)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 2)
+    x = (tok, positions, doc_ids, tok)
+    for stage in stages[:-2]:
+        x = stage(x)
+        assert x[0].shape == (2, 7, 4, cfg.d_model) and x[1] is positions and x[2] is doc_ids
+    loss = stages[-1](stages[-2](x))
+    assert torch.equal(loss, model(tok, tok, reduction="sum", positions=positions, doc_ids=doc_ids))
+
+
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_every_stream_weight_gets_a_gradient(residual):
+    """mHC's weights all get a gradient at init. Hyper-connections' dynamic scales s_a, s_b multiply tanh(0) = 0 at
+    the paper's init, and their LayerNorm is read only through W_a = w_b = 0, so those have a zero gradient until
+    W_a, w_b move; every other weight's is not zero."""
+    cfg = ModelConfig(**SHAPE, residual=residual)
+    model = Llama(cfg, seed=0)
+    tok = tokens(cfg)
+    model(tok, tok).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        zero = residual == "hc" and name.endswith(("alpha_scale", "beta_scale", "norm.weight", "norm.bias")) and ".hc." in name
+        assert (p.grad.abs().max() == 0) == zero, name

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 
 STEPS, STOP = 20, 10
 TIED = ["model.tie_embeddings=true"]
+MHC = ["model.residual=mhc"]  # the stream state [B, T, 4, D] between pipeline stages, its mixing replicated under TP
 
 
 BF16 = ["train.precision=bf16"]
@@ -25,7 +26,7 @@ BF16 = ["train.precision=bf16"]
 def uninterrupted(tmp_path_factory, data_cache):
     """Single-process reference losses, each run when a test first needs it (`-m compat` needs two of three): fp32
     untied and tied, and bf16 (bf16 needs ZeRO or a pipeline)."""
-    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"]}
+    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"], "mhc": MHC}
     refs = {}
 
     def reference(name: str) -> dict[int, float]:
@@ -51,6 +52,8 @@ PAIRS = [
     ("zero1-to-zero0", ["parallel.zero_stage=1"], None, [], None, "untied", 1e-4),
     ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 1e-3),
     ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 1e-3),
+    # residual streams: trained on PP = 2 (the state travels between stages), resumed on TP = 2
+    ("mhc-pp2-to-tp2", ["parallel.pp=2", *MHC], 2, ["parallel.tp=2", *MHC], 2, "mhc", 1e-4),
 ]
 
 
