@@ -20,8 +20,13 @@ tokens of the measured micro-batch (D = d_model, statistics in at least fp32). O
 
     grad_norm_embedding, grad_norm_final_norm, grad_norm_head   as grad_norm, of those parameters (null when
                       the model has no such parameters: a tied head is part of the embedding,
-                      ln_free/post_ln/deepnorm have no final norm)
+                      ln_free/post_ln/deepnorm have no final norm; final_norm includes mHC's collapse of the
+                      residual streams, `streams_out`)
     grad_norm_global  over all parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
+
+With residual streams (model.residual) a block's input, output and mid-block residual are states [B, T, n, D]; the
+statistics are of the collapsed state, the streams' sum (taps.py), and the branches are the sublayers' outputs
+before the streams' write.
 
 Which data
 ----------
@@ -36,7 +41,7 @@ uses, before clipping.
 
 How (cost and parallelism)
 --------------------------
-* Activations: forward hooks on each block and its attn_out_norm, mlp_norm and mlp_out_norm (nn.Identity
+* Activations: forward hooks on each block and its attn_out_norm, attn_post_norm and mlp_out_norm (nn.Identity
   where a scheme has no norm, still a module call) are registered at the start of a measured step and each
   block's hooks remove themselves after its first forward, so unmeasured steps and later micro-batches run
   no hook at all. Statistics are reduced on the device to 5 scalars per block; one `.tolist()` per measured

@@ -3,8 +3,12 @@ and the depth analysis alike.
 
 A block computes h = attn_post_norm(alpha x + a), y = mlp_post_norm(alpha h + m) with x its input,
 a = attn_out_norm(Attn(attn_norm(x))) and m = mlp_out_norm(MLP(mlp_norm(h))). `BlockTaps` hooks the block (x, y),
-the output of its `attn_out_norm` slot (a), the input of `mlp_norm` (h) and the output of `mlp_out_norm` (m); the
-slots are modules in every scheme (nn.Identity where a scheme has no norm), so every scheme is read the same way.
+the output of its `attn_out_norm` slot (a), the output of `attn_post_norm` (h) and the output of `mlp_out_norm` (m);
+the slots are modules in every scheme (nn.Identity where a scheme has no norm), so every scheme is read the same way.
+
+With residual streams (model.residual, models/streams.py) x, h and y are states [B, T, n, D]; the activations hold
+the collapsed state, their sum over the streams (`models.streams.summed`: under mHC's doubly-stochastic mix it moves
+as one residual stream does), and a, m the sublayers' outputs before the streams' write.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.norms import ATTN_OUT, MLP_IN, MLP_OUT
+from models.norms import ATTN_OUT, ATTN_POST, MLP_OUT
+from models.streams import summed
 from pretrain import compat
 
 
 @dataclass
 class BlockActivations:
-    """One block's forward, in at least fp32 (a float64 model stays float64), detached: [B, T, D] each."""
+    """One block's forward, in at least fp32 (a float64 model stays float64), detached: [B, T, D] each (x, h, y: the
+    streams' sum where the residual is a state of streams)."""
 
     index: int  # 0-based block index in the model
     x: torch.Tensor  # block input
@@ -35,7 +41,7 @@ class BlockActivations:
 def _wide(x) -> torch.Tensor:
     if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
         x = x[0]
-    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    return summed(x.detach().to(torch.promote_types(x.dtype, torch.float32)))
 
 
 def _eager(fn):
@@ -58,7 +64,7 @@ class BlockTaps:
         self.compiled = compat.suspend_compiled(block)
         self.handles = [
             getattr(block, ATTN_OUT).register_forward_hook(self._keep_output("a")),
-            getattr(block, MLP_IN).register_forward_pre_hook(self._keep_input("h")),
+            getattr(block, ATTN_POST).register_forward_hook(self._keep_output("h")),
             getattr(block, MLP_OUT).register_forward_hook(self._keep_output("m")),
             block.register_forward_hook(self._block),
         ]
@@ -67,12 +73,6 @@ class BlockTaps:
         @_eager
         def hook(module, args, output):
             self.parts[key] = _wide(output)
-        return hook
-
-    def _keep_input(self, key: str):
-        @_eager
-        def hook(module, args):
-            self.parts[key] = _wide(args[0])
         return hook
 
     @_eager

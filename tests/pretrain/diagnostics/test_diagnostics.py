@@ -73,6 +73,36 @@ def test_activation_stats_match_hand_computation(scheme):
         assert model.blocks[0].residual_alpha != 1.0  # the ratios' alpha is exercised
 
 
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_activation_stats_of_residual_streams_are_those_of_the_streams_sum(residual):
+    """With model.residual the block's x, h and y are states [B, T, n, D]: the statistics are the documented ones of
+    their sum over the streams, the branches a and m the sublayers' outputs."""
+    model = Llama(ModelConfig(**SMALL, residual=residual), seed=1).double()
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = probe_stats(model, tokens)
+    want = {name: [] for name in STATS}
+    with torch.no_grad():
+        S = model.embed(tokens)
+        assert S.shape == (3, 16, 4, SMALL["d_model"])
+        for blk in model.blocks:
+            u, mix = blk.residual.read(S, 0)
+            a = blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin)
+            H = blk.residual(S, a, 0, mix)
+            u, mix = blk.residual.read(H, 1)
+            m = blk.mlp(blk.mlp_norm(u))
+            Y = blk.residual(H, m, 1, mix)
+            x, h, y = S.sum(2), H.sum(2), Y.sum(2)
+            want["variance"].append(y.var(-1, unbiased=False).mean().item())
+            want["rms"].append(math.sqrt((y**2).mean().item()))
+            want["attn_ratio"].append(a.norm().item() / x.norm().item())
+            want["mlp_ratio"].append(m.norm().item() / h.norm().item())
+            cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+            want["angular_distance"].append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
+            S = Y
+    for i, name in enumerate(STATS):
+        assert got[i].tolist() == pytest.approx(want[name], rel=1e-10), name
+
+
 def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
     model = Llama(ModelConfig(**SMALL), seed=1)
     probe = ActivationProbe(local_blocks(model), 2)
@@ -83,7 +113,8 @@ def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
         model(second)  # a later micro-batch of the same step: not measured
     got = probe.result()
     assert torch.equal(got, probe_stats(model, first))
-    modules = [m for blk in model.blocks for m in (blk, blk.attn_out_norm, blk.mlp_norm, blk.mlp_out_norm)]
+    modules = [m for blk in model.blocks for m in (blk, blk.attn_out_norm, blk.attn_post_norm, blk.mlp_norm,
+                                                   blk.mlp_out_norm)]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
     probe.arm()
     probe.disarm()  # armed but never run (e.g. a rank without these blocks' forward): removed as well
