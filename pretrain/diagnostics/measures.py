@@ -18,6 +18,10 @@ Notation of the definitions: a block computes h = attn_post_norm(alpha x + a), y
 a = attn_out_norm(Attn(attn_norm(x))), m = mlp_out_norm(MLP(mlp_norm(h))) and alpha the scheme's residual weight
 (1 except deepnorm). v_t is token t's vector over the hidden dim (D = d_model), ||v||_F the norm over all
 elements; "mean over tokens" is over every position the consumer measures; statistics in at least fp32.
+With residual streams (model.residual: the block reads and writes a state [B, T, n, D], models/streams.py) x, h and y
+are the collapsed state, the sum over the streams; a and m are the sublayers' outputs before the streams' write; the
+logit lens decodes the state through the model's readout (its collapse, then the final norm); a skipped block is the
+identity on the whole state.
 
 Drawn: `stats_panel` draws an entry's training values against depth in `pretrain plot` and the report's layer
 figure; `depth_panel` its analyze-depth values in the report's depth figure (pretrain/analysis/figures.py), both
