@@ -492,6 +492,9 @@ def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
 RESIDUAL_STREAMS_DEFAULT = 4  # DeepseekV4Config.hc_mult
 SINKHORN_ITERS_DEFAULT = 20  # DeepseekV4Config.hc_sinkhorn_iters
 RESIDUALS = ("single", "mhc", "hc", "hc_static")
+# Named in issue 30 and not built: refused by name rather than as an unknown value.
+RESIDUALS_NOT_BUILT = {"attn_res": "Block Attention Residuals (Kimi, arXiv 2603.15031)",
+                       "siamese": "SiameseNorm's two coupled streams (arXiv 2602.08064)"}
 
 
 def residual_streams(cfg: ModelConfig) -> int:

@@ -241,7 +241,10 @@ def test_one_stream_is_the_block_as_it_was_bitwise(scheme, extra):
     (dict(residual="hc", residual_sinkhorn_iters=5), r"^model\.residual_sinkhorn_iters: .* model\.residual=mhc$"),
     (dict(residual="mhc", residual_streams=0), r"must be a positive integer, got 0"),
     (dict(residual="hc", removable_norms=True), r"norm removal does not cover residual streams"),
-    (dict(residual="attn_res"), r"^model\.residual: 'attn_res' is not one of single, mhc, hc, hc_static$"),
+    (dict(residual="attn_res"), r"^model\.residual=attn_res: Block Attention Residuals .* is not built yet; choose "
+                                r"one of single, mhc, hc, hc_static$"),
+    (dict(residual="siamese"), r"^model\.residual=siamese: SiameseNorm's two coupled streams .* is not built yet"),
+    (dict(residual="streams"), r"^model\.residual: 'streams' is not one of single, mhc, hc, hc_static$"),
 ])
 def test_config_refuses_what_streams_do_not_do(overrides, message):
     with pytest.raises(ValueError, match=message):
