@@ -197,6 +197,9 @@ def test_mhc_init_is_deepseek_v4s():
     assert hc.fn.shape == (6 * 4, 4 * 64) and model.streams_out.fn.shape == (4, 4 * 64)
     assert torch.equal(hc.base, torch.zeros(24)) and torch.equal(hc.scale, torch.ones(3))
     assert abs(hc.fn.std().item() - 0.02) < 0.002
+    n, D, L = 4, 64, cfg.n_layers  # per sublayer (2 + n) n weights from each of the n D inputs, their biases, 3 scales
+    extra = L * 2 * ((2 + n) * n * n * D + (2 + n) * n + 3) + (n * n * D + n + 1)  # + the head's collapse
+    assert model.num_params() == Llama.meta(dataclasses.replace(cfg, residual="single")).num_params() + extra
     again = Llama(dataclasses.replace(cfg, tie_embeddings=True), seed=5)
     assert torch.equal(again.blocks[1].residual.hc[1].fn, hc.fn)
     assert not torch.equal(model.blocks[0].residual.hc[0].fn, hc.fn)
