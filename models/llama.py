@@ -19,8 +19,8 @@ from models.config import ModelConfig
 from models.norms import (ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain,
                           stream_collapse, stream_expand)
 from models.parts import normalize_unit_weights
-from models.parallel import (TPSplit, TensorParallel, chunked_cross_entropy, column_linear, cross_entropy, liger_cross_entropy,
-                             row_linear, tied_logits, vocab_embedding)
+from models.parallel import (TPSplit, TensorParallel, chunked_cross_entropy, column_linear, cross_entropy,
+                             liger_cross_entropy, row_linear, tied_logits, vocab_embedding)
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +371,7 @@ def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> 
     """
     for name, p in module.named_parameters():
         split = getattr(p, "tp_split", None)
-        if split is None and getattr(p, "seeded_init", False):  # a replicated weight drawn the same way (models/streams.py)
+        if split is None and getattr(p, "seeded_init", False):  # replicated, drawn alike (models/streams.py `seeded`)
             split = TPSplit(tuple(p.shape))
         if split is None or p.is_meta:
             continue

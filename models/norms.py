@@ -8,8 +8,9 @@ A block (models/llama.py) always computes
 with the residual update R(x, F) = alpha x + F (GPAS and nGPT replace it, models/parts.py). Attention has slots of its
 own (`ATTENTION_SLOTS`: q, k, v norms before RoPE, q/k scales after it, the output gate) and so has the MLP
 (`MLP_SLOTS`). A scheme is nothing but the choice of those parts (nn.Identity where it has none), alpha and a few
-init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain)
-rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
+init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain,
+residual) rewrite a scheme's parts; model.residual makes the residual a state of n streams (models/streams.py).
+Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
 
     pre_ln    x = x + F(N(x))                                   final N
     lns       x = x + F(N(x) / sqrt(l))   (LayerNorm Scaling)   final N, unscaled
