@@ -15,7 +15,8 @@ writes TensorBoard scalars.
 Definitions
 -----------
 The statistics are the entries of the per-layer measure table (measures.py) marked `training` -- variance,
-rms, attn_ratio, mlp_ratio, angular_distance and grad_norm today -- each defined there once, over the B x T
+rms, attn_ratio, mlp_ratio, angular_distance, the residual streams' mixing statistics (mix_ds_error,
+mix_spectral_norm, mix_entropy) and grad_norm today -- each defined there once, over the B x T
 tokens of the measured micro-batch (D = d_model, statistics in at least fp32). Outside the blocks:
 
     grad_norm_embedding, grad_norm_final_norm, grad_norm_head   as grad_norm, of those parameters (null when
@@ -74,6 +75,7 @@ One JSON object per measured step; arrays have one entry per block, index 0 = bl
 
     {"step": 100, "layers": 8, "norm_scheme": "lns",
      "variance": [...], "rms": [...], "attn_ratio": [...], "mlp_ratio": [...], "angular_distance": [...],
+     "mix_ds_error": [...], "mix_spectral_norm": [...], "mix_entropy": [...],
      "grad_norm": [...], "grad_norm_embedding": 0.41, "grad_norm_final_norm": 0.02, "grad_norm_head": 0.37,
      "grad_norm_global": 0.93}
 

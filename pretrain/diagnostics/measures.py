@@ -91,6 +91,24 @@ LAYER_MEASURES: tuple[LayerMeasure, ...] = (
         "over all tokens of its validation micro-batches (the cosine in float64)",
         training=True, analyze_depth=True, log_scale=False, depth_panel=True),
     LayerMeasure(
+        "mix_ds_error", "max |row/column sum - 1|", "Streams' mix: distance from doubly stochastic",
+        "max over tokens, both sublayers and all rows and columns of |sum - 1| of the residual streams' mixing "
+        "matrix C (model.residual: mHC's Sinkhorn-Knopp comb, hyper-connections' A_r; one stream: C = [alpha])",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
+    LayerMeasure(
+        "mix_spectral_norm", "||C||_2", "Streams' mix: spectral norm",
+        "mean over tokens and both sublayers of the largest singular value of the mixing matrix C (as "
+        "mix_ds_error; 1 for a doubly-stochastic C, alpha for one stream)",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
+    LayerMeasure(
+        "mix_entropy", "row entropy (nats)", "Streams' mix: entropy",
+        "mean over tokens, both sublayers and the rows of C of the entropy of the row's |entries| normalized to sum "
+        "1, in [0, log n] (0: each stream kept apart; log n: evenly mixed; 0 for one stream)",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
+    LayerMeasure(
         "grad_norm", "gradient norm", "Block gradient norm vs depth",
         "L2 norm of the gradient of block l's parameters: the accumulated, data-parallel-averaged gradient of the "
         "whole global batch, before clipping (pretrain/diagnostics/probes.py)",

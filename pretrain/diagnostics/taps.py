@@ -8,7 +8,8 @@ the slots are modules in every scheme (nn.Identity where a scheme has no norm), 
 
 With residual streams (model.residual, models/streams.py) x, h and y are states [B, T, n, D]; the activations hold
 the collapsed state, their sum over the streams (`models.streams.summed`: under mHC's doubly-stochastic mix it moves
-as one residual stream does), and a, m the sublayers' outputs before the streams' write.
+as one residual stream does), a, m the sublayers' outputs before the streams' write, and `mix` the sublayers'
+mixing matrices, recomputed from their input states by the residual slot's `weights`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class BlockActivations:
     h: torch.Tensor  # residual the MLP branch is added to
     m: torch.Tensor  # MLP branch, as added to the residual
     alpha: float  # the scheme's residual weight (1 except deepnorm)
+    # The residual streams' mixing matrices of the two sublayers, [2, B, T, n, n] (comb: stream j to stream k at
+    # [..., j, k]); None for one stream, whose mix is the 1 x 1 matrix [alpha].
+    mix: torch.Tensor | None = None
 
 
 def _wide(x) -> torch.Tensor:
@@ -65,6 +69,7 @@ class BlockTaps:
         self.handles = [
             getattr(block, ATTN_OUT).register_forward_hook(self._keep_output("a")),
             getattr(block, ATTN_POST).register_forward_hook(self._keep_output("h")),
+            getattr(block, ATTN_POST).register_forward_hook(self._keep_state()),
             getattr(block, MLP_OUT).register_forward_hook(self._keep_output("m")),
             block.register_forward_hook(self._block),
         ]
@@ -75,14 +80,26 @@ class BlockTaps:
             self.parts[key] = _wide(output)
         return hook
 
+    def _keep_state(self):
+        @_eager
+        def hook(module, args, output):
+            self.parts["h_state"] = output
+        return hook
+
     @_eager
     def _block(self, module, args, output):
         nan = torch.full((), float("nan"))  # a slot hook that did not run (a block without that branch)
         parts = {k: self.parts.get(k, nan) for k in ("a", "h", "m")}
+        mix = None
+        if hasattr(module.residual, "weights"):  # residual streams: the two sublayers' mixes, from their inputs
+            x = args[0][0] if isinstance(args[0], tuple) else args[0]
+            states = (x, self.parts["h_state"])
+            mix = torch.stack([module.residual.weights(state, s)["comb"].detach().to(parts["a"].dtype)
+                               for s, state in enumerate(states)])
         self.parts = {}
         if self.once:
             self.remove()
-        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, **parts))
+        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, mix=mix, **parts))
 
     def remove(self) -> None:
         for handle in self.handles:
