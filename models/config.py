@@ -12,13 +12,17 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.norms import ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, option_refusal
+from models.norms import (ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, RESIDUALS, RESIDUALS_NOT_BUILT,
+                          option_refusal)
 
 
-def doc(default, help: str, choices: dict | None = None, **kwargs):
-    """A dataclass field with its one-line documentation (and, where the valid values live in a table, them)."""
+def doc(default, help: str, choices: dict | None = None, not_built: dict[str, str] | None = None, **kwargs):
+    """A dataclass field with its one-line documentation (and, where the valid values live in a table, them; and the
+    values named but not built, each with what it would be: refused with that, `not_built_message`)."""
     # A table's valid values are its keys when a value is checked (an entry added after this import counts too).
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if not_built:
+        metadata["not_built"] = not_built
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -76,6 +80,21 @@ class ModelConfig:
         "layernorm_zero_centered_gamma, Gemma, Qwen3-Next), so weight decay (train.decay_norms_and_embeddings) pulls "
         "the gain toward 1. Every fold (HF export, remove-norms) uses the gain 1 + w.",
         choices=NORM_GAINS,
+    )
+    residual: str = doc(
+        "single",
+        "The residual as a state of streams (models/streams.py; pre_ln): single: the scheme's one stream; mhc: "
+        "DeepSeek-V4's manifold-constrained hyper-connections (n streams mixed by a Sinkhorn-Knopp doubly-stochastic "
+        "matrix, the embedding copied into them, a learned collapse before the final norm; transformers "
+        "DeepseekV4HyperConnection); hc: hyper-connections (Zhu et al., ICLR 2025), dynamic; hc_static: their "
+        "static form (streams summed before the final norm). attn_res and siamese are refused: not built yet.",
+        choices=RESIDUALS, not_built=RESIDUALS_NOT_BUILT,
+    )
+    residual_streams: int | None = doc(
+        None, "mhc, hc and hc_static only: the number of residual streams n (null: 4, DeepSeek-V4's hc_mult)."
+    )
+    residual_sinkhorn_iters: int | None = doc(
+        None, "mhc only: Sinkhorn-Knopp iterations of the streams' mixing matrix (null: 20, DeepSeek-V4's)."
     )
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
@@ -141,13 +160,23 @@ class ModelConfig:
         refusal = option_refusal(self)
         if refusal:
             raise ValueError(refusal)
+        for name, takers in (("residual_streams", ("mhc", "hc", "hc_static")), ("residual_sinkhorn_iters", ("mhc",))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.residual not in takers:
+                raise ValueError(f"model.{name}: set for model.residual={self.residual}, which has no such setting; "
+                                 f"it is for model.residual={' or '.join(takers)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}: must be a positive integer, got {value}")
         if NORM_SCHEMES[self.norm_scheme].unit_weights and self.tie_embeddings:
             raise ValueError(f"model.tie_embeddings: {self.norm_scheme} keeps separate unit-norm input and output "
                              "embeddings (the paper's); set model.tie_embeddings=false")
         if self.removable_norms:
             # q/k norms are removal sites (models/norms.py REMOVAL_SITES); these two have no fixed-scale form yet
             for key, what in (("attn_gate", "the attention gate (it reads the attention's normalized input)"),
-                              ("gpas", "GPAS (the folded ln_free model has no scaling)")):
+                              ("gpas", "GPAS (the folded ln_free model has no scaling)"),
+                              ("residual", "residual streams (the folded ln_free model has one stream)")):
                 if getattr(self, key) != type(self).__dataclass_fields__[key].default:
                     raise ValueError(f"model.removable_norms: norm removal does not cover {what} "
                                      f"(model.{key}={getattr(self, key)}) yet; leave model.{key} at its default")
@@ -198,8 +227,16 @@ def check_choices(obj, prefix: str = "") -> None:
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices") or literal_choices(hints[f.name])
         value = getattr(obj, f.name)
+        if "not_built" in f.metadata and value in f.metadata["not_built"]:
+            raise ValueError(not_built_message(f, value, prefix))
         if choices and value not in choices:
             raise ValueError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def not_built_message(f: dataclasses.Field, value, prefix: str = "") -> str:
+    """A value a field's documentation names but the project has not built (its `not_built` metadata)."""
+    return (f"{prefix}{f.name}={value}: {f.metadata['not_built'][value]} is not built yet; choose one of "
+            f"{', '.join(map(str, f.metadata['choices']))}")
 
 
 def literal_choices(tp) -> tuple | None:

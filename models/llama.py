@@ -16,10 +16,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain
+from models.norms import (ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain,
+                          stream_collapse, stream_expand)
 from models.parts import normalize_unit_weights
-from models.parallel import (TensorParallel, chunked_cross_entropy, column_linear, cross_entropy, liger_cross_entropy,
-                             row_linear, tied_logits, vocab_embedding)
+from models.parallel import (TPSplit, TensorParallel, chunked_cross_entropy, column_linear, cross_entropy,
+                             liger_cross_entropy, row_linear, tied_logits, vocab_embedding)
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,35 +158,42 @@ class Block(nn.Module):
 
     def compute(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, positions, mask, cache))
-        h = self.attn_post_norm(self.residual(x, a, 0))  # alpha * x + a
-        m = self.mlp_out_norm(self.mlp(self.mlp_norm(h)))
-        return self.mlp_post_norm(self.residual(h, m, 1))
+        # x, h: the residual, [B, T, D], or with model.residual the stream state [B, T, n, D] (models/streams.py)
+        u, mix = self.residual.read(x, 0)  # the sublayer's input: x itself, or the streams' mix
+        a = self.attn_out_norm(self.attn(self.attn_norm(u), cos, sin, positions, mask, cache))
+        h = self.attn_post_norm(self.residual(x, a, 0, mix))  # alpha * x + a
+        u, mix = self.residual.read(h, 1)
+        m = self.mlp_out_norm(self.mlp(self.mlp_norm(u)))
+        return self.mlp_post_norm(self.residual(h, m, 1, mix))
 
 
 class EmbeddingPart:
-    """The model's input end, as a mixin of `Llama` and of the pipeline's first stage: the token embedding and the
-    scheme's part on its output (dyt/derf's scalar, peri_ln's norm; else nn.Identity). Its children are named as in
-    the full model's state dict (`tok_emb`, `emb_out`) wherever it sits."""
+    """The model's input end, as a mixin of `Llama` and of the pipeline's first stage: the token embedding, the
+    scheme's part on its output (dyt/derf's scalar, peri_ln's norm; else nn.Identity) and its expansion into the
+    residual streams (model.residual; else nn.Identity). Its children are named as in the full model's state dict
+    (`tok_emb`, `emb_out`, `streams_in`) wherever it sits."""
 
     def add_embedding(self, cfg: ModelConfig, tp: TensorParallel | None) -> None:
         self.tok_emb = vocab_embedding(cfg.vocab_size, cfg.d_model, tp)
         self.tok_emb.weight.init_gain = embedding_init_gain(cfg)
         self.emb_out = NORM_SCHEMES[cfg.norm_scheme].embedding(cfg)
+        self.streams_in = stream_expand(cfg)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.emb_out(self.tok_emb(tokens))  # [B, T] -> [B, T, D]
+        return self.streams_in(self.emb_out(self.tok_emb(tokens)))  # [B, T] -> [B, T, D] (the state: [B, T, n, D])
 
 
 class ReadoutPart:
-    """The end of the residual stream, as a mixin of `Llama` and of the pipeline's final-norm stage: the scheme's
-    final norm (nn.Identity where it has none)."""
+    """The end of the residual stream, as a mixin of `Llama` and of the pipeline's final-norm stage: the collapse of
+    the residual streams (model.residual; else nn.Identity) and the scheme's final norm (nn.Identity where it has
+    none)."""
 
     def add_readout(self, cfg: ModelConfig) -> None:
+        self.streams_out = stream_collapse(cfg)
         self.final_norm = NORM_SCHEMES[cfg.norm_scheme].final_norm(cfg)
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(x)  # [B, T, D]
+        return self.final_norm(self.streams_out(x))  # [B, T, D] (or the state [B, T, n, D]) -> [B, T, D]
 
 
 class HeadPart:
@@ -363,6 +371,8 @@ def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> 
     """
     for name, p in module.named_parameters():
         split = getattr(p, "tp_split", None)
+        if split is None and getattr(p, "seeded_init", False):  # replicated, drawn alike (models/streams.py `seeded`)
+            split = TPSplit(tuple(p.shape))
         if split is None or p.is_meta:
             continue
         if hasattr(p, "init_value"):  # a TP-split gain (models.parallel.WidthNorm)

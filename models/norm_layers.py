@@ -1,6 +1,7 @@
 """The torch modules the scheme table of models/norms.py builds: the normalization layers (RMSNorm and LayerNorm in
 fp32, their removable forms for norm removal (pretrain/removal/), DyT and Derf, the embedding's learnable scalar, a
-fixed multiplier) and, re-exported, the block parts of models/parts.py and models/parallel.py a scheme uses. Kept
+fixed multiplier) and, re-exported, the block parts of models/parts.py, models/streams.py and models/parallel.py a
+scheme uses. Kept
 apart from the table so that reading it (config validation, `pretrain --help`) does not import torch;
 models/norms.py `layers()` imports this module when a model is built."""
 
@@ -13,11 +14,13 @@ from torch.nn import Identity
 
 from models.parallel import HeadNorm, SplitScale, TensorParallel, WidthNorm
 from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Ungated, UnitScaled
+from models.streams import HCResidual, MHCHead, MHCResidual, StreamExpand, StreamSum
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
            "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "NORM_CLASSES",
            "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
-           "NGPTResidual", "Residual", "Ungated", "UnitScaled"]
+           "NGPTResidual", "Residual", "Ungated", "UnitScaled", "HCResidual", "MHCHead", "MHCResidual", "StreamExpand",
+           "StreamSum"]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

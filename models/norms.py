@@ -8,8 +8,9 @@ A block (models/llama.py) always computes
 with the residual update R(x, F) = alpha x + F (GPAS and nGPT replace it, models/parts.py). Attention has slots of its
 own (`ATTENTION_SLOTS`: q, k, v norms before RoPE, q/k scales after it, the output gate) and so has the MLP
 (`MLP_SLOTS`). A scheme is nothing but the choice of those parts (nn.Identity where it has none), alpha and a few
-init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain)
-rewrite a scheme's parts. Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
+init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain,
+residual) rewrite a scheme's parts; model.residual makes the residual a state of n streams (models/streams.py).
+Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
 
     pre_ln    x = x + F(N(x))                                   final N
     lns       x = x + F(N(x) / sqrt(l))   (LayerNorm Scaling)   final N, unscaled
@@ -138,6 +139,7 @@ class BlockParts:
     init_gain_gate: float = 1.0
     init_gain_up: float = 1.0
     init_gain_mlp_out: float = 1.0
+    layer: int = 0  # the block these are the parts of, 1..L (`block_parts` sets it; hyper-connections' init reads it)
 
 
 @dataclass(frozen=True)
@@ -485,12 +487,52 @@ def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
     return replace(parts, residual=lambda alpha: layers().GPAS(alpha, shortcut=parts.post_norm))
 
 
+# model.residual -> the block's residual update on a state of model.residual_streams streams (models/streams.py), and
+# the model's expansion of the embedding into the streams and collapse before the final norm; "single" is the scheme's
+# own one-stream update.
+RESIDUAL_STREAMS_DEFAULT = 4  # DeepseekV4Config.hc_mult
+SINKHORN_ITERS_DEFAULT = 20  # DeepseekV4Config.hc_sinkhorn_iters
+RESIDUALS = ("single", "mhc", "hc", "hc_static")
+# Named in issue 30 and not built: refused by name rather than as an unknown value.
+RESIDUALS_NOT_BUILT = {"attn_res": "Block Attention Residuals (Kimi, arXiv 2603.15031)",
+                       "siamese": "SiameseNorm's two coupled streams (arXiv 2602.08064)"}
+
+
+def residual_streams(cfg: ModelConfig) -> int:
+    """The number of residual streams n: 1 for model.residual=single, else model.residual_streams (default 4)."""
+    if cfg.residual == "single":
+        return 1
+    return RESIDUAL_STREAMS_DEFAULT if cfg.residual_streams is None else cfg.residual_streams
+
+
+def _with_streams(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    n, d = residual_streams(cfg), cfg.d_model
+    if cfg.residual == "mhc":
+        iters = cfg.residual_sinkhorn_iters or SINKHORN_ITERS_DEFAULT
+        return replace(parts, residual=lambda alpha: layers().MHCResidual(d, n, iters, cfg.norm_eps))
+    return replace(parts, residual=lambda alpha: layers().HCResidual(d, n, parts.layer, cfg.residual == "hc"))
+
+
+def stream_expand(cfg: ModelConfig) -> nn.Module:
+    """The embedding's output into the residual state (the model's `streams_in`): nn.Identity for one stream."""
+    return layers().Identity() if cfg.residual == "single" else layers().StreamExpand(residual_streams(cfg))
+
+
+def stream_collapse(cfg: ModelConfig) -> nn.Module:
+    """The residual state into the final norm's input (the model's `streams_out`): mHC's learned head, the streams'
+    sum for hyper-connections, nn.Identity for one stream."""
+    if cfg.residual == "mhc":
+        return layers().MHCHead(cfg.d_model, residual_streams(cfg), cfg.norm_eps)
+    return layers().Identity() if cfg.residual == "single" else layers().StreamSum()
+
+
 @dataclass(frozen=True)
 class Option:
     default: object
     apply: Callable[[ModelConfig, BlockParts], BlockParts]  # the block's parts with the option set
     refused: str = "not part of that design"  # why a scheme whose `options` lack the key refuses it (NOT_COMPOSABLE
     # gives a scheme's own reason)
+    excludes: dict[str, str] = field(default_factory=dict)  # other keys it cannot be set with: {key: why}
 
 
 # model key -> how it composes with a scheme's parts. norm_gain acts inside every norm factory (NORM_GAINS).
@@ -499,12 +541,16 @@ OPTIONS: dict[str, Option] = {
     "attn_gate": Option("none", _with_gate),
     "gpas": Option(False, _with_gpas, refused="the GPAS paper stacks it on Pre-LN, LNS, Mix-LN, Sandwich and DeepNorm"),
     "norm_gain": Option("one", lambda cfg, parts: parts),
+    "residual": Option(
+        "single", _with_streams,
+        refused="mHC (DeepSeek-V4) and hyper-connections wrap Pre-Norm blocks",
+        excludes={"gpas": "GPAS scales one residual stream; the streams' mix replaces that update"}),
 }
 
 
 def block_parts(cfg: ModelConfig, layer: int) -> BlockParts:
     """The parts of block `layer` (1..L): the scheme's, rewritten by every composable key set off its default."""
-    parts = NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer)
+    parts = replace(NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer), layer=layer)
     for key, option in OPTIONS.items():
         if getattr(cfg, key) != option.default:
             parts = option.apply(cfg, parts)
@@ -519,6 +565,10 @@ def option_refusal(cfg: ModelConfig) -> str | None:
             takers = [name for name, scheme in NORM_SCHEMES.items() if key in scheme.options]
             return (f"model.{key}={value} does not compose with model.norm_scheme={cfg.norm_scheme} "
                     f"({refusal_reason(cfg.norm_scheme, key)}); it composes with {', '.join(takers)}")
+        for other, why in option.excludes.items() if value != option.default else ():
+            if getattr(cfg, other) != OPTIONS[other].default:
+                return (f"model.{key}={value} does not compose with model.{other}={getattr(cfg, other)} ({why}); "
+                        f"leave one of them at its default")
     return None
 
 
@@ -528,6 +578,7 @@ def refusal_reason(scheme: str, key: str) -> str:
 
 _NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain"})
 _GPAS = _NORMED | {"gpas"}
+_PRE_NORM = _GPAS | {"residual"}  # mHC and hyper-connections: Pre-Norm blocks (models/streams.py)
 # Why a scheme refuses a key (docs/schemes.md, "Composable keys").
 NOT_COMPOSABLE = {
     ("ln_free", "qk_norm"): "norm-free by definition",
@@ -546,7 +597,7 @@ _NO_VALUE_NORM = "it normalizes v per head and feeds the FFN a post-norm sum, wh
 
 NORM_SCHEMES: dict[str, NormScheme] = {
     "pre_ln": NormScheme(
-        _pre_ln, _final_norm, removable=True, options=_GPAS,
+        _pre_ln, _final_norm, removable=True, options=_PRE_NORM,
         hf_exports={"none": HFExport("llama"), "head": HFExport("qwen3")},
         no_hf_class={"full": _FULL_QK_ONLY_OLMO2}),
     "lns": NormScheme(

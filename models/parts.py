@@ -10,8 +10,10 @@ the slot and never asks which one it holds.
     AttentionGate   y' = y * sigmoid(X W_g)                                model.attn_gate (Qiu et al., 2025)
     NGPTResidual    x' = n(n(x) + |alpha| (n(F) - n(x))), n(v) = v / |v|     ngpt (Loshchilov et al., 2024)
 
-A block has one residual module and calls it after each sublayer, `residual(x, branch, sublayer)` with sublayer 0
-(attention) or 1 (MLP): GPAS shares its g between the two adds of a block, as the reference code does.
+A block has one residual module; before each sublayer it reads the sublayer's input, `residual.read(x, sublayer)`
+(x itself here; a stream state's mix with model.residual, models/streams.py), and after it calls
+`residual(x, branch, sublayer, mix)` with sublayer 0 (attention) or 1 (MLP): GPAS shares its g between the two adds of
+a block, as the reference code does.
 """
 
 from __future__ import annotations
@@ -23,14 +25,21 @@ from torch import nn
 from models.parallel import TensorParallel, column_linear
 
 
-class Residual(nn.Module):
+class SingleStream:
+    """The read of a one-stream residual: the sublayer reads the stream itself, and the write needs nothing more."""
+
+    def read(self, x: torch.Tensor, sublayer: int) -> tuple[torch.Tensor, None]:
+        return x, None
+
+
+class Residual(SingleStream, nn.Module):
     """x' = alpha * x + branch (alpha = 1 but for deepnorm)."""
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
         return torch.add(branch, x, alpha=self.alpha)
 
     def extra_repr(self) -> str:
@@ -52,7 +61,7 @@ class GPAS(Residual):
     def scale(self, z: torch.Tensor) -> torch.Tensor:
         return z - F.silu(self.gate).to(z.dtype) * z.detach()
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
         if self.shortcut:
             return torch.add(branch, self.scale(x), alpha=self.alpha)
         return self.scale(torch.add(branch, x, alpha=self.alpha))
@@ -116,7 +125,7 @@ class UnitScaled(nn.Module):
         return self.scale(l2_normalize(x))
 
 
-class NGPTResidual(nn.Module):
+class NGPTResidual(SingleStream, nn.Module):
     """nGPT's residual update on the hypersphere (eq. 10-11): x' = n(n(x) + |alpha_s| (b - n(x))), b the sublayer's
     normalized output (the block's out-norm slot), alpha_s the attention's (s = 0) or the MLP's (s = 1) eigen learning
     rates, [D] each, stored from `scaling` = 1/sqrt(D) and applied as stored * alpha_init / scaling (NVIDIA/ngpt:
@@ -128,7 +137,7 @@ class NGPTResidual(nn.Module):
         self.factor = alpha_init / self.scaling
         self.rates = nn.Parameter(torch.full((2, d_model), self.scaling))
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
         rate = (self.rates[sublayer] * self.factor).abs().to(x.dtype)
         x = l2_normalize(x)
         return l2_normalize(x + rate * (branch - x))

@@ -41,8 +41,15 @@ KEY_REFUSALS: dict[str, tuple[str, str]] = {
     "gpas": ("true", "no stock class scales the residual stream's activations"),
     "removable_norms": ("true", "a model in norm removal holds its σ state; export the ln_free checkpoint "
                                 "`pretrain remove-norms` writes at the end"),
+    # transformers 5.25 models/deepseek_v4: DeepseekV4Config has no dense MLP (mlp_layer_types: hash_moe, moe),
+    # always a sliding window (every layer type's attention has one), low-rank q (q_lora_rank), per-head sinks,
+    # partial RoPE and a grouped low-rank output projection (o_groups, o_lora_rank).
+    "residual": ("mhc/hc/hc_static", "no stock class has residual streams around Llama's attention and MLP: "
+                                     "DeepSeek-V4, the one with mHC, always routes its MLP through experts and "
+                                     "windows, compresses and sinks its attention; hyper-connections have none"),
 }
-_KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False}
+_KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False,
+                 "residual": "single"}
 
 
 class NotExportable(ValueError):
@@ -111,7 +118,7 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
     final_ok = type(model.final_norm) is (nn.Identity if linear else RMSNorm)
     if not final_ok:
         raise bad("the final norm", model.final_norm)
-    for name in ("emb_out", "logit_scale"):
+    for name in ("emb_out", "streams_in", "streams_out", "logit_scale"):
         if type(getattr(model, name)) is not nn.Identity:
             raise bad(name, getattr(model, name))
 

@@ -16,6 +16,11 @@ defaults to 1 when every analyzed sequence starts with the data's BOS token, els
 starts sequences mid-document, where no token is special); the diagonal of skip_effect is then still 1 by
 definition, not measured.
 
+With residual streams (model.residual, models/streams.py) each block reads and writes a state of n streams: a skip
+is the identity on the whole state, the logit lens decodes a state through the model's own readout (its collapse,
+then the final norm), and every other measure is taken on the collapsed state, the streams' sum (the same
+`summed` as the diagnostics' taps).
+
 Cost: one forward with hooks gives everything but the skips; each skipped block s then re-runs blocks s+1..L
 from x_s once, which gives skip_loss, skip_effect and skip_output_change together: L(L+1)/2 block forwards and
 2L + 1 head evaluations per batch: with a head about as costly as a block (tiny and 1b alike), about
@@ -37,6 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.streams import summed
 from pretrain.diagnostics.measures import BLOCK_PAIRS, DEPTH_MEASURES
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 from pretrain.errors import UserError
@@ -102,7 +108,7 @@ def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
         n_batches += 1
         deltas, delta_norms = [], []
         for l, block in enumerate(blocks):
-            x, y = hidden[l], hidden[l + 1]
+            x, y = summed(hidden[l]), summed(hidden[l + 1])  # the collapsed state (module docstring)
             alpha = float(getattr(block, "residual_alpha", 1.0))
             x_norm = (alpha * _token_norm(x)).clamp_min(EPS)
             cos = F.cosine_similarity(x.double(), y.double(), dim=-1, eps=1e-12).clamp(-1.0, 1.0)
@@ -124,7 +130,7 @@ def depth_analysis(model, batches, device=None, keep_first: int = 0) -> dict:
                 x = torch.cat([hidden[s + 1][:, :keep_first], x[:, keep_first:]], dim=1)
             for l in range(s + 1, n_layers):
                 y = blocks[l](x, cos_tab, sin_tab)
-                change = (_token_norm((y - x) - deltas[l]) / delta_norms[l]).max()
+                change = (_token_norm(summed(y - x) - deltas[l]) / delta_norms[l]).max()
                 skip_effect[s, l] = torch.maximum(skip_effect[s, l], change.double())
                 x = y
             logits = decode(x)

@@ -420,6 +420,9 @@ def plan(cfg: ExperimentConfig, gpu: GPU, gpus: int = 1, mfu: float = DEFAULT_MF
     what `pretrain plan --json` prints."""
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    if cfg.model.residual != "single":  # the fp32 mixing weights and the n-stream state per block: no rule here yet
+        raise UserError(f"pretrain plan does not count the activations of model.residual={cfg.model.residual} "
+                        "(n residual streams) yet; plan the model with model.residual=single for a lower bound")
     lay = layout(cfg, gpus)
     c, tp, pp, dp, gas = cfg.model, lay["tp"], lay["pp"], lay["dp"], lay["grad_accumulation"]
     width = 2 if cfg.train.precision == "bf16" else FP32

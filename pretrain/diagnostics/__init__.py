@@ -15,13 +15,19 @@ writes TensorBoard scalars.
 Definitions
 -----------
 The statistics are the entries of the per-layer measure table (measures.py) marked `training` -- variance,
-rms, attn_ratio, mlp_ratio, angular_distance and grad_norm today -- each defined there once, over the B x T
+rms, attn_ratio, mlp_ratio, angular_distance, the residual streams' mixing statistics (mix_ds_error,
+mix_spectral_norm, mix_entropy) and grad_norm today -- each defined there once, over the B x T
 tokens of the measured micro-batch (D = d_model, statistics in at least fp32). Outside the blocks:
 
     grad_norm_embedding, grad_norm_final_norm, grad_norm_head   as grad_norm, of those parameters (null when
                       the model has no such parameters: a tied head is part of the embedding,
-                      ln_free/post_ln/deepnorm have no final norm)
+                      ln_free/post_ln/deepnorm have no final norm; final_norm includes mHC's collapse of the
+                      residual streams, `streams_out`)
     grad_norm_global  over all parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
+
+With residual streams (model.residual) a block's input, output and mid-block residual are states [B, T, n, D]; the
+statistics are of the collapsed state, the streams' sum (taps.py), and the branches are the sublayers' outputs
+before the streams' write.
 
 Which data
 ----------
@@ -36,7 +42,7 @@ uses, before clipping.
 
 How (cost and parallelism)
 --------------------------
-* Activations: forward hooks on each block and its attn_out_norm, mlp_norm and mlp_out_norm (nn.Identity
+* Activations: forward hooks on each block and its attn_out_norm, attn_post_norm and mlp_out_norm (nn.Identity
   where a scheme has no norm, still a module call) are registered at the start of a measured step and each
   block's hooks remove themselves after its first forward, so unmeasured steps and later micro-batches run
   no hook at all. Statistics are reduced on the device to 5 scalars per block; one `.tolist()` per measured
@@ -69,6 +75,7 @@ One JSON object per measured step; arrays have one entry per block, index 0 = bl
 
     {"step": 100, "layers": 8, "norm_scheme": "lns",
      "variance": [...], "rms": [...], "attn_ratio": [...], "mlp_ratio": [...], "angular_distance": [...],
+     "mix_ds_error": [...], "mix_spectral_norm": [...], "mix_entropy": [...],
      "grad_norm": [...], "grad_norm_embedding": 0.41, "grad_norm_final_norm": 0.02, "grad_norm_head": 0.37,
      "grad_norm_global": 0.93}
 

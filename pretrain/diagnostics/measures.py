@@ -18,6 +18,10 @@ Notation of the definitions: a block computes h = attn_post_norm(alpha x + a), y
 a = attn_out_norm(Attn(attn_norm(x))), m = mlp_out_norm(MLP(mlp_norm(h))) and alpha the scheme's residual weight
 (1 except deepnorm). v_t is token t's vector over the hidden dim (D = d_model), ||v||_F the norm over all
 elements; "mean over tokens" is over every position the consumer measures; statistics in at least fp32.
+With residual streams (model.residual: the block reads and writes a state [B, T, n, D], models/streams.py) x, h and y
+are the collapsed state, the sum over the streams; a and m are the sublayers' outputs before the streams' write; the
+logit lens decodes the state through the model's readout (its collapse, then the final norm); a skipped block is the
+identity on the whole state.
 
 Drawn: `stats_panel` draws an entry's training values against depth in `pretrain plot` and the report's layer
 figure; `depth_panel` its analyze-depth values in the report's depth figure (pretrain/analysis/figures.py), both
@@ -86,6 +90,24 @@ LAYER_MEASURES: tuple[LayerMeasure, ...] = (
         "both, one definition, different data: training over the step's one measured micro-batch; analyze-depth "
         "over all tokens of its validation micro-batches (the cosine in float64)",
         training=True, analyze_depth=True, log_scale=False, depth_panel=True),
+    LayerMeasure(
+        "mix_ds_error", "max |row/column sum - 1|", "Streams' mix: distance from doubly stochastic",
+        "max over tokens, both sublayers and all rows and columns of |sum - 1| of the residual streams' mixing "
+        "matrix C (model.residual: mHC's Sinkhorn-Knopp comb, hyper-connections' A_r; one stream: C = [alpha])",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
+    LayerMeasure(
+        "mix_spectral_norm", "||C||_2", "Streams' mix: spectral norm",
+        "mean over tokens and both sublayers of the largest singular value of the mixing matrix C (as "
+        "mix_ds_error; 1 for a doubly-stochastic C, alpha for one stream)",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
+    LayerMeasure(
+        "mix_entropy", "row entropy (nats)", "Streams' mix: entropy",
+        "mean over tokens, both sublayers and the rows of C of the entropy of the row's |entries| normalized to sum "
+        "1, in [0, log n] (0: each stream kept apart; log n: evenly mixed; 0 for one stream)",
+        "training only: the mixing weights are followed over the steps of a run",
+        training=True),
     LayerMeasure(
         "grad_norm", "gradient norm", "Block gradient norm vs depth",
         "L2 norm of the gradient of block l's parameters: the accumulated, data-parallel-averaged gradient of the "

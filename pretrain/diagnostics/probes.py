@@ -34,10 +34,11 @@ def parameter_groups(model: nn.Module, n_layers: int) -> list[tuple[nn.Parameter
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         # Llama and the pipeline's stages name these parts alike (models/llama.py's EmbeddingPart, ReadoutPart,
-        # HeadPart); emb_out (dyt's scalar, peri_ln's norm) and logit_scale (ngpt) belong to the embedding and the head
+        # HeadPart); emb_out (dyt's scalar, peri_ln's norm) and logit_scale (ngpt) belong to the embedding and the head,
+        # streams_out (mHC's learned collapse of the residual streams) to the readout with the final norm
         if leaf in ("tok_emb", "emb_out"):
             group = EMBEDDING
-        elif leaf == "final_norm":
+        elif leaf in ("final_norm", "streams_out"):
             group = FINAL_NORM
         elif leaf in ("head", "logit_scale"):
             group = HEAD

@@ -66,11 +66,35 @@ def angular_distance(b: BlockActivations) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0, 1.0)).mean() / math.pi
 
 
+def _mix(b: BlockActivations) -> torch.Tensor:
+    """The block's mixing matrices [..., n, n]: the residual streams' comb, or one stream's [[alpha]]."""
+    if b.mix is None:
+        return torch.full((1, 1), b.alpha, dtype=b.y.dtype, device=b.y.device)
+    return b.mix
+
+
+def mix_ds_error(b: BlockActivations) -> torch.Tensor:
+    m = _mix(b)
+    return torch.maximum((m.sum(-1) - 1).abs().amax(), (m.sum(-2) - 1).abs().amax())
+
+
+def mix_spectral_norm(b: BlockActivations) -> torch.Tensor:
+    return torch.linalg.matrix_norm(_mix(b), ord=2).mean()
+
+
+def mix_entropy(b: BlockActivations) -> torch.Tensor:
+    """Of each row's |entries| normalized to sum 1 (hyper-connections' A_r may be negative); 0 log 0 = 0."""
+    m = _mix(b).abs()
+    p = m / m.sum(-1, keepdim=True).clamp_min(_tiny(m))
+    return -torch.special.xlogy(p, p).sum(-1).mean()
+
+
 # The function of each training-time entry of the table but GRADIENT_STAT; a training entry without one here fails
 # at import with its name (KeyError).
 ACTIVATION_FUNCTIONS: dict[str, Callable[[BlockActivations], torch.Tensor]] = {
     "variance": variance, "rms": rms, "attn_ratio": attn_ratio, "mlp_ratio": mlp_ratio,
-    "angular_distance": angular_distance,
+    "angular_distance": angular_distance, "mix_ds_error": mix_ds_error, "mix_spectral_norm": mix_spectral_norm,
+    "mix_entropy": mix_entropy,
 }
 ACTIVATION_STATS = tuple(ActivationStat(m, ACTIVATION_FUNCTIONS[m.name]) for m in LAYER_STATS
                          if m.name != GRADIENT_STAT)

@@ -3,8 +3,13 @@ and the depth analysis alike.
 
 A block computes h = attn_post_norm(alpha x + a), y = mlp_post_norm(alpha h + m) with x its input,
 a = attn_out_norm(Attn(attn_norm(x))) and m = mlp_out_norm(MLP(mlp_norm(h))). `BlockTaps` hooks the block (x, y),
-the output of its `attn_out_norm` slot (a), the input of `mlp_norm` (h) and the output of `mlp_out_norm` (m); the
-slots are modules in every scheme (nn.Identity where a scheme has no norm), so every scheme is read the same way.
+the output of its `attn_out_norm` slot (a), the output of `attn_post_norm` (h) and the output of `mlp_out_norm` (m);
+the slots are modules in every scheme (nn.Identity where a scheme has no norm), so every scheme is read the same way.
+
+With residual streams (model.residual, models/streams.py) x, h and y are states [B, T, n, D]; the activations hold
+the collapsed state, their sum over the streams (`models.streams.summed`: under mHC's doubly-stochastic mix it moves
+as one residual stream does), a, m the sublayers' outputs before the streams' write, and `mix` the sublayers'
+mixing matrices, recomputed from their input states by the residual slot's `weights`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.norms import ATTN_OUT, MLP_IN, MLP_OUT
+from models.norms import ATTN_OUT, ATTN_POST, MLP_OUT
+from models.streams import summed
 from pretrain import compat
 
 
 @dataclass
 class BlockActivations:
-    """One block's forward, in at least fp32 (a float64 model stays float64), detached: [B, T, D] each."""
+    """One block's forward, in at least fp32 (a float64 model stays float64), detached: [B, T, D] each (x, h, y: the
+    streams' sum where the residual is a state of streams)."""
 
     index: int  # 0-based block index in the model
     x: torch.Tensor  # block input
@@ -30,12 +37,15 @@ class BlockActivations:
     h: torch.Tensor  # residual the MLP branch is added to
     m: torch.Tensor  # MLP branch, as added to the residual
     alpha: float  # the scheme's residual weight (1 except deepnorm)
+    # The residual streams' mixing matrices of the two sublayers, [2, B, T, n, n] (comb: stream j to stream k at
+    # [..., j, k]); None for one stream, whose mix is the 1 x 1 matrix [alpha].
+    mix: torch.Tensor | None = None
 
 
 def _wide(x) -> torch.Tensor:
     if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
         x = x[0]
-    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    return summed(x.detach().to(torch.promote_types(x.dtype, torch.float32)))
 
 
 def _eager(fn):
@@ -58,7 +68,8 @@ class BlockTaps:
         self.compiled = compat.suspend_compiled(block)
         self.handles = [
             getattr(block, ATTN_OUT).register_forward_hook(self._keep_output("a")),
-            getattr(block, MLP_IN).register_forward_pre_hook(self._keep_input("h")),
+            getattr(block, ATTN_POST).register_forward_hook(self._keep_output("h")),
+            getattr(block, ATTN_POST).register_forward_hook(self._keep_state()),
             getattr(block, MLP_OUT).register_forward_hook(self._keep_output("m")),
             block.register_forward_hook(self._block),
         ]
@@ -69,20 +80,26 @@ class BlockTaps:
             self.parts[key] = _wide(output)
         return hook
 
-    def _keep_input(self, key: str):
+    def _keep_state(self):
         @_eager
-        def hook(module, args):
-            self.parts[key] = _wide(args[0])
+        def hook(module, args, output):
+            self.parts["h_state"] = output
         return hook
 
     @_eager
     def _block(self, module, args, output):
         nan = torch.full((), float("nan"))  # a slot hook that did not run (a block without that branch)
         parts = {k: self.parts.get(k, nan) for k in ("a", "h", "m")}
+        mix = None
+        if hasattr(module.residual, "weights"):  # residual streams: the two sublayers' mixes, from their inputs
+            x = args[0][0] if isinstance(args[0], tuple) else args[0]
+            states = (x, self.parts["h_state"])
+            mix = torch.stack([module.residual.weights(state, s)["comb"].detach().to(parts["a"].dtype)
+                               for s, state in enumerate(states)])
         self.parts = {}
         if self.once:
             self.remove()
-        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, **parts))
+        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, mix=mix, **parts))
 
     def remove(self) -> None:
         for handle in self.handles:

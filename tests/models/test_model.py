@@ -211,9 +211,14 @@ def test_forward_backward_smoke(scheme):
         assert p.grad.abs().max() > 0, f"{name} got a zero gradient"
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+# Every scheme, and the residual streams (the stages pass the state [B, T, n, D] on, the readout stage collapses it).
+STAGE_CASES = [(scheme, {}) for scheme in SCHEMES] + [("pre_ln", {"residual": "mhc"}), ("pre_ln", {"residual": "hc"})]
+
+
+@pytest.mark.parametrize("scheme,keys", STAGE_CASES,
+                         ids=[s + "".join(f"-{v}" for v in k.values()) for s, k in STAGE_CASES])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_pipeline_stages_are_the_model(scheme, tied):
+def test_pipeline_stages_are_the_model(scheme, keys, tied):
     """The pipeline's stages (models/pipeline.py), built one by one as DeepSpeed builds them, hold exactly the
     weights of `Llama` with the same seed under the same names, and chained they compute its logits bit for bit:
     the model is defined once."""
@@ -222,7 +227,7 @@ def test_pipeline_stages_are_the_model(scheme, tied):
 
     if tied and NORM_SCHEMES[scheme].unit_weights:
         pytest.skip("ngpt refuses tied embeddings")
-    cfg = ModelConfig.from_preset("tiny", norm_scheme=scheme, n_layers=3, max_seq_len=32, tie_embeddings=tied)
+    cfg = ModelConfig.from_preset("tiny", norm_scheme=scheme, n_layers=3, max_seq_len=32, tie_embeddings=tied, **keys)
     model = Llama(cfg, seed=7)
     first = EmbeddingStage(cfg, None, 7)
     blocks = [BlockStage(cfg, l, None, 7) for l in range(1, cfg.n_layers + 1)]

@@ -405,7 +405,7 @@ def test_zero_centered_gain_starts_at_zero_and_is_the_same_model():
 
 
 @pytest.mark.parametrize("key,value", [("qk_norm", "head"), ("attn_gate", "headwise"), ("gpas", True),
-                                       ("norm_gain", "zero_centered")])
+                                       ("norm_gain", "zero_centered"), ("residual", "mhc")])
 def test_schemes_refuse_keys_they_do_not_compose_with(key, value):
     """Every scheme either takes a composable key or refuses it in one line that names the schemes that do."""
     for scheme, entry in NORM_SCHEMES.items():

@@ -28,7 +28,7 @@ RECIPE = "## Recipe: add a norm scheme"
 # The test modules that iterate over NORM_SCHEMES (found under the tests folder by name), and the tests in them that
 # iterate inside one test rather than in its parametrization (selected by name besides the scheme's ids).
 SCHEME_TEST_FILES = ("test_norm_schemes.py", "test_model.py", "test_tensor_parallel.py", "test_hf_parity.py",
-                     "test_config_validation.py", "test_plan.py")
+                     "test_config_validation.py", "test_plan.py", "test_residual_streams.py")
 ITERATING_INSIDE = ("test_preset_parameter_counts", "test_schemes_refuse_keys_they_do_not_compose_with",
                     "test_export_table_covers_the_issue", "test_scheme_list_is_complete")
 # Test modules that iterate over NORM_SCHEMES but are not run here, and why.

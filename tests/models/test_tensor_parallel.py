@@ -46,6 +46,9 @@ CASES["lns-gate_elementwise-gpas"] = dict(norm_scheme="lns", attn_gate="elementw
 CASES["deepnorm-gpas"] = dict(norm_scheme="deepnorm", gpas=True)
 CASES["pre_ln-zero_centered-qk_full"] = dict(norm_gain="zero_centered", qk_norm="full")
 CASES["ngpt-mha"] = dict(norm_scheme="ngpt", n_kv_heads=4)
+# Residual streams: the state and its mixing weights are replicated, each rank mixes it whole.
+CASES["pre_ln-mhc"] = dict(residual="mhc")
+CASES["pre_ln-hc"] = dict(residual="hc", residual_streams=2)
 
 
 # Configs that TP = 2 must refuse, and the field the error must name.

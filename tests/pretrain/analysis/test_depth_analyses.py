@@ -23,10 +23,22 @@ RTOL = {"logit_lens_kl": 1e-8}  # default 1e-9
 
 
 def block_parts(block, x, cos, sin):
+    if x.ndim == 4:  # residual streams (models/streams.py): the block reads and writes the state through its mix
+        u, mix = block.residual.read(x, 0)
+        a = block.attn(block.attn_norm(u), cos, sin)
+        h = block.residual(x, a, 0, mix)
+        u, mix = block.residual.read(h, 1)
+        m = block.mlp(block.mlp_norm(u))
+        return a, h, m, block.residual(h, m, 1, mix)
     a = block.attn_out_norm(block.attn(block.attn_norm(x), cos, sin))
     h = block.attn_post_norm(block.residual_alpha * x + a)
     m = block.mlp_out_norm(block.mlp(block.mlp_norm(h)))
     return a, h, m, block.mlp_post_norm(block.residual_alpha * h + m)
+
+
+def col(t):
+    """The collapsed state the measures are defined on: the streams' sum (a single stream as it is)."""
+    return t.sum(-2) if t.ndim == 4 else t
 
 
 def kept(orig, skipped, keep_first):
@@ -37,7 +49,7 @@ def kept(orig, skipped, keep_first):
 def hand_analysis(model, batches, keep_first=0):
     b1, b2 = model.blocks
     cos, sin = model.rope_cos, model.rope_sin
-    decode = lambda x: model.logits(model.final_norm(x))  # noqa: E731
+    decode = lambda x: model.logits(model.final_norm(model.streams_out(x)))  # noqa: E731
     per_token = {k: [[], []] for k in ("angle", "attn", "mlp", "block")}
     per_token["kl"] = [[], [], []]  # the embedding, block 1, block 2
     loss, skip_loss, n = 0.0, [0.0, 0.0], 0
@@ -47,7 +59,8 @@ def hand_analysis(model, batches, keep_first=0):
         return -logits.log_softmax(-1).gather(-1, labels[..., None]).sum().item()
 
     for tokens, labels in batches:
-        e = model.emb_out(model.tok_emb(tokens))  # the embedding as the first block reads it (peri_ln: normalized)
+        # the embedding as the first block reads it (peri_ln: normalized; with streams: copied into them)
+        e = model.streams_in(model.emb_out(model.tok_emb(tokens)))
         a1, hm1, m1, y1 = block_parts(b1, e, cos, sin)
         a2, hm2, m2, y2 = block_parts(b2, y1, cos, sin)
         final = decode(y2)
@@ -57,17 +70,18 @@ def hand_analysis(model, batches, keep_first=0):
         loss += nll(final, labels)
         n += labels.numel()
         for l, (x, y, a, hm, m, blk) in enumerate([(e, y1, a1, hm1, m1, b1), (y1, y2, a2, hm2, m2, b2)]):
+            p = decode(y).softmax(-1)
+            x, y, hm = col(x), col(y), col(hm)
             alpha = blk.residual_alpha
             per_token["angle"][l].append(torch.acos((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))) / math.pi)
             per_token["attn"][l].append(a.norm(dim=-1) / (alpha * x.norm(dim=-1)))
             per_token["mlp"][l].append(m.norm(dim=-1) / (alpha * hm.norm(dim=-1)))
             per_token["block"][l].append((a + m).norm(dim=-1) / (alpha * x.norm(dim=-1)))
-            p = decode(y).softmax(-1)
             per_token["kl"][l + 1].append((p * (p.log() - p_final.log())).sum(-1))
         # skip block 1: block 2 runs on the embedding (on block 1's output at the kept positions)
         x2 = kept(y1, e, keep_first)
         y2_skip = block_parts(b2, x2, cos, sin)[3]
-        change = ((y2_skip - x2) - (y2 - y1)).norm(dim=-1) / (y2 - y1).norm(dim=-1)
+        change = (col(y2_skip - x2) - col(y2 - y1)).norm(dim=-1) / col(y2 - y1).norm(dim=-1)
         effect = max(effect, change.max().item())
         skip_loss[0] += nll(decode(y2_skip), labels)
         out_change[0] = max(out_change[0], (decode(y2_skip).softmax(-1) - p_final).norm(dim=-1).max().item())
@@ -86,11 +100,11 @@ def hand_analysis(model, batches, keep_first=0):
     }
 
 
-def two_layer_model(scheme: str = "pre_ln"):
+def two_layer_model(scheme: str = "pre_ln", **keys):
     """A float64 2-layer model with norm gains away from 1 (so that a wrong hook point changes the numbers) and
     three micro-batches."""
     cfg = ModelConfig(vocab_size=97, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16,
-                      norm_scheme=scheme)
+                      norm_scheme=scheme, **keys)
     torch.manual_seed(0)
     model = Llama(cfg, seed=3).double().eval()
     with torch.no_grad():
@@ -107,9 +121,12 @@ def flat(values, m) -> list:
     return [v for row in values for v in row] if m.shape == BLOCK_PAIRS else values
 
 
-@pytest.mark.parametrize("scheme,keep_first", [("pre_ln", 0), ("pre_ln", 1), ("peri_ln", 0), ("deepnorm", 3)])
-def test_depth_analysis_matches_hand_computation(scheme, keep_first):
-    model, batches = two_layer_model(scheme)
+@pytest.mark.parametrize("scheme,keep_first,keys", [("pre_ln", 0, {}), ("pre_ln", 1, {}), ("peri_ln", 0, {}),
+                                                   ("deepnorm", 3, {}), ("pre_ln", 1, {"residual": "mhc"})])
+def test_depth_analysis_matches_hand_computation(scheme, keep_first, keys):
+    """With residual streams (the last case) the skip is the identity on the state and the measures are of the
+    streams' sum; the logit lens decodes the state through the model's readout."""
+    model, batches = two_layer_model(scheme, **keys)
     got = depth_analysis(model, batches, keep_first=keep_first)
     with torch.no_grad():
         want = hand_analysis(model, batches, keep_first)

@@ -431,3 +431,10 @@ def test_bad_overrides_read_as_pretrain_trains():
     planned = run_plan(*bad, "--gpu", "H100")
     assert train.returncode == planned.returncode == 2
     assert planned.stderr == train.stderr and planned.stderr.startswith("error: train.precision")
+
+
+def test_plan_refuses_residual_streams_in_one_line():
+    from pretrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"^pretrain plan does not count the activations of model\.residual=mhc"):
+        plan(load_config(None, ["model.residual=mhc"]), find("H100"))

@@ -47,8 +47,24 @@ def hand_stats(model: Llama, tokens: torch.Tensor) -> dict[str, list[float]]:
         out["mlp_ratio"].append(math.sqrt((m**2).sum().item()) / math.sqrt(((alpha * h) ** 2).sum().item()))
         cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
         out["angular_distance"].append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
+        mix_by_hand(out, torch.tensor([[alpha]], dtype=y.dtype))  # one stream: its mix is [alpha]
         x = y
     return out
+
+
+def mix_by_hand(out: dict, C: torch.Tensor) -> None:
+    """The mixing-matrix statistics of C [..., n, n], written out: row and column sums, the largest singular value
+    (the square root of C^T C's largest eigenvalue) and the rows' entropy of |C| normalized."""
+    n = C.shape[-1]
+    rows = [sum(C[..., j, k] for k in range(n)) for j in range(n)]
+    cols = [sum(C[..., j, k] for j in range(n)) for k in range(n)]
+    out["mix_ds_error"].append(max((t - 1).abs().max().item() for t in rows + cols))
+    out["mix_spectral_norm"].append(torch.linalg.eigvalsh(C.transpose(-1, -2) @ C)[..., -1].sqrt().mean().item())
+    entropy = []
+    for j in range(n):
+        p = C[..., j, :].abs() / C[..., j, :].abs().sum(-1, keepdim=True)
+        entropy.append(-(p * p.log()).nan_to_num().sum(-1))
+    out["mix_entropy"].append(torch.stack(entropy).mean().item())
 
 
 def probe_stats(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,6 +89,40 @@ def test_activation_stats_match_hand_computation(scheme):
         assert model.blocks[0].residual_alpha != 1.0  # the ratios' alpha is exercised
 
 
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_activation_stats_of_residual_streams_are_those_of_the_streams_sum(residual):
+    """With model.residual the block's x, h and y are states [B, T, n, D]: the statistics are the documented ones of
+    their sum over the streams, the branches a and m the sublayers' outputs; the mixing statistics those of both
+    sublayers' comb."""
+    model = Llama(ModelConfig(**SMALL, residual=residual), seed=1).double()
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = probe_stats(model, tokens)
+    want = {name: [] for name in STATS}
+    with torch.no_grad():
+        S = model.embed(tokens)
+        assert S.shape == (3, 16, 4, SMALL["d_model"])
+        for blk in model.blocks:
+            C = torch.stack([blk.residual.weights(S, 0)["comb"]])
+            u, mix = blk.residual.read(S, 0)
+            a = blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin)
+            H = blk.residual(S, a, 0, mix)
+            u, mix = blk.residual.read(H, 1)
+            m = blk.mlp(blk.mlp_norm(u))
+            Y = blk.residual(H, m, 1, mix)
+            C = torch.cat([C, blk.residual.weights(H, 1)["comb"][None]])
+            mix_by_hand(want, C)
+            x, h, y = S.sum(2), H.sum(2), Y.sum(2)
+            want["variance"].append(y.var(-1, unbiased=False).mean().item())
+            want["rms"].append(math.sqrt((y**2).mean().item()))
+            want["attn_ratio"].append(a.norm().item() / x.norm().item())
+            want["mlp_ratio"].append(m.norm().item() / h.norm().item())
+            cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+            want["angular_distance"].append((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item())
+            S = Y
+    for i, name in enumerate(STATS):
+        assert got[i].tolist() == pytest.approx(want[name], rel=1e-10), name
+
+
 def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
     model = Llama(ModelConfig(**SMALL), seed=1)
     probe = ActivationProbe(local_blocks(model), 2)
@@ -83,7 +133,8 @@ def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
         model(second)  # a later micro-batch of the same step: not measured
     got = probe.result()
     assert torch.equal(got, probe_stats(model, first))
-    modules = [m for blk in model.blocks for m in (blk, blk.attn_out_norm, blk.mlp_norm, blk.mlp_out_norm)]
+    modules = [m for blk in model.blocks for m in (blk, blk.attn_out_norm, blk.attn_post_norm, blk.mlp_norm,
+                                                   blk.mlp_out_norm)]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
     probe.arm()
     probe.disarm()  # armed but never run (e.g. a rank without these blocks' forward): removed as well

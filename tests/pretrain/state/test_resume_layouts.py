@@ -16,6 +16,7 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 
 STEPS, STOP = 20, 10
 TIED = ["model.tie_embeddings=true"]
+MHC = ["model.residual=mhc"]  # the stream state [B, T, 4, D] between pipeline stages, its mixing replicated under TP
 
 
 BF16 = ["train.precision=bf16"]
@@ -25,7 +26,7 @@ BF16 = ["train.precision=bf16"]
 def uninterrupted(tmp_path_factory, data_cache):
     """Single-process reference losses, each run when a test first needs it (`-m compat` needs two of three): fp32
     untied and tied, and bf16 (bf16 needs ZeRO or a pipeline)."""
-    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"]}
+    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"], "mhc": MHC}
     refs = {}
 
     def reference(name: str) -> dict[int, float]:
@@ -51,6 +52,8 @@ PAIRS = [
     ("zero1-to-zero0", ["parallel.zero_stage=1"], None, [], None, "untied", 1e-4),
     ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 1e-3),
     ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 1e-3),
+    # residual streams: trained on PP = 2 (the state travels between stages), resumed on TP = 2
+    ("mhc-pp2-to-tp2", ["parallel.pp=2", *MHC], 2, ["parallel.tp=2", *MHC], 2, "mhc", 1e-4),
 ]
 
 
@@ -59,7 +62,9 @@ PAIRS = [
 COMPAT = {"tp2xpp2-to-tp1xpp1", "bf16-pp2-to-zero2-dp2"}
 # A data-parallel change is also in tp1-to-tp2xdp2-zero2 and bf16-pp2-to-zero2-dp2; ZeRO-1's files are read in
 # fp32-to-bf16-zero1, and a resume onto ZeRO-0's optimizer is tp2xpp2-to-tp1xpp1's.
-SLOW = {"dp1-to-dp2-zero1", "zero1-to-zero0"}
+# mhc-pp2-to-tp2: three runs of its own (~3 min under load on 2 cores); in-process, tests/models/test_model.py chains the
+# stages with the stream state bit for bit and test_tensor_parallel.py runs mhc and hc at TP = 2.
+SLOW = {"dp1-to-dp2-zero1", "zero1-to-zero0", "mhc-pp2-to-tp2"}
 MARKS = {**{name: [pytest.mark.compat] for name in COMPAT}, **{name: [pytest.mark.slow] for name in SLOW}}
 
 
