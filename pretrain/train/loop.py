@@ -32,6 +32,7 @@ from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
 from pretrain.train.health import StepHealth
+from pretrain.train.provenance import NonFiniteLocator
 from pretrain.train.recompiles import CompileCount
 from pretrain.train.steps import train_step
 from pretrain.train.syncs import StepSyncs
@@ -117,6 +118,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
     skipped_total = start.saved.get("skipped_steps", 0)
     health = StepHealth(topo.device, cfg.train.max_bad_steps)
     syncs = StepSyncs(cfg.logging.host_syncs)
+    locator = NonFiniteLocator(built, topo, train_iter)  # where a bad step's first non-finite value came from
     compiles = CompileCount(cfg.train.compile)  # graphs compiled, and recompiled after the warm-up
     last_loss = float("nan")  # the progress bar shows the last logged loss: reading every step's would wait for the GPU
     window_start, window_steps = time.perf_counter(), 0
@@ -130,6 +132,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             for hook in hooks:
                 hook.before_step(ctx, step + 1)
+            locator.stepping(step + 1, consumed_samples)
             health.record(step + 1, train_step(built, train_iter, topo), built)
             step += 1
             compiles.stepped()
@@ -152,6 +155,11 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 if settled.bad_steps and rank0:
                     out.say(f"{_steps(settled.bad_steps)}: non-finite loss or gradient (loss={settled.loss}); update "
                             f"skipped ({settled.in_a_row} in a row at step {step})")
+                lines, events = locator.after_record(settled.bad_steps, step)  # every rank: the re-run is collective
+                for line in lines:
+                    out.say(line)
+                for event in events:
+                    out.write(event, "non_finite")
                 tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
                 record = {
                     "step": step, "loss": settled.loss, "lr": lr, "grad_norm": settled.grad_norm,
