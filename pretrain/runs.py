@@ -148,6 +148,20 @@ def read_metrics(run_dir: str) -> list[dict]:
     return read_jsonl(os.path.join(run_dir, METRICS_FILE))
 
 
+def count_spikes(metrics: list[dict]) -> int:
+    """The loss or gradient-norm spikes of a run's metrics.jsonl entries (pretrain/train/spikes.py): its `"event":
+    "spike"` entries, the loss and gradient-norm events of one step counted once."""
+    count, last = 0, None
+    for entry in metrics:
+        if entry.get("event") == "spike":
+            if entry.get("step") != last:
+                count += 1
+            last = entry.get("step")
+        elif "loss" in entry:  # a train record between two events: a later spike at the same step (after a rollback)
+            last = None
+    return count
+
+
 def read_layer_stats(run_dir: str) -> list[dict]:
     """layer_stats.jsonl's entries, by step."""
     return sorted(read_jsonl(os.path.join(run_dir, LAYER_STATS_FILE)), key=lambda r: r.get("step", 0))

@@ -35,7 +35,8 @@ from pretrain.errors import UserError
 
 # Config keys that never make runs different experiments (where they write, how often they log, ...).
 NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train.resume", "train.stop_at_step",
-                       "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval")
+                       "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval",
+                       "train.spike_window", "train.spike_threshold", "train.snapshot_interval", "train.max_rollbacks")
 SCHEME_KEY = "model.norm_scheme"
 
 
@@ -51,6 +52,7 @@ class Run:
     depth: dict | None = None
     exit_codes: list[int] = field(default_factory=list)
     params: int | None = None
+    spikes: int = 0  # loss or gradient-norm spike events in metrics.jsonl (pretrain/train/spikes.py)
     label: str = ""  # the run's name in a figure's legend (pretrain.analysis.figures.label_runs)
 
     @property
@@ -150,6 +152,7 @@ def read_run(path: str) -> Run:
         path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
         train=train, val=val, layer_stats=run_folder.read_layer_stats(path), depth=_newest_depth(path),
         exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e], params=params,
+        spikes=run_folder.count_spikes(metrics),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers.train import REPO, metrics, train_cmd, train_env
 
+from pretrain.train.distributed import free_port
 from pretrain.train.spikes import SpikeDetector, Spikes
 from pretrain.train.syncs import HostSyncs
 
@@ -60,7 +61,10 @@ COMMON = ["train.steps=8", "train.spike_window=3", "train.spike_threshold=50", "
 
 
 def _start(run: str, overrides: list[str], env: dict, cache: str, nproc: int | None = None) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(run, *COMMON, *overrides, nproc=nproc, script=SCRIPT), cwd=REPO,
+    python, *cmd = train_cmd(run, *COMMON, *overrides, script=SCRIPT)
+    if nproc:  # the ranks themselves run the script (`--nproc-per-node` would start `-m pretrain` in them)
+        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()), *cmd]
+    return subprocess.Popen([python, *cmd], cwd=REPO,
                             env={**train_env(cache), "PYTHONPATH": REPO, "GBS": "8", "INF_BATCHES": "1", "INF_MODULE": "blocks.1.mlp.up",
                                  **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
