@@ -168,7 +168,7 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 for event in events:
                     out.write(event, "non_finite")
                 for event in settled.spikes:
-                    out.write(event, "spike")
+                    out.write(event, f"spike/{event['series']}")  # TensorBoard: spike/loss/value, ...
                     out.say(f"step {event['step']}: {event['series']} spike {event['value']:.4g} (running median "
                             f"{event['median']:.4g}, threshold {event['threshold']:.4g})")
                 tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time

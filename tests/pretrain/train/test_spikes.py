@@ -12,7 +12,7 @@ import torch
 from helpers.train import REPO, metrics, train_cmd, train_env
 
 from pretrain.train.distributed import free_port
-from pretrain.train.spikes import SpikeDetector, Spikes
+from pretrain.train.spikes import SpikeDetector, SpikeResponse, Spikes
 from pretrain.train.syncs import HostSyncs
 
 
@@ -55,6 +55,26 @@ def test_events_name_the_series_with_value_median_and_threshold():
     assert event["step"] == 5 and event["event"] == "spike" and event["threshold"] < 50.0
 
 
+def _response(mode: str, max_rollbacks: int, snapshot_interval: int = 2):
+    from types import SimpleNamespace
+
+    train = SimpleNamespace(on_spike=mode, max_rollbacks=max_rollbacks, snapshot_interval=snapshot_interval,
+                            global_batch_size=8)
+    loader = SimpleNamespace(consumed_samples=0)
+    return SpikeResponse(SimpleNamespace(train=train), built=None, topo=None, loader=loader,
+                         spikes=Spikes(0, 6.0, torch.device("cpu")), skipped_batches=[16, 24]), loader
+
+
+def test_skipped_data_positions_are_stepped_over_and_max_rollbacks_ends_the_run():
+    response, loader = _response("rollback", max_rollbacks=0)
+    assert response.skip(8) == 8 and response.skip(16) == 32 and loader.consumed_samples == 32
+    assert response.trainer_state() == {"skipped_batches": [16, 24]}
+    stop = response.respond([5, 6], step=7)
+    assert stop.startswith("a spike at step 5 after train.max_rollbacks=0 rollbacks; stopping.")
+    log_only, _ = _response("log", max_rollbacks=3, snapshot_interval=0)
+    assert log_only.respond([5], step=7) is None
+
+
 SCRIPT = [os.path.join(REPO, "tests", "helpers", "scripts", "spiky_data.py")]
 # 8 steps of one global batch of 8 samples; batch 1 (step 2) turns inf in blocks.1.mlp.up, batch 5 (step 6) spikes
 COMMON = ["train.steps=8", "train.spike_window=3", "train.spike_threshold=50", "train.warmup_steps=2"]
@@ -73,11 +93,11 @@ def _losses(run: str) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run) if "loss" in m}  # the last record of a step wins
 
 
-def _rolled_back_equals_never_seen(tmp_path, data_cache, layout: list[str], nproc: int | None):
+def _rolled_back_equals_never_seen(tmp_path, data_cache, layout: list[str], nproc: int | None, state: list[str],
+                                   where: str):
     spiky, never = str(tmp_path / "spiky"), str(tmp_path / "never")
     procs = [
-        _start(spiky, [*layout, "train.on_spike=skip_batch", "train.snapshot_interval=2"], {"SPIKE_BATCHES": "5"},
-               data_cache, nproc),
+        _start(spiky, [*layout, "train.on_spike=skip_batch", *state], {"SPIKE_BATCHES": "5"}, data_cache, nproc),
         _start(never, layout, {"SHIFT_FROM": "5"}, data_cache, nproc),  # batch 5 never read
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -85,8 +105,8 @@ def _rolled_back_equals_never_seen(tmp_path, data_cache, layout: list[str], npro
         assert p.returncode == 0, out[-4000:]
     log = outs[0]
     assert "first non-finite: blocks.1.mlp.up (forward) at step 2" in log, log[-3000:]
-    assert "step 6: loss spike 7" in log and "spike at step 6: rolled back to step 4 (in-memory snapshot), skipping " \
-           "the data of step 6 (rollback 1 of at most 3)" in log, log[-3000:]
+    assert "step 6: loss spike 7" in log and f"spike at step 6: rolled back to step 4 ({where}), skipping the data " \
+           "of step 6 (rollback 1 of at most 3)" in log, log[-3000:]
     events = [m for m in metrics(spiky) if "event" in m]
     assert {(e["event"], e["step"]) for e in events} >= {("non_finite", 2), ("spike", 6), ("rollback", 4)}
     assert next(e for e in events if e["event"] == "non_finite")["module"] == "blocks.1.mlp.up"
@@ -100,9 +120,13 @@ def _rolled_back_equals_never_seen(tmp_path, data_cache, layout: list[str], npro
 
 @pytest.mark.processes
 def test_rollback_trains_as_a_run_that_never_saw_the_spiking_batch(tmp_path, data_cache):
-    _rolled_back_equals_never_seen(tmp_path, data_cache, [], None)
+    # to the in-memory snapshot of step 4 (taken every 2 steps)
+    _rolled_back_equals_never_seen(tmp_path, data_cache, [], None, ["train.snapshot_interval=2"], "in-memory snapshot")
 
 
 @pytest.mark.processes
 def test_rollback_under_tensor_parallelism_trains_as_a_run_that_never_saw_the_spiking_batch(tmp_path, data_cache):
-    _rolled_back_equals_never_seen(tmp_path, data_cache, ["parallel.tp=2"], 2)
+    # to the last checkpoint, step 4's (saved every 2 steps), on two tensor-parallel ranks
+    checkpoint = os.path.join(tmp_path, "spiky", "checkpoints", "step_00000004")
+    _rolled_back_equals_never_seen(tmp_path, data_cache, ["parallel.tp=2"], 2, ["checkpoint.interval=2"],
+                                   f"checkpoint {checkpoint}")
