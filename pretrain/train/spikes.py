@@ -9,6 +9,9 @@ device: the flags are read with the step's other numbers at the next record (pre
 that logs nothing reads nothing from the device. Each spike is an event in metrics.jsonl
 (`{"step", "event": "spike", "series": "loss" | "grad_norm", "value", "median", "threshold"}`), a log line and a
 TensorBoard scalar. The window starts empty at every start of the process (a resume): it is not checkpointed.
+With per-layer diagnostics on (diagnostics.interval > 0), each block's gradient norm is checked the same way at
+every diagnostics record (`HostSpikes`: the window counts records), series `grad_norm/lNN`: logged only, never
+rolled back.
 
 Response (train.on_spike), at the record that finds the spike:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +120,38 @@ class Spikes:
     def restore(self, state) -> None:
         for d, s in zip(self.detectors, state or [None] * len(self.detectors)):
             d.restore(s)
+
+
+class HostSpikes:
+    """The same rule on values already read into Python (per-layer gradient norms, which the diagnostics read at
+    their interval): one window per named series, counted in records rather than steps."""
+
+    def __init__(self, window: int, threshold: float):
+        self.window, self.threshold = window, threshold
+        self.history: dict[str, list[float]] = {}
+
+    def check(self, step: int, values: dict[str, float]) -> list[dict]:
+        """Spike events of `values` ({series: value}) against each series' window; then the values join it."""
+        events = []
+        if self.window <= 0:
+            return events
+        for series, x in values.items():
+            past = self.history.setdefault(series, [])
+            if x is None or not math.isfinite(x):
+                continue
+            spike = False
+            if len(past) >= min(self.window, 8):
+                median = statistics.median(past)
+                mad = statistics.median(abs(v - median) for v in past)
+                limit = median + self.threshold * max(MAD_TO_STD * mad, RELATIVE_FLOOR * abs(median))
+                spike = x > limit
+                if spike:
+                    events.append({"step": step, "event": "spike", "series": series, "value": x, "median": median,
+                                   "threshold": limit})
+            if not spike:
+                past.append(x)
+                del past[:-self.window]
+        return events
 
 
 @dataclass

@@ -130,3 +130,15 @@ def test_rollback_under_tensor_parallelism_trains_as_a_run_that_never_saw_the_sp
     checkpoint = os.path.join(tmp_path, "spiky", "checkpoints", "step_00000004")
     _rolled_back_equals_never_seen(tmp_path, data_cache, ["parallel.tp=2"], 2, ["checkpoint.interval=2"],
                                    f"checkpoint {checkpoint}")
+
+
+def test_per_layer_gradient_norms_are_checked_by_the_same_rule_on_the_host():
+    from pretrain.train.spikes import HostSpikes
+
+    spikes = HostSpikes(window=8, threshold=6.0)
+    for step in range(1, 9):
+        assert spikes.check(step, {"grad_norm/l01": 1.0 + 0.01 * (step % 3), "grad_norm/l02": 2.0}) == []
+    (event,) = spikes.check(9, {"grad_norm/l01": 1.0, "grad_norm/l02": 9.0})
+    assert (event["series"], event["step"], event["value"], event["median"]) == ("grad_norm/l02", 9, 9.0, 2.0)
+    assert spikes.history["grad_norm/l02"] == [2.0] * 8  # the spike stays out of the window
+    assert HostSpikes(window=0, threshold=6.0).check(1, {"grad_norm/l01": 1e9}) == []
