@@ -172,7 +172,7 @@ def run_status(path: str, values: dict, events: list[dict]) -> RunStatus:
         metrics = run_folder.read_metrics(path)
     except UserError as e:  # corrupted: the row shows the file's error, not a traceback
         metrics, row.error = [], str(e)
-    train = [m for m in metrics if "loss" in m]
+    train = run_folder.train_records(metrics)
     val = [m for m in metrics if "val_loss" in m]
     row.spikes = run_folder.count_spikes(metrics)
     if train:

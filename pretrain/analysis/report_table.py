@@ -142,7 +142,7 @@ def read_run(path: str) -> Run:
         raise UserError(f"{path} has no {run_folder.CONFIG_FILE}: {what}")
     flat, cfg = _flat_config(path)
     metrics = run_folder.read_metrics(path)
-    train = [m for m in metrics if "loss" in m]
+    train = run_folder.train_records(metrics)
     tokens_at = {m["step"]: m["consumed_tokens"] for m in train if "consumed_tokens" in m}
     per_step = cfg.train.global_batch_size * cfg.data.seq_len
     val = [{**m, "tokens": tokens_at.get(m["step"], m["step"] * per_step)} for m in metrics if "val_loss" in m]

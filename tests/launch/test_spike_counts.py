@@ -8,7 +8,7 @@ import json
 from launch.status import format_table, run_status
 from pretrain.analysis.report import runs_block
 from pretrain.analysis.report_table import Run
-from pretrain.runs import count_spikes
+from pretrain.runs import count_spikes, train_records
 
 METRICS = [
     {"step": 1, "loss": 7.0, "consumed_tokens": 100},
@@ -28,6 +28,10 @@ def test_spikes_are_counted_once_per_step_and_again_after_a_rollback():
     assert count_spikes([m for m in METRICS if m.get("event") != "spike"]) == 0
 
 
+def test_the_records_of_steps_a_rollback_discarded_give_way_to_the_steps_trained_again():
+    assert [(m["step"], m["loss"]) for m in train_records(METRICS)] == [(1, 7.0), (2, 50.0), (3, 6.5)]
+
+
 def test_sweep_status_and_the_report_show_the_spikes_of_each_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in METRICS))
     row = run_status(str(tmp_path), {}, [])
@@ -35,6 +39,6 @@ def test_sweep_status_and_the_report_show_the_spikes_of_each_run(tmp_path):
     header, line = format_table([row]).splitlines()[:2]
     assert header.split()[-2:] == ["spikes", "error"] and line.split()[-2:] == ["2", "-"]
     run = Run(path=str(tmp_path), name="r", config={"train.steps": 3}, scheme="pre_ln",
-              train=[m for m in METRICS if "loss" in m], spikes=2)
+              train=train_records(METRICS), spikes=2)
     block = runs_block([run], [])
     assert block.header[-2:] == ["state", "spikes"] and block.rows[0][-1] == ("2", "")
