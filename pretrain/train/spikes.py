@@ -202,7 +202,10 @@ class SpikeResponse:
         self.skipped = set(skipped_batches)  # data positions (consumed_samples at a step's start) never trained on
         self.rollbacks = 0
         self.snapshot: Snapshot | None = None
-        self.starts: dict[int, int] = {}  # step -> its data position, since the last rollback target
+        self.starts: dict[int, int] = {}  # step -> its data position, back to the oldest possible rollback target
+        # the steps a rollback can reach back: to the snapshot or last checkpoint, found at a record after it
+        self.horizon = (self.interval or cfg.checkpoint.interval) + cfg.logging.interval
+        self.where = ""  # what the last rollback restored, for its line
 
     def skip(self, consumed_samples: int) -> int:
         """The data position the next step starts at: `consumed_samples`, past any skipped global batches (the
@@ -215,6 +218,7 @@ class SpikeResponse:
     def stepping(self, step: int, consumed_samples: int) -> None:
         if self.mode != "log":
             self.starts[step] = consumed_samples
+            self.starts.pop(step - self.horizon, None)
 
     def at_record(self, step: int, consumed_samples: int, first: bool = False) -> None:
         """A record without spikes at `step` (or the start, `first`): take the snapshot when one is due."""

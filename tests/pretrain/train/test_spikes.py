@@ -61,7 +61,8 @@ def _response(mode: str, max_rollbacks: int, snapshot_interval: int = 2):
     train = SimpleNamespace(on_spike=mode, max_rollbacks=max_rollbacks, snapshot_interval=snapshot_interval,
                             global_batch_size=8)
     loader = SimpleNamespace(consumed_samples=0)
-    return SpikeResponse(SimpleNamespace(train=train), built=None, topo=None, loader=loader,
+    cfg = SimpleNamespace(train=train, checkpoint=SimpleNamespace(interval=0), logging=SimpleNamespace(interval=1))
+    return SpikeResponse(cfg, built=None, topo=None, loader=loader,
                          spikes=Spikes(0, 6.0, torch.device("cpu")), skipped_batches=[16, 24]), loader
 
 
