@@ -4,7 +4,8 @@
     python -m launch.sweep status runs/sweeps/norms --json   # a sweep folder; a single run folder works too
 
 Per run: the swept values, the state, the job id, step/total, tokens/s, ETA, last train loss, last validation
-perplexity and bits per byte (val_bpb: comparable across tokenizers), last checkpoint, requeue count, and for a run that failed, its error line. Sources:
+perplexity and bits per byte (val_bpb: comparable across tokenizers), last checkpoint, requeue count, spikes (loss or
+gradient-norm spike events, pretrain/train/spikes.py), and for a run that failed, its error line. Sources:
 
 * sweep.json (launch/sweep.py) lists the runs and their swept values, including runs not started yet; without
   it the run folders under ROOT are listed, their values read from the folder names (key=value,...).
@@ -67,6 +68,7 @@ class RunStatus:
     val_step: int | None = None
     checkpoint: str | None = None
     requeues: int = 0
+    spikes: int = 0  # loss or gradient-norm spikes (metrics.jsonl's spike events)
     exit_code: int | None = None
     error: str | None = None
     log: str | None = None
@@ -170,8 +172,9 @@ def run_status(path: str, values: dict, events: list[dict]) -> RunStatus:
         metrics = run_folder.read_metrics(path)
     except UserError as e:  # corrupted: the row shows the file's error, not a traceback
         metrics, row.error = [], str(e)
-    train = [m for m in metrics if "loss" in m]
+    train = run_folder.train_records(metrics)
     val = [m for m in metrics if "val_loss" in m]
+    row.spikes = run_folder.count_spikes(metrics)
     if train:
         last = train[-1]
         row.step, row.train_loss, row.tokens_per_s = last.get("step"), last.get("loss"), last.get("tokens_per_s")
@@ -351,7 +354,7 @@ def format_table(rows: list[RunStatus]) -> str:
     header = [short[k] for k in keys] or ["run"]
     header += ["state"] + (["slurm"] if with_slurm else []) + ["job", "step", "tok/s", "elapsed", "ETA", "loss",
                                                                "val_ppl", "val_bpb", "checkpoint", "requeues",
-                                                               "error"]
+                                                               "spikes", "error"]
     table = [header]
     for r in rows:
         cells = [str(r.values.get(k, "-")) for k in keys] or [r.run]
@@ -359,7 +362,7 @@ def format_table(rows: list[RunStatus]) -> str:
         step = "-" if r.step is None else f"{r.step}/{r.total_steps if r.total_steps is not None else '?'}"
         cells += [r.job_id or "-", step, _fmt(r.tokens_per_s, ",.0f"), _fmt_duration(r.elapsed_s), _fmt_duration(r.eta_s),
                   _fmt(r.train_loss, ".4f"), _fmt(r.val_ppl, ".2f"), _fmt(r.val_bpb, ".4f"), r.checkpoint or "-",
-                  str(r.requeues),
+                  str(r.requeues), str(r.spikes),
                   (r.error or "-")[:120]]
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

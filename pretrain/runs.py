@@ -150,6 +150,33 @@ def read_metrics(run_dir: str) -> list[dict]:
     return read_jsonl(os.path.join(run_dir, METRICS_FILE))
 
 
+def train_records(metrics: list[dict]) -> list[dict]:
+    """The training records of a run's metrics.jsonl entries as the run stands: after a rollback
+    (pretrain/train/spikes.py) the records of the steps it discarded are followed by those of the same steps trained
+    again, and only the later ones count."""
+    kept: list[dict] = []
+    for entry in metrics:
+        if "loss" in entry:
+            while kept and kept[-1].get("step", 0) >= entry.get("step", 0):
+                kept.pop()
+            kept.append(entry)
+    return kept
+
+
+def count_spikes(metrics: list[dict]) -> int:
+    """The loss or gradient-norm spikes of a run's metrics.jsonl entries (pretrain/train/spikes.py): its `"event":
+    "spike"` entries, the loss and gradient-norm events of one step counted once."""
+    count, last = 0, None
+    for entry in metrics:
+        if entry.get("event") == "spike":
+            if entry.get("step") != last:
+                count += 1
+            last = entry.get("step")
+        elif "loss" in entry:  # a train record between two events: a later spike at the same step (after a rollback)
+            last = None
+    return count
+
+
 def read_layer_stats(run_dir: str) -> list[dict]:
     """layer_stats.jsonl's entries, by step."""
     return sorted(read_jsonl(os.path.join(run_dir, LAYER_STATS_FILE)), key=lambda r: r.get("step", 0))

@@ -383,7 +383,7 @@ def stage_install(kit: Kit):
         shutil.rmtree(SITE)  # a fresh install every time: a stale one would hide a missing or changed wheel
     install, skipped, missing = plan_install(WHEEL_DIR)
     record = kit.results["stages"]["install"]
-    record.update(installed=[w.name for w in install], skipped=skipped)
+    record.update(installed=[w.name for w in install], skipped=skipped, missing=missing)
     for s in skipped:
         kit.say(f"skip {s['name']} {s['shipped'] or '(no wheel)'}: the interpreter has {s['installed']}")
     for name in missing:
@@ -785,7 +785,13 @@ def cmd_run(args) -> int:
     # results so far are kept.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        kit.stage("install", stage_install)
+        install = kit.stage("install", stage_install)
+        if install["status"] != "ok":
+            # every later stage imports what is missing: it would end in an import traceback, minutes each
+            what = ", ".join(install["missing"]) or "pip install failed"
+            kit.say(f"error: stopping after the install stage: {what} (run `python scripts/gpu_kit.py wheels` on a "
+                    "machine with PyPI and carry .whl)")
+            selected = []
         for name in selected:
             kit.stage(name, STAGES[name])
     except KeyboardInterrupt:

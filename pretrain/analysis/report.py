@@ -164,7 +164,8 @@ def _run_state(r: Run) -> str:
 
 
 def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
-    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "val bpb", "state"]
+    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "val bpb", "state",
+              "spikes"]
     rows = []
     for r in runs:
         last = r.train[-1] if r.train else {}
@@ -175,7 +176,7 @@ def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
                      (f"{last['loss']:.4f}" if "loss" in last else "-", ""),
                      (f"{val['val_ppl']:.2f} ({val['step']})" if val else "-", ""),
                      (f"{val['val_bpb']:.4f}" if val and val.get("val_bpb") is not None else "-", ""),
-                     (_run_state(r), "diverged" if r.diverged_in_training else "")])
+                     (_run_state(r), "diverged" if r.diverged_in_training else ""), (str(r.spikes), "")])
     return TableBlock("runs", header, rows, left=len(header))
 
 

@@ -35,7 +35,8 @@ from pretrain.errors import UserError
 
 # Config keys that never make runs different experiments (where they write, how often they log, ...).
 NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train.resume", "train.stop_at_step",
-                       "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval")
+                       "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval",
+                       "train.spike_window", "train.spike_threshold", "train.snapshot_interval", "train.max_rollbacks")
 SCHEME_KEY = "model.norm_scheme"
 
 
@@ -52,6 +53,7 @@ class Run:
     downstream: dict | None = None  # the newest `pretrain eval-downstream --out` result in the run folder
     exit_codes: list[int] = field(default_factory=list)
     params: int | None = None
+    spikes: int = 0  # loss or gradient-norm spike events in metrics.jsonl (pretrain/train/spikes.py)
     label: str = ""  # the run's name in a figure's legend (pretrain.analysis.figures.label_runs)
 
     @property
@@ -142,7 +144,7 @@ def read_run(path: str) -> Run:
         raise UserError(f"{path} has no {run_folder.CONFIG_FILE}: {what}")
     flat, cfg = _flat_config(path)
     metrics = run_folder.read_metrics(path)
-    train = [m for m in metrics if "loss" in m]
+    train = run_folder.train_records(metrics)
     tokens_at = {m["step"]: m["consumed_tokens"] for m in train if "consumed_tokens" in m}
     per_step = cfg.train.global_batch_size * cfg.data.seq_len
     val = [{**m, "tokens": tokens_at.get(m["step"], m["step"] * per_step)} for m in metrics if "val_loss" in m]
@@ -153,6 +155,7 @@ def read_run(path: str) -> Run:
         train=train, val=val, layer_stats=run_folder.read_layer_stats(path),
         depth=_newest_result(path, "depth.json"), downstream=_newest_result(path, run_folder.DOWNSTREAM_FILE),
         exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e], params=params,
+        spikes=run_folder.count_spikes(metrics),
     )
 
 

@@ -38,8 +38,10 @@ def run_template(source, name: str | None, none: bool = False):
     """The SFT Template (pretrain/data/sft_format.py) to export as the chat template, or None."""
     if none:
         return None
-    name = name or source.sft_template_name()
-    return get_template(name) if name else None
+    if name:
+        return get_template(name, "--chat-template")
+    name = source.sft_template_name()
+    return get_template(name, "the run's SFT template") if name else None
 
 
 def run(args) -> int:
@@ -49,6 +51,8 @@ def run(args) -> int:
 
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists; choose a new --out directory")
+    if args.chat_template:
+        get_template(args.chat_template, "--chat-template")  # a misspelt name before any model is read
     source = open_source(args.checkpoint, "--checkpoint")
     model_cfg = source.model_config
     try:

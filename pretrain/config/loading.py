@@ -49,10 +49,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
         if not os.path.isfile(path):
             raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
         with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raw = read_yaml(f, path) or {}
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections (run, model, train, ...)")
     file_keys, file_scheme = _given(raw), _scheme_of(raw)
@@ -79,6 +76,44 @@ def load_config(path: str | None = None, overrides: list[str] = (), stored: bool
     if applied:
         cfg = from_dict(raw)
     return dataclasses.replace(cfg, given_keys=frozenset(given - set(applied)))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    `norm_scheme:` would win unseen and a second `model:` section would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {first}); keep one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(stream, path) -> object:
+    """The YAML document in `stream` (text or an open file) read safely; a syntax error or a key given twice is a
+    one-line UserError naming `path` and the line."""
+    try:
+        return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
+        problem = e.problem or e.context or "not valid YAML"
+        if "\\t" in problem or "\t" in problem:
+            problem += " (YAML indents with spaces, not tabs)"
+        raise UserError(f"{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _given(raw: dict) -> set[str]:

@@ -75,6 +75,24 @@ class TrainConfig:
         None, "Save and exit (code 0) once this step is done; the lr schedule still runs to train.steps."
     )
     max_bad_steps: int = doc(5, "Stop after this many consecutive steps with a NaN/inf loss or gradient.")
+    spike_window: int = doc(
+        50, "Spike detection: a step's loss or gradient norm is a spike above the running median + "
+        "train.spike_threshold x 1.4826 MAD of the last this many steps (events in metrics.jsonl); 0 = off."
+    )
+    spike_threshold: float = doc(6.0, "Spike detection: how many robust standard deviations (1.4826 MAD) above the "
+                                 "running median a value must be to be a spike.")
+    on_spike: Literal["log", "skip_batch", "rollback"] = doc(
+        "log", "What a spike does: log (an event, nothing more); skip_batch (roll back, skip the spiking steps' "
+        "batches); rollback (roll back, skip the batches from the spike to where it was found). Rolling back restores "
+        "the train.snapshot_interval snapshot, else the last checkpoint; the skipped batches stay skipped on resume."
+    )
+    max_rollbacks: int = doc(3, "train.on_spike skip_batch / rollback: the run ends (exit 3) at a spike after this "
+                             "many rollbacks.")
+    snapshot_interval: int = doc(
+        0, "train.on_spike skip_batch / rollback: keep an in-memory snapshot (weights, AdamW, schedule, data position) "
+        "every this many steps, a multiple of logging.interval, to roll back to (fp32, parallel.zero_stage=0); 0 = "
+        "roll back to the last checkpoint."
+    )
     compile: bool = doc(
         False, "torch.compile each transformer block (inductor; GPU, and CPU through its C++ backend): the first two "
         "steps compile, later ones reuse the graphs (metrics.jsonl: compiled_graphs, recompiles); evaluation runs "
@@ -112,6 +130,9 @@ class TrainConfig:
         ):
             raise ValueError(f"train.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas}")
         _at_least(self, "train.", "seed", 0)
+        for name in ("spike_window", "max_rollbacks", "snapshot_interval"):
+            _at_least(self, "train.", name, 0)
+        _number(self, "train.", "spike_threshold", low=0.0, low_ok=False)
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError(
                 f"train.stop_at_step: must be >= 1 (the step to save and exit after), or null to train to "
@@ -308,6 +329,7 @@ class ExperimentConfig:
                 f"tokens); raise eval.tokens to at least {self.data.seq_len} or set eval.interval=0"
             )
         check_deepspeed_section(self.deepspeed)
+        self._check_spike_response()
         if self.train.gpas_gate_clip > 0 and not self.model.gpas:
             raise ValueError(f"train.gpas_gate_clip={self.train.gpas_gate_clip}: the model has no GPAS gates; set "
                              "model.gpas=true or train.gpas_gate_clip=0")
@@ -336,6 +358,31 @@ class ExperimentConfig:
                     "eval.interval=0: a norm-removal run measures its cross-entropy on the validation set; set "
                     "eval.interval > 0"
                 )
+
+
+    def _check_spike_response(self) -> None:
+        """train.on_spike skip_batch / rollback need detection and a state to return to."""
+        t = self.train
+        if t.snapshot_interval and t.on_spike == "log":
+            raise ValueError(f"train.snapshot_interval={t.snapshot_interval} is for train.on_spike=skip_batch or "
+                             "rollback (a state to roll back to); set one of them, or train.snapshot_interval=0")
+        if t.on_spike == "log":
+            return
+        if t.spike_window == 0:
+            raise ValueError(f"train.on_spike={t.on_spike} needs spike detection: set train.spike_window > 0")
+        if t.snapshot_interval:
+            if self.parallel.zero_stage != 0 or t.precision != "fp32":
+                raise ValueError(
+                    f"train.snapshot_interval={t.snapshot_interval}: in-memory snapshots need fp32 and "
+                    f"parallel.zero_stage=0 (ZeRO and bf16 optimizers are DeepSpeed's); set "
+                    "train.snapshot_interval=0 to roll back to the last checkpoint")
+            if t.snapshot_interval % self.logging.interval:
+                raise ValueError(f"train.snapshot_interval={t.snapshot_interval} is not a multiple of "
+                                 f"logging.interval={self.logging.interval} (a snapshot is taken where a record has "
+                                 "found no spike)")
+        elif self.checkpoint.interval == 0:
+            raise ValueError(f"train.on_spike={t.on_spike} needs a state to roll back to: set "
+                             "train.snapshot_interval (in memory) or checkpoint.interval (the last checkpoint)")
 
 
 # DeepSpeed keys the generated config (pretrain/train/engine.py `deepspeed_config`) takes from normlab's own keys:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import yaml
 
+from pretrain.config.loading import read_yaml
 from pretrain.errors import UserError
 
 SUPPORTED = {"task", "tag", "dataset_path", "dataset_kwargs", "test_split", "validation_split", "output_type",
@@ -70,10 +70,12 @@ def load_task(path: str) -> ChoiceTask:
     if p.suffix not in (".yaml", ".yml"):
         raise UserError(f"--task {path}: not a .yaml, .yml or .jsonl file")
     try:
-        spec = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:  # e.g. lm-eval's `!function` tag: Python code this reader does not run
-        raise UserError(f"--task {path}: not YAML this reader understands ({str(e).splitlines()[0]}); use field "
-                        "names or jinja for doc_to_*") from None
+        spec = read_yaml(p.read_text(), f"--task {path}")
+    except UserError as e:
+        if "tag" not in str(e):
+            raise
+        # e.g. lm-eval's `!function` tag: Python code this reader does not run
+        raise UserError(f"{e}; this reader takes field names or jinja for doc_to_*") from None
     if not isinstance(spec, dict):
         raise UserError(f"--task {path}: not a YAML mapping")
     unknown = sorted(set(spec) - SUPPORTED)
@@ -102,12 +104,22 @@ def load_task(path: str) -> ChoiceTask:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {i}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {i}: a JSON {type(record).__name__}, not an object; each line is one "
+                                "record such as {\"context\": ..., \"choices\": [...], \"label\": 0}")
+            records.append(record)
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -130,6 +142,11 @@ def _value(rule, record: dict, where: str):
 
 
 def _item(spec: dict, record: dict, where: str) -> Item:
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
+        rule = spec[key]
+        if isinstance(rule, str) and rule.isidentifier() and rule not in record:
+            # lm-eval would render a missing field's name as a template, i.e. as the literal word: name the field
+            raise UserError(f"{where}: no field {rule!r} ({key}); the record has {', '.join(map(repr, record)) or 'none'}")
     text = _value(spec["doc_to_text"], record, where)
     choices = _value(spec["doc_to_choice"], record, where)
     if isinstance(choices, str):  # a jinja list renders as its Python literal (lm-eval reads it back the same way)

@@ -100,6 +100,8 @@ def describe(path: Path, kind: str | None = None) -> str:
         models = sorted(p.name for p in path.glob("*.model"))
         if is_tokenizer_dir(path):
             return f"a tokenizer folder ({MODEL_FILE}, {TOKENIZER_META_FILE})"
+        if (path / "config.json").is_file():  # `pretrain export-hf`'s output, or another HF model with one
+            return f"a Hugging Face model directory (config.json, {', '.join(models)})"
         return f"a folder holding a tokenizer ({', '.join(models)})"
     return {
         "data": "a prepared dataset", SFT_KIND: "a prepared SFT dataset", "run": "a training run folder",

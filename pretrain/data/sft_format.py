@@ -115,9 +115,10 @@ class NoTemplate(Template):
 TEMPLATES: dict[str, Template] = {t.name: t for t in (DefaultTemplate(), AlpacaTemplate(), Llama3Template(), NoTemplate())}
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, flag: str = "--template") -> Template:
+    """The template `name`; an unknown one is an error naming `flag`, the option that gave it."""
     if name not in TEMPLATES:
-        raise UserError(f"--template {name!r}: no such template; choose one of {', '.join(TEMPLATES)}")
+        raise UserError(f"{flag} {name!r}: no such template; choose one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 

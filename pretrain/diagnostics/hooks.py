@@ -12,6 +12,7 @@ from pretrain.diagnostics.probes import N_EXTRA_GROUPS, ActivationProbe, grad_sq
 from pretrain.diagnostics.stats import ACTIVATION_STATS
 from pretrain.diagnostics.writer import LayerStatsWriter, make_record
 from pretrain.train.hooks import TrainContext, TrainHooks
+from pretrain.train.spikes import HostSpikes
 
 # after pretrain.train, which sets DeepSpeed's accelerator before DeepSpeed is first imported
 from deepspeed.utils import safe_get_full_grad  # p.grad at ZeRO 0; reassembled partitions at ZeRO 1-2
@@ -41,6 +42,7 @@ class LayerStatsHooks(TrainHooks):
             self.probe = ActivationProbe(local_blocks(built.model), self.n_layers)
         self.entries = parameter_groups(built.model, self.n_layers)
         self.n_groups = self.n_layers + N_EXTRA_GROUPS
+        self.spikes = HostSpikes(cfg.train.spike_window, cfg.train.spike_threshold)  # per-layer gradient norms
         self.writer = LayerStatsWriter(cfg.run.dir, ctx.step, ctx.out.trackers, tb=ctx.out.tb,
                                        figure=self.figure) if topo.rank == 0 else None
         compat.wrap_model_step(built.engine, self._before_model_step)
@@ -80,10 +82,16 @@ class LayerStatsHooks(TrainHooks):
             dist.all_reduce(packed, group=self.mp_group)  # TP shards, PP stages (zeros where not held)
         if self.writer is not None:
             n_act = n_stats * self.n_layers
-            self.writer.write(make_record(
+            record = make_record(
                 step, self.n_layers, self.norm_scheme, packed[:n_act].view(n_stats, self.n_layers),
                 packed[n_act:n_act + self.n_groups], packed[n_act + self.n_groups:],
-            ))
+            )
+            self.writer.write(record)
+            norms = {f"grad_norm/l{i:02d}": v for i, v in enumerate(record["grad_norm"], 1)}
+            for event in self.spikes.check(step, norms):  # per-layer gradient-norm spikes: logged only
+                ctx.out.write(event, f"spike/{event['series']}")
+                ctx.out.say(f"step {step}: {event['series']} spike {event['value']:.4g} (running median "
+                            f"{event['median']:.4g}, threshold {event['threshold']:.4g})")
         return {}
 
     def on_finish(self, ctx: TrainContext, exit_code: int) -> None:

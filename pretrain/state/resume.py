@@ -34,6 +34,11 @@ CLASSES: dict[str, str] = {
     "train.stop_at_step": FREE,
     "train.resume": FREE,
     "train.max_bad_steps": FREE,
+    "train.spike_window": FREE,  # spike detection starts afresh at every start anyway
+    "train.spike_threshold": FREE,
+    "train.on_spike": FREE,  # the batches skipped so far stay skipped (the trainer state's skipped_batches)
+    "train.max_rollbacks": FREE,
+    "train.snapshot_interval": FREE,
     "train.compile": FREE,
     "train.fused_loss": FREE,
     "train.activation_checkpointing": FREE,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from safetensors import SafetensorError
 
 from models import Llama
 from models.config import ModelConfig
@@ -81,6 +82,8 @@ class ModelSource:
             _, weights = load_hf_state(self.folder, norm_scheme=self.norm_scheme)
         except (ValueError, KeyError, OSError) as e:
             raise UserError(f"{self.flag} {self.path}: {_first_line(e)}") from None
+        except SafetensorError as e:  # a truncated or corrupt model.safetensors
+            raise UserError(_unreadable_weights(self, e)) from None
         return {k: v.float() for k, v in weights.items()}
 
     def build(self, device: torch.device | str = "cpu") -> Llama:
@@ -143,7 +146,45 @@ class ModelSource:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{self.flag} {self.path}: cannot load it as a Hugging Face causal LM: "
                             f"{_first_line(e)}") from None
+        except SafetensorError as e:
+            raise UserError(_unreadable_weights(self, e)) from None
+        except RuntimeError as e:
+            if "mismatched" not in str(e):  # transformers' refusal of weights whose shapes differ from config.json's
+                raise
+            raise UserError(f"{self.flag} {self.path}: its weights do not fit its config.json"
+                            f"{_shape_mismatch(self.folder, model_config_of(self.folder))}; export it again or "
+                            "correct config.json") from None
         return model.to(device).eval()
+
+
+def _unreadable_weights(source: ModelSource, e: BaseException) -> str:
+    return (f"{source.flag} {source.path}: its weights cannot be read ({_first_line(e)}): the file is truncated or "
+            "corrupt; copy or export it again")
+
+
+def model_config_of(folder: str):
+    """transformers' config of an HF directory (for the shape check below)."""
+    from transformers import AutoConfig  # transformers loads only on the HF paths
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def _shape_mismatch(folder: str, hf_config) -> str:
+    """': NAME is (a, b) in the weights, (c, d) by config.json' for the first weight whose stored shape differs from
+    the one the config describes ('' when none is found). Reads the safetensors headers and builds the model on the
+    meta device: no weights are read."""
+    from safetensors import safe_open  # with transformers: only HF paths need it
+    from transformers import AutoModelForCausalLM  # transformers loads only on the HF paths
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    for file in sorted(p for p in os.listdir(folder) if p.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, file), framework="pt") as f:
+            for key in f.keys():
+                stored = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != stored:
+                    return f": {key} is {stored} in {file}, {expected[key]} by config.json"
+    return ""
 
 
 def _first_line(e: BaseException) -> str:

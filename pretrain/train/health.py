@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrain.train.engine import Built, step_skipped
+from pretrain.train.spikes import Spikes
 
 
 @dataclass
@@ -25,20 +26,31 @@ class Settled:
     bad_steps: list[int] = field(default_factory=list)  # steps with a non-finite loss or a skipped update
     in_a_row: int = 0  # bad steps in a row ending at the last step
     stop_at: int | None = None  # the first step that made train.max_bad_steps bad steps in a row
+    spikes: list[dict] = field(default_factory=list)  # spike events (pretrain/train/spikes.py) of these steps
+
+    @property
+    def spike_steps(self) -> list[int]:
+        return sorted({e["step"] for e in self.spikes})
 
 
 class StepHealth:
-    def __init__(self, device: torch.device, max_bad_steps: int):
+    def __init__(self, device: torch.device, max_bad_steps: int, spikes: Spikes | None = None):
         self.max_bad_steps = max_bad_steps
         self.run = torch.zeros((), dtype=torch.int32, device=device)  # bad steps in a row, on the device
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, bad, run after it)
+        # (step, [bad, run after it, loss, spike row (pretrain/train/spikes.py) if detecting])
+        self.pending: list[tuple[int, torch.Tensor]] = []
         self.loss: torch.Tensor | None = None
+        self.spikes = spikes if spikes is not None and spikes.enabled else None
 
     def record(self, step: int, loss: torch.Tensor, built: Built) -> None:
-        """After optimizer step `step`: its loss (a device tensor) and whether the update was skipped."""
+        """After optimizer step `step`: its loss (a device tensor), whether the update was skipped, and the spike
+        checks of its loss and gradient norm."""
         bad = ~torch.isfinite(loss) | (step_skipped(built) > 0)
         self.run = (self.run + 1) * bad
-        self.pending.append((step, bad, self.run))
+        row = [torch.stack([bad.float().reshape(()), self.run.float().reshape(()), loss.detach().float().reshape(())])]
+        if self.spikes is not None:
+            row.append(self.spikes.check(loss, built.engine.get_global_grad_norm()))
+        self.pending.append((step, torch.cat(row)))
         self.loss = loss
 
     def settle(self, grad_norm: torch.Tensor | float | None) -> Settled:
@@ -46,14 +58,17 @@ class StepHealth:
         DeepSpeed optimizer already read), read from the device in one transfer."""
         if not self.pending:
             raise RuntimeError("settle() before any recorded step")
-        steps = [s for s, _, _ in self.pending]
+        steps = [s for s, _ in self.pending]
         last = self.loss.detach().float().reshape(())
         norm = grad_norm.detach().float().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.full_like(
             last, float("nan") if grad_norm is None else grad_norm)
-        values = torch.stack([torch.stack([b.float(), r.float()]) for _, b, r in self.pending] +
-                             [torch.stack([last, norm.to(last.device)])]).tolist()
-        *rows, (loss, norm_value) = values
+        width = self.pending[0][1].numel()
+        tail = torch.cat([torch.stack([last, norm.to(last.device)]), last.new_zeros(width - 2)])
+        values = torch.stack([row for _, row in self.pending] + [tail]).tolist()  # the one transfer
+        *rows, (loss, norm_value, *_) = values
         self.pending = []
-        bad = [s for s, (b, _) in zip(steps, rows) if b]
-        stop_at = next((s for s, (_, r) in zip(steps, rows) if r >= self.max_bad_steps), None)
-        return Settled(loss=loss, grad_norm=norm_value, bad_steps=bad, in_a_row=int(rows[-1][1]), stop_at=stop_at)
+        bad = [s for s, row in zip(steps, rows) if row[0]]
+        stop_at = next((s for s, row in zip(steps, rows) if row[1] >= self.max_bad_steps), None)
+        spikes = [e for s, row in zip(steps, rows) for e in Spikes.events(s, row[3:], row[2])] if self.spikes else []
+        return Settled(loss=loss, grad_norm=norm_value, bad_steps=bad, in_a_row=int(rows[-1][1]), stop_at=stop_at,
+                       spikes=spikes)

@@ -32,7 +32,9 @@ from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.metrics import MetricsWriter, closing_summary, log_line, peak_flops
 from pretrain.train.health import StepHealth
+from pretrain.train.provenance import NonFiniteLocator
 from pretrain.train.recompiles import CompileCount
+from pretrain.train.spikes import SpikeResponse, Spikes
 from pretrain.train.steps import train_step
 from pretrain.train.syncs import StepSyncs
 from pretrain.train.trackers import open_trackers
@@ -115,8 +117,13 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(topo.device)
     skipped_total = start.saved.get("skipped_steps", 0)
-    health = StepHealth(topo.device, cfg.train.max_bad_steps)
+    spikes = Spikes(cfg.train.spike_window, cfg.train.spike_threshold, topo.device)  # checked on the device
+    health = StepHealth(topo.device, cfg.train.max_bad_steps, spikes)
+    # train.on_spike: snapshots, rollbacks and the data positions skipped (by this run or the checkpoint's)
+    response = SpikeResponse(cfg, built, topo, train_iter, spikes, start.saved.get("skipped_batches", []))
+    response.at_record(step, consumed_samples, first=True)
     syncs = StepSyncs(cfg.logging.host_syncs)
+    locator = NonFiniteLocator(built, topo, train_iter)  # where a bad step's first non-finite value came from
     compiles = CompileCount(cfg.train.compile)  # graphs compiled, and recompiled after the warm-up
     last_loss = float("nan")  # the progress bar shows the last logged loss: reading every step's would wait for the GPU
     window_start, window_steps = time.perf_counter(), 0
@@ -130,6 +137,9 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             lr = built.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             for hook in hooks:
                 hook.before_step(ctx, step + 1)
+            consumed_samples = response.skip(consumed_samples)  # past the batches a rollback skipped
+            locator.stepping(step + 1, consumed_samples)
+            response.stepping(step + 1, consumed_samples)
             health.record(step + 1, train_step(built, train_iter, topo), built)
             step += 1
             compiles.stepped()
@@ -152,6 +162,15 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 if settled.bad_steps and rank0:
                     out.say(f"{_steps(settled.bad_steps)}: non-finite loss or gradient (loss={settled.loss}); update "
                             f"skipped ({settled.in_a_row} in a row at step {step})")
+                lines, events = locator.after_record(settled.bad_steps, step)  # every rank: the re-run is collective
+                for line in lines:
+                    out.say(line)
+                for event in events:
+                    out.write(event, "non_finite")
+                for event in settled.spikes:
+                    out.write(event, f"spike/{event['series']}")  # TensorBoard: spike/loss/value, ...
+                    out.say(f"step {event['step']}: {event['series']} spike {event['value']:.4g} (running median "
+                            f"{event['median']:.4g}, threshold {event['threshold']:.4g})")
                 tokens_per_s = window_steps * cfg.train.global_batch_size * cfg.data.seq_len / window_time
                 record = {
                     "step": step, "loss": settled.loss, "lr": lr, "grad_norm": settled.grad_norm,
@@ -175,6 +194,21 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                         )
                     exit_code = EXIT_UNSTABLE
                     break
+                rewind = response.respond(settled.spike_steps, step)  # train.on_spike
+                if isinstance(rewind, str):
+                    out.say(f"error: {rewind}")
+                    exit_code = EXIT_UNSTABLE
+                    break
+                if rewind is not None:
+                    out.say(rewind.line)
+                    out.write(rewind.event, "rollback")
+                    step, consumed_samples = rewind.step, rewind.consumed_samples
+                    ctx.step, window_start = step, time.perf_counter()
+                    continue
+                if settled.spikes and cfg.train.on_spike != "log":
+                    out.say(f"spike at step {settled.spike_steps[0]}: no snapshot or checkpoint to roll back to yet; "
+                            "training on")
+                response.at_record(step, consumed_samples)  # a snapshot, when one is due
             out.advance(step, last_loss)
             if evaluating:
                 val = evaluate(built, val_batches, topo)
@@ -182,7 +216,8 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
                 out.say(val.line(step))
             if saving:
                 trainer_state = {"consumed_samples": consumed_samples, "consumed_tokens": consumed_samples * cfg.data.seq_len,
-                                 "skipped_steps": skipped_total, "data_fingerprint": fingerprint}
+                                 "skipped_steps": skipped_total, "data_fingerprint": fingerprint,
+                                 **response.trainer_state()}
                 folder = checkpoint.save(built, cfg, ckpt_root, step, trainer_state, topo)
                 out.say(f"step {step:>6} | saved {folder}")
             if any(stop):

@@ -127,6 +127,20 @@ def test_no_run_starts_past_the_deadline(tmp_path):
     assert kit.failed_stages(json.loads((tmp_path / "results.json").read_text())) == ["late"]
 
 
+def test_run_stops_after_the_install_stage_when_a_package_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kit, "SITE", tmp_path / "site")
+    monkeypatch.setattr(kit, "git_commit", lambda: "0" * 40)  # no git process in the fast tier
+    monkeypatch.setattr(kit, "plan_install", lambda folder: ([], [], ["deepspeed==0.19.8"]))
+    ran = []
+    monkeypatch.setattr(kit, "STAGES", {"env": lambda k: ran.append("env")})
+    assert kit.main(["run", "--out", str(tmp_path / "out"), "--cpu"]) == 1
+    out = capsys.readouterr().out
+    assert ran == [] and out.count("error: stopping after the install stage: deepspeed==0.19.8 (run `python "
+                                   "scripts/gpu_kit.py wheels`") == 1, out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["stages"]) == ["install"] and results["kit"]["failed_stages"] == ["install"]
+
+
 def test_run_refuses_a_folder_with_files_in_it(tmp_path, capsys):
     (tmp_path / "old.txt").touch()
     assert kit.main(["run", "--out", str(tmp_path), "--cpu"]) == 2

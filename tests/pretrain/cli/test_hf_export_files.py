@@ -268,6 +268,11 @@ def test_eval_downstream_on_the_checkpoint_scores_as_on_its_export(sft_run, olmo
     ("fewshot.yaml", "only zero-shot"),
     ("badgold.jsonl", "the target must be a choice's index or text"),
     ("empty_choice.jsonl", "non-empty strings"),
+    ("list_line.jsonl", "list_line.jsonl line 2: a JSON list, not an object"),
+    ("latin1.jsonl", "latin1.jsonl line 2: not UTF-8 (byte 0xe9)"),
+    ("no_choices.jsonl", "no_choices.jsonl record 1: no field 'choices' (doc_to_choice)"),
+    ("twice.yaml", "twice.yaml line 8: key 'doc_to_text' given twice (first on line 4)"),
+    ("tab.yaml", "tab.yaml line 2: found character '\\t' that cannot start any token (YAML indents with spaces"),
 ])
 def test_eval_choices_bad_task_is_one_line(tmp_path, monkeypatch, capsys, case, message):
     monkeypatch.chdir(tmp_path)
@@ -280,9 +285,16 @@ def test_eval_choices_bad_task_is_one_line(tmp_path, monkeypatch, capsys, case, 
         "fewshot.yaml": base + "output_type: multiple_choice\nnum_fewshot: 5\n",
         "badgold.jsonl": '{"context": "a", "choices": ["b", "c"], "label": 2}\n',
         "empty_choice.jsonl": '{"context": "a", "choices": ["b", ""], "label": 0}\n',
+        "list_line.jsonl": '{"context": "a", "choices": ["b", "c"], "label": 0}\n["a", ["b", "c"], 0]\n',
+        "no_choices.jsonl": '{"context": "a", "label": 0}\n',
+        "twice.yaml": base + "output_type: multiple_choice\ndoc_to_text: c\n",
+        "tab.yaml": "task: t\n\tdataset_path: json\n",
     }
     if case in files:
         (tmp_path / case).write_text(files[case])
+    if case == "latin1.jsonl":
+        (tmp_path / case).write_bytes('{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "café", '
+                                      '"choices": ["b", "c"], "label": 0}\n'.encode("latin-1"))
     # the task is read before the model: a checkpoint path that is never opened
     assert main(["eval-choices", "--checkpoint", str(tmp_path / "none"), "--task", case]) == 2
     err = capsys.readouterr().err.strip()
@@ -302,3 +314,11 @@ def test_eval_choices_reads_jinja_fields_as_lm_eval(tmp_path, monkeypatch):
     (item,) = task.items
     assert (task.name, item.context, item.choices, item.gold, task.delimiter) == (
         "t", "Shakespeare.\nQ: Speak\nA:", ["on", "off"], 1, "  ")
+
+
+def test_an_unknown_chat_template_names_its_flag_before_the_model_is_read(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(out), "--chat-template", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --chat-template 'nope': no such template; choose one of {', '.join(TEMPLATES)}\n"
+    assert not out.exists()

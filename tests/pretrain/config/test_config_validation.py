@@ -143,6 +143,25 @@ def test_shipped_configs_are_valid():
         load_config(path)
 
 
+@pytest.mark.parametrize("text, message", [
+    # PyYAML keeps the last of two equal keys: the first would be dropped unseen
+    ("model:\n  preset: tiny\n  norm_scheme: pre_ln\n  norm_scheme: lns\n",
+     "line 4: key 'norm_scheme' given twice (first on line 3); keep one"),
+    ("model:\n  preset: tiny\n  n_layers: 2\ntrain:\n  steps: 3\nmodel:\n  norm_scheme: lns\n",
+     "line 6: key 'model' given twice (first on line 1); keep one"),
+    ("model:\n  preset: tiny\n\tn_layers: 2\n",
+     "line 3: found character '\\t' that cannot start any token (YAML indents with spaces, not tabs)"),
+])
+def test_a_yaml_the_reader_would_misread_is_refused_naming_the_line(tmp_path, capsys, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    run_dir = tmp_path / "run"
+    assert main(["train", str(path), f"run.dir={run_dir}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {path} {message}\n" and captured.out == ""
+    assert not run_dir.exists()
+
+
 def test_cli_prints_one_error_line_and_exits_2(capsys):
     assert main(["config", "configs/tiny.yaml", "logging.interval=0"]) == 2
     captured = capsys.readouterr()

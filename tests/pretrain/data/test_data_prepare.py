@@ -405,6 +405,11 @@ def test_lone_model_file_or_folder_as_data(tmp_path, capsys):
     with pytest.raises(UserError, match=r"a sentencepiece tokenizer file, not a prepared dataset folder"):
         read_meta(llama / "tokenizer.model")
     assert snapshot(llama) == before and leftovers(tmp_path) == []
+    # with a config.json beside it, it is an HF model directory (an export), and is called one
+    (llama / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"a Hugging Face model directory \(config.json, tokenizer.model\), not a "
+                                        "prepared dataset"):
+        read_meta(llama)
 
 
 def test_run_and_staging_folders_as_data(tmp_path):
