@@ -41,9 +41,12 @@ use_cpu_accelerator_without_gpu()  # before DeepSpeed's import below picks its a
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
 
+from models.parallel import megatron_parallel_state  # noqa: E402
 from pretrain.compat import skip_shm_comm_op  # noqa: E402
+
+# megatron-core's process groups, without the rest of megatron-core (its layers load under TP > 1 only)
+parallel_state = megatron_parallel_state()
 
 
 @dataclass(frozen=True)
