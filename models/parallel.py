@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -39,11 +38,11 @@ class TensorParallel:
     @classmethod
     def from_parallel_state(cls) -> "TensorParallel | None":
         """The TP group of megatron's initialized `parallel_state`, or None when TP = 1."""
-        parallel_state = megatron_parallel_state()
+        from megatron.core import parallel_state  # megatron-core only under tensor parallelism (a TP = 1 model runs without it)
+
         size = parallel_state.get_tensor_model_parallel_world_size()
         if size == 1:
             return None
-        _quiet_megatron()  # the layers' package, whole, before any of its modules is used
         return cls(parallel_state.get_tensor_model_parallel_group(), size, parallel_state.get_tensor_model_parallel_rank())
 
 
@@ -104,42 +103,10 @@ def _megatron_config(tp: TensorParallel):
     )
 
 
-def megatron_parallel_state():
-    """megatron-core's `parallel_state` (the process groups of every layout), without running megatron.core's package
-    `__init__` first: that imports the whole library (tensor_parallel, distributed, inference and through it wandb),
-    about 1.8 s of every rank's start, where a rank without tensor parallelism needs the groups alone. The package is
-    registered as found with its `__init__` deferred: its modules import as usual, and the first other name asked of it
-    (`from megatron.core import ModelParallelConfig`, `megatron.core.__version__`) runs the `__init__`, as do the TP
-    layers (_quiet_megatron)."""
-    if "megatron.core" not in sys.modules:
-        spec = importlib.util.find_spec("megatron.core")
-        package = importlib.util.module_from_spec(spec)  # __path__ and __spec__ set, __init__ not run
-        package.__getattr__ = functools.partial(_initialized_attribute, package)
-        sys.modules["megatron.core"] = package
-        sys.modules["megatron"].core = package
-    return importlib.import_module("megatron.core.parallel_state")
-
-
-def _initialized_attribute(package, name: str):
-    """A name not yet in the deferred megatron.core: one of its modules (megatron's own `from megatron.core import
-    config` asks for them so), or else a name its `__init__` defines: run that, once, and look again."""
-    if not name.startswith("__") and importlib.util.find_spec(f"{package.__name__}.{name}") is not None:
-        return importlib.import_module(f"{package.__name__}.{name}")
-    _initialize(package)
-    return getattr(package, name)  # (its __getattr__ gone: an AttributeError if __init__ did not define it either)
-
-
-def _initialize(package) -> None:
-    if package is not None and package.__dict__.pop("__getattr__", None) is not None:
-        package.__spec__.loader.exec_module(package)
-
-
 def _quiet_megatron():
-    """megatron.core.tensor_parallel, with its package initialized (see megatron_parallel_state)."""
     # megatron-core warns at import when Transformer Engine / Apex are absent; we use neither.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _initialize(sys.modules.get("megatron.core"))
         import megatron.core.tensor_parallel as mtp  # noqa: F401
     return mtp
 
