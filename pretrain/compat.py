@@ -26,6 +26,7 @@ DeepSpeed's public pipeline, topology and `safe_*_full_*` APIs are used where th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -331,8 +332,6 @@ def megatron_parallel_state():
     is registered as found, its `__init__` deferred: its modules import as usual (megatron's own `from megatron.core
     import config` included), and the first other name asked of it (`megatron.core.ModelParallelConfig`,
     `__version__`) runs the `__init__`, as `load_megatron_core` does before the tensor-parallel layers are built."""
-    import importlib.util  # (as the rest of this module: the libraries load where they are used)
-
     if "megatron.core" not in sys.modules:
         spec = importlib.util.find_spec("megatron.core")
         package = importlib.util.module_from_spec(spec)  # __path__ and __spec__ set, __init__ not run
@@ -343,8 +342,6 @@ def megatron_parallel_state():
 
 
 def _deferred_megatron_attribute(package, name: str):
-    import importlib.util
-
     if not name.startswith("__") and importlib.util.find_spec(f"megatron.core.{name}") is not None:
         return importlib.import_module(f"megatron.core.{name}")  # a module of the package
     load_megatron_core()

@@ -36,6 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # the configs and the run folders' checks load torch: here, not for `pretrain --help`
     from pretrain.removal.configs import removal_configs
     from pretrain.state.resume import prepare_run
 
