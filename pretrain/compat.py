@@ -9,6 +9,8 @@ What is here:
   * DeepSpeed checkpoint files: names and contents of the model-state and (ZeRO / bf16) optimizer-state files,
     read by `pretrain/state/reshard.py` to resume on another layout.
   * DeepSpeed's communication backend: its C++ shared-memory op, which is not built (`skip_shm_comm_op`).
+  * megatron-core's package layout: `parallel_state` imported without the package's `__init__`, which imports the
+    whole library (`megatron_parallel_state`).
   * DeepSpeed engine internals: the optimizer that holds the Adam state behind a ZeRO / bf16 wrapper, the
     fp32 master fragments each rank owns (`_hp_mapping`), ZeRO's own gradient-clipping value, and the hook
     before every optimizer step (`_take_model_step`) the per-layer gradient norms need.
@@ -24,6 +26,7 @@ DeepSpeed's public pipeline, topology and `safe_*_full_*` APIs are used where th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -320,6 +323,39 @@ def skip_shm_comm_op() -> None:
     # not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's attribute `torch`, the torch package
     torch_backend = importlib.import_module("deepspeed.comm.torch")
     torch_backend.build_shm_op = lambda: None  # TorchBackend.__init__ looks the function up at call time
+
+
+def megatron_parallel_state():
+    """megatron-core's `parallel_state` (every layout's process groups), without running megatron.core's package
+    `__init__` first: that imports the whole library (tensor_parallel, distributed, inference and through it wandb),
+    about 1.8 s of every rank's start, where a rank without tensor parallelism needs the groups alone. The package
+    is registered as found, its `__init__` deferred: its modules import as usual (megatron's own `from megatron.core
+    import config` included), and the first other name asked of it (`megatron.core.ModelParallelConfig`,
+    `__version__`) runs the `__init__`, as `load_megatron_core` does before the tensor-parallel layers are built."""
+    if "megatron.core" not in sys.modules:
+        spec = importlib.util.find_spec("megatron.core")
+        package = importlib.util.module_from_spec(spec)  # __path__ and __spec__ set, __init__ not run
+        package.__getattr__ = lambda name: _deferred_megatron_attribute(package, name)
+        sys.modules["megatron.core"] = package
+        sys.modules["megatron"].core = package
+    return importlib.import_module("megatron.core.parallel_state")
+
+
+def _deferred_megatron_attribute(package, name: str):
+    if not name.startswith("__") and importlib.util.find_spec(f"megatron.core.{name}") is not None:
+        return importlib.import_module(f"megatron.core.{name}")  # a module of the package
+    load_megatron_core()
+    return getattr(package, name)  # (the package's __getattr__ is gone: an AttributeError if __init__ has no such name)
+
+
+def load_megatron_core() -> None:
+    """Run megatron.core's `__init__` where `megatron_parallel_state` deferred it (the TP layers' imports need the
+    whole package: run inside one of its modules' imports, the `__init__` would meet half-initialized ones)."""
+    package = sys.modules.get("megatron.core")
+    if package is not None and package.__dict__.pop("__getattr__", None) is not None:
+        with warnings.catch_warnings():  # Transformer Engine / Apex absent: we use neither
+            warnings.simplefilter("ignore")
+            package.__spec__.loader.exec_module(package)
 
 
 def wrap_model_step(engine, before) -> None:

@@ -26,12 +26,20 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    # the command's libraries (torch and up) load when it runs, so that `pretrain --help` starts without them
-    from pretrain.config import dump_yaml, load_config
-    from pretrain.docs import GENERATED, TITLES, as_text, write_docs, write_page
-
     if (args.write is not None or args.markdown) and not args.docs:
         raise UserError("--write and --markdown take the tables of --docs: run `pretrain config --docs --write`")
+    if not args.docs:
+        # the resolved config needs neither torch nor the docs' tables (which read the models: torch)
+        from pretrain.config import dump_yaml, load_config
+
+        config, overrides = args.config, args.overrides
+        if config is not None and "=" in config and not os.path.exists(config):  # no file given, overrides only
+            config, overrides = None, [config, *overrides]
+        print(dump_yaml(load_config(config, overrides), say_scheme_defaults=True), end="")
+        return 0
+    # the tables' libraries (torch and up) load here, so that `pretrain --help` and the plain config start without them
+    from pretrain.docs import GENERATED, TITLES, as_text, write_docs, write_page
+
     if args.write is not None:
         try:
             pages = {args.write: write_page(args.write)} if args.write else write_docs()
@@ -39,14 +47,9 @@ def run(args) -> int:
             raise UserError(f"--write {args.write or '(every page)'}: {e}") from None
         for page, changed in pages.items():
             print(f"{page}: regenerated {', '.join(changed)}" if changed else f"{page}: already current")
-    elif args.docs and args.markdown:
+    elif args.markdown:
         print("\n\n".join(f"<!-- {name} -->\n{make().strip()}" for name, make in GENERATED.items()))
-    elif args.docs:
+    else:
         width = min(100, shutil.get_terminal_size().columns)
         print("\n\n".join(f"{TITLES[name]}\n\n{as_text(make(), width)}" for name, make in GENERATED.items()))
-    else:
-        config, overrides = args.config, args.overrides
-        if config is not None and "=" in config and not os.path.exists(config):  # no file given, overrides only
-            config, overrides = None, [config, *overrides]
-        print(dump_yaml(load_config(config, overrides), say_scheme_defaults=True), end="")
     return 0

@@ -36,10 +36,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    # DeepSpeed and megatron-core load here, for the command that trains.
+    # the configs and the run folders' checks load torch: here, not for `pretrain --help`
     from pretrain.removal.configs import removal_configs
     from pretrain.state.resume import prepare_run
-    from pretrain.train.signals import StopOnSignal
 
     order = [g.strip() for g in args.schedule.split(",") if g.strip()]
     removal, control = removal_configs(args.checkpoint, args.data, args.out, args.steps, order, args.control,
@@ -48,6 +47,9 @@ def run(args) -> int:
     starts = [prepare_run(removal)] + ([prepare_run(control)] if control is not None else [])
     if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
         return spawn_local_ranks(args.nproc_per_node, ["remove-norms", *_argv_without_nproc(args)])
+    # DeepSpeed and megatron-core load here, in the process that trains, not in the one that spawns the ranks
+    from pretrain.train.signals import StopOnSignal
+
     stop = StopOnSignal()  # before set-up: a preemption signal during set-up must not kill the process
     return run_removal(starts, stop)
 

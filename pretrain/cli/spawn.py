@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from pretrain.errors import UserError
 
 
@@ -12,15 +14,21 @@ def spawn_local_ranks(nproc: int, argv: list[str]) -> int:
     read it; each rank has already printed its own one-line error."""
     if nproc < 1:
         raise UserError("--nproc-per-node must be >= 1")
-    # torch.distributed.run pulls in the elastic agent and pretrain.train DeepSpeed (seconds): only a spawning
-    # command pays for them
+    # torch.distributed.run pulls in torch and the elastic agent (seconds): only a spawning command pays for them; the
+    # spawning process loads neither DeepSpeed nor megatron-core (the ranks do)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-    from pretrain.train.distributed import free_port
 
     try:
-        torchrun(["--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m", "pretrain", *argv])
+        torchrun(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "pretrain", *argv])
     except ChildFailedError as e:
         _rank, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 free a moment ago (as pretrain.train.distributed.free_port, which loads DeepSpeed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -26,14 +26,14 @@ def run(args) -> int:
     from pretrain.state.resume import prepare_run  # reads checkpoints (torch)
 
     start = prepare_run(cfg)  # config, resume target and init_from source: one-line errors before any rank starts
+    if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
+        return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])
     with when_slow("loading DeepSpeed and megatron-core"):
-        # DeepSpeed and megatron-core load here, for the command that trains (pretrain.train picks DeepSpeed's
-        # accelerator before they import).
+        # DeepSpeed and megatron-core load here, in the process that trains (pretrain.train picks DeepSpeed's
+        # accelerator before they import), not in the one that spawns the ranks.
         from pretrain.features import hooks_for
         from pretrain.train.loop import train
         from pretrain.train.signals import StopOnSignal
 
-    if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
-        return spawn_local_ranks(args.nproc_per_node, ["train", args.config, *args.overrides])
     stop = StopOnSignal()  # before set-up: a preemption signal during set-up must not kill the process
     return train(start, hooks_for(start.cfg, stop))

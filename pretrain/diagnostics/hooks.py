@@ -11,12 +11,12 @@ from pretrain import compat
 from pretrain.diagnostics.probes import N_EXTRA_GROUPS, ActivationProbe, grad_square_sums, local_blocks, parameter_groups
 from pretrain.diagnostics.stats import ACTIVATION_STATS
 from pretrain.diagnostics.writer import LayerStatsWriter, make_record
+from pretrain.train.distributed import parallel_state
 from pretrain.train.hooks import TrainContext, TrainHooks
 from pretrain.train.spikes import HostSpikes
 
 # after pretrain.train, which sets DeepSpeed's accelerator before DeepSpeed is first imported
-from deepspeed.utils import safe_get_full_grad  # p.grad at ZeRO 0; reassembled partitions at ZeRO 1-2
-from megatron.core import parallel_state  # noqa: E402
+from deepspeed.utils import safe_get_full_grad  # p.grad at ZeRO 0; reassembled partitions at ZeRO 1-2  # noqa: E402
 
 
 class LayerStatsHooks(TrainHooks):

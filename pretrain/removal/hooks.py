@@ -22,12 +22,10 @@ from pretrain.removal.schedule import schedule
 from pretrain.runs import CONFIG_FILE, read_stored_config
 from pretrain.state import checkpoint, reshard
 from pretrain.state.reshard import full_name
+from pretrain.train.distributed import parallel_state
 from pretrain.train.engine import build_engine
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import TrainContext, TrainHooks
-
-# after pretrain.train, which sets DeepSpeed's accelerator before DeepSpeed is first imported
-from megatron.core import parallel_state  # noqa: E402
 
 
 def removable_modules(built, model_cfg: ModelConfig) -> dict[str, RemovableNorm]:

@@ -41,9 +41,11 @@ use_cpu_accelerator_without_gpu()  # before DeepSpeed's import below picks its a
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
 
-from pretrain.compat import skip_shm_comm_op  # noqa: E402
+from pretrain.compat import load_megatron_core, megatron_parallel_state, skip_shm_comm_op  # noqa: E402
+
+# megatron-core's process groups, without the rest of megatron-core (loaded by init_distributed under TP > 1 only)
+parallel_state = megatron_parallel_state()
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,8 @@ def init_distributed(tp: int, pp: int) -> Topology:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         skip_shm_comm_op()  # no silent C++ build at start-up (pretrain/compat.py says why)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if tp > 1:
+        load_megatron_core()  # its tensor-parallel layers (models/parallel.py), before the model is built
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

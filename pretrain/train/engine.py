@@ -13,7 +13,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
-from megatron.core import parallel_state
 
 from models import Llama
 from models.llama import Block, recompute
@@ -23,7 +22,7 @@ from pretrain import compat
 from pretrain.config import ExperimentConfig
 from pretrain.config.layout import check_parallel_support, gradient_accumulation_steps
 from pretrain.errors import UserError
-from pretrain.train.distributed import Topology, deepspeed_topology
+from pretrain.train.distributed import Topology, deepspeed_topology, parallel_state
 
 
 def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:

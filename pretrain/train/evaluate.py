@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pretrain import compat
 from pretrain.data.loader import Dataset, ValidationBatches, validation_batches
 from pretrain.data.text_bytes import bits_per_byte
-from pretrain.train.distributed import Topology
+from pretrain.train.distributed import Topology, parallel_state
 from pretrain.train.engine import Built
 
 

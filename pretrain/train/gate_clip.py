@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-from megatron.core import parallel_state
 
 from pretrain import compat
+from pretrain.train.distributed import parallel_state
 from pretrain.train.hooks import TrainContext, TrainHooks
 
 GATE_SUFFIX = "residual.gate"  # models/parts.py GPAS.gate, the block's residual slot

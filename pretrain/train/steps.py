@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
-from pretrain.train.distributed import Topology
+from pretrain.train.distributed import Topology, parallel_state
 from pretrain.train.engine import Built
 
 
