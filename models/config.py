@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from models.norms import ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, option_refusal
+from models.parametrization import PARAMETRIZATIONS, parametrization_refusal
 
 
 def doc(default, help: str, choices: dict | None = None, **kwargs):
@@ -107,6 +108,21 @@ class ModelConfig:
         "Std of the normal init of every linear and embedding weight (before scheme gains); null: 0.02, or the "
         "scheme paper's own (hybridnorm, hybridnorm_star: sqrt(2/(5 d_model)); ngpt: 1/sqrt(d_model)).",
     )
+    parametrization: str = doc(
+        "standard",
+        "How init, per-group learning rates, weight decay, Adam epsilon and forward multipliers scale with the model's "
+        "shape (models/parametrization.py, the one table): standard (as given); mup (µP, Tensor Programs V: hidden "
+        "weights init / sqrt(m_d), lr / m_d, logits x 1/m_d, attention scale 1/head_dim); completep (CompleteP, Dey et "
+        "al. 2025, alpha = 1: mup plus each residual branch x 1/m_L, hidden weight decay x m_d). m_d = d_model / "
+        "base_d_model, m_L = n_layers / base_n_layers. The schemes each composes with: README, Parametrizations.",
+        choices=PARAMETRIZATIONS,
+    )
+    base_d_model: int | None = doc(
+        None, "mup and completep: the width the hyper-parameters were tuned at (null = d_model, m_d = 1)."
+    )
+    base_n_layers: int | None = doc(
+        None, "completep only: the depth the hyper-parameters were tuned at (null = n_layers, m_L = 1)."
+    )
     removable_norms: bool = doc(
         False,
         "pre_ln/lns/reordered only: every norm (q/k norms included) also holds a fixed scale sigma it can switch "
@@ -138,7 +154,7 @@ class ModelConfig:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
-        refusal = option_refusal(self)
+        refusal = option_refusal(self) or parametrization_refusal(self)
         if refusal:
             raise ValueError(refusal)
         if NORM_SCHEMES[self.norm_scheme].unit_weights and self.tie_embeddings:
