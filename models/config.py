@@ -154,7 +154,7 @@ class ModelConfig:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
-        refusal = option_refusal(self) or parametrization_refusal(self)
+        refusal = option_refusal(self) or parametrization_refusal(self, NORM_SCHEMES)
         if refusal:
             raise ValueError(refusal)
         if NORM_SCHEMES[self.norm_scheme].unit_weights and self.tie_embeddings:

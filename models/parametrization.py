@@ -2,7 +2,7 @@
 
 `multipliers(cfg)` is the only place the factors are computed. The model reads its forward multipliers (the branch
 multipliers through models/norms.py `block_parts`, the logit multiplier and the attention scale) and the init factors
-(models/llama.py `init_weights`); the optimizer (pretrain/train/param_groups.py) reads the learning-rate, weight-decay
+(models/llama.py `init_weights`); the optimizer (pretrain/config/param_groups.py) reads the learning-rate, weight-decay
 and Adam-epsilon factors, for every layout alike (single process, TP, PP, ZeRO through DeepSpeed's param groups,
 resume and `init_from`, which all build the model and the optimizer from the config). `pretrain coord-check` checks
 the result. torch-free: config validation and `pretrain --help` read it.
@@ -148,8 +148,9 @@ REFUSED: dict[tuple[str, str], str] = {
 }
 
 
-def parametrization_refusal(cfg: ModelConfig) -> str | None:
-    """Why `cfg`'s parametrization and scheme (or base keys) do not go together (one line), or None."""
+def parametrization_refusal(cfg: ModelConfig, schemes) -> str | None:
+    """Why `cfg`'s parametrization and scheme (or base keys) do not go together (one line), or None; `schemes`: every
+    scheme name (models/norms.py NORM_SCHEMES, which imports this module)."""
     p, scheme = cfg.parametrization, cfg.norm_scheme
     for key in ("base_d_model", "base_n_layers"):
         value = getattr(cfg, key)
@@ -166,18 +167,12 @@ def parametrization_refusal(cfg: ModelConfig) -> str | None:
                 "null or use completep")
     if (scheme, p) in REFUSED:
         return (f"model.parametrization={p} does not compose with model.norm_scheme={scheme} "
-                f"({REFUSED[scheme, p]}); {composes_line(p)}")
+                f"({REFUSED[scheme, p]}); {p} composes with {', '.join(s for s in schemes if (s, p) not in REFUSED)}")
     if scheme == "ln_free" and p == "completep" and cfg.ln_free_base_depth:
         return (f"model.parametrization=completep with ln_free: ln_free's own depth multipliers "
                 f"(model.ln_free_base_depth={cfg.ln_free_base_depth}) would count depth twice; set "
                 "model.ln_free_base_depth=0 so that CompleteP's 1/L is the one depth scaling")
     return None
-
-
-def composes_line(parametrization: str) -> str:
-    from models.norms import NORM_SCHEMES  # the scheme table imports this module (for `block_parts`)
-    takers = [s for s in NORM_SCHEMES if (s, parametrization) not in REFUSED]
-    return f"{parametrization} composes with {', '.join(takers)}"
 
 
 def table_rows(cfg: ModelConfig) -> list[tuple[str, GroupFactors]]:

@@ -27,7 +27,7 @@ from models.config import ModelConfig
 from models.llama import Llama
 from pretrain.config import ExperimentConfig
 from pretrain.errors import UserError
-from pretrain.train.param_groups import param_groups
+from pretrain.config.param_groups import param_groups
 
 SUMMARIES = ("embedding", "attn", "mlp", "residual", "logits")
 

@@ -24,7 +24,7 @@ from pretrain.config import ExperimentConfig
 from pretrain.config.layout import check_parallel_support, gradient_accumulation_steps
 from pretrain.errors import UserError
 from pretrain.train.distributed import Topology, deepspeed_topology
-from pretrain.train.param_groups import GroupSettings, group_settings, optimizer_param_names, param_groups
+from pretrain.config.param_groups import GroupSettings, group_settings, optimizer_param_names, param_groups
 
 
 def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:
@@ -123,7 +123,7 @@ def apply_optimizer_settings(built: "Built", cfg: ExperimentConfig, schedule_pos
     if len(settings) != len(optimizer.param_groups):  # a checkpoint's groups are the model's (model.* is fixed)
         raise UserError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, the config makes "
                         f"{len(settings)}; resume with the run's own model.parametrization")
-    for group, values in zip(optimizer.param_groups, settings):  # as pretrain/train/param_groups.py builds them
+    for group, values in zip(optimizer.param_groups, settings):  # as pretrain/config/param_groups.py builds them
         group.update(betas=tuple(t.betas), eps=values["eps"], weight_decay=values["weight_decay"],
                      initial_lr=values["lr"])
     if cfg.parallel.zero_stage > 0 or t.precision == "bf16":

@@ -1,4 +1,5 @@
-"""The optimizer's parameter groups: weight decay or not, and the parametrization's per-group factors.
+"""The optimizer's parameter groups the config makes: weight decay or not, and the parametrization's per-group
+factors (torch-free: `pretrain coord-check` uses them without loading DeepSpeed).
 
 `grouped` is the one place the groups are made; the engine hands them to AdamW (and so to DeepSpeed's ZeRO and bf16
 optimizers, which keep a torch optimizer's groups), `apply_optimizer_settings` re-applies their settings after a
@@ -11,11 +12,14 @@ weight decay, Adam epsilon), one group per distinct set of factors, in first-see
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from models.parametrization import multipliers, param_group
-from pretrain.config import ExperimentConfig
+from pretrain.config.sections import ExperimentConfig
+
+if TYPE_CHECKING:
+    # annotations only: the groups are read from any module's named_parameters; torch is not needed to make them
+    import torch
 
 
 @dataclass(frozen=True)
