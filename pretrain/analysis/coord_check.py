@@ -115,6 +115,21 @@ def log_log_slope(sizes: list[int], values: list[float]) -> float:
     return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])
 
 
+def sweep(cfg: ExperimentConfig, axis: str, sizes: list[int], steps: int, device: torch.device) -> dict[int, dict]:
+    """{size: `record` of the config's model at that width (`axis` "width") or depth ("depth")}."""
+    variant = width_variant if axis == "width" else depth_variant
+    try:
+        return {size: record(cfg, variant(cfg.model, size), steps, device) for size in sizes}
+    except ValueError as e:  # a variant the model config refuses
+        raise UserError(f"coord-check: {e}") from None
+
+
+def slopes(by_size: dict[int, dict]) -> dict[str, float]:
+    """{summary activation: log-log slope of its mean |coordinate| at the last step against the size}."""
+    sizes = sorted(by_size)
+    return {a: log_log_slope(sizes, [by_size[s][a][-1] for s in sizes]) for a in SUMMARIES}
+
+
 def coord_check(cfg: ExperimentConfig, widths: list[int], depths: list[int], steps: int,
                 device: torch.device | None = None) -> dict:
     """The result `pretrain coord-check` writes (coord_check.json): per width and depth, per activation and step,
@@ -122,13 +137,9 @@ def coord_check(cfg: ExperimentConfig, widths: list[int], depths: list[int], ste
     their largest magnitudes (`max_abs_slope_width`, `max_abs_slope_depth`)."""
     device = device or torch.device("cpu")
     m = cfg.model
-    try:
-        by_width = {w: record(cfg, width_variant(m, w), steps, device) for w in widths}
-        by_depth = {d: record(cfg, depth_variant(m, d), steps, device) for d in depths}
-    except ValueError as e:  # a variant the model config refuses (e.g. a head count tp cannot split)
-        raise UserError(f"coord-check: {e}") from None
-    slopes_width = {a: log_log_slope(widths, [by_width[w][a][-1] for w in widths]) for a in SUMMARIES}
-    slopes_depth = {a: log_log_slope(depths, [by_depth[d][a][-1] for d in depths]) for a in SUMMARIES}
+    by_width = sweep(cfg, "width", widths, steps, device)
+    by_depth = sweep(cfg, "depth", depths, steps, device)
+    slopes_width, slopes_depth = slopes(by_width), slopes(by_depth)
     return {
         "norm_scheme": m.norm_scheme, "parametrization": m.parametrization,
         "base": base_keys(m), "d_model": m.d_model, "n_layers": m.n_layers, "lr": cfg.train.lr, "steps": steps,
