@@ -176,6 +176,6 @@ def parametrization_refusal(cfg: ModelConfig, schemes) -> str | None:
 
 
 def table_rows(cfg: ModelConfig) -> list[tuple[str, GroupFactors]]:
-    """(group, factors) in `GROUPS` order, for `pretrain plan` and `coord-check` to print."""
+    """(group, factors) in `GROUPS` order (coord_check.json carries them)."""
     table = multipliers(cfg)
     return [(g, table.groups[g]) for g in GROUPS]

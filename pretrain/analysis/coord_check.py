@@ -25,6 +25,7 @@ import torch
 
 from models.config import ModelConfig
 from models.llama import Llama
+from models.parametrization import table_rows
 from pretrain.config import ExperimentConfig
 from pretrain.errors import UserError
 from pretrain.config.param_groups import param_groups
@@ -144,6 +145,7 @@ def coord_check(cfg: ExperimentConfig, widths: list[int], depths: list[int], ste
         "norm_scheme": m.norm_scheme, "parametrization": m.parametrization,
         "base": base_keys(m), "d_model": m.d_model, "n_layers": m.n_layers, "lr": cfg.train.lr, "steps": steps,
         "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.seq_len,
+        "multipliers": {group: dataclasses.asdict(factors) for group, factors in table_rows(m)},
         "widths": widths, "depths": depths, "summaries": list(SUMMARIES),
         "width": {str(w): by_width[w] for w in widths}, "depth": {str(d): by_depth[d] for d in depths},
         "slopes_width": slopes_width, "slopes_depth": slopes_depth,

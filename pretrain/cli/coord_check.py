@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pretrain.config import load_config
+    from pretrain.config import load_config  # as `pretrain train`: the config is checked before torch loads
 
     cfg = load_config(args.config, args.overrides)
     widths, depths = sizes(args.widths, "--widths"), sizes(args.depths, "--depths")

@@ -76,6 +76,7 @@ def test_the_command_writes_its_json_and_figure(tmp_path, capsys):
     assert result["max_abs_slope_width"] == max(abs(s) for s in result["slopes_width"].values())
     assert result["max_abs_slope_depth"] == max(abs(s) for s in result["slopes_depth"].values())
     assert result["base"] == {"base_d_model": 32, "base_n_layers": 2}
+    assert result["multipliers"]["hidden"] == {"init": 1.0, "lr": 1.0, "weight_decay": 1.0, "eps": 1.0}  # the base
     assert "coord_check.json" in capsys.readouterr().out
 
 
