@@ -205,3 +205,14 @@ def test_what_composes():
     _cfg(norm_scheme="ln_free", parametrization="completep", ln_free_base_depth=0)
     _cfg(norm_scheme="lns", parametrization="mup")
     _cfg(norm_scheme="deepnorm", parametrization="mup")
+
+
+@pytest.mark.parametrize("parametrization, extra", [("mup", dict(base_d_model=16)),
+                                                    ("completep", dict(base_n_layers=2, ln_free_base_depth=0))])
+def test_direct_logit_attribution_stays_exact(parametrization, extra):
+    from pretrain.analysis.attribution import logit_attribution  # a consumer of the logit multiplier, in pretrain/
+
+    model = Llama(_cfg(norm_scheme="ln_free", n_layers=4, parametrization=parametrization, **extra))
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    result = logit_attribution(model, [(tokens[:, :-1], tokens[:, 1:])])
+    assert result["max_abs_error"] < 1e-5
