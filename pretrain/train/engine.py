@@ -22,9 +22,9 @@ from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
 from pretrain.config.layout import check_parallel_support, gradient_accumulation_steps
+from pretrain.config.param_groups import GroupSettings, group_settings, optimizer_param_names, param_groups
 from pretrain.errors import UserError
 from pretrain.train.distributed import Topology, deepspeed_topology
-from pretrain.config.param_groups import GroupSettings, group_settings, optimizer_param_names, param_groups
 
 
 def deepspeed_config(cfg: ExperimentConfig, topo: Topology) -> dict:
