@@ -1,5 +1,5 @@
 """Learning-rate transfer on CPU: the best train.lr of a small model at several widths and depths, per scheme and
-parametrization (README, "Parametrizations: µP and CompleteP").
+parametrization (docs/parametrization.md).
 
     python benchmarks/lr_transfer.py [--out runs/lr_transfer.json] [--png runs/lr_transfer.png] [--steps 80]
                                      [--widths 64,128,256] [--depths 2,4,8] [--lrs 8] [--entries pre_ln:standard ...]

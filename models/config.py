@@ -114,7 +114,7 @@ class ModelConfig:
         "shape (models/parametrization.py, the one table): standard (as given); mup (µP, Tensor Programs V: hidden "
         "weights init / sqrt(m_d), lr / m_d, logits x 1/m_d, attention scale 1/head_dim); completep (CompleteP, Dey et "
         "al. 2025, alpha = 1: mup plus each residual branch x 1/m_L, hidden weight decay x m_d). m_d = d_model / "
-        "base_d_model, m_L = n_layers / base_n_layers. The schemes each composes with: README, Parametrizations.",
+        "base_d_model, m_L = n_layers / base_n_layers. The schemes each composes with: docs/parametrization.md.",
         choices=PARAMETRIZATIONS,
     )
     base_d_model: int | None = doc(

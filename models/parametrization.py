@@ -132,7 +132,7 @@ def param_group(name: str, ndim: int) -> str:
     return "hidden" if ndim >= 2 else "norm"
 
 
-# (scheme, parametrization) -> why the two do not compose (docs: README "Parametrizations").
+# (scheme, parametrization) -> why the two do not compose (docs/parametrization.md).
 _OWN_DEPTH = "CompleteP's 1/L branch multiplier on top would count depth twice"
 REFUSED: dict[tuple[str, str], str] = {
     ("ngpt", "mup"): "nGPT has its own parametrization (unit-norm weights, scales stored at 1/√d)",

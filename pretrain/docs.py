@@ -30,7 +30,7 @@ PAGES: dict[str, str] = {
     "config-reference": "docs/configuration.md",
     "resume-table": "docs/training.md",
     "hf-export": "docs/interop.md",
-    "parametrizations": "README.md",
+    "parametrizations": "docs/parametrization.md",
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (pip install -e .)
 
@@ -42,7 +42,7 @@ TITLES: dict[str, str] = {
     "config-reference": "Every config key: default, meaning (docs/configuration.md)",
     "resume-table": "What a resume does with each key (docs/training.md)",
     "hf-export": "The stock transformers class of each scheme (docs/interop.md)",
-    "parametrizations": "The parametrizations (model.parametrization) each scheme takes (README.md)",
+    "parametrizations": "The parametrizations (model.parametrization) each scheme takes (docs/parametrization.md)",
 }
 
 
