@@ -22,7 +22,8 @@ from models import Llama  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data.batches import LMBatch  # noqa: E402
 from pretrain.train.distributed import init_distributed, shutdown  # noqa: E402
-from pretrain.train.engine import build_engine, lr_lambda, param_groups  # noqa: E402
+from pretrain.train.engine import build_engine, lr_lambda  # noqa: E402
+from pretrain.config.param_groups import param_groups  # noqa: E402
 from pretrain.train.steps import train_step  # noqa: E402
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from models.norms import (ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, RESIDUALS, RESIDUALS_NOT_BUILT,
                           option_refusal)
+from models.parametrization import PARAMETRIZATIONS, parametrization_refusal
 
 
 def doc(default, help: str, choices: dict | None = None, not_built: dict[str, str] | None = None, **kwargs):
@@ -126,6 +127,21 @@ class ModelConfig:
         "Std of the normal init of every linear and embedding weight (before scheme gains); null: 0.02, or the "
         "scheme paper's own (hybridnorm, hybridnorm_star: sqrt(2/(5 d_model)); ngpt: 1/sqrt(d_model)).",
     )
+    parametrization: str = doc(
+        "standard",
+        "How init, per-group learning rates, weight decay, Adam epsilon and forward multipliers scale with the model's "
+        "shape (models/parametrization.py, the one table): standard (as given); mup (µP, Tensor Programs V: hidden "
+        "weights init / sqrt(m_d), lr / m_d, logits x 1/m_d, attention scale 1/head_dim); completep (CompleteP, Dey et "
+        "al. 2025, alpha = 1: mup plus each residual branch x 1/m_L, hidden weight decay x m_d). m_d = d_model / "
+        "base_d_model, m_L = n_layers / base_n_layers. The schemes each composes with: docs/parametrization.md.",
+        choices=PARAMETRIZATIONS,
+    )
+    base_d_model: int | None = doc(
+        None, "mup and completep: the width the hyper-parameters were tuned at (null = d_model, m_d = 1)."
+    )
+    base_n_layers: int | None = doc(
+        None, "completep only: the depth the hyper-parameters were tuned at (null = n_layers, m_L = 1)."
+    )
     removable_norms: bool = doc(
         False,
         "pre_ln/lns/reordered only: every norm (q/k norms included) also holds a fixed scale sigma it can switch "
@@ -157,7 +173,7 @@ class ModelConfig:
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"model.{name}: must be a positive finite number, got {value}")
-        refusal = option_refusal(self)
+        refusal = option_refusal(self) or parametrization_refusal(self, NORM_SCHEMES)
         if refusal:
             raise ValueError(refusal)
         for name, takers in (("residual_streams", ("mhc", "hc", "hc_static")), ("residual_sinkhorn_iters", ("mhc",))):

@@ -18,6 +18,8 @@ from torch import nn
 from models.config import ModelConfig
 from models.norms import (ATTENTION_SLOTS, MLP_SLOTS, NORM_SCHEMES, SLOTS, BlockParts, block_parts, embedding_init_gain,
                           stream_collapse, stream_expand)
+from models.norm_layers import Scale
+from models.parametrization import multipliers, param_group
 from models.parts import normalize_unit_weights
 from models.parallel import (TPSplit, TensorParallel, chunked_cross_entropy, column_linear, cross_entropy,
                              liger_cross_entropy, row_linear, tied_logits, vocab_embedding)
@@ -147,6 +149,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, parts, tp)
         self.mlp = MLP(cfg, parts, tp)
         self.residual = parts.residual(parts.residual_alpha)  # alpha x + F, or GPAS / nGPT's update (models/parts.py)
+        if parts.branch_scale != 1.0:  # the parametrization's branch multiplier where the output slot holds a norm
+            self.residual.branch_scale = parts.branch_scale
         self.residual_alpha = parts.residual_alpha
         self.recompute_all = False  # full activation checkpointing: `recompute` sets it
 
@@ -198,13 +202,16 @@ class ReadoutPart:
 
 class HeadPart:
     """The output end, as a mixin of `Llama` and of the pipeline's last stage: the head (None when tied to the token
-    embedding, whose `tok_emb` the module then holds too) and the scheme's logit scale (ngpt's s_z; else
-    nn.Identity)."""
+    embedding, whose `tok_emb` the module then holds too) and the logit scale (ngpt's s_z, a parametrization's fixed
+    1/m_d; else nn.Identity)."""
 
     def add_head(self, cfg: ModelConfig, tp: TensorParallel | None) -> None:
         self.tp = tp
         self.head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, tp)
         self.logit_scale = NORM_SCHEMES[cfg.norm_scheme].logit_scale(cfg, tp)
+        logits = multipliers(cfg).logits
+        if logits != 1.0:  # µP's 1/m_d (no scheme with a logit scale of its own takes a parametrization)
+            self.logit_scale = Scale(logits)
 
     fused_loss = True  # train.fused_loss (`recompute` sets it): the head and the loss in chunks of tokens
     liger = False  # ... by Liger's fused kernel (CUDA; `recompute` sets it where the kernel applies)
@@ -212,7 +219,7 @@ class HeadPart:
     def liger_applies(self) -> bool:
         """Liger's kernel computes x W^T and the loss: a whole-vocabulary head (no TP) with no logit scale (ngpt's
         s_z multiplies the logits, which the kernel never hands back)."""
-        return self.tp is None and not any(True for _ in self.logit_scale.parameters())
+        return self.tp is None and type(self.logit_scale) is nn.Identity
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, D] -> [B, T, V] (this rank's vocabulary shard under TP)
@@ -259,7 +266,9 @@ def recompute(model: nn.Module, activation_checkpointing: str = "none", fused_lo
 def initialize(module: nn.Module, cfg: ModelConfig, seed: int, prefix: str = "") -> None:
     """The model's initialization of `module`: the whole `Llama`, or one pipeline stage whose parameters are named
     `prefix` + their name within it in the full model. The same seed gives the same weights at any TP/PP layout."""
-    init_weights(module, cfg.weight_std, seed, prefix)
+    table = multipliers(cfg)
+    init_weights(module, cfg.weight_std, seed, prefix,
+                 group_init=lambda name, ndim: table.groups[param_group(name, ndim)].init)
     normalize_unit_weights(module, NORM_SCHEMES[cfg.norm_scheme].unit_weights)  # ngpt: every weight on the sphere
 
 
@@ -362,12 +371,13 @@ def stable_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> None:
+def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "", group_init=None) -> None:
     """Normal(0, std * gain) for every linear/embedding weight, ones (or the scheme's constants) for norms.
 
     Each weight's full (TP = 1) tensor is drawn from a generator seeded by (seed, its name), then this
     rank's shard is kept: the same seed gives the same model at any TP or PP layout. `prefix` is the
-    weight's name in the whole Llama when `module` is one part of it (a pipeline stage's layer).
+    weight's name in the whole Llama when `module` is one part of it (a pipeline stage's layer). `group_init`
+    (full name, ndim) -> the parametrization's init factor of the weight's group (models/parametrization.py).
     """
     for name, p in module.named_parameters():
         split = getattr(p, "tp_split", None)
@@ -379,7 +389,9 @@ def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> 
             p.fill_(p.init_value)
             continue
         gen = torch.Generator().manual_seed(stable_seed(seed, prefix + name))
-        full = torch.randn(split.full_shape, generator=gen) * (std * getattr(p, "init_gain", 1.0))
+        gain = getattr(p, "init_gain", 1.0)
+        factor = 1.0 if group_init is None else group_init(prefix + name, len(split.full_shape))
+        full = torch.randn(split.full_shape, generator=gen) * (std * (gain if factor == 1.0 else gain * factor))
         p.copy_(split.shard(full))
     for m in module.modules():
         if hasattr(m, "reset_parameters") and not any(hasattr(p, "tp_split") for p in m.parameters(recurse=False)):

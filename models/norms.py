@@ -41,6 +41,8 @@ import types
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
+from models.parametrization import multipliers
+
 if TYPE_CHECKING:
     # annotations only: models/config.py imports this module's tables, and torch at import would undo `layers()`
     from torch import nn
@@ -131,6 +133,7 @@ class BlockParts:
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
     residual: Callable[[float], nn.Module] = _residual  # (residual_alpha) -> the block's residual update
     residual_alpha: float = 1.0
+    branch_scale: float = 1.0  # the residual update adds branch_scale * F (a parametrization's branch multiplier)
     post_norm: bool = False  # the block normalizes after its residual adds (model.gpas scales the shortcut then)
     # Multipliers of model.init_std for the block's weights.
     init_gain_qkv: float = 1.0  # all of q, k, v (v also gets init_gain_value)
@@ -263,14 +266,6 @@ def _lns(cfg: ModelConfig, layer: int) -> BlockParts:
     return BlockParts(attn_norm=scaled, mlp_norm=scaled)
 
 
-def ln_free_multipliers(cfg: ModelConfig) -> tuple[float, float]:
-    """(c_in, c_out) of ln_free: min(1, sqrt(B / L)) and min(1, B / L), B = model.ln_free_base_depth (0: 1, 1)."""
-    base, depth = cfg.ln_free_base_depth, cfg.n_layers
-    if base == 0:
-        return 1.0, 1.0
-    return min(1.0, math.sqrt(base / depth)), min(1.0, base / depth)
-
-
 def _ln_free(cfg: ModelConfig, layer: int) -> BlockParts:
     # Without any norm the residual stream grows with every branch added to it; scaling the init of the
     # two branch output projections by 1/sqrt(2L) (GPT-2 / Megatron "scaled init") keeps its variance
@@ -281,17 +276,12 @@ def _ln_free(cfg: ModelConfig, layer: int) -> BlockParts:
     # the branch output is scaled down on top. Here that is emulated with fixed multipliers (no parameter, no
     # statistic), calibrated at base depth B: each branch reads c_in * x and adds c_out * F, c_in = sqrt(B/L),
     # c_out = B/L (capped at 1), with the init divided by the same constants so the model at step 0 is
-    # unchanged; under Adam a fixed multiplier c on a weight is that weight's learning rate times c.
-    c_in, c_out = ln_free_multipliers(cfg)
-    gain = 1.0 / math.sqrt(2 * cfg.n_layers)
-    if c_in == c_out == 1.0:
-        return BlockParts(init_gain_attn_out=gain, init_gain_mlp_out=gain)
-    return BlockParts(
-        attn_norm=lambda: layers().Scale(c_in), mlp_norm=lambda: layers().Scale(c_in),
-        attn_out_norm=lambda: layers().Scale(c_out), mlp_out_norm=lambda: layers().Scale(c_out),
-        init_gain_qkv=1.0 / c_in, init_gain_gate=1.0 / c_in, init_gain_up=1.0 / c_in,
-        init_gain_attn_out=gain / c_out, init_gain_mlp_out=gain / c_out,
-    )
+    # unchanged; under Adam a fixed multiplier c on a weight is that weight's learning rate times c. Those are
+    # entries of the parametrization table (models/parametrization.py `ln_free_multipliers`), which `block_parts`
+    # applies as it applies CompleteP's; under completep the scaled init reads the base depth (CompleteP's 1/L does
+    # the depth).
+    gain = 1.0 / math.sqrt(2 * multipliers(cfg).scheme_depth)
+    return BlockParts(init_gain_attn_out=gain, init_gain_mlp_out=gain)
 
 
 def _post_ln(cfg: ModelConfig, layer: int) -> BlockParts:
@@ -549,12 +539,49 @@ OPTIONS: dict[str, Option] = {
 
 
 def block_parts(cfg: ModelConfig, layer: int) -> BlockParts:
-    """The parts of block `layer` (1..L): the scheme's, rewritten by every composable key set off its default."""
+    """The parts of block `layer` (1..L): the scheme's, rewritten by every composable key set off its default, then
+    by the parametrization's forward multipliers (`with_multipliers`)."""
     parts = replace(NORM_SCHEMES[cfg.norm_scheme].block(cfg, layer), layer=layer)
     for key, option in OPTIONS.items():
         if getattr(cfg, key) != option.default:
             parts = option.apply(cfg, parts)
-    return parts
+    return with_multipliers(cfg, parts)
+
+
+def with_multipliers(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    """The table's forward multipliers (models/parametrization.py) in a block's parts: a branch multiplier is a
+    parameter-free `Scale` in the branch's input or output slot where the scheme leaves it empty (what HF export
+    folds), else a factor of the residual update (peri_ln's and reordered's output norms fill the slot); the attention
+    scale where the scheme sets none; ln_free's init compensation. The width factors of the init are applied per
+    parameter group by models/llama.py `init_weights`."""
+    table = multipliers(cfg)
+    changes: dict[str, object] = {}
+    if parts.softmax_scale is None and table.softmax_scale is not None:
+        changes["softmax_scale"] = table.softmax_scale
+    if table.branch_in != 1.0:
+        for slot in (ATTN_IN, MLP_IN):
+            if getattr(parts, slot) is not _none:
+                raise ValueError(f"model.norm_scheme={cfg.norm_scheme}: its {slot} slot is taken; a branch input "
+                                 "multiplier has nowhere to go")
+            changes[slot] = _scale(table.branch_in)
+        if table.compensate_init:
+            changes.update(init_gain_qkv=parts.init_gain_qkv / table.branch_in,
+                           init_gain_gate=parts.init_gain_gate / table.branch_in,
+                           init_gain_up=parts.init_gain_up / table.branch_in)
+    if table.branch_out != 1.0:
+        free = [slot for slot in (ATTN_OUT, MLP_OUT) if getattr(parts, slot) is _none]
+        if len(free) == 2:
+            changes.update({slot: _scale(table.branch_out) for slot in free})
+        else:
+            changes["branch_scale"] = parts.branch_scale * table.branch_out
+        if table.compensate_init:
+            changes.update(init_gain_attn_out=parts.init_gain_attn_out / table.branch_out,
+                           init_gain_mlp_out=parts.init_gain_mlp_out / table.branch_out)
+    return replace(parts, **changes) if changes else parts
+
+
+def _scale(c: float) -> NormFactory:
+    return lambda: layers().Scale(c)
 
 
 def option_refusal(cfg: ModelConfig) -> str | None:

@@ -33,17 +33,24 @@ class SingleStream:
 
 
 class Residual(SingleStream, nn.Module):
-    """x' = alpha * x + branch (alpha = 1 but for deepnorm)."""
+    """x' = alpha * x + c * branch (alpha = 1 but for deepnorm; c = `branch_scale`, 1 but for a parametrization's
+    branch multiplier where the scheme's output slot holds a norm: models/norms.py `with_multipliers`)."""
+
+    branch_scale = 1.0
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
 
+    def branch(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch if self.branch_scale == 1.0 else branch * self.branch_scale
+
     def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
-        return torch.add(branch, x, alpha=self.alpha)
+        return torch.add(self.branch(branch), x, alpha=self.alpha)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha:.4g}" if self.alpha != 1.0 else ""
+        scale = f", branch_scale={self.branch_scale:.4g}" if self.branch_scale != 1.0 else ""
+        return (f"alpha={self.alpha:.4g}" if self.alpha != 1.0 else "") + scale
 
 
 class GPAS(Residual):
@@ -63,8 +70,8 @@ class GPAS(Residual):
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
         if self.shortcut:
-            return torch.add(branch, self.scale(x), alpha=self.alpha)
-        return self.scale(torch.add(branch, x, alpha=self.alpha))
+            return torch.add(self.branch(branch), self.scale(x), alpha=self.alpha)
+        return self.scale(torch.add(self.branch(branch), x, alpha=self.alpha))
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.gate)

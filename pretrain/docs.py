@@ -10,7 +10,8 @@ import textwrap
 from typing import Callable
 
 from models.hf import export_reference
-from pretrain.config import composition_reference, config_reference, scheme_defaults_reference
+from pretrain.config import (composition_reference, config_reference, parametrization_reference,
+                             scheme_defaults_reference)
 from pretrain.files import atomic_write
 from pretrain.state.resume import resume_table
 
@@ -20,6 +21,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,  # every config key (pretrain/config/sections.py)
     "resume-table": resume_table,  # what a resume does with each key (pretrain/state/resume.py)
     "hf-export": export_reference,  # the stock transformers class of each scheme (models/hf/choose.py)
+    "parametrizations": parametrization_reference,  # the parametrizations each scheme takes (models/parametrization.py)
 }
 # The page of the repository (a path relative to its root) that holds each block.
 PAGES: dict[str, str] = {
@@ -28,6 +30,7 @@ PAGES: dict[str, str] = {
     "config-reference": "docs/configuration.md",
     "resume-table": "docs/training.md",
     "hf-export": "docs/interop.md",
+    "parametrizations": "docs/parametrization.md",
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (pip install -e .)
 
@@ -39,6 +42,7 @@ TITLES: dict[str, str] = {
     "config-reference": "Every config key: default, meaning (docs/configuration.md)",
     "resume-table": "What a resume does with each key (docs/training.md)",
     "hf-export": "The stock transformers class of each scheme (docs/interop.md)",
+    "parametrizations": "The parametrizations (model.parametrization) each scheme takes (docs/parametrization.md)",
 }
 
 

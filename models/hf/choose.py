@@ -111,7 +111,7 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
         for slot in ("gate_scale", "up_scale"):
             if type(getattr(block.mlp, slot)) is not nn.Identity:
                 raise bad(f"block {l}'s MLP {slot}", getattr(block.mlp, slot))
-        if type(block.residual) is not Residual or block.residual_alpha != 1.0:
+        if type(block.residual) is not Residual or block.residual_alpha != 1.0 or block.residual.branch_scale != 1.0:
             raise refusal(what, f"block {l}'s residual update is not x + F")
         if block.attn.softmax_scale is not None:
             raise refusal(what, f"block {l}'s softmax scale is not 1/√head_dim")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from models.norms import NORM_SCHEMES
+from models.parametrization import multipliers
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 from pretrain.errors import UserError
 
@@ -59,7 +60,7 @@ def logit_attribution(model, batches, device=None) -> dict:
             logits = model(tokens)
             keep_mask = labels != -100
             y = labels[keep_mask]
-            w = head[y].double()  # [N, D]
+            w = head[y].double() * multipliers(model.cfg).logits  # [N, D]; µP's fixed logit multiplier (1/m_d)
 
             def direct(x):
                 return (model.readout(x)[keep_mask].double() * w).sum(-1)  # the readout is linear (ln_free: identity)

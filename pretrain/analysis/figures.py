@@ -18,6 +18,7 @@ report's depth figure, with the entry's title, axis label and scale; depth.png t
     skip_effect_figure        `pretrain report`, per column: analyze-depth's skip-effect heat map, one panel per run
     depth_figure              `pretrain analyze-depth`: DIR/depth.png of one result
     attribution_figure        `pretrain attribute`: DIR/attribution.png of one result
+    coord_check_figure        `pretrain coord-check`: DIR/coord_check.png, mean |coordinate| against width and depth
 
 In the report each norm scheme keeps its colour across all figures (its position in models.norms.NORM_SCHEMES).
 """
@@ -343,3 +344,42 @@ def attribution_figure(result: dict):
     ax.grid(alpha=0.3)
     fig.suptitle(f"{result.get('norm_scheme', '')} step {result.get('step', '?')}")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- coordinate check
+
+
+def coord_check_figure(result: dict):
+    """`pretrain coord-check`: DIR/coord_check.png, the µP papers' coordinate check. Top row: mean |coordinate| of
+    each summary activation against width, bottom row against depth (log-log), one line per recorded step; flat lines
+    are what a parametrization that transfers gives."""
+    names = result["summaries"]
+    fig = _new_figure(figsize=(3.2 * len(names), 6.2))
+    axes = fig.subplots(2, len(names), squeeze=False)
+    steps = range(result["steps"] + 1)
+    cmap = _step_colors(len(steps))
+    for row, (axis, sizes_key, label) in enumerate((("width", "widths", "d_model"), ("depth", "depths", "n_layers"))):
+        sizes = result[sizes_key]
+        slopes = result[f"slopes_{axis}"]
+        for col, name in enumerate(names):
+            ax = axes[row][col]
+            for step in steps:
+                ax.plot(sizes, [result[axis][str(s)][name][step] for s in sizes], marker="o", ms=3,
+                        color=cmap[step], label=f"step {step}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_title(f"{name} (slope {slopes[name]:+.2f})", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("mean |coordinate|")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{result['norm_scheme']}, {result['parametrization']}: max |slope| width "
+                 f"{result['max_abs_slope_width']:.2f}, depth {result['max_abs_slope_depth']:.2f}")
+    return fig
+
+
+def _step_colors(n: int) -> list:
+    from matplotlib import colormaps  # matplotlib loads on first draw (see _new_figure)
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(1, n - 1)) for i in range(n)]

@@ -142,7 +142,7 @@ def stage_modules(cfg: ModelConfig, pp: int) -> list[list[nn.Module]]:
 def rank_parameters(modules: list[nn.Module], tp: int) -> list[tuple[str, int, bool]]:
     """(name, elements on one TP rank, decayed) of every parameter, in order: a weight with a TP split holds 1/tp of
     it (column, row, vocabulary, q/k width norms, nGPT's scales), the others are whole on every rank (norm gains,
-    scalars); decayed as pretrain/train/engine.py `split_decay` groups them (matrices but the embedding)."""
+    scalars); decayed as pretrain/config/param_groups.py `split_decay` groups them (matrices but the embedding)."""
     out = []
     for module in modules:
         for name, p in module.named_parameters():

@@ -22,11 +22,12 @@ def commands() -> tuple:
     """The command modules, in `pretrain --help` order."""
     # Imported here, inside main's error handler: a command module that imports pretrain.compat runs its version
     # check, which must reach the user as main's one-line error, not as a traceback.
-    from pretrain.cli import (analyze_depth, attribute, bench, config, data, eval, eval_choices, eval_downstream,
-                              eval_sft, export_hf, generate, params, plan, plot, remove_norms, report, tokenizer, train)
+    from pretrain.cli import (analyze_depth, attribute, bench, config, coord_check, data, eval, eval_choices,
+                              eval_downstream, eval_sft, export_hf, generate, params, plan, plot, remove_norms, report,
+                              tokenizer, train)
 
-    return (train, config, params, plan, export_hf, tokenizer, data, bench, generate, eval_sft, eval, eval_choices,
-            eval_downstream, report, plot, analyze_depth, attribute, remove_norms)
+    return (train, config, params, plan, export_hf, tokenizer, data, bench, coord_check, generate, eval_sft, eval,
+            eval_choices, eval_downstream, report, plot, analyze_depth, attribute, remove_norms)
 
 
 def main(argv: list[str] | None = None) -> int:

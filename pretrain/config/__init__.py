@@ -12,8 +12,10 @@ key reference of docs/configuration.md are generated from those strings.
 """
 
 from pretrain.config.loading import dump_yaml, load_config, save_config, to_dict
-from pretrain.config.reference import composition_reference, config_reference, scheme_defaults_reference
+from pretrain.config.reference import (composition_reference, config_reference, parametrization_reference,
+                                       scheme_defaults_reference)
 from pretrain.config.sections import ExperimentConfig, RemovalConfig, RunConfig
 
 __all__ = ["ExperimentConfig", "RemovalConfig", "RunConfig", "load_config", "save_config", "dump_yaml", "to_dict",
-           "config_reference", "composition_reference", "scheme_defaults_reference"]
+           "config_reference", "composition_reference", "scheme_defaults_reference",
+           "parametrization_reference"]

@@ -1,6 +1,6 @@
 """The docs' generated config tables (docs/configuration.md, docs/schemes.md): every key with its default and
-meaning, which composable model keys each norm scheme takes, and the training settings a scheme brings
-(`pretrain config --docs`)."""
+meaning, which composable model keys and which parametrizations each norm scheme takes, and the training settings a
+scheme brings (`pretrain config --docs`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import yaml
 
 from models.config import PRESETS, ModelConfig
 from models.norms import NORM_SCHEMES, OPTIONS, refusal_reason
+from models.parametrization import PARAMETRIZATIONS
+from models.parametrization import REFUSED as PARAMETRIZATION_REFUSED
 from pretrain.config.sections import SECTIONS, ExperimentConfig
 
 
@@ -21,6 +23,24 @@ def composition_reference() -> str:
     rows = ["| scheme | " + " | ".join(f"`model.{k}`" for k in keys) + " |", "| --- |" + " --- |" * len(keys)]
     for name, scheme in NORM_SCHEMES.items():
         cells = ["yes" if k in scheme.options else f"refused: {refusal_reason(name, k)}" for k in keys]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def parametrization_reference() -> str:
+    """Markdown table: which model.parametrization each norm scheme takes (models/parametrization.py `REFUSED`, the
+    one-line error's reason where it refuses)."""
+    values = PARAMETRIZATIONS[1:]  # standard: every scheme
+    rows = ["| scheme | " + " | ".join(f"`{v}`" for v in values) + " |", "| --- |" + " --- |" * len(values)]
+    for name in NORM_SCHEMES:
+        cells = []
+        for value in values:
+            reason = PARAMETRIZATION_REFUSED.get((name, value))
+            if reason is None and (name, value) == ("ln_free", "completep"):
+                reason = "with `model.ln_free_base_depth=0` only (its own depth multipliers otherwise count depth twice)"
+                cells.append(f"yes, {reason}")
+                continue
+            cells.append("yes" if reason is None else f"refused: {reason}")
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

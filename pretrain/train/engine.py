@@ -21,6 +21,7 @@ from models.pipeline import PARTITION_METHOD, layer_specs, pipeline_loss
 from pretrain import compat
 from pretrain.config import ExperimentConfig
 from pretrain.config.layout import check_parallel_support, gradient_accumulation_steps
+from pretrain.config.param_groups import GroupSettings, group_settings, optimizer_param_names, param_groups
 from pretrain.errors import UserError
 from pretrain.train.distributed import Topology, deepspeed_topology, parallel_state
 
@@ -110,33 +111,6 @@ def step_skipped(built: "Built") -> torch.Tensor:
     return torch.full((), 0.0 if applied else 1.0, device=device)
 
 
-def split_decay(model: torch.nn.Module, cfg: ExperimentConfig) -> tuple[list, list]:
-    """(name, parameter) pairs with and without weight decay: matrices only, unless
-    train.decay_norms_and_embeddings; norm gains, scalars and the embedding matrix are not decayed (as in
-    GPT-NeoX / OLMo)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            matrix = p.ndim >= 2 and "tok_emb" not in name
-            (decay if matrix or cfg.train.decay_norms_and_embeddings else no_decay).append((name, p))
-    return decay, no_decay
-
-
-def optimizer_param_names(model: torch.nn.Module, cfg: ExperimentConfig) -> list[list[str]]:
-    """This rank's parameter names in optimizer order (group by group), as `param_groups` builds them: checkpoints
-    record them (param_names.json) so that pretrain/state/reshard.py can read a ZeRO-0 optimizer state by name."""
-    decay, no_decay = split_decay(model, cfg)
-    return [[n for n, _ in decay]] + ([[n for n, _ in no_decay]] if no_decay else [])
-
-
-def param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
-    decay, no_decay = split_decay(model, cfg)
-    groups = [{"params": [p for _, p in decay], "weight_decay": cfg.train.weight_decay}]
-    if no_decay:
-        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
-    return groups
-
-
 def apply_optimizer_settings(built: "Built", cfg: ExperimentConfig, schedule_position: int) -> None:
     """The config's optimizer hyper-parameters and lr schedule, at `schedule_position` scheduler steps.
 
@@ -144,15 +118,21 @@ def apply_optimizer_settings(built: "Built", cfg: ExperimentConfig, schedule_pos
     learning rate would win over a changed train.lr); this makes every train.* optimizer key take effect."""
     t = cfg.train
     optimizer = compat.wrapped_optimizer(built.engine)
-    for i, group in enumerate(optimizer.param_groups):  # [decay, no-decay] as param_groups builds them
-        group.update(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay if i == 0 else 0.0, initial_lr=t.lr)
+    settings = [s.values(cfg) for s in built.group_settings]
+    if len(settings) != len(optimizer.param_groups):  # a checkpoint's groups are the model's (model.* is fixed)
+        raise UserError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, the config makes "
+                        f"{len(settings)}; resume with the run's own model.parametrization")
+    for group, values in zip(optimizer.param_groups, settings):  # as pretrain/config/param_groups.py builds them
+        group.update(betas=tuple(t.betas), eps=values["eps"], weight_decay=values["weight_decay"],
+                     initial_lr=values["lr"])
     if cfg.parallel.zero_stage > 0 or t.precision == "bf16":
         compat.set_zero_clip(built.engine, t.grad_clip)
     scheduler = built.engine.lr_scheduler
     factor = lr_lambda(cfg)
     state = scheduler.state_dict()
-    lrs = [t.lr * factor(schedule_position)] * len(optimizer.param_groups)
-    state.update(base_lrs=[t.lr] * len(lrs), last_epoch=schedule_position, _last_lr=lrs)
+    base_lrs = [values["lr"] for values in settings]
+    lrs = [lr * factor(schedule_position) for lr in base_lrs]
+    state.update(base_lrs=base_lrs, last_epoch=schedule_position, _last_lr=lrs)
     scheduler.load_state_dict(state)
     scheduler.lr_lambdas = [factor] * len(lrs)
     for group, lr in zip(optimizer.param_groups, lrs):
@@ -179,6 +159,7 @@ class Built:
     pipelined: bool
     gas: int
     param_names: list[list[str]]  # this rank's parameter names in optimizer order (`optimizer_param_names`)
+    group_settings: list[GroupSettings]  # each optimizer group's factors of train.lr, weight decay, eps
     loss_line: str | None = None  # how the fused loss runs on a GPU, for the log
 
 
@@ -227,7 +208,7 @@ def build_engine(cfg: ExperimentConfig, topo: Topology) -> Built:
         mpu=None if cfg.parallel.pp > 1 else parallel_state_mpu(),
     )
     return Built(engine=engine, model=model, pipelined=cfg.parallel.pp > 1, gas=ds_cfg["gradient_accumulation_steps"],
-                 param_names=optimizer_param_names(model, cfg),
+                 param_names=optimizer_param_names(model, cfg), group_settings=group_settings(model, cfg),
                  loss_line=fused_loss_line(paths, liger, liger_failed) if on_gpu and cfg.train.fused_loss else None)
 
 

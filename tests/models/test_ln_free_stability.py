@@ -18,7 +18,7 @@ import torch
 from models.config import ModelConfig
 from models.llama import Llama
 from models.norm_layers import Scale
-from models.norms import ln_free_multipliers
+from models.parametrization import ln_free_multipliers
 from pretrain.config import load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -36,6 +36,8 @@ NOT_RUN = {
     "test_fidelity.py": "trains every scheme 200 steps in two spawned workers (a minute and more on two cores); "
                         "its worker processes do not load this test's plugins",
     Path(__file__).name: "this test",
+    "test_parametrization.py": "it patches ln_free's entry and checks the names of the parametrization refusals; "
+                               "it iterates over no scheme",
 }
 # The tests that must have run on the scheme (a test function name, and how many of its ids name the scheme).
 REQUIRED = {
