@@ -147,6 +147,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, parts, tp)
         self.residual = parts.residual(parts.residual_alpha)  # alpha x + F, or GPAS / nGPT's update (models/parts.py)
         self.residual_alpha = parts.residual_alpha
+        self.layer_scalar = parts.layer_scalar()  # Gemma 4's scalar on the block's output (nn.Identity if unused)
         self.recompute_all = False  # full activation checkpointing: `recompute` sets it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
@@ -160,7 +161,7 @@ class Block(nn.Module):
         a = self.attn_out_norm(self.attn(self.attn_norm(x), cos, sin, positions, mask, cache))
         h = self.attn_post_norm(self.residual(x, a, 0))  # alpha * x + a
         m = self.mlp_out_norm(self.mlp(self.mlp_norm(h)))
-        return self.mlp_post_norm(self.residual(h, m, 1))
+        return self.layer_scalar(self.mlp_post_norm(self.residual(h, m, 1)))
 
 
 class EmbeddingPart:

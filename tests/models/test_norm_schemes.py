@@ -350,6 +350,12 @@ OPTION_CASES = [
     ("dyt", dict(norm_gain="zero_centered")), ("derf", dict(norm_gain="zero_centered")),
     ("hybridnorm_star", dict(norm_gain="zero_centered")), ("pre_ln", dict(qk_norm="head", norm_gain="zero_centered")),
     ("lns", dict(qk_norm="full", attn_gate="headwise", gpas=True, norm_gain="zero_centered")),
+    # Gemma 4's and Muse Glimmer's pieces on the other schemes
+    ("pre_ln", dict(v_norm=True)), ("peri_ln", dict(layer_scalar=True)), ("keel", dict(v_norm=True, layer_scalar=True)),
+    ("pre_ln", dict(qk_norm="head", qk_norm_scale="learned")), ("lns", dict(qk_norm="head", qk_norm_scale="none")),
+    ("peri_ln", dict(qk_norm="head", qk_norm_scale="learned", v_norm=True, layer_scalar=True,
+                     norm_gain="zero_centered")),
+    ("reordered", dict(qk_norm="head", qk_norm_scale="none", v_norm=True, attn_gate="elementwise")),
 ]
 OPTION_IDS = [scheme + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for scheme, o in OPTION_CASES]
 
@@ -369,7 +375,8 @@ def test_composable_keys_match_formula(scheme, options):
         for l, block in enumerate(model.blocks, start=1):
             got = block(x, cos, sin)
             assert_close(got, block_formula(cfg, block, l, x, cos, sin), tol(cfg), f"{scheme} {options} block {l}")
-            plain = dataclasses.replace(cfg, qk_norm="none", attn_gate="none", gpas=False, norm_gain="one")
+            plain = dataclasses.replace(cfg, qk_norm="none", attn_gate="none", gpas=False, norm_gain="one",
+                                        qk_norm_scale=None, v_norm=False, layer_scalar=False)
             assert (got - block_formula(plain, block, l, x, cos, sin)).abs().max() > 1e-6, "a key changed nothing"
 
 
