@@ -44,8 +44,13 @@ KEY_REFUSALS: dict[str, tuple[str, str]] = {
     "gpas": ("true", "no stock class scales the residual stream's activations"),
     "removable_norms": ("true", "a model in norm removal holds its σ state; export the ln_free checkpoint "
                                 "`pretrain remove-norms` writes at the end"),
+    "qk_norm_scale": ("learned/none", "Qwen3's q/k norms have gains at attention scale 1/√head_dim; Gemma 4's "
+                                      "(attention scale 1) come with its whole block: model.norm_scheme=gemma4"),
+    "v_norm": ("true", "only Gemma 4 normalizes v, with its whole block: model.norm_scheme=gemma4"),
+    "layer_scalar": ("true", "only Gemma 4 scales a layer's output, with its whole block: model.norm_scheme=gemma4"),
 }
-_KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False}
+_KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False,
+                 "qk_norm_scale": None, "v_norm": False, "layer_scalar": False}
 
 
 class NotExportable(ValueError):

@@ -366,6 +366,11 @@ def test_export_refuses_schemes_no_stock_class_has(tmp_path, scheme, qk):
     (dict(norm_scheme="reordered", qk_norm="full", attn_gate="headwise"), "attn_gate=headwise"),
     (dict(norm_scheme="pre_ln", gpas=True), "gpas=true"),
     (dict(norm_scheme="pre_ln", removable_norms=True), "removable_norms=true"),
+    (dict(norm_scheme="pre_ln", qk_norm="head", qk_norm_scale="learned"), "qk_norm_scale=learned"),
+    (dict(norm_scheme="lns", qk_norm="head", qk_norm_scale="none"), "qk_norm_scale=none"),
+    (dict(norm_scheme="pre_ln", v_norm=True), "v_norm=true"),
+    (dict(norm_scheme="peri_ln", layer_scalar=True), "layer_scalar=true"),
+    (dict(norm_scheme="gemma4", attn_gate="elementwise"), "attn_gate=elementwise"),
 ])
 def test_export_refuses_keys_no_stock_class_has(tmp_path, overrides, shown):
     cfg = small_cfg(**overrides)
