@@ -636,10 +636,14 @@ NOT_COMPOSABLE = {
     ("ngpt", "attn_gate"): "its residual update is on the sphere; the paper has no gate",
     ("hybridnorm", "v_norm"): "it normalizes v itself, with a gain",
     ("hybridnorm_star", "v_norm"): "it normalizes v itself, with a gain",
-    **{("gemma4", key): "Gemma 4 has it built in" for key in ("qk_norm", "qk_norm_scale", "v_norm", "layer_scalar")},
-    **{("muse_glimmer", key): "Muse Glimmer has it built in (scaleless per-head q/k norms, q times 3.87; an "
-                              "elementwise output gate; gain-centred block norms)"
-       for key in ("qk_norm", "qk_norm_scale", "attn_gate", "norm_gain")},
+    ("gemma4", "qk_norm"): "it normalizes q and k per head itself",
+    ("gemma4", "qk_norm_scale"): "its q/k norms carry learned gains at attention scale 1 by definition",
+    ("gemma4", "v_norm"): "it normalizes v per head itself",
+    ("gemma4", "layer_scalar"): "it has Gemma 4's layer scalar built in",
+    ("muse_glimmer", "qk_norm"): "it normalizes q and k per head itself",
+    ("muse_glimmer", "qk_norm_scale"): "its q/k norms are scaleless with q times 3.87 by definition",
+    ("muse_glimmer", "attn_gate"): "it gates each head's output per channel itself",
+    ("muse_glimmer", "norm_gain"): "its block norms are gain-centred, (1 + w), by definition",
 }
 
 

@@ -5,17 +5,17 @@ tests/pretrain/cli/test_hf_stock_classes.py)."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from models.config import ModelConfig
-from models.hf.llama import LLAMA
 from models.hf.gemma4 import GEMMA4
+from models.hf.llama import LLAMA
 from models.hf.olmo2 import OLMO2
 from models.hf.qwen3 import QWEN3
 from models.hf.target import Target
 from models.llama import Llama
-import math
-
 from models.norm_layers import LayerScalar, RMSNorm, Scale, ScalelessRMSNorm
 from models.norms import ATTN_POST, MLP_POST, NORM_SCHEMES, SLOTS
 from models.parallel import HeadNorm, WidthNorm

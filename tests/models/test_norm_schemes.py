@@ -487,7 +487,7 @@ def test_qk_norm_scale_needs_per_head_qk_norms_and_v_norm_is_per_head():
     with pytest.raises(ValueError, match=r"^model\.removable_norms: norm removal does not cover the v norm"):
         ModelConfig(**TINY, v_norm=True, removable_norms=True)
     with pytest.raises(ValueError, match=r"^model\.v_norm=True does not compose with model\.norm_scheme=gemma4 "
-                                         r"\(Gemma 4 has it built in\)"):
+                                         r"\(it normalizes v per head itself\)"):
         ModelConfig(**TINY, norm_scheme="gemma4", v_norm=True)
     # v_norm: each head of v brought to RMS 1 on its own, no parameter
     cfg, model = make_model("pre_ln", v_norm=True)
