@@ -41,6 +41,10 @@ ENTRIES.update({
     "pre_ln+gpas": ["model.gpas=true"],
     "lns+gpas": ["model.norm_scheme=lns", "model.gpas=true"],
     "pre_ln+norm_gain=zero_centered": ["model.norm_gain=zero_centered"],
+    "pre_ln+qk_norm_scale=learned": ["model.qk_norm=head", "model.qk_norm_scale=learned"],
+    "pre_ln+qk_norm_scale=none": ["model.qk_norm=head", "model.qk_norm_scale=none"],
+    "pre_ln+v_norm": ["model.v_norm=true"],
+    "pre_ln+layer_scalar": ["model.layer_scalar=true"],
 })
 assert set(OPTIONS) <= {e.split("+")[1].split("=")[0] for e in ENTRIES if "+" in e}, "a composable key has no entry"
 

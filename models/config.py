@@ -97,6 +97,22 @@ class ModelConfig:
     residual_sinkhorn_iters: int | None = doc(
         None, "mhc only: Sinkhorn-Knopp iterations of the streams' mixing matrix (null: 20, DeepSeek-V4's)."
     )
+    qk_norm_scale: Literal["learned", "none"] | None = doc(
+        None,
+        "What the per-head q/k norms (model.qk_norm=head) carry: null: a learned gain, attention scale 1/sqrt(head_dim) "
+        "(Qwen3); learned: a learned gain with attention scale 1 (Gemma 4); none: no gain, q times the constant 3.87 "
+        "at attention scale 1/sqrt(head_dim) (Muse Glimmer's qk_scale_factor). Exact under tensor parallelism.",
+    )
+    v_norm: bool = doc(
+        False,
+        "An RMSNorm without gain on v, per head over head_dim, before attention (Gemma 4's v_norm); exact under tensor "
+        "parallelism (each rank normalizes its own heads).",
+    )
+    layer_scalar: bool = doc(
+        False,
+        "A learnable scalar (from 1) times each block's output, the whole residual stream after its last add (Gemma "
+        "4's layer_scalar); replicated under tensor parallelism.",
+    )
     mix_ln_post_fraction: float = doc(
         0.25, "mix_ln only: the first floor(fraction * n_layers) blocks are Post-LN, the rest Pre-LN."
     )
@@ -185,6 +201,9 @@ class ModelConfig:
                                  f"it is for model.residual={' or '.join(takers)}")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}: must be a positive integer, got {value}")
+        if self.qk_norm_scale is not None and self.qk_norm != "head":
+            raise ValueError(f"model.qk_norm_scale={self.qk_norm_scale}: it sets what the per-head q/k norms carry, and "
+                             f"model.qk_norm={self.qk_norm} has none; set model.qk_norm=head")
         if NORM_SCHEMES[self.norm_scheme].unit_weights and self.tie_embeddings:
             raise ValueError(f"model.tie_embeddings: {self.norm_scheme} keeps separate unit-norm input and output "
                              "embeddings (the paper's); set model.tie_embeddings=false")
@@ -192,7 +211,9 @@ class ModelConfig:
             # q/k norms are removal sites (models/norms.py REMOVAL_SITES); these two have no fixed-scale form yet
             for key, what in (("attn_gate", "the attention gate (it reads the attention's normalized input)"),
                               ("gpas", "GPAS (the folded ln_free model has no scaling)"),
-                              ("residual", "residual streams (the folded ln_free model has one stream)")):
+                              ("residual", "residual streams (the folded ln_free model has one stream)"),
+                              ("qk_norm_scale", "q/k norms with attention scale 1 or without gain"),
+                              ("v_norm", "the v norm"), ("layer_scalar", "the layer scalar")):
                 if getattr(self, key) != type(self).__dataclass_fields__[key].default:
                     raise ValueError(f"model.removable_norms: norm removal does not cover {what} "
                                      f"(model.{key}={getattr(self, key)}) yet; leave model.{key} at its default")

@@ -152,6 +152,7 @@ class Block(nn.Module):
         if parts.branch_scale != 1.0:  # the parametrization's branch multiplier where the output slot holds a norm
             self.residual.branch_scale = parts.branch_scale
         self.residual_alpha = parts.residual_alpha
+        self.layer_scalar = parts.layer_scalar()  # Gemma 4's scalar on the block's output (nn.Identity if unused)
         self.recompute_all = False  # full activation checkpointing: `recompute` sets it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
@@ -168,7 +169,7 @@ class Block(nn.Module):
         h = self.attn_post_norm(self.residual(x, a, 0, mix))  # alpha * x + a
         u, mix = self.residual.read(h, 1)
         m = self.mlp_out_norm(self.mlp(self.mlp_norm(u)))
-        return self.mlp_post_norm(self.residual(h, m, 1, mix))
+        return self.layer_scalar(self.mlp_post_norm(self.residual(h, m, 1, mix)))
 
 
 class EmbeddingPart:

@@ -17,7 +17,8 @@ from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Un
 from models.streams import HCResidual, MHCHead, MHCResidual, StreamExpand, StreamSum
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
-           "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "NORM_CLASSES",
+           "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "ScalelessRMSNorm",
+           "LayerScalar", "NORM_CLASSES",
            "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
            "NGPTResidual", "Residual", "Ungated", "UnitScaled", "HCResidual", "MHCHead", "MHCResidual", "StreamExpand",
            "StreamSum"]
@@ -304,6 +305,40 @@ class Scale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scale:.4g}"
+
+
+class ScalelessRMSNorm(nn.Module):
+    """RMSNorm over the last dim without a gain, in fp32, times a fixed `factor`: Gemma 4's v norm (`with_scale=False`,
+    per head over head_dim), Muse Glimmer's q/k norm (q times its `qk_scale_factor`) and its embedding norm. No
+    parameter, and a statistic of the last dim only: a per-head norm is exact on any tensor-parallel split of the
+    heads."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, factor: float = 1.0):
+        super().__init__()
+        self.dim, self.eps, self.factor = dim, eps, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(_at_least_fp32(x), (self.dim,), eps=self.eps).type_as(x)
+        return y * self.factor if self.factor != 1.0 else y
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, no gain" + (f", factor={self.factor:.4g}" if self.factor != 1.0 else "")
+
+
+class LayerScalar(nn.Module):
+    """A learnable scalar times the block's output (model.layer_scalar; Gemma 4's `layer_scalar`, which multiplies the
+    whole residual stream after the block's last add), from 1. Replicated under tensor parallelism: every rank holds
+    the same block output, so each computes the full gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))  # shape [1]: DeepSpeed broadcasts parameters as bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
 
 
 # model.norm_type -> its class (models/norms.py NORM_TYPES names them for the config).

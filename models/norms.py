@@ -9,7 +9,8 @@ with the residual update R(x, F) = alpha x + F (GPAS and nGPT replace it, models
 own (`ATTENTION_SLOTS`: q, k, v norms before RoPE, q/k scales after it, the output gate) and so has the MLP
 (`MLP_SLOTS`). A scheme is nothing but the choice of those parts (nn.Identity where it has none), alpha and a few
 init gains, per layer l = 1..L (`BlockParts`); the composable keys (`OPTIONS`: qk_norm, attn_gate, gpas, norm_gain,
-residual) rewrite a scheme's parts; model.residual makes the residual a state of n streams (models/streams.py).
+residual) rewrite a scheme's parts (and v_norm, qk_norm_scale, layer_scalar: the pieces of Gemma 4's and Muse
+Glimmer's blocks, for the other schemes); model.residual makes the residual a state of n streams (models/streams.py).
 Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the forward.
 
     pre_ln    x = x + F(N(x))                                   final N
@@ -26,6 +27,12 @@ Adding a scheme means adding one entry to `NORM_SCHEMES`, never an `if` in the f
     dyt       N replaced by DyT(x) = gamma * tanh(alpha x) (+ b); embedding x learnable sqrt(max(d, 4096))   final DyT
     derf      N replaced by gamma * erf(alpha x + s) + beta; embedding as dyt                final Derf
     ngpt      x = n(x + alpha (n(F(x)) - x)) on the unit sphere; unit-norm weights after every step   no final norm
+    keel      x = N_post(alpha x + F(N_in(x))), alpha = 2L (the number of sublayers)    no final norm
+    gemma4    x = s_l (h + N(MLP(N(h)))), h = x + N(Attn(N(x))); q, k RMSNorm per head (learned gains), v RMSNorm
+              per head without gain, attention scale 1, embedding x sqrt(d), learnable s_l from 1    final N
+    muse_glimmer  x = x + N0(F(N0(x))) with gain-centred norms N0 = (1 + w) x / rms(x) (post norms eps 1e-8);
+              q, k RMSNorm per head without gain, q x 3.87; sigmoid gate per channel; embedding RMSNorm without gain
+              final N (gain w from 1)
 
 Norm removal (`pretrain remove-norms`, pretrain/removal/): with `model.removable_norms` the norms of a
 `removable` scheme (pre_ln, lns, reordered; with model.qk_norm its q/k norms too) are `RemovableNorm` sites
@@ -130,6 +137,7 @@ class BlockParts:
     out_gate: TPFactory = _ungated
     gate_scale: TPFactory = _identity
     up_scale: TPFactory = _identity
+    layer_scalar: NormFactory = _none  # on the block's output, after its last add (model.layer_scalar; Gemma 4)
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
     residual: Callable[[float], nn.Module] = _residual  # (residual_alpha) -> the block's residual update
     residual_alpha: float = 1.0
@@ -226,9 +234,17 @@ REMOVAL_SITES: dict[str, RemovalSite] = {
 REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values()))  # mlp, attn, qk, final
 
 
-def norm(cfg: ModelConfig, scale: float = 1.0) -> NormFactory:
+def norm(cfg: ModelConfig, scale: float = 1.0, gain: str | None = None, eps: float | None = None) -> NormFactory:
+    """The run's norm over d_model; `gain` (a `NORM_GAINS` key) and `eps` where a scheme fixes them (muse_glimmer)."""
     cls = (layers().REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers().NORM_CLASSES)[cfg.norm_type]
-    return lambda: cls(cfg.d_model, cfg.norm_eps, output_scale=scale, gain_offset=NORM_GAINS[cfg.norm_gain])
+    offset = NORM_GAINS[cfg.norm_gain if gain is None else gain]
+    eps = cfg.norm_eps if eps is None else eps
+    return lambda: cls(cfg.d_model, eps, output_scale=scale, gain_offset=offset)
+
+
+def scaleless_norm(dim: int, eps: float, factor: float = 1.0) -> TPFactory:
+    """RMSNorm over the last dim `dim` without a gain, times a fixed factor (v, scaleless q/k, Muse's embedding)."""
+    return lambda tp=None: layers().ScalelessRMSNorm(dim, eps, factor)
 
 
 def head_norm(cfg: ModelConfig, heads: int | None = None) -> TPFactory:
@@ -329,6 +345,58 @@ def _deepnorm(cfg: ModelConfig, layer: int) -> BlockParts:
         init_gain_up=beta,
         init_gain_mlp_out=beta,
     )
+
+
+def _keel(cfg: ModelConfig, layer: int) -> BlockParts:
+    # Keel (Chen & Wei, 2026, arXiv 2601.19895): Post-LN whose ResNet shortcut is replaced by a Highway-style scaled
+    # one, x_{l+1} = LN_1(alpha x_l + F(LN_2(x_l))), alpha = L the number of sublayers (attention and MLP each one:
+    # 2 n_layers here), every norm an RMSNorm with a learnable gain; no special initialization (model.init_std).
+    return BlockParts(attn_norm=norm(cfg), mlp_norm=norm(cfg), attn_post_norm=norm(cfg), mlp_post_norm=norm(cfg),
+                      post_norm=True, residual_alpha=2.0 * cfg.n_layers)
+
+
+def _gemma4(cfg: ModelConfig, layer: int) -> BlockParts:
+    # transformers Gemma4TextDecoderLayer: input_layernorm -> attention -> post_attention_layernorm -> + x;
+    # pre_feedforward_layernorm -> MLP -> post_feedforward_layernorm -> + h; then the whole stream times the layer's
+    # `layer_scalar`. Gemma4TextAttention: q_norm, k_norm RMSNorm per head over head_dim with a gain (Gemma4RMSNorm's
+    # gain is w, from 1), v_norm RMSNorm per head without one, before RoPE; scaling 1.0.
+    q, k = QK_NORM_SCALES["learned"](cfg)
+    return replace(_peri_ln(cfg, layer), q_norm=q, k_norm=k, v_norm=scaleless_norm(cfg.head_dim, cfg.norm_eps),
+                   softmax_scale=1.0, layer_scalar=layers().LayerScalar)
+
+
+def _gemma4_embedding(cfg: ModelConfig) -> nn.Module:
+    # Gemma4TextScaledWordEmbedding: the lookup times sqrt(hidden_size), a fixed multiplier.
+    return layers().Scale(math.sqrt(cfg.d_model))
+
+
+# Muse Glimmer's released text config (transformers MuseGlimmerTextConfig): the constant q factor after its scaleless
+# q/k norm (on top of 1/sqrt(head_dim)) and the epsilon of its post-sublayer norms.
+MUSE_QK_SCALE_FACTOR = 3.87
+MUSE_POST_NORM_EPS = 1e-8
+
+
+def _muse_glimmer(cfg: ModelConfig, layer: int) -> BlockParts:
+    # transformers MuseGlimmerTextDecoderLayer: every block norm a MuseGlimmerTextCenteredRMSNorm, (1 + w) x / rms(x)
+    # with w from 0, the post-sublayer ones with post_norm_eps; MuseGlimmerTextAttention: one RMSNorm without gain on q
+    # and k per head (q then times qk_scale_factor), scaling 1/sqrt(head_dim), the heads' output times
+    # sigmoid(gate_proj(x)) per channel before o_proj.
+    q, k = QK_NORM_SCALES["none"](cfg)
+    centred = dict(gain="zero_centered")
+    return BlockParts(attn_norm=norm(cfg, **centred), mlp_norm=norm(cfg, **centred),
+                      attn_out_norm=norm(cfg, eps=MUSE_POST_NORM_EPS, **centred),
+                      mlp_out_norm=norm(cfg, eps=MUSE_POST_NORM_EPS, **centred),
+                      q_norm=q, k_norm=k, out_gate=ATTN_GATES["elementwise"](cfg))
+
+
+def _muse_embedding(cfg: ModelConfig) -> nn.Module:
+    # MuseGlimmerTextNormedEmbedding: an RMSNorm without gain on the lookup (eps rms_norm_eps).
+    return scaleless_norm(cfg.d_model, cfg.norm_eps)()
+
+
+def _muse_final_norm(cfg: ModelConfig) -> nn.Module:
+    # MuseGlimmerTextModel.norm: a plain RMSNorm, gain w from 1 (not gain-centred).
+    return norm(cfg, gain="one")()
 
 
 def hybridnorm_init_std(cfg: ModelConfig) -> float:
@@ -464,9 +532,35 @@ ATTN_GATES: dict[str, Callable[[ModelConfig], TPFactory]] = {
 }
 
 
+# model.qk_norm_scale -> (q norm, k norm) per head and the attention's softmax scale: what the per-head q/k norms
+# carry (null, the default: model.qk_norm's norms with a learned gain at 1/sqrt(head_dim)).
+QK_NORM_SCALES: dict[str, Callable[[ModelConfig], tuple[TPFactory, TPFactory]]] = {
+    # Gemma 4: learned gains, attention scale 1 (the gains learn the temperature)
+    "learned": lambda cfg: (head_norm(cfg, cfg.n_heads), head_norm(cfg, cfg.n_kv_heads)),
+    # Muse Glimmer: no gain; q times the constant MUSE_QK_SCALE_FACTOR, attention scale 1/sqrt(head_dim)
+    "none": lambda cfg: (scaleless_norm(cfg.head_dim, cfg.norm_eps, MUSE_QK_SCALE_FACTOR),
+                         scaleless_norm(cfg.head_dim, cfg.norm_eps)),
+}
+QK_SOFTMAX_SCALES: dict[str, float | None] = {"learned": 1.0, "none": None}
+
+
 def _with_qk_norm(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
     q, k = QK_NORMS[cfg.qk_norm](cfg)
     return replace(parts, q_norm=q, k_norm=k)
+
+
+def _with_qk_norm_scale(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    # after _with_qk_norm (OPTIONS' order), which ModelConfig requires to be model.qk_norm=head
+    q, k = QK_NORM_SCALES[cfg.qk_norm_scale](cfg)
+    return replace(parts, q_norm=q, k_norm=k, softmax_scale=QK_SOFTMAX_SCALES[cfg.qk_norm_scale])
+
+
+def _with_v_norm(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    return replace(parts, v_norm=scaleless_norm(cfg.head_dim, cfg.norm_eps))
+
+
+def _with_layer_scalar(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
+    return replace(parts, layer_scalar=layers().LayerScalar)
 
 
 def _with_gate(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
@@ -535,6 +629,9 @@ OPTIONS: dict[str, Option] = {
         "single", _with_streams,
         refused="mHC (DeepSeek-V4) and hyper-connections wrap Pre-Norm blocks",
         excludes={"gpas": "GPAS scales one residual stream; the streams' mix replaces that update"}),
+    "qk_norm_scale": Option(None, _with_qk_norm_scale),
+    "v_norm": Option(False, _with_v_norm),
+    "layer_scalar": Option(False, _with_layer_scalar),
 }
 
 
@@ -603,7 +700,7 @@ def refusal_reason(scheme: str, key: str) -> str:
     return NOT_COMPOSABLE.get((scheme, key), OPTIONS[key].refused)
 
 
-_NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain"})
+_NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain", "qk_norm_scale", "v_norm", "layer_scalar"})
 _GPAS = _NORMED | {"gpas"}
 _PRE_NORM = _GPAS | {"residual"}  # mHC and hyper-connections: Pre-Norm blocks (models/streams.py)
 # Why a scheme refuses a key (docs/schemes.md, "Composable keys").
@@ -615,6 +712,16 @@ NOT_COMPOSABLE = {
     ("ngpt", "qk_norm"): "it normalizes q and k itself",
     ("ngpt", "norm_gain"): "it has no norm gains",
     ("ngpt", "attn_gate"): "its residual update is on the sphere; the paper has no gate",
+    ("hybridnorm", "v_norm"): "it normalizes v itself, with a gain",
+    ("hybridnorm_star", "v_norm"): "it normalizes v itself, with a gain",
+    ("gemma4", "qk_norm"): "it normalizes q and k per head itself",
+    ("gemma4", "qk_norm_scale"): "its q/k norms carry learned gains at attention scale 1 by definition",
+    ("gemma4", "v_norm"): "it normalizes v per head itself",
+    ("gemma4", "layer_scalar"): "it has Gemma 4's layer scalar built in",
+    ("muse_glimmer", "qk_norm"): "it normalizes q and k per head itself",
+    ("muse_glimmer", "qk_norm_scale"): "its q/k norms are scaleless with q times 3.87 by definition",
+    ("muse_glimmer", "attn_gate"): "it gates each head's output per channel itself",
+    ("muse_glimmer", "norm_gain"): "its block norms are gain-centred, (1 + w), by definition",
 }
 
 
@@ -673,4 +780,15 @@ NORM_SCHEMES: dict[str, NormScheme] = {
         train_defaults=ngpt_train_defaults,
         no_hf_class="its residual update moves on the unit sphere with learned q/k, MLP and logit scales, which no "
                     "stock class has"),
+    "keel": NormScheme(
+        _keel, _no_final_norm, options=_NORMED,
+        no_hf_class="Post-LN with the shortcut weighted by 2L, which no stock class has"),
+    "gemma4": NormScheme(
+        _gemma4, _final_norm, embedding=_gemma4_embedding, options=frozenset({"attn_gate", "norm_gain"}),
+        hf_exports={"none": HFExport("gemma4_text", "every layer full attention with plain RoPE over the whole head, "
+                                                    "no per-layer inputs, no softcap, no MoE, no KV sharing")}),
+    "muse_glimmer": NormScheme(
+        _muse_glimmer, _muse_final_norm, embedding=_muse_embedding,
+        no_hf_class="transformers has no MuseGlimmerForCausalLM: MuseGlimmerForConditionalGeneration carries a vision "
+                    "tower and always tanh-softcaps the logits, MuseGlimmerTextModel has no head"),
 }

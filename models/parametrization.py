@@ -145,6 +145,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("hybridnorm_star", "completep"): "its init √(2/(5d)) is a width rule and its 1/√(2L) outputs a depth rule",
     ("post_ln", "completep"): "CompleteP is derived for pre-norm streams; a norm after each add would undo its 1/L",
     ("mix_ln", "completep"): "CompleteP is derived for pre-norm streams; Mix-LN's Post-LN blocks would undo its 1/L",
+    ("keel", "completep"): "Keel's α = 2L highway is its depth scaling and its norm after each add would undo CompleteP's "
+                           "1/L",
 }
 
 

@@ -5,20 +5,23 @@ tests/pretrain/cli/test_hf_stock_classes.py)."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from models.config import ModelConfig
+from models.hf.gemma4 import GEMMA4
 from models.hf.llama import LLAMA
 from models.hf.olmo2 import OLMO2
 from models.hf.qwen3 import QWEN3
 from models.hf.target import Target
 from models.llama import Llama
-from models.norm_layers import RMSNorm, Scale
+from models.norm_layers import LayerScalar, RMSNorm, Scale, ScalelessRMSNorm
 from models.norms import ATTN_POST, MLP_POST, NORM_SCHEMES, SLOTS
 from models.parallel import HeadNorm, WidthNorm
 from models.parts import Residual, Ungated
 
-TARGETS = {t.model_type: t for t in (LLAMA, QWEN3, OLMO2)}
+TARGETS = {t.model_type: t for t in (LLAMA, QWEN3, OLMO2, GEMMA4)}
 
 # (scheme, model.qk_norm) -> the class it exports to and what the export does on the way: read from each scheme's
 # entry (models/norms.py NormScheme.hf_exports), where the reason a scheme has no stock class lives too.
@@ -37,7 +40,7 @@ def import_schemes(target: Target) -> tuple[str, ...]:
 # Model keys off their default that no stock class expresses, whatever the scheme: key -> (value to show, why).
 KEY_REFUSALS: dict[str, tuple[str, str]] = {
     "norm_type": ("layernorm", "the stock classes use RMSNorm"),
-    "attn_gate": ("headwise/elementwise", "Llama, Qwen3 and OLMo 2 have no attention output gate"),
+    "attn_gate": ("headwise/elementwise", "Llama, Qwen3, OLMo 2 and Gemma 4 have no attention output gate"),
     "gpas": ("true", "no stock class scales the residual stream's activations"),
     "removable_norms": ("true", "a model in norm removal holds its σ state; export the ln_free checkpoint "
                                 "`pretrain remove-norms` writes at the end"),
@@ -47,9 +50,13 @@ KEY_REFUSALS: dict[str, tuple[str, str]] = {
     "residual": ("mhc/hc/hc_static", "no stock class has residual streams around Llama's attention and MLP: "
                                      "DeepSeek-V4, the one with mHC, always routes its MLP through experts and "
                                      "windows, compresses and sinks its attention; hyper-connections have none"),
+    "qk_norm_scale": ("learned/none", "Qwen3's q/k norms have gains at attention scale 1/√head_dim; Gemma 4's "
+                                      "(attention scale 1) come with its whole block: model.norm_scheme=gemma4"),
+    "v_norm": ("true", "only Gemma 4 normalizes v, with its whole block: model.norm_scheme=gemma4"),
+    "layer_scalar": ("true", "only Gemma 4 scales a layer's output, with its whole block: model.norm_scheme=gemma4"),
 }
 _KEY_DEFAULTS = {"norm_type": "rmsnorm", "attn_gate": "none", "gpas": False, "removable_norms": False,
-                 "residual": "single"}
+                 "residual": "single", "qk_norm_scale": None, "v_norm": False, "layer_scalar": False}
 
 
 class NotExportable(ValueError):
@@ -104,7 +111,8 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
                 ok = type(module) is (RMSNorm if slot in target.block_norms else nn.Identity)
             if not ok:
                 raise bad(f"block {l}'s {slot}", module)
-        for slot, expected in (("q_norm", qk_type), ("k_norm", qk_type), ("v_norm", nn.Identity),
+        v_type = ScalelessRMSNorm if target.v_norm else nn.Identity
+        for slot, expected in (("q_norm", qk_type), ("k_norm", qk_type), ("v_norm", v_type),
                                ("q_scale", nn.Identity), ("k_scale", nn.Identity), ("out_gate", Ungated)):
             if type(getattr(block.attn, slot)) is not expected:
                 raise bad(f"block {l}'s attention {slot}", getattr(block.attn, slot))
@@ -113,12 +121,24 @@ def check_structure(cfg: ModelConfig, target: Target, model: Llama | None = None
                 raise bad(f"block {l}'s MLP {slot}", getattr(block.mlp, slot))
         if type(block.residual) is not Residual or block.residual_alpha != 1.0 or block.residual.branch_scale != 1.0:
             raise refusal(what, f"block {l}'s residual update is not x + F")
-        if block.attn.softmax_scale is not None:
-            raise refusal(what, f"block {l}'s softmax scale is not 1/√head_dim")
+        if block.attn.softmax_scale != target.softmax_scale:
+            want = "1/√head_dim" if target.softmax_scale is None else target.softmax_scale
+            raise refusal(what, f"block {l}'s softmax scale is not {want}, as in {target.architecture}")
+        for module in (block.attn.v_norm, block.attn.q_norm, block.attn.k_norm):
+            if isinstance(module, ScalelessRMSNorm) and (module.eps != cfg.norm_eps or module.factor != 1.0):
+                raise bad(f"block {l}'s attention norm", module)
+        if type(block.layer_scalar) is not (LayerScalar if target.layer_scalar else nn.Identity):
+            raise bad(f"block {l}'s layer_scalar", block.layer_scalar)
     final_ok = type(model.final_norm) is (nn.Identity if linear else RMSNorm)
     if not final_ok:
         raise bad("the final norm", model.final_norm)
-    for name in ("emb_out", "streams_in", "streams_out", "logit_scale"):
+    emb_ok = (type(model.emb_out) is Scale and model.emb_out.scale == math.sqrt(cfg.d_model) if target.embedding_scale
+              else type(model.emb_out) is nn.Identity)
+    if not emb_ok:
+        raise bad("emb_out", model.emb_out)
+    if type(model.logit_scale) is not nn.Identity:
+        raise bad("logit_scale", model.logit_scale)
+    for name in ("streams_in", "streams_out"):
         if type(getattr(model, name)) is not nn.Identity:
             raise bad(name, getattr(model, name))
 

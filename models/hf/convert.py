@@ -68,8 +68,8 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, **o
         dtype=_dtype_name(dtype),
         architectures=[target.architecture],
         **({"head_dim": cfg.head_dim} if target.keeps_head_dim else {}),
-        **target.config_kwargs(cfg),
     )
+    kwargs.update(target.config_kwargs(cfg))  # may replace common fields (Gemma 4: rope_parameters per layer type)
     kwargs.update(overrides)
     return target.config_type()(**kwargs)
 
@@ -121,7 +121,7 @@ def from_hf_config(hf_config: Any, norm_scheme: str | None = None) -> ModelConfi
         rope_theta=rope_theta,
         norm_scheme=scheme,
         norm_type="rmsnorm",
-        qk_norm=target.qk_norm,
+        qk_norm=target.config_qk_norm,
         # ln_free: the multipliers are folded into the weights, so the import is the plain x + F(x) model, and its
         # norm_eps (which it never uses) stays at our default rather than 2^40.
         **({"ln_free_base_depth": 0} if norm_free else {"norm_eps": float(c.rms_norm_eps)}),
@@ -173,6 +173,8 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> d
         for which, heads in (("q", H), ("k", K)) if target.qk_norm != "none" else ():
             shape = (E,) if target.qk_norm == "head" else (heads * E,)
             out[h + f"self_attn.{which}_norm.weight"] = gain(p + f"attn.{which}_norm.weight", shape)
+        if target.layer_scalar:
+            out[h + "layer_scalar"] = get(p + "layer_scalar.scale", (1,)).clone()
     out["model.norm.weight"] = linear_gain(D, emb.dtype) if linear else gain("final_norm.weight", (D,))
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = get("head.weight", (cfg.vocab_size, D)).clone()
@@ -186,6 +188,7 @@ def hf_keys(target: Target, cfg: ModelConfig) -> set[str]:
     per_layer += ["self_attn.q_norm", "self_attn.k_norm"] if target.qk_norm != "none" else []
     for i in range(cfg.n_layers):
         keys |= {f"model.layers.{i}.{n}.weight" for n in per_layer}
+        keys |= {f"model.layers.{i}.layer_scalar"} if target.layer_scalar else set()
     return keys
 
 
@@ -243,6 +246,8 @@ def from_hf_state_dict(hf_config: Any, hf_state_dict: dict[str, torch.Tensor],
             shape = (E,) if target.qk_norm == "head" else (heads * E,)
             out[p + f"attn.{which}_norm.weight"] = norm(h + f"self_attn.{which}_norm.weight",
                                                         p + f"attn.{which}_norm.weight", shape)
+        if target.layer_scalar:
+            out[p + "layer_scalar.scale"] = get(h + "layer_scalar", (1,)).clone()
     final = norm("model.norm.weight", "final_norm.weight", (D,))
     if final is not None:
         out["final_norm.weight"] = final

@@ -20,6 +20,15 @@ class Target:
     config_kwargs: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}  # class-specific export fields
     check_config: Callable[[Any], None] = lambda c: None  # refuses class-specific fields we cannot represent
     keeps_head_dim: bool = True  # its config stores head_dim (OLMo 2 derives it)
+    scheme_qk_norm: str | None = None  # our model.qk_norm on import, where the scheme builds its q/k norms itself
+    softmax_scale: float | None = None  # its attention scale (None: 1/sqrt(head_dim))
+    v_norm: bool = False  # a gain-free RMSNorm on v per head
+    layer_scalar: bool = False  # each layer's output times a scalar (`layer_scalar`)
+    embedding_scale: bool = False  # the embedding times sqrt(hidden_size)
+
+    @property
+    def config_qk_norm(self) -> str:
+        return self.qk_norm if self.scheme_qk_norm is None else self.scheme_qk_norm
 
     def config_type(self):
         import transformers  # transformers takes seconds to import: only HF conversions pay
@@ -33,13 +42,16 @@ def refuse(field: str, value: Any, why: str) -> ValueError:
 
 def check_common_config(c: Any) -> float:
     """Refuses fields every supported class has but our model cannot represent; returns rope_theta."""
-    if c.hidden_act != "silu":
-        raise refuse("hidden_act", c.hidden_act, "our MLP is SwiGLU (silu)")
+    act = getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", None)  # Gemma names it hidden_activation
+    if act != "silu":
+        raise refuse("hidden_act", act, "our MLP is SwiGLU (silu)")
     if getattr(c, "attention_bias", False):
         raise refuse("attention_bias", c.attention_bias, "our attention has no biases")
     if getattr(c, "attention_dropout", 0.0):
         raise refuse("attention_dropout", c.attention_dropout, "our attention has no dropout")
     rope = dict(getattr(c, "rope_parameters", None) or {})
+    if "full_attention" in rope:  # per layer type (Gemma 4): its layers are all full attention (checked by its target)
+        rope = dict(rope["full_attention"] or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise refuse("rope_parameters.rope_type", rope_type, "rope scaling is not implemented, only plain RoPE")

@@ -267,6 +267,11 @@ def norm_like(f: Saved, module: nn.Module, x: int, width: float, heads: float = 
             f.save(f.new(rows, FP32))  # the mean
         f.save(f.new(width))  # the normalized rows, times the gain
         return f.new(width)
+    if isinstance(module, layers.ScalelessRMSNorm):  # x / rms(x) (times a constant): x in fp32 and 1/rms, no gain
+        f.save(x if fp32 else f.new(width, FP32))
+        f.save(f.new(heads, FP32))
+        y = f.new(width)
+        return f.new(width) if module.factor != 1.0 else y
     if isinstance(module, layers.DyT):  # gamma * tanh(alpha x) (+ beta); Derf: gamma * erf(alpha x + s) + beta
         f.save(x)
         if isinstance(module, layers.Derf):
@@ -361,7 +366,13 @@ def block_forward(f: Saved, block: Block, c: ModelConfig, tp: int, selective: bo
                                                      selective), d)
     h = norm_like(f, block.attn_post_norm, residual(f, block.residual, x, a, d), d)
     m = norm_like(f, block.mlp_out_norm, mlp(f, block.mlp, norm_like(f, block.mlp_norm, h, d), c, tp, selective), d)
-    return x, norm_like(f, block.mlp_post_norm, residual(f, block.residual, h, m, d), d)
+    out = norm_like(f, block.mlp_post_norm, residual(f, block.residual, h, m, d), d)
+    if isinstance(block.layer_scalar, layers.LayerScalar):  # s times the output: keeps the output for s's gradient
+        f.save(out)
+        out = f.new(d)
+    elif not isinstance(block.layer_scalar, nn.Identity):
+        raise unknown_part(block.layer_scalar)
+    return x, out
 
 
 def block_activations(block: Block, c: ModelConfig, width: int, tp: int = 1, mode: str = "none") -> float:

@@ -110,26 +110,42 @@ def gain(cfg: ModelConfig, norm) -> torch.Tensor:
     return norm.weight + (1.0 if cfg.norm_gain == "zero_centered" else 0.0)
 
 
+# Muse Glimmer's released qk_scale_factor (transformers MuseGlimmerTextConfig), written here again on purpose.
+MUSE_Q_FACTOR = 3.87
+
+
 def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin, *, qkv_norm: bool = False,
-                      sphere_qk: bool = False) -> torch.Tensor:
+                      sphere_qk: bool = False, qk_scale: str | None = None, v_norm: bool = False,
+                      gate: str | None = None) -> torch.Tensor:
     """Causal GQA attention written out. q and k normalized before RoPE with model.qk_norm: per head over head_dim
     (Qwen3, Gemma 3), or over the whole projected width n_heads*E / n_kv_heads*E (OLMo 2); `qkv_norm` (hybridnorm):
     q, k and v each per head; `sphere_qk` (ngpt): q and k per head on the unit sphere after RoPE times s_q, s_k,
     softmax scale sqrt(E). model.attn_gate: the heads' output times sigmoid(x W_g), one gate per head or per head
-    and channel (Qiu et al., 2025, G1)."""
+    and channel (Qiu et al., 2025, G1). model.qk_norm_scale (or `qk_scale` for the schemes that have it built in):
+    "learned", the per-head q/k norms with their gains at attention scale 1 (Gemma 4: Gemma4TextAttention.scaling
+    = 1.0); "none", q and k RMS-normalized per head without gain, q times 3.87, scale 1/sqrt(E) (Muse Glimmer:
+    qk_norm(q) * qk_scale_factor, scaling head_dim**-0.5). model.v_norm (or `v_norm`): v RMS-normalized per head
+    without gain (Gemma 4's v_norm, with_scale=False). `gate`: the gate of a scheme that has one built in."""
+    qk_scale = cfg.qk_norm_scale if qk_scale is None else qk_scale
+    v_norm = v_norm or cfg.v_norm
+    gate = cfg.attn_gate if gate is None else gate
     B, T, _ = x.shape
     E, K = cfg.head_dim, cfg.n_kv_heads
     Q = cfg.n_heads // K
     N = NORMS[cfg.norm_type]
     qkv = (x @ attn.qkv.weight.T).view(B, T, K, Q + 2, E)  # rows grouped per kv head: q_1..q_Q, k, v
     q, k, v = qkv[:, :, :, :Q].reshape(B, T, K * Q, E), qkv[:, :, :, Q], qkv[:, :, :, Q + 1]
-    if cfg.qk_norm == "head" or qkv_norm:
+    if qk_scale == "none":
+        q, k = rms_norm(q, 1.0, cfg.norm_eps) * MUSE_Q_FACTOR, rms_norm(k, 1.0, cfg.norm_eps)
+    elif cfg.qk_norm == "head" or qkv_norm or qk_scale == "learned":
         q, k = N(q, gain(cfg, attn.q_norm), cfg.norm_eps), N(k, gain(cfg, attn.k_norm), cfg.norm_eps)
     elif cfg.qk_norm == "full":
         q = N(q.reshape(B, T, -1), gain(cfg, attn.q_norm), cfg.norm_eps).view(B, T, K * Q, E)
         k = N(k.reshape(B, T, -1), gain(cfg, attn.k_norm), cfg.norm_eps).view(B, T, K, E)
     if qkv_norm:
         v = N(v, gain(cfg, attn.v_norm), cfg.norm_eps)
+    if v_norm:
+        v = rms_norm(v, 1.0, cfg.norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, E]
 
     def rope(t):
@@ -137,7 +153,7 @@ def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin, *, qkv_
         return t * cos[:T] + torch.cat([-t2, t1], dim=-1) * sin[:T]
 
     q, k = rope(q), rope(k)
-    scale = 1 / math.sqrt(E)
+    scale = 1.0 if qk_scale == "learned" else 1 / math.sqrt(E)
     if sphere_qk:  # s_qk = stored * 1 / (1/sqrt(d))
         s_q = (attn.q_scale.scale.weight * math.sqrt(cfg.d_model)).view(K * Q, 1, E)
         s_k = (attn.k_scale.scale.weight * math.sqrt(cfg.d_model)).view(K, 1, E)
@@ -146,7 +162,7 @@ def attention_formula(cfg: ModelConfig, attn, x: torch.Tensor, cos, sin, *, qkv_
     scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, E]
-    if cfg.attn_gate != "none":
+    if gate != "none":
         y = y * torch.sigmoid(x @ attn.out_gate.proj.weight.T).view(B, T, K * Q, -1)
     return y.reshape(B, T, -1) @ attn.o.weight.T
 
@@ -303,6 +319,48 @@ def _ngpt(f: Ops, x):
     return unit(h + rates[1] * (unit(ngpt_mlp(f.cfg, f.block.mlp, h)) - h))
 
 
+# Keel (Chen & Wei, 2026, arXiv 2601.19895): x_{l+1} = LN_1(alpha x_l + F(LN_2(x_l))), alpha = L, the number of
+# sublayers (attention and MLP are one each here: 2 n_layers); every LN an RMSNorm with a learnable gain.
+@block_formula_of("keel", final=None)
+def _keel(f: Ops, x):
+    a = 2 * f.L
+    h = f.N(f.post_add(x, f.attn(f.N(x, f.block.attn_norm)), a), f.block.attn_post_norm)
+    return f.N(f.post_add(h, f.mlp(f.N(h, f.block.mlp_norm)), a), f.block.mlp_post_norm)
+
+
+def _gemma4_embedding(cfg, model, x):  # Gemma4TextScaledWordEmbedding: the lookup times sqrt(hidden_size)
+    return x * math.sqrt(cfg.d_model)
+
+
+# Gemma 4 (transformers Gemma4TextDecoderLayer): h = x + N(Attn(N(x))), out = s_l (h + N(MLP(N(h)))); the attention's
+# q, k per-head norms with gains, v per head without, scale 1.
+@block_formula_of("gemma4", embedding=_gemma4_embedding)
+def _gemma4(f: Ops, x):
+    h = x + f.N(f.attn(f.N(x, f.block.attn_norm), qk_scale="learned", v_norm=True), f.block.attn_out_norm)
+    return (h + f.N(f.mlp(f.N(h, f.block.mlp_norm)), f.block.mlp_out_norm)) * f.block.layer_scalar.scale
+
+
+def _muse_embedding(cfg, model, x):  # MuseGlimmerTextNormedEmbedding: RMSNorm without gain on the lookup
+    return rms_norm(x, 1.0, cfg.norm_eps)
+
+
+MUSE_POST_EPS = 1e-8  # MuseGlimmerTextConfig.post_norm_eps
+
+
+# Muse Glimmer (transformers MuseGlimmerTextDecoderLayer): every block norm gain-centred, (1 + w) x / rms(x), the post
+# ones with eps 1e-8: h = x + C(Attn(C(x))), out = h + C(MLP(C(h))); the attention with scaleless q/k norms (q times
+# 3.87) and the sigmoid gate per channel; the final norm a plain RMSNorm (gain w).
+@block_formula_of("muse_glimmer", embedding=_muse_embedding)
+def _muse_glimmer(f: Ops, x):
+    b, eps = f.block, f.cfg.norm_eps
+
+    def C(y, n, e):
+        return rms_norm(y, 1.0 + n.weight, e)
+
+    h = x + C(f.attn(C(x, b.attn_norm, eps), qk_scale="none", gate="elementwise"), b.attn_out_norm, MUSE_POST_EPS)
+    return h + C(f.mlp(C(h, b.mlp_norm, eps)), b.mlp_out_norm, MUSE_POST_EPS)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What the tests call
 
@@ -312,7 +370,8 @@ def block_formula(cfg: ModelConfig, block, l: int, x: torch.Tensor, cos, sin) ->
     fn = BLOCK_FORMULAS.get(cfg.norm_scheme)
     if fn is None:
         pytest.fail(no_formula(cfg.norm_scheme), pytrace=False)
-    return fn(Ops(cfg, block, l, cos, sin), x)
+    out = fn(Ops(cfg, block, l, cos, sin), x)
+    return out * block.layer_scalar.scale if cfg.layer_scalar else out  # model.layer_scalar: s_l times the output
 
 
 def final_kind(scheme: str) -> str | None:

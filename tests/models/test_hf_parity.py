@@ -49,6 +49,8 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # gains in [0.5, 1.5): w there, or 1 + w with zero-centred gains
                 p.copy_(torch.rand(p.shape, generator=gen) + (-0.5 if cfg.norm_gain == "zero_centered" else 0.5))
+            if name.endswith("layer_scalar.scale"):  # Gemma 4's scalar, away from its init 1
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
     return model.eval()
 
 
@@ -106,6 +108,11 @@ EXPORT_CASES = [
                  id="olmo2-mha-tied-sdpa"),
     pytest.param("reordered", dict(qk_norm="full", norm_gain="zero_centered", n_kv_heads=1), "eager",
                  "Olmo2ForCausalLM", id="olmo2-mqa-zero_centered"),
+    # Gemma 4's text model: pre and post norms, q/k norms with gains at attention scale 1, v norm without gain, the
+    # layer scalar, the embedding times sqrt(d); its sliding window, per-layer inputs, softcap, MoE off
+    pytest.param("gemma4", dict(), "eager", "Gemma4ForCausalLM", id="gemma4-gqa"),
+    pytest.param("gemma4", dict(n_kv_heads=4, tie_embeddings=True, norm_gain="zero_centered"), "sdpa",
+                 "Gemma4ForCausalLM", id="gemma4-mha-tied-zero_centered-sdpa"),
 ]
 
 
@@ -120,7 +127,8 @@ def test_export_logits_match_transformers(tmp_path, scheme, overrides, attn, cls
     hf = hf_from_dir(out, attn)
     assert type(hf).__name__ == cls
     assert hf.config.num_key_value_heads == cfg.n_kv_heads and hf.config.tie_word_embeddings == cfg.tie_embeddings
-    assert hf.config.rope_parameters["rope_theta"] == cfg.rope_theta
+    rope = hf.config.rope_parameters
+    assert rope.get("full_attention", rope)["rope_theta"] == cfg.rope_theta  # (Gemma 4: per layer type)
     x = tokens(seed=1)
     diff, rel = logit_diff(ours, hf, x)
     print(f"PARITY {scheme} {overrides} {attn} {cls}: max abs {diff:.2e}, relative {rel:.2e}")
@@ -358,6 +366,11 @@ def test_export_refuses_schemes_no_stock_class_has(tmp_path, scheme, qk):
     (dict(norm_scheme="reordered", qk_norm="full", attn_gate="headwise"), "attn_gate=headwise"),
     (dict(norm_scheme="pre_ln", gpas=True), "gpas=true"),
     (dict(norm_scheme="pre_ln", removable_norms=True), "removable_norms=true"),
+    (dict(norm_scheme="pre_ln", qk_norm="head", qk_norm_scale="learned"), "qk_norm_scale=learned"),
+    (dict(norm_scheme="lns", qk_norm="head", qk_norm_scale="none"), "qk_norm_scale=none"),
+    (dict(norm_scheme="pre_ln", v_norm=True), "v_norm=true"),
+    (dict(norm_scheme="peri_ln", layer_scalar=True), "layer_scalar=true"),
+    (dict(norm_scheme="gemma4", attn_gate="elementwise"), "attn_gate=elementwise"),
 ])
 def test_export_refuses_keys_no_stock_class_has(tmp_path, overrides, shown):
     cfg = small_cfg(**overrides)

@@ -43,9 +43,13 @@ def closed_form_params(cfg: ModelConfig) -> dict[str, int]:
         "derf": 2 * (2 * D + 2),  # alpha, shift, gamma, beta
         "hybridnorm": 3 * E + D, "hybridnorm_star": 3 * E + D,  # q/k/v norms over head_dim, the post-attention norm
         "ngpt": (H + K) * E + 2 * F + 2 * D,  # s_q, s_k, s_u, s_v, the two eigen learning rates
+        "keel": 4 * D,  # LN_2 before and LN_1 after each sublayer
+        "gemma4": 4 * D + 2 * E + 1,  # pre and post norms, the q/k norm gains (v's has none), the layer scalar
+        "muse_glimmer": 4 * D + D * H * E,  # pre and post norms (q/k norms without gain), the gate projection
     }
     final_norm = {"pre_ln": D, "lns": D, "mix_ln": D, "peri_ln": D, "reordered": D, "dyt": D + 1, "derf": 2 * D + 2,
-                  "hybridnorm": D, "hybridnorm_star": D, "ln_free": 0, "post_ln": 0, "deepnorm": 0, "ngpt": 0}
+                  "hybridnorm": D, "hybridnorm_star": D, "ln_free": 0, "post_ln": 0, "deepnorm": 0, "ngpt": 0,
+                  "keel": 0, "gemma4": D, "muse_glimmer": D}
     embedding_out = {"dyt": 1, "derf": 1, "peri_ln": D}  # scalar, or peri_ln's norm; the others: none
     attention = D * (H + 2 * K) * E + H * E * D  # fused q/k/v, output projection
     mlp = 3 * D * F  # SwiGLU gate, up, down

@@ -350,6 +350,12 @@ OPTION_CASES = [
     ("dyt", dict(norm_gain="zero_centered")), ("derf", dict(norm_gain="zero_centered")),
     ("hybridnorm_star", dict(norm_gain="zero_centered")), ("pre_ln", dict(qk_norm="head", norm_gain="zero_centered")),
     ("lns", dict(qk_norm="full", attn_gate="headwise", gpas=True, norm_gain="zero_centered")),
+    # Gemma 4's and Muse Glimmer's pieces on the other schemes
+    ("pre_ln", dict(v_norm=True)), ("peri_ln", dict(layer_scalar=True)), ("keel", dict(v_norm=True, layer_scalar=True)),
+    ("pre_ln", dict(qk_norm="head", qk_norm_scale="learned")), ("lns", dict(qk_norm="head", qk_norm_scale="none")),
+    ("peri_ln", dict(qk_norm="head", qk_norm_scale="learned", v_norm=True, layer_scalar=True,
+                     norm_gain="zero_centered")),
+    ("reordered", dict(qk_norm="head", qk_norm_scale="none", v_norm=True, attn_gate="elementwise")),
 ]
 OPTION_IDS = [scheme + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for scheme, o in OPTION_CASES]
 
@@ -369,7 +375,8 @@ def test_composable_keys_match_formula(scheme, options):
         for l, block in enumerate(model.blocks, start=1):
             got = block(x, cos, sin)
             assert_close(got, block_formula(cfg, block, l, x, cos, sin), tol(cfg), f"{scheme} {options} block {l}")
-            plain = dataclasses.replace(cfg, qk_norm="none", attn_gate="none", gpas=False, norm_gain="one")
+            plain = dataclasses.replace(cfg, qk_norm="none", attn_gate="none", gpas=False, norm_gain="one",
+                                        qk_norm_scale=None, v_norm=False, layer_scalar=False)
             assert (got - block_formula(plain, block, l, x, cos, sin)).abs().max() > 1e-6, "a key changed nothing"
 
 
@@ -429,3 +436,63 @@ def test_dyt_and_derf_embedding_scale_starts_at_the_papers_operating_point(d_mod
             model = Llama(cfg)
         assert model.emb_out.init == pytest.approx(init)
         assert isinstance(Llama(ModelConfig(**TINY)).emb_out, torch.nn.Identity)  # other schemes: none
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keel, Gemma 4's and Muse Glimmer's pieces
+
+
+def test_keel_is_post_ln_with_a_highway_scaled_shortcut():
+    """Keel (Chen & Wei, "Post-LayerNorm Is Back: Stable, ExpressivE, and Deep", arXiv 2601.19895, January 2026).
+    Its update, against Pre-LN x_{l+1} = x_l + F(LN(x_l)) and Post-LN x_{l+1} = LN(x_l + F(x_l)):
+
+        x_{l+1} = LN_1(α x_l + F(LN_2(x_l)))
+
+    "Highway-style Residual Scaling replaces the fixed identity-like skip with a gated path that includes a scalar α,
+    set to α = L (the total number of sub-layers)"; LN_2 normalizes the sublayer's input, LN_1 the combined output,
+    every LN an RMSNorm with a learnable gain and no bias; "Keel enables stable training at extreme depths without
+    requiring specialized initialization". Here each of attention and MLP is a sub-layer, so α = 2 n_layers, the
+    init is the plain one (model.init_std, no init gains), and the last block's LN_1 ends the stream (no final norm).
+    (Read from the paper's abstract and its method as the arXiv listing, emergentmind and arxivlens summarize it;
+    the paper's text itself was not in the reference corpus.)"""
+    cfg, model = make_model("keel", n_layers=3)
+    x = residual_input(cfg)
+    cos, sin = model.rope_cos, model.rope_sin
+
+    def N(y, norm):  # RMSNorm with a learnable gain, written out
+        return y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * norm.weight
+
+    alpha = 2 * cfg.n_layers
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks, start=1):
+            assert block.residual_alpha == alpha
+            h = N(alpha * x + block.attn(N(x, block.attn_norm), cos, sin), block.attn_post_norm)
+            want = N(alpha * h + block.mlp(N(h, block.mlp_norm)), block.mlp_post_norm)
+            assert_close(block(x, cos, sin), want, 1e-10, f"keel block {l}")
+    assert type(model.final_norm) is torch.nn.Identity
+    # no special initialization: every weight at model.init_std, gains at 1
+    fresh = Llama(cfg, seed=0)
+    for name, p in fresh.named_parameters():
+        if p.ndim == 2:
+            assert abs(p.std().item() - cfg.weight_std) < 0.25 * cfg.weight_std, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_qk_norm_scale_needs_per_head_qk_norms_and_v_norm_is_per_head():
+    with pytest.raises(ValueError, match=r"^model\.qk_norm_scale=none: .* set model\.qk_norm=head$"):
+        ModelConfig(**TINY, qk_norm_scale="none")
+    with pytest.raises(ValueError, match=r"^model\.qk_norm_scale=learned: .* model\.qk_norm=full has none"):
+        ModelConfig(**TINY, qk_norm="full", qk_norm_scale="learned")
+    with pytest.raises(ValueError, match=r"^model\.removable_norms: norm removal does not cover the v norm"):
+        ModelConfig(**TINY, v_norm=True, removable_norms=True)
+    with pytest.raises(ValueError, match=r"^model\.v_norm=True does not compose with model\.norm_scheme=gemma4 "
+                                         r"\(it normalizes v per head itself\)"):
+        ModelConfig(**TINY, norm_scheme="gemma4", v_norm=True)
+    # v_norm: each head of v brought to RMS 1 on its own, no parameter
+    cfg, model = make_model("pre_ln", v_norm=True)
+    v_norm = model.blocks[0].attn.v_norm
+    assert not list(v_norm.parameters())
+    v = torch.randn(2, 5, 2, cfg.head_dim, dtype=torch.float64) * torch.tensor([1.0, 30.0]).view(1, 1, 2, 1)
+    with torch.no_grad():
+        assert_close(v_norm(v), v / v.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt(), 1e-12, "v norm")

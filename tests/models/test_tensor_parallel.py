@@ -49,6 +49,10 @@ CASES["ngpt-mha"] = dict(norm_scheme="ngpt", n_kv_heads=4)
 # Residual streams: the state and its mixing weights are replicated, each rank mixes it whole.
 CASES["pre_ln-mhc"] = dict(residual="mhc")
 CASES["pre_ln-hc"] = dict(residual="hc", residual_streams=2)
+# Gemma 4's and Muse Glimmer's pieces (the schemes themselves are cases above): per-head norms of q, k and v without
+# gain and the layer scalar are replicated, each rank normalizing its own heads.
+CASES["pre_ln-qk_scaleless-v_norm-layer_scalar"] = dict(qk_norm="head", qk_norm_scale="none", v_norm=True,
+                                                        layer_scalar=True)
 
 
 # Configs that TP = 2 must refuse, and the field the error must name.
@@ -73,7 +77,8 @@ def perturbed_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd = Llama(cfg, seed=SEED).state_dict()
     gen = torch.Generator().manual_seed(SEED)
     for name in sorted(sd):
-        if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "emb_out.scale")) or (
+        if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "emb_out.scale",
+                          "layer_scalar.scale")) or (
                 "norm" in name and name.endswith(".weight")):
             sd[name] = sd[name] + 0.3 * torch.randn(sd[name].shape, generator=gen)
     return sd
@@ -278,7 +283,9 @@ def test_tp_logits_loss_and_grads_match_single_process(tp_results, case):
         grads = res["grads"]
         assert grads.keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
-            assert_close(grads[name], g, f"rank {rank} grad of {name}")
+            # fp32 round-off grows with the gradient: TOL per unit of its largest entry (gemma4's embedding gradient
+            # is sqrt(d) times larger, through its sqrt(d) multiplier)
+            assert_close(grads[name], g, f"rank {rank} grad of {name}", atol=TOL * max(1.0, g.abs().max().item()))
             # Relative to float64: TP = 2 within 1e-4, or no further than 10x the TP = 1 fp32 error where the
             # gradient is a near-cancelling sum.
             g64 = ref["grads64"][name]

@@ -38,8 +38,11 @@ MARGIN = 0.1  # nats below the unigram level: slow starters (peri_ln, reordered)
 SHAPE = dict(vocab_size=2048, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=SEQ)
 # The learning rates the fidelity table (docs/schemes.md) says a design needs instead of the default (and why).
 FIDELITY_LR: dict[str, float] = {"ngpt": 1e-2}
-KEYS = {"qk_norm": "full", "attn_gate": "elementwise", "gpas": True, "norm_gain": "zero_centered", "residual": "mhc"}
-CASES = [dict(norm_scheme=s) for s in NORM_SCHEMES] + [dict(norm_scheme="pre_ln", **{k: v}) for k, v in KEYS.items()]
+# Each composable key on pre_ln (qk_norm_scale sets what per-head q/k norms carry, so it comes with them).
+KEYS = {"qk_norm": dict(qk_norm="full"), "attn_gate": dict(attn_gate="elementwise"), "gpas": dict(gpas=True),
+        "norm_gain": dict(norm_gain="zero_centered"), "qk_norm_scale": dict(qk_norm="head", qk_norm_scale="none"),
+        "v_norm": dict(v_norm=True), "layer_scalar": dict(layer_scalar=True), "residual": dict(residual="mhc")}
+CASES = [dict(norm_scheme=s) for s in NORM_SCHEMES] + [dict(norm_scheme="pre_ln", **kv) for kv in KEYS.values()]
 NEVER_LEARNS = dict(norm_scheme="pre_ln", lr=0.0)  # the check's own control
 assert set(KEYS) == set(OPTIONS), "every composable key needs a case"
 
