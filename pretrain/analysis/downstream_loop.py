@@ -30,16 +30,13 @@ import torch.distributed as dist
 
 from pretrain import compat
 from pretrain.analysis.choices import OLMO_METRICS, Prepared, choice_metrics, prepare
+from pretrain.analysis.downstream_record import METRICS
 from pretrain.data.batches import LMBatch
 from pretrain.data.downstream_data import data_root
 from pretrain.data.downstream_tasks import DownstreamTask, load_task
 from pretrain.data.resolve import training_tokenizer
 from pretrain.train.hooks import TrainContext, TrainHooks
 from models.parallel import IGNORE_INDEX
-
-METRICS = ("acc", "acc_norm", "acc_per_token", "acc_per_char", "primary", "gold_ll")  # gold_ll: the mean
-# log-likelihood of the right answers (nats), which moves long before an accuracy does at small scale
-
 
 def rows_of(prepared: list[Prepared], max_len: int) -> list[tuple[list[int], list[int]]]:
     """(inputs, labels) per (context, continuation) pair of every question, in order: the model reads
@@ -96,6 +93,8 @@ class DownstreamHooks(TrainHooks):
                 record[f"down_{task.name}_{name}"] = m[name]
         for name in METRICS:
             record[f"down_avg_{name}"] = sum(record[f"down_{t.name}_{name}"] for t in self.tasks) / len(self.tasks)
+        record["down_primary_metric"] = {t.name: t.primary_metric for t in self.tasks}  # OLMo's names (the report)
+        record["down_limit"] = self.limit
         record["down_items"] = sum(len(p) for p in self.prepared)
         record["down_time"] = time.perf_counter() - started
         ctx.out.write(record, "down")
