@@ -75,6 +75,9 @@ class DownstreamHooks(TrainHooks):
     def writes_at(self, step: int) -> bool:
         return self.eval_cfg.downstream_at(step, self.steps)
 
+    def evaluates_at(self, step: int) -> bool:
+        return self.writes_at(step)
+
     def after_step(self, ctx: TrainContext, step: int) -> dict:
         if not self.writes_at(step):
             return {}

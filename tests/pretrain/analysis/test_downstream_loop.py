@@ -26,8 +26,9 @@ def test_config_task_names_are_eval_downstreams():
 
 def test_config_keys_and_one_line_refusals():
     cfg = load_config(None, ["eval.downstream=[piqa,arc_easy]", "eval.interval=10"])
-    assert cfg.eval.downstream == ["piqa", "arc_easy"] and cfg.eval.downstream_every() == 50  # 5 validations
-    assert [s for s in range(1, 101) if cfg.eval.downstream_at(s, 100)] == [50, 100]
+    assert cfg.eval.downstream == ["piqa", "arc_easy"] and cfg.eval.downstream_every() == 100  # 10 validations
+    assert [s for s in range(1, 251) if cfg.eval.downstream_at(s, 250)] == [100, 200, 250]
+    assert load_config(None, ["eval.downstream=[piqa]", "eval.downstream_interval=7"]).eval.downstream_every() == 7
     assert load_config(None, ["eval.interval=0", "eval.downstream=[piqa]"]).eval.downstream_at(7, 7)  # at the end
     assert not load_config(None).eval.downstream_at(100, 100)  # off by default
     for override, fragment in [
