@@ -53,6 +53,9 @@ def rows_of(prepared: list[Prepared], max_len: int) -> list[tuple[list[int], lis
 
 
 class DownstreamHooks(TrainHooks):
+    """eval.downstream: the questions read and tokenized once at the start (the data fetched by rank 0 first), scored
+    after the steps `EvalConfig.downstream_at` names; the time is left out of step_time (`evaluates_at`)."""
+
     def __init__(self, cfg):
         self.names = list(cfg.eval.downstream)
         self.limit = cfg.eval.downstream_limit
