@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from pretrain import compat
 from pretrain.analysis.choices import OLMO_METRICS, Prepared, choice_metrics, prepare
@@ -140,8 +141,6 @@ def _pipeline_sums(built, rows) -> list[float]:
 
 
 def _plain_sums(built, rows, topo) -> list[float]:
-    from megatron.core import parallel_state
-
     group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
     dp = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
