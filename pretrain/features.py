@@ -9,6 +9,7 @@ clip, in train/ beside the step it changes) plus a line here.
 from __future__ import annotations
 
 from models.norms import NORM_SCHEMES
+from pretrain.analysis.downstream_loop import DownstreamHooks
 from pretrain.analysis.figures import variance_vs_depth_figure
 from pretrain.config import ExperimentConfig
 from pretrain.diagnostics.hooks import LayerStatsHooks
@@ -22,8 +23,8 @@ from pretrain.train.unit_weights import KeepUnitWeights
 def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
     """The hooks of a run of `cfg`: the preemption signal `stop` (built by the command before any set-up, so that a
     signal during set-up is not lost), a scheme's unit-norm weights (ngpt; first, so that everything after a step
-    sees them), GPAS's gate clip (train.gpas_gate_clip), per-layer diagnostics (diagnostics.interval > 0) and the norm-removal schedule
-    (model.removable_norms)."""
+    sees them), GPAS's gate clip (train.gpas_gate_clip), per-layer diagnostics (diagnostics.interval > 0), the norm-removal schedule
+    (model.removable_norms) and downstream tasks (eval.downstream)."""
     hooks: list[TrainHooks] = [stop]
     unit_weights = NORM_SCHEMES[cfg.model.norm_scheme].unit_weights
     if unit_weights:
@@ -34,4 +35,6 @@ def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
         hooks.append(LayerStatsHooks(figure=variance_vs_depth_figure))
     if cfg.model.removable_norms:
         hooks.append(RemovalHooks(cfg))
+    if cfg.eval.downstream:
+        hooks.append(DownstreamHooks(cfg))
     return hooks

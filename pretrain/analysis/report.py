@@ -11,7 +11,8 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
     Table 1b         the same evaluations' bits per byte (where the runs logged val_bpb), best per column in bold:
                      comparable across tokenizers of one text, where perplexity is not
     Table 2          downstream accuracy (where a run folder holds `pretrain eval-downstream --out` results,
-                     RUN_DIR/downstream.json or RUN_DIR/*/downstream.json): one row per run, a column per task
+                     RUN_DIR/downstream.json or RUN_DIR/*/downstream.json; else its last in-loop
+                     eval.downstream record in metrics.jsonl): one row per run, a column per task
                      (OLMo's primary metric, in %) and their average, as the papers' downstream tables; best bold
     Runs             one line per run: scheme, column, steps, tokens, last losses (val ppl and bpb), how it ended
     per column       loss curves; the per-layer statistics of the measure table's stats_panel entries (variance and
@@ -138,7 +139,8 @@ def downstream_block(runs: list[Run], keys: list[str]) -> TableBlock | None:
                        for r in scored}, key=str)
     about = "; ".join(f"format {f}, {s}-shot, " + (f"{n} questions per task" if n else "every question")
                       for f, s, n in settings)
-    caption = ("Downstream accuracy (%) from `pretrain eval-downstream --out RUN_DIR/downstream.json`: OLMo's primary "
+    caption = ("Downstream accuracy (%) from `pretrain eval-downstream --out RUN_DIR/downstream.json`, else the run's "
+               "last in-loop eval.downstream record: OLMo's primary "
                "metric per task (" + ", ".join(f"{t} {m}" for t, m in metrics.items()) + "; acc_raw is plain "
                f"accuracy, acc_per_char normalizes by the continuation's characters); {about}. Higher is better; "
                "the best per task is bold; Avg over the table's tasks. Small models score near chance (25% for "

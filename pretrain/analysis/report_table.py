@@ -31,6 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from pretrain import runs as run_folder
+from pretrain.analysis.downstream_record import as_result, is_downstream
 from pretrain.errors import UserError
 
 # Config keys that never make runs different experiments (where they write, how often they log, ...).
@@ -132,6 +133,14 @@ def _newest_result(path: str, name: str) -> dict | None:
     return result
 
 
+def _in_loop_downstream(path: str, metrics: list[dict]) -> dict | None:
+    """The run's last in-loop downstream record (eval.downstream) as an eval-downstream result, or None."""
+    records = [m for m in metrics if is_downstream(m)]
+    if not records:
+        return None
+    return {**as_result(records[-1]), "path": os.path.join(path, run_folder.METRICS_FILE)}
+
+
 def read_run(path: str) -> Run:
     """A started run folder, read once (pretrain report, pretrain plot); one-line UserErrors for a missing folder,
     a run not started yet and a corrupted file."""
@@ -153,7 +162,8 @@ def read_run(path: str) -> Run:
     return Run(
         path=path, name=os.path.basename(os.path.normpath(path)), config=flat, scheme=cfg.model.norm_scheme,
         train=train, val=val, layer_stats=run_folder.read_layer_stats(path),
-        depth=_newest_result(path, "depth.json"), downstream=_newest_result(path, run_folder.DOWNSTREAM_FILE),
+        depth=_newest_result(path, "depth.json"),
+        downstream=_newest_result(path, run_folder.DOWNSTREAM_FILE) or _in_loop_downstream(path, metrics),
         exit_codes=[e["rc"] for e in events if e.get("event") == "exit" and "rc" in e], params=params,
         spikes=run_folder.count_spikes(metrics),
     )

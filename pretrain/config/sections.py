@@ -17,6 +17,10 @@ from pretrain.errors import UserError
 
 # logging.backends: name -> the module it imports (None: a dependency of normlab itself)
 TRACKING_BACKENDS = {"tensorboard": None, "wandb": "wandb", "trackio": "trackio"}
+# eval.downstream: the task names of `pretrain eval-downstream` (pretrain/data/downstream_tasks.py TASKS, which a test
+# keeps equal to this; the config cannot import the data layer)
+DOWNSTREAM_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "sciq", "boolq", "openbookqa",
+                    "social_iqa", "copa", "csqa")
 
 
 @dataclass
@@ -182,6 +186,10 @@ class DataConfig:
         _at_least(self, "data.", "seq_len", 1)
 
 
+DOWNSTREAM_EVERY_VALIDATIONS = 10  # eval.downstream_interval's default, in validations: under 5% of a tiny run's time
+# for six tasks at the default limit (README, Downstream evaluation)
+
+
 @dataclass
 class EvalConfig:
     interval: int = doc(100, "Validation loss, perplexity and bits per byte every N steps and at the end (0 = never).")
@@ -191,9 +199,44 @@ class EvalConfig:
         "ones for every micro-batch, data-parallel size and TP/PP layout.",
     )
 
+    downstream: list = doc(
+        [],
+        "Downstream tasks scored in the loop (ranked classification as `pretrain eval-downstream`, lm-eval format, "
+        "0-shot), from: " + ", ".join(DOWNSTREAM_TASKS) + "; [] for none. Logged as `down` records "
+        "(down_TASK_acc, ..._acc_norm, ..._primary, down_avg_primary) in metrics.jsonl and the trackers.",
+    )
+    downstream_limit: int = doc(
+        100, "Questions per downstream task: a fixed, seeded subset (eval-downstream's --limit), the same at every "
+        "evaluation and on every layout.",
+    )
+    downstream_interval: int = doc(
+        0, "Score eval.downstream every N steps and at the end; 0 = at every 10th validation (10 * eval.interval; "
+        "at the end only when eval.interval is 0).",
+    )
+
     def __post_init__(self):
         _at_least(self, "eval.", "interval", 0, hint="0 = never")
         _at_least(self, "eval.", "tokens", 1)
+        _at_least(self, "eval.", "downstream_limit", 1, hint="questions per task")
+        _at_least(self, "eval.", "downstream_interval", 0, hint=f"0 = every {DOWNSTREAM_EVERY_VALIDATIONS}th validation")
+        if not isinstance(self.downstream, list):
+            raise ValueError(f"eval.downstream: {self.downstream!r} is not a list of task names; e.g. "
+                             "eval.downstream=[hellaswag,arc_easy]")
+        unknown = [n for n in self.downstream if n not in DOWNSTREAM_TASKS]
+        if unknown:
+            raise ValueError(f"eval.downstream: unknown task {', '.join(map(str, unknown))}; the tasks are "
+                             f"{', '.join(DOWNSTREAM_TASKS)}")
+        if len(set(self.downstream)) < len(self.downstream):
+            raise ValueError(f"eval.downstream: {self.downstream} names a task twice")
+
+    def downstream_every(self) -> int:
+        """The steps between downstream evaluations (0: only at the end)."""
+        return self.downstream_interval or DOWNSTREAM_EVERY_VALIDATIONS * self.interval
+
+    def downstream_at(self, step: int, last: int) -> bool:
+        """Whether the downstream tasks are scored after step `step` of a run of `last` steps."""
+        every = self.downstream_every()
+        return bool(self.downstream) and (step == last or (every > 0 and step % every == 0))
 
 
 @dataclass

@@ -50,6 +50,11 @@ class TrainHooks:
         is not a quiet one for logging.host_syncs."""
         return False
 
+    def evaluates_at(self, step: int) -> bool:
+        """Whether `after_step(step)` runs an evaluation (e.g. downstream tasks) whose time the loop leaves out of the
+        logged step_time and tokens_per_s, as it leaves out validation's."""
+        return False
+
     def stop_requested(self, ctx: TrainContext) -> bool:
         """After step ctx.step: True makes the loop save a checkpoint and exit with EXIT_PREEMPTED. A collective
         hook answers the same on every rank."""

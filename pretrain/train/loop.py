@@ -147,7 +147,10 @@ def run(start: RunStart, topo: Topology, hooks: Sequence[TrainHooks] = ()) -> in
             consumed_samples += cfg.train.global_batch_size
             ctx.step, extra = step, {}
             for hook in hooks:
+                hook_start = time.perf_counter()
                 extra.update(hook.after_step(ctx, step))
+                if hook.evaluates_at(step):  # an evaluation, not training: out of step_time, as validation is
+                    window_start += time.perf_counter() - hook_start
             evaluating = val_batches is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
             periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
             stop = [hook.stop_requested(ctx) for hook in hooks]  # every hook, every rank: they may be collectives

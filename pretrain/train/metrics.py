@@ -4,8 +4,10 @@ bar.
 metrics.jsonl holds one JSON object per logged step:
     {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "step_time", "skipped_steps", ...}
 and validation entries {"step", "val_loss", "val_ppl", "val_bpb"} (bits per byte: pretrain/train/evaluate.py; null
-when the data has no tokenizer). Every tracker (TensorBoard in run.dir/tb, W&B, trackio: pretrain/train/trackers.py)
-gets the same numbers as train/<name> and val/<name>.
+when the data has no tokenizer), and with eval.downstream downstream entries {"step", "down_TASK_acc", ...,
+"down_avg_primary", "down_items", "down_time"} (pretrain/analysis/downstream_loop.py). Every tracker (TensorBoard in
+run.dir/tb, W&B, trackio: pretrain/train/trackers.py) gets the same numbers as train/<name>, val/<name> and
+down/<name>. A resumed run drops the entries after its checkpoint's step, so every curve continues from there.
 """
 
 from __future__ import annotations
