@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pretrain import compat
 from pretrain.analysis.choices import OLMO_METRICS, Prepared, choice_metrics, prepare
@@ -36,6 +35,7 @@ from pretrain.data.batches import LMBatch
 from pretrain.data.downstream_data import data_root
 from pretrain.data.downstream_tasks import DownstreamTask, load_task
 from pretrain.data.resolve import training_tokenizer
+from pretrain.train.distributed import parallel_state  # megatron-core's, without its package init (pretrain/compat.py)
 from pretrain.train.hooks import TrainContext, TrainHooks
 from models.parallel import IGNORE_INDEX
 
