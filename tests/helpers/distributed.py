@@ -41,6 +41,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+import pytest
+
 import torch
 
 __all__ = ["DistributedTestError", "find_free_port", "run_distributed_test"]
@@ -282,3 +284,17 @@ def _teardown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A single-process topology in this process (gloo on an in-process store); the launcher variables it exports
+    are taken back afterwards. Import it into a test module to use it there."""
+    from pretrain.train.distributed import init_distributed, shutdown
+
+    saved = dict(os.environ)
+    topo = init_distributed(1, 1)
+    yield topo
+    shutdown()
+    os.environ.clear()
+    os.environ.update(saved)

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from helpers.distributed import run_distributed_test
+from helpers.distributed import one_rank, run_distributed_test  # noqa: F401 (a fixture)
 from helpers.train import REPO, random_lm_batches
 
 from models.config import ModelConfig
@@ -282,19 +282,6 @@ SINGLE = [  # (overrides) in one process; the first of each model in the fast ti
     pytest.param([*SMALL, "parallel.zero_stage=1", "train.precision=bf16"], marks=pytest.mark.slow),
 ]
 
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A single-process topology in this process (gloo on an in-process store); the launcher variables it exports
-    are taken back afterwards."""
-    from pretrain.train.distributed import init_distributed, shutdown
-
-    saved = dict(os.environ)
-    topo = init_distributed(1, 1)
-    yield topo
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.mark.usefixtures("single_thread")

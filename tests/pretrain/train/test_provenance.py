@@ -3,10 +3,9 @@ an inf put into one module's forward output, or into the gradient arriving at it
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from helpers.distributed import one_rank  # noqa: F401 (a fixture)
 from helpers.train import random_lm_batches
 
 from pretrain.config import load_config
@@ -16,18 +15,6 @@ TINY = ["model.vocab_size=96", "model.d_model=32", "model.n_layers=3", "model.n_
         "model.ffn_hidden=48", "model.max_seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2",
         "data.seq_len=16"]
 
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A single-process topology in this process (gloo on an in-process store), as tests/pretrain/analysis/test_plan.py."""
-    from pretrain.train.distributed import init_distributed, shutdown
-
-    saved = dict(os.environ)
-    topo = init_distributed(1, 1)
-    yield topo
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
