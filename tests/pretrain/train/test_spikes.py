@@ -30,7 +30,7 @@ def test_a_rise_far_above_the_running_median_is_a_spike_and_stays_out_of_the_win
     median = window.median()
     mad = (window - median).abs().median()
     assert float(rows[6][1]) == pytest.approx(float(median))
-    assert float(rows[6][2]) == pytest.approx(float(median + 6.0 * 1.4826 * mad))
+    assert float(rows[6][2]) == pytest.approx(float(median + 6.0 * max(1.4826 * mad, 0.1 * median)))
     # the spike and the nan left holes in the window (it holds the last 5 steps' other values); a fall is no spike
     assert 9.0 not in d.history.tolist() and int(torch.isnan(d.history).sum()) == 2
     assert not bool(d.check(torch.tensor(0.1))[0])
@@ -42,8 +42,13 @@ def test_too_short_a_window_flags_nothing_and_a_flat_series_needs_a_relative_ris
     flat = SpikeDetector(window=8, threshold=6.0, device=torch.device("cpu"))
     for _ in range(8):
         flat.check(torch.tensor(2.0))
-    assert not bool(flat.check(torch.tensor(2.01))[0])  # MAD 0: the floor 0.001 * median * 6 = 0.012
-    assert bool(flat.check(torch.tensor(2.02))[0])
+    assert not bool(flat.check(torch.tensor(3.19))[0])  # MAD 0: the floor 0.1 * median * 6 = 1.2
+    assert bool(flat.check(torch.tensor(3.21))[0])
+    # a healthy run's gradient norm: a rise of 1.25x over a smooth median is noise (the quick start once logged it)
+    smooth = SpikeDetector(window=50, threshold=6.0, device=torch.device("cpu"))
+    for v in [0.50, 0.51, 0.505, 0.52, 0.50, 0.51, 0.49, 0.515, 0.50, 0.506]:
+        smooth.check(torch.tensor(v))
+    assert not bool(smooth.check(torch.tensor(0.63))[0]) and bool(smooth.check(torch.tensor(0.85))[0])
 
 
 def test_events_name_the_series_with_value_median_and_threshold():
