@@ -83,16 +83,13 @@ compat-gpu-stack: $(GPU_STACK)/.installed
 	PYTHONPATH=$(CURDIR)/.whl/site:$(CURDIR) PRETRAIN_CACHE=$(COMPAT_TMP)/gpu-stack/cache \
 		$(GPU_STACK)/bin/python -m pretrain train configs/tiny.yaml run.dir=$(COMPAT_TMP)/gpu-stack/tiny $(COMPAT_QUICKSTART)
 
-# The newest releases in range: Python 3.13, torch 2.15, and `pip install -e .` picking the newest of the rest, plus
-# the two test runners of the dev extra (setup.cfg's pins): the compatibility set needs no other dev tool, as on the
-# GPU stack, and without them (lm-eval, nnsight, the trackers, 77 packages) nothing caps the rest below its newest.
-COMPAT_TEST_TOOLS := "pytest>=9.2,<10" "pytest-timeout>=2.4,<3"
+# The newest releases in range: Python 3.13, torch 2.15, and `pip install -e .` picking the newest of the rest.
 $(NEWEST)/.installed: setup.cfg pyproject.toml
 	test -n "$(PYTHON313)" || { echo "make: no python3.13 found; set PYTHON313=" >&2; exit 2; }
 	rm -rf $(NEWEST) && $(PYTHON313) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install -q --upgrade pip
 	$(UNCAPPED) $(NEWEST)/bin/python -m pip install -q "$(NEWEST_TORCH)"
-	$(UNCAPPED) $(NEWEST)/bin/python -m pip install -q -e . $(COMPAT_TEST_TOOLS)
+	$(UNCAPPED) $(NEWEST)/bin/python -m pip install -q -e ".[dev]"
 	touch $@
 
 compat-newest: $(NEWEST)/.installed
