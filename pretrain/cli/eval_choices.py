@@ -14,7 +14,6 @@ import json
 import sys
 
 
-
 def register(sub) -> None:
     p = sub.add_parser("eval-choices",
                        help="zero-shot multiple-choice accuracy of a checkpoint or HF model, as lm-eval scores it")
