@@ -86,19 +86,21 @@ def test_megatron_and_deepspeed_topologies_agree():
     assert megatron == [(r % 2, r // 4, (r // 2) % 2) for r in range(8)]
 
 
-def test_completep_groups_under_tp_zero_and_pp_match_single_process(tmp_path, data_cache, reference):
+def test_completep_groups_under_tp_zero_pp_and_resume_match_single_process(tmp_path, data_cache, reference):
     """model.parametrization=completep's per-group learning rates, weight decays and epsilons (one optimizer group per
     set of factors, pretrain/config/param_groups.py) reach DeepSpeed's ZeRO-1 optimizer over TP = 2 shards and the
-    pipeline engine's over PP = 2 stages as they reach the single-process AdamW: the same losses, and not the
-    standard model's."""
+    pipeline engine's over PP = 2 stages as they reach the single-process AdamW, and a resumed run rebuilds them
+    from its checkpoint: the same losses, and not the standard model's."""
     completep = ["model.parametrization=completep", "model.base_d_model=64", "model.base_n_layers=4",
                  "train.weight_decay=0.1", f"train.steps={STEPS}"]
     run_train(str(tmp_path / "single"), *completep, cache_dir=data_cache)
     run_train(str(tmp_path / "tp2"), *completep, "parallel.tp=2", "parallel.zero_stage=1", nproc=2,
               cache_dir=data_cache)
     run_train(str(tmp_path / "pp2"), *completep, "parallel.pp=2", nproc=2, cache_dir=data_cache)
+    run_train(str(tmp_path / "resumed"), *completep, "train.stop_at_step=2", cache_dir=data_cache)
+    run_train(str(tmp_path / "resumed"), *completep, "train.resume=auto", cache_dir=data_cache)
     single = train_losses(str(tmp_path / "single"))
-    for name in ("tp2", "pp2"):
+    for name in ("tp2", "pp2", "resumed"):
         got = train_losses(str(tmp_path / name))
         assert sorted(got) == sorted(single) == list(range(1, STEPS + 1)), name
         for step in single:
