@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.llama import Block
-from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS, STREAM_STATS
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 
 # Gradient groups after the L blocks: GRADIENT_GROUPS in order, then everything else (counted in the global norm).
@@ -50,20 +50,24 @@ def parameter_groups(model: nn.Module, n_layers: int) -> list[tuple[nn.Parameter
 
 
 class ActivationProbe:
-    """Per-block activation statistics of the first forward of each block after `arm()`.
+    """Per-block activation statistics of the first forward of each block after `arm()`, and with n > 1 residual
+    streams the per-stream ones.
 
-        probe = ActivationProbe(local_blocks(model), n_layers)
+        probe = ActivationProbe(local_blocks(model), n_layers, n_streams)
         probe.arm(); model(tokens); stats = probe.result()   # [len(ACTIVATION_STATS), n_layers], zeros elsewhere
+        per_stream = probe.stream_result()                   # [len(STREAM_STATS), n_layers, n_streams]
     """
 
-    def __init__(self, blocks: dict[int, nn.Module], n_layers: int):
-        self.blocks, self.n_layers = blocks, n_layers
+    def __init__(self, blocks: dict[int, nn.Module], n_layers: int, n_streams: int = 1):
+        self.blocks, self.n_layers, self.n_streams = blocks, n_layers, n_streams
         self.measured: dict[int, torch.Tensor] = {}
+        self.measured_streams: dict[int, torch.Tensor] = {}
         self.taps: list[BlockTaps] = []
 
     def arm(self) -> None:
         self.disarm()
         self.measured.clear()
+        self.measured_streams.clear()
         self.taps = [BlockTaps(i, b, self._measure, once=True) for i, b in sorted(self.blocks.items())]
 
     def disarm(self) -> None:
@@ -74,10 +78,18 @@ class ActivationProbe:
     def _measure(self, b: BlockActivations) -> None:
         # reduced on the device to one scalar per statistic: one host transfer per measured step, in result()
         self.measured[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in ACTIVATION_STATS])
+        if b.states is not None:
+            self.measured_streams[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in STREAM_STATS])
 
     def result(self, device=None, dtype=torch.float64) -> torch.Tensor:
         out = torch.zeros(len(ACTIVATION_STATS), self.n_layers, dtype=dtype, device=device)
         for index, stats in self.measured.items():
+            out[:, index] = stats.to(device=out.device, dtype=dtype)
+        return out
+
+    def stream_result(self, device=None, dtype=torch.float64) -> torch.Tensor:
+        out = torch.zeros(len(STREAM_STATS), self.n_layers, self.n_streams, dtype=dtype, device=device)
+        for index, stats in self.measured_streams.items():
             out[:, index] = stats.to(device=out.device, dtype=dtype)
         return out
 

@@ -12,11 +12,12 @@ from helpers.train import metrics, run_train
 
 from models import Llama, ModelConfig
 from pretrain.diagnostics.probes import ActivationProbe, counted, grad_square_sums, local_blocks, parameter_groups
-from pretrain.diagnostics.stats import ACTIVATION_STATS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_STATS
 from pretrain.diagnostics.writer import LAYER_STATS_FILE as FILE
 from pretrain.diagnostics.writer import make_record
 
 STATS = tuple(s.name for s in ACTIVATION_STATS)
+STREAM = tuple(s.name for s in STREAM_STATS)
 
 pytestmark = pytest.mark.compat
 
@@ -121,6 +122,88 @@ def test_activation_stats_of_residual_streams_are_those_of_the_streams_sum(resid
             S = Y
     for i, name in enumerate(STATS):
         assert got[i].tolist() == pytest.approx(want[name], rel=1e-10), name
+
+
+def stream_probe_stats(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
+    """The per-stream statistics [len(STREAM_STATS), L, n] of one forward."""
+    n = model.blocks[0].residual.hc[0].n
+    probe = ActivationProbe(local_blocks(model), len(model.blocks), n)
+    probe.arm()
+    with torch.no_grad():
+        model(tokens)
+    return probe.stream_result()
+
+
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_per_stream_stats_match_hand_computation(residual):
+    """variance_stream, attn_ratio_stream and mlp_ratio_stream (pretrain/diagnostics/measures.py) written out per
+    stream k from the states X, H, Y [B, T, n, D]: var(Y_k) over the hidden dim averaged over tokens,
+    ||H_k - X_k||_F / ||X_k||_F and ||Y_k - H_k||_F / ||H_k||_F. The mixing weights are perturbed away from their
+    init so that the streams differ (hyper-connections' init keeps them copies of each other)."""
+    model = Llama(ModelConfig(**SMALL, residual=residual), seed=1).double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for p in blk.residual.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = stream_probe_stats(model, tokens)
+    n = 4
+    assert got.shape == (len(STREAM_STATS), 2, n)
+    want = {name: [] for name in STREAM}
+    with torch.no_grad():
+        X = model.embed(tokens)
+        for blk in model.blocks:
+            u, mix = blk.residual.read(X, 0)
+            H = blk.residual(X, blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin), 0, mix)
+            u, mix = blk.residual.read(H, 1)
+            Y = blk.residual(H, blk.mlp(blk.mlp_norm(u)), 1, mix)
+            streams = [(X[:, :, k], H[:, :, k], Y[:, :, k]) for k in range(n)]
+            want["variance_stream"].append([y.var(-1, unbiased=False).mean().item() for _, _, y in streams])
+            want["attn_ratio_stream"].append([((h - x).norm() / x.norm()).item() for x, h, _ in streams])
+            want["mlp_ratio_stream"].append([((y - h).norm() / h.norm()).item() for _, h, y in streams])
+            X = Y
+    for i, name in enumerate(STREAM):
+        for l in range(2):
+            assert got[i, l].tolist() == pytest.approx(want[name][l], rel=1e-10), (name, l)
+        assert len(set(got[i].flatten().tolist())) == 2 * n, name  # the streams (and layers) differ
+
+
+@pytest.mark.parametrize("residual", ["hc", "hc_static"])
+def test_per_stream_stats_of_copied_streams_are_the_collapsed_ones_scaled(residual):
+    """Hyper-connections at init (A = [e_(k mod n) | I], beta = 1) read one stream, write the whole branch into
+    every stream and keep the n streams copies of the embedding's: Y_k = y / n and H_k - X_k = a. So per stream
+    variance_stream = variance / n^2, attn_ratio_stream = ||a|| / ||x / n|| = n attn_ratio, mlp_ratio_stream =
+    n mlp_ratio: the per-stream values agree with the collapsed ones where the streams' sum is n times a stream."""
+    model = Llama(ModelConfig(**SMALL, residual=residual, residual_streams=3), seed=1).double()
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    collapsed, per_stream = probe_stats(model, tokens), stream_probe_stats(model, tokens)
+    n, scale = 3, {"variance_stream": (0, 1 / 9), "attn_ratio_stream": (2, 3.0), "mlp_ratio_stream": (3, 3.0)}
+    assert [STATS[i] for i, _ in scale.values()] == ["variance", "attn_ratio", "mlp_ratio"]
+    for j, name in enumerate(STREAM):
+        i, factor = scale[name]
+        for l in range(2):
+            assert per_stream[j, l].tolist() == pytest.approx([factor * collapsed[i, l].item()] * n, rel=1e-10)
+
+
+def test_one_stream_records_have_no_per_stream_keys_and_n_streams_have_them(tmp_path):
+    """n = 1: the record (and so layer_stats.jsonl and the trackers) is the one it was before the per-stream entries;
+    n > 1: each per-stream entry is a list of L lists of n values, logged as layers/<stat>/lNN/sK."""
+    from pretrain.diagnostics.measures import LAYER_STATS, PER_STREAM
+    from pretrain.diagnostics.writer import tracked
+
+    L, n = 2, 3
+    sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
+    act = torch.zeros(len(STATS), L)
+    single = make_record(1, L, "pre_ln", act, sq, counts)
+    assert not set(STREAM) & set(single) and not any("/s" in k.split("/l")[-1] for k in tracked(single))
+    assert [k for k in single if isinstance(single[k], list)] == [s.name for s in LAYER_STATS if s.shape != PER_STREAM]
+    values = torch.arange(len(STREAM) * L * n, dtype=torch.float64).view(len(STREAM), L, n)
+    multi = make_record(1, L, "pre_ln", act, sq, counts, values)
+    assert {k: v for k, v in multi.items() if k not in STREAM} == single
+    for i, name in enumerate(STREAM):
+        assert multi[name] == values[i].tolist()
+        assert tracked(multi)[f"{name}/l02/s3"] == values[i, 1, 2].item()
 
 
 def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
@@ -238,6 +321,8 @@ def assert_same_stats(got: list[dict], want: list[dict], rel=1e-4):
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
     for g, w in zip(got, want):
         for key, value in w.items():
+            if isinstance(value, list) and value and isinstance(value[0], list):  # per stream: L lists of n
+                value, g[key] = [v for row in value for v in row], [v for row in g[key] for v in row]
             if isinstance(value, (list, float)):
                 assert g[key] == pytest.approx(value, rel=rel), f"step {w['step']} {key}"
             else:
@@ -265,6 +350,7 @@ def test_logged_step_matches_hand_computation(reference, data_cache):
     (t1, l1), (t2, l2) = next(loader), next(loader)
     logged = layer_stats(reference)[0]
     assert logged["step"] == 1 and logged["layers"] == cfg.model.n_layers and logged["norm_scheme"] == "pre_ln"
+    assert not set(STREAM) & set(logged)  # one stream: no per-stream keys, the file as before them
     with torch.no_grad():
         want = hand_stats(model, t1)
     for name in STATS:
@@ -302,6 +388,22 @@ def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, ref
     assert_global_norm_is_the_engines(str(tmp_path))
 
 
+@pytest.mark.slow  # repeats the tp2 layout case, with residual streams
+@pytest.mark.processes
+def test_residual_streams_under_tp_log_the_single_process_stats(tmp_path, data_cache):
+    """mHC's per-stream statistics (and the collapsed ones) under TP = 2 equal one process's: the state is
+    replicated on the TP ranks, so TP rank 0 measures it whole; one stream's record has no per-stream keys (the
+    reference run's, test_logged_step_matches_hand_computation)."""
+    mhc = ["model.residual=mhc", "model.residual_streams=2", *STEPS]
+    run_train(str(tmp_path / "single"), *mhc, cache_dir=data_cache)
+    run_train(str(tmp_path / "tp2"), *mhc, "parallel.tp=2", nproc=2, cache_dir=data_cache)
+    want, got = layer_stats(str(tmp_path / "single")), layer_stats(str(tmp_path / "tp2"))
+    for name in STREAM:
+        assert [len(row) for row in want[0][name]] == [2] * want[0]["layers"], name
+    assert_same_stats(got, want)
+    assert_global_norm_is_the_engines(str(tmp_path / "tp2"))
+
+
 @pytest.mark.processes
 def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", *STEPS]
@@ -326,8 +428,8 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     from pretrain.analysis.figures import label_runs, layer_stats_figure, plot_figure
     from pretrain.analysis.report_table import read_run
     from pretrain.config import load_config, save_config
-    from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS
-    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, ACTIVATION_STATS
+    from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS, PER_STREAM
+    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, STREAM_FUNCTIONS
     from pretrain.diagnostics.writer import LayerStatsWriter
     from pretrain.train.trackers import TensorBoardTracker
 
@@ -339,16 +441,22 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     writer = LayerStatsWriter(run_dir, 0, [tb], tb=tb.writer)
     act = torch.arange(1, len(ACTIVATION_STATS) * L + 1, dtype=torch.float64).view(len(ACTIVATION_STATS), L) / 10
     sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
-    writer.write(make_record(5, L, "pre_ln", act, sq, counts))
+    n = 2  # residual streams: the per-stream entries are in the record too
+    streams = torch.arange(len(STREAM_STATS) * L * n, dtype=torch.float64).view(len(STREAM_STATS), L, n)
+    writer.write(make_record(5, L, "pre_ln", act, sq, counts, streams))
     tb.close()
     with open(os.path.join(run_dir, FILE)) as f:
         record = json.loads(f.readline())
     events = EventAccumulator(os.path.join(run_dir, "tb")).Reload()
     for stat in LAYER_STATS:
         assert len(record[stat.name]) == L, stat.name
-        assert f"layers/{stat.name}/l01" in events.Tags()["scalars"], stat.name
+        tag = f"layers/{stat.name}/l01" + ("/s2" if stat.shape == PER_STREAM else "")
+        assert tag in events.Tags()["scalars"], stat.name
     assert {k for k, v in record.items() if isinstance(v, list)} == {s.name for s in LAYER_STATS}
-    assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}  # no function for an entry not measured
+    # no function for an entry not measured
+    assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}
+    assert set(STREAM_FUNCTIONS) == {s.name for s in STREAM_STATS} == {s.name for s in LAYER_STATS
+                                                                          if s.shape == PER_STREAM}
     run = read_run(run_dir)
     label_runs([run])
     plot_axes = plot_figure([run]).axes
@@ -365,7 +473,7 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
 def test_measure_table_entries_say_who_has_them_and_how_they_differ():
     """Each entry of the per-layer table (pretrain/diagnostics/measures.py) is read by a consumer, is drawn only by a
     consumer that has it, states its difference, and names one measure."""
-    from pretrain.diagnostics.measures import BLOCK_PAIRS, FROM_EMBEDDING, LAYER_MEASURES, PER_BLOCK
+    from pretrain.diagnostics.measures import BLOCK_PAIRS, FROM_EMBEDDING, LAYER_MEASURES, PER_BLOCK, PER_STREAM
 
     names = [m.name for m in LAYER_MEASURES]
     assert len(set(names)) == len(names)
@@ -374,5 +482,7 @@ def test_measure_table_entries_say_who_has_them_and_how_they_differ():
         assert m.training or not m.stats_panel, m.name
         assert m.analyze_depth or not m.depth_panel, m.name
         assert m.label and m.title and m.definition and m.difference, m.name
-        assert m.shape in (PER_BLOCK, FROM_EMBEDDING, BLOCK_PAIRS), m.name
-        assert not m.training or m.shape == PER_BLOCK, m.name  # layer_stats.jsonl holds one value per block
+        assert m.shape in (PER_BLOCK, FROM_EMBEDDING, BLOCK_PAIRS, PER_STREAM), m.name
+        # layer_stats.jsonl holds one value per block, or per block a list of one value per stream
+        assert not m.training or m.shape in (PER_BLOCK, PER_STREAM), m.name
+        assert m.shape != PER_STREAM or not (m.analyze_depth or m.stats_panel), m.name  # drawn per block only
