@@ -24,9 +24,10 @@ logit lens decodes the state through the model's readout (its collapse, then the
 identity on the whole state.
 The per-stream entries (shape PER_STREAM, training only, in layer_stats.jsonl only when the model has n > 1 streams)
 are of the state's streams themselves: X_k, H_k, Y_k the k-th stream [B, T, D] of the block's input, mid-block and
-output states. There is no per-stream gradient norm: every parameter of a block acts on the streams' mix u (a
-weighted sum over all streams) and its output is written into every stream, and the mixing weights are functions of
-the whole flattened state, so no parameter gradient belongs to one stream; grad_norm stays the block's.
+output states. No parameter gradient belongs to one stream (every parameter of a block acts on the streams' mix u, a
+weighted sum over all streams, and its output is written into every stream; the mixing weights are functions of the
+whole flattened state), so the per-stream gradient norm grad_norm_stream is that of the loss with respect to the
+stream itself, dl/dX_k, the activation gradient; grad_norm stays the block's parameter gradient norm.
 
 Drawn: `stats_panel` draws an entry's training values against depth in `pretrain plot` and the report's layer
 figure; `depth_panel` its analyze-depth values in the report's depth figure (pretrain/analysis/figures.py), both
@@ -133,6 +134,15 @@ LAYER_MEASURES: tuple[LayerMeasure, ...] = (
         "mlp_ratio_stream", "||Y_k - H_k|| / ||H_k||", "MLP update per stream",
         "||Y_k - H_k||_F / ||H_k||_F over the micro-batch: as attn_ratio_stream, for the MLP sublayer",
         "training only, as mlp_ratio",
+        training=True, shape=PER_STREAM),
+    LayerMeasure(
+        "grad_norm_stream", "||dl/dX_k||", "Input-state gradient norm per stream",
+        "||dl/dX_k||_F over the measured micro-batch: the gradient of the loss with respect to stream k of block l's "
+        "input state (no parameter gradient belongs to one stream), l the micro-batch's loss as the step's "
+        "gradient weighs it times the micro-batches per data-parallel rank: the micro-batch's mean token loss (a "
+        "token-weighted step: its loss sum over the mean trained tokens per micro-batch of the global batch)",
+        "training only: needs the step's backward pass; unlike grad_norm (the whole global batch's parameter "
+        "gradient) it is of the one measured micro-batch",
         training=True, shape=PER_STREAM),
     LayerMeasure(
         "grad_norm", "gradient norm", "Block gradient norm vs depth",

@@ -20,6 +20,7 @@ from pretrain.diagnostics.measures import LAYER_STATS, PER_STREAM, LayerMeasure
 from pretrain.diagnostics.taps import BlockActivations
 
 GRADIENT_STAT = "grad_norm"  # the training entry measured from the gradients, not from activations
+STREAM_GRADIENT_STAT = "grad_norm_stream"  # the per-stream entry measured from the input state's gradient
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,15 @@ STREAM_FUNCTIONS: dict[str, Callable[[BlockActivations], torch.Tensor]] = {
 }
 ACTIVATION_STATS = tuple(ActivationStat(m, ACTIVATION_FUNCTIONS[m.name]) for m in LAYER_STATS
                          if m.name != GRADIENT_STAT and m.shape != PER_STREAM)
-STREAM_STATS = tuple(ActivationStat(m, STREAM_FUNCTIONS[m.name]) for m in LAYER_STATS if m.shape == PER_STREAM)
+STREAM_STATS = tuple(ActivationStat(m, STREAM_FUNCTIONS[m.name]) for m in LAYER_STATS
+                     if m.shape == PER_STREAM and m.name != STREAM_GRADIENT_STAT)
+# The rows of the per-stream result, in table order: STREAM_STATS' and the gradient's.
+STREAM_ROWS = tuple(m.name for m in LAYER_STATS if m.shape == PER_STREAM)
+
+
+def stream_grad_norm(grad: torch.Tensor) -> torch.Tensor:
+    """grad_norm_stream's norm of the input state's gradient [B, T, n, D] per stream (the probe scales it)."""
+    return torch.linalg.vector_norm(grad, dim=(0, 1, 3))
 
 # The gradient norms of the parameters outside the blocks: layer_stats.jsonl's grad_norm_<group> (null where the
 # model has none), TensorBoard's layers/grad_norm_<group>; then grad_norm_global over every parameter.

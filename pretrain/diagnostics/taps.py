@@ -69,8 +69,12 @@ class BlockTaps:
     measured step). A compiled block (train.compile) would not run hooks added after compilation, so while the
     taps are on, the block runs eagerly; its compiled version is restored by `remove()`."""
 
-    def __init__(self, index: int, block: nn.Module, on_block: Callable[[BlockActivations], None], once: bool = False):
+    def __init__(self, index: int, block: nn.Module, on_block: Callable[[BlockActivations], None], once: bool = False,
+                 on_input_grad: Callable[[int, torch.Tensor], None] | None = None):
+        """`on_input_grad(index, grad)`: with residual streams, called in the backward pass of each measured forward
+        with the gradient of the block's input state [B, T, n, D] (detached, in at least fp32)."""
         self.index, self.block, self.on_block, self.once = index, block, on_block, once
+        self.on_input_grad = on_input_grad
         self.alpha = float(getattr(block, "residual_alpha", 1.0))
         self.parts: dict[str, torch.Tensor] = {}
         self.compiled = compat.suspend_compiled(block)
@@ -101,6 +105,9 @@ class BlockTaps:
         mix, states, x = None, None, _state(args[0])
         if x.ndim == 4:  # residual streams: the states themselves, for the per-stream statistics
             states = (x, _state(self.parts["h_state"]), _state(output))
+            graph_input = args[0][0] if isinstance(args[0], tuple) else args[0]
+            if self.on_input_grad is not None and graph_input.requires_grad:
+                graph_input.register_hook(self._input_grad)
         if hasattr(module.residual, "weights"):  # residual streams: the two sublayers' mixes, from their inputs
             inputs = (args[0][0] if isinstance(args[0], tuple) else args[0], self.parts["h_state"])
             mix = torch.stack([module.residual.weights(state, s)["comb"].detach().to(parts["a"].dtype)
@@ -110,6 +117,12 @@ class BlockTaps:
             self.remove()
         self.on_block(BlockActivations(self.index, summed(x), _wide(output), alpha=self.alpha, mix=mix,
                                        states=states, **parts))
+
+    def _input_grad(self, grad: torch.Tensor) -> None:
+        """A tensor hook: runs once, in the backward pass through the block's input (also with activation
+        checkpointing: the hook is on the tensor kept for the recomputation, not on a recomputed one)."""
+        with torch.no_grad():
+            self.on_input_grad(self.index, _state(grad))
 
     def remove(self) -> None:
         for handle in self.handles:

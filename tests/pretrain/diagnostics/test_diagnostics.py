@@ -12,12 +12,12 @@ from helpers.train import metrics, run_train
 
 from models import Llama, ModelConfig
 from pretrain.diagnostics.probes import ActivationProbe, counted, grad_square_sums, local_blocks, parameter_groups
-from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_STATS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_ROWS
 from pretrain.diagnostics.writer import LAYER_STATS_FILE as FILE
 from pretrain.diagnostics.writer import make_record
 
 STATS = tuple(s.name for s in ACTIVATION_STATS)
-STREAM = tuple(s.name for s in STREAM_STATS)
+STREAM = STREAM_ROWS  # the per-stream entries, grad_norm_stream among them
 
 pytestmark = pytest.mark.compat
 
@@ -124,45 +124,53 @@ def test_activation_stats_of_residual_streams_are_those_of_the_streams_sum(resid
         assert got[i].tolist() == pytest.approx(want[name], rel=1e-10), name
 
 
-def stream_probe_stats(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
-    """The per-stream statistics [len(STREAM_STATS), L, n] of one forward."""
+def stream_probe_stats(model: Llama, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-stream statistics [len(STREAM_ROWS), L, n] of one forward (and with labels, its backward)."""
     n = model.blocks[0].residual.hc[0].n
     probe = ActivationProbe(local_blocks(model), len(model.blocks), n)
     probe.arm()
-    with torch.no_grad():
-        model(tokens)
+    if labels is None:
+        with torch.no_grad():
+            model(tokens)
+    else:
+        model(tokens, labels).backward()
     return probe.stream_result()
 
 
 @pytest.mark.parametrize("residual", ["mhc", "hc"])
 def test_per_stream_stats_match_hand_computation(residual):
-    """variance_stream, attn_ratio_stream and mlp_ratio_stream (pretrain/diagnostics/measures.py) written out per
-    stream k from the states X, H, Y [B, T, n, D]: var(Y_k) over the hidden dim averaged over tokens,
-    ||H_k - X_k||_F / ||X_k||_F and ||Y_k - H_k||_F / ||H_k||_F. The mixing weights are perturbed away from their
-    init so that the streams differ (hyper-connections' init keeps them copies of each other)."""
+    """The per-stream entries (pretrain/diagnostics/measures.py) written out per stream k from the states X, H, Y
+    [B, T, n, D]: variance_stream = var(Y_k) over the hidden dim averaged over tokens, attn_ratio_stream =
+    ||H_k - X_k||_F / ||X_k||_F, mlp_ratio_stream = ||Y_k - H_k||_F / ||H_k||_F and grad_norm_stream =
+    ||dl/dX_k||_F, l the model's mean token loss, by autograd on the hand-built states. The mixing weights are
+    perturbed away from their init so that the streams differ (hyper-connections' init keeps them copies)."""
     model = Llama(ModelConfig(**SMALL, residual=residual), seed=1).double()
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for blk in model.blocks:
             for p in blk.residual.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
-    got = stream_probe_stats(model, tokens)
+    tokens, labels = torch.randint(0, 64, (2, 3, 16), generator=torch.Generator().manual_seed(0))
+    got = stream_probe_stats(model, tokens, labels)
     n = 4
-    assert got.shape == (len(STREAM_STATS), 2, n)
+    assert got.shape == (len(STREAM), 2, n)
     want = {name: [] for name in STREAM}
-    with torch.no_grad():
-        X = model.embed(tokens)
-        for blk in model.blocks:
-            u, mix = blk.residual.read(X, 0)
-            H = blk.residual(X, blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin), 0, mix)
-            u, mix = blk.residual.read(H, 1)
-            Y = blk.residual(H, blk.mlp(blk.mlp_norm(u)), 1, mix)
-            streams = [(X[:, :, k], H[:, :, k], Y[:, :, k]) for k in range(n)]
-            want["variance_stream"].append([y.var(-1, unbiased=False).mean().item() for _, _, y in streams])
-            want["attn_ratio_stream"].append([((h - x).norm() / x.norm()).item() for x, h, _ in streams])
-            want["mlp_ratio_stream"].append([((y - h).norm() / h.norm()).item() for _, h, y in streams])
-            X = Y
+    X = model.embed(tokens)
+    inputs = []
+    for blk in model.blocks:
+        X.retain_grad()
+        inputs.append(X)
+        u, mix = blk.residual.read(X, 0)
+        H = blk.residual(X, blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin), 0, mix)
+        u, mix = blk.residual.read(H, 1)
+        Y = blk.residual(H, blk.mlp(blk.mlp_norm(u)), 1, mix)
+        streams = [(X[:, :, k].detach(), H[:, :, k].detach(), Y[:, :, k].detach()) for k in range(n)]
+        want["variance_stream"].append([y.var(-1, unbiased=False).mean().item() for _, _, y in streams])
+        want["attn_ratio_stream"].append([((h - x).norm() / x.norm()).item() for x, h, _ in streams])
+        want["mlp_ratio_stream"].append([((y - h).norm() / h.norm()).item() for _, h, y in streams])
+        X = Y
+    model.head_loss(model.readout(X), labels).backward()  # the model's own mean token loss
+    want["grad_norm_stream"] = [[X.grad[:, :, k].norm().item() for k in range(n)] for X in inputs]
     for i, name in enumerate(STREAM):
         for l in range(2):
             assert got[i, l].tolist() == pytest.approx(want[name][l], rel=1e-10), (name, l)
@@ -180,8 +188,8 @@ def test_per_stream_stats_of_copied_streams_are_the_collapsed_ones_scaled(residu
     collapsed, per_stream = probe_stats(model, tokens), stream_probe_stats(model, tokens)
     n, scale = 3, {"variance_stream": (0, 1 / 9), "attn_ratio_stream": (2, 3.0), "mlp_ratio_stream": (3, 3.0)}
     assert [STATS[i] for i, _ in scale.values()] == ["variance", "attn_ratio", "mlp_ratio"]
-    for j, name in enumerate(STREAM):
-        i, factor = scale[name]
+    for name, (i, factor) in scale.items():
+        j = STREAM.index(name)
         for l in range(2):
             assert per_stream[j, l].tolist() == pytest.approx([factor * collapsed[i, l].item()] * n, rel=1e-10)
 
@@ -388,20 +396,32 @@ def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, ref
     assert_global_norm_is_the_engines(str(tmp_path))
 
 
-@pytest.mark.slow  # repeats the tp2 layout case, with residual streams
+MHC = ["model.residual=mhc", "model.residual_streams=2", *STEPS]
+
+
+@pytest.fixture(scope="module")
+def mhc_reference(tmp_path_factory, data_cache):
+    run = str(tmp_path_factory.mktemp("mhc_single"))
+    run_train(run, *MHC, cache_dir=data_cache)
+    return run
+
+
+@pytest.mark.slow  # repeats layout cases of test_parallel_layouts_log_the_single_process_stats, with residual streams
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero_stage=2"]],
+                         ids=["tp2", "pp2", "dp2-zero2"])
 @pytest.mark.processes
-def test_residual_streams_under_tp_log_the_single_process_stats(tmp_path, data_cache):
-    """mHC's per-stream statistics (and the collapsed ones) under TP = 2 equal one process's: the state is
-    replicated on the TP ranks, so TP rank 0 measures it whole; one stream's record has no per-stream keys (the
-    reference run's, test_logged_step_matches_hand_computation)."""
-    mhc = ["model.residual=mhc", "model.residual_streams=2", *STEPS]
-    run_train(str(tmp_path / "single"), *mhc, cache_dir=data_cache)
-    run_train(str(tmp_path / "tp2"), *mhc, "parallel.tp=2", nproc=2, cache_dir=data_cache)
-    want, got = layer_stats(str(tmp_path / "single")), layer_stats(str(tmp_path / "tp2"))
+def test_residual_streams_log_the_single_process_stats(tmp_path, data_cache, mhc_reference, layout):
+    """mHC's per-stream statistics (and the collapsed ones) under TP = 2, PP = 2 and DP = 2 equal one process's: the
+    state is replicated on the TP ranks and travels between the stages; grad_norm_stream is of the same micro-batch's
+    mean loss whatever the micro-batches per rank (two here, one at DP = 2). One stream's record has no per-stream
+    keys (the reference run's, test_logged_step_matches_hand_computation)."""
+    run_train(str(tmp_path), *MHC, *layout, nproc=2, cache_dir=data_cache)
+    want, got = layer_stats(mhc_reference), layer_stats(str(tmp_path))
     for name in STREAM:
         assert [len(row) for row in want[0][name]] == [2] * want[0]["layers"], name
+        assert all(math.isfinite(v) and v > 0 for row in want[0][name] for v in row), name
     assert_same_stats(got, want)
-    assert_global_norm_is_the_engines(str(tmp_path / "tp2"))
+    assert_global_norm_is_the_engines(str(tmp_path))
 
 
 @pytest.mark.processes
@@ -429,7 +449,7 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     from pretrain.analysis.report_table import read_run
     from pretrain.config import load_config, save_config
     from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS, PER_STREAM
-    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, STREAM_FUNCTIONS
+    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, STREAM_FUNCTIONS, STREAM_GRADIENT_STAT, STREAM_STATS
     from pretrain.diagnostics.writer import LayerStatsWriter
     from pretrain.train.trackers import TensorBoardTracker
 
@@ -442,7 +462,7 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     act = torch.arange(1, len(ACTIVATION_STATS) * L + 1, dtype=torch.float64).view(len(ACTIVATION_STATS), L) / 10
     sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
     n = 2  # residual streams: the per-stream entries are in the record too
-    streams = torch.arange(len(STREAM_STATS) * L * n, dtype=torch.float64).view(len(STREAM_STATS), L, n)
+    streams = torch.arange(len(STREAM) * L * n, dtype=torch.float64).view(len(STREAM), L, n)
     writer.write(make_record(5, L, "pre_ln", act, sq, counts, streams))
     tb.close()
     with open(os.path.join(run_dir, FILE)) as f:
@@ -455,8 +475,8 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     assert {k for k, v in record.items() if isinstance(v, list)} == {s.name for s in LAYER_STATS}
     # no function for an entry not measured
     assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}
-    assert set(STREAM_FUNCTIONS) == {s.name for s in STREAM_STATS} == {s.name for s in LAYER_STATS
-                                                                          if s.shape == PER_STREAM}
+    per_stream = {s.name for s in LAYER_STATS if s.shape == PER_STREAM}
+    assert set(STREAM_FUNCTIONS) == {s.name for s in STREAM_STATS} == per_stream - {STREAM_GRADIENT_STAT}
     run = read_run(run_dir)
     label_runs([run])
     plot_axes = plot_figure([run]).axes
