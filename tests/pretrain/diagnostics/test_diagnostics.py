@@ -407,15 +407,20 @@ def mhc_reference(tmp_path_factory, data_cache):
 
 
 @pytest.mark.slow  # repeats layout cases of test_parallel_layouts_log_the_single_process_stats, with residual streams
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero_stage=2"]],
-                         ids=["tp2", "pp2", "dp2-zero2"])
+@pytest.mark.parametrize(
+    "layout, nproc",
+    [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2),
+     (["train.activation_checkpointing=full"], None)],
+    ids=["tp2", "pp2", "dp2-zero2", "full-recompute"],
+)
 @pytest.mark.processes
-def test_residual_streams_log_the_single_process_stats(tmp_path, data_cache, mhc_reference, layout):
+def test_residual_streams_log_the_single_process_stats(tmp_path, data_cache, mhc_reference, layout, nproc):
     """mHC's per-stream statistics (and the collapsed ones) under TP = 2, PP = 2 and DP = 2 equal one process's: the
     state is replicated on the TP ranks and travels between the stages; grad_norm_stream is of the same micro-batch's
-    mean loss whatever the micro-batches per rank (two here, one at DP = 2). One stream's record has no per-stream
-    keys (the reference run's, test_logged_step_matches_hand_computation)."""
-    run_train(str(tmp_path), *MHC, *layout, nproc=2, cache_dir=data_cache)
+    mean loss whatever the micro-batches per rank (two here, one at DP = 2) and with the block recomputed in backward
+    (its hook is on the kept input). One stream's record has no per-stream keys (the reference run's,
+    test_logged_step_matches_hand_computation)."""
+    run_train(str(tmp_path), *MHC, *layout, nproc=nproc, cache_dir=data_cache)
     want, got = layer_stats(mhc_reference), layer_stats(str(tmp_path))
     for name in STREAM:
         assert [len(row) for row in want[0][name]] == [2] * want[0]["layers"], name
