@@ -26,8 +26,22 @@ tokens of the measured micro-batch (D = d_model, statistics in at least fp32). O
     grad_norm_global  over all parameters, equal to the `grad_norm` the engine reports in metrics.jsonl
 
 With residual streams (model.residual) a block's input, output and mid-block residual are states [B, T, n, D]; the
-statistics are of the collapsed state, the streams' sum (taps.py), and the branches are the sublayers' outputs
-before the streams' write.
+statistics above are of the collapsed state, the streams' sum (taps.py), and the branches are the sublayers' outputs
+before the streams' write. With n > 1 streams the per-stream entries of the table (shape PER_STREAM) are added, each
+a list of n values per block, computed from the states' [B, T, n, D] shape whatever the residual:
+
+    variance_stream     variance of stream k of the block's output (as variance)
+    attn_ratio_stream   ||H_k - X_k||_F / ||X_k||_F: the attention sublayer's update of stream k (its write and the
+                        streams' mix) relative to the stream
+    mlp_ratio_stream    ||Y_k - H_k||_F / ||H_k||_F: the same for the MLP sublayer
+    grad_norm_stream    ||dl/dX_k||_F: the gradient of the measured micro-batch's mean loss with respect to stream k
+                        of the block's input state, from a tensor hook on that input (taps.py) in the micro-batch's
+                        backward, times the micro-batches per data-parallel rank (DeepSpeed divides each
+                        micro-batch's loss by them) so that it is the same number in every layout. No parameter
+                        gradient belongs to one stream: a block's parameters act on the streams' mix and write into
+                        every stream, and the mixing weights read the whole flattened state.
+
+A one-stream run's record (and TensorBoard) has none of these keys: its files are as they were before them.
 
 Which data
 ----------
@@ -45,8 +59,10 @@ How (cost and parallelism)
 * Activations: forward hooks on each block and its attn_out_norm, attn_post_norm and mlp_out_norm (nn.Identity
   where a scheme has no norm, still a module call) are registered at the start of a measured step and each
   block's hooks remove themselves after its first forward, so unmeasured steps and later micro-batches run
-  no hook at all. Statistics are reduced on the device to 5 scalars per block; one `.tolist()` per measured
-  step moves them to the host. Hooks run only on ranks with tp_rank == 0 and dp_rank == 0.
+  no hook at all. Statistics are reduced on the device to one scalar per statistic and block (n per per-stream
+  statistic); one `.tolist()` per measured step moves them to the host. grad_norm_stream's tensor hook fires once,
+  in the measured micro-batch's backward (with activation checkpointing too: it is on the kept block input).
+  Hooks run only on ranks with tp_rank == 0 and dp_rank == 0.
 * TP: after the row-parallel all-reduce the residual stream and both branch outputs are full (replicated) on
   every TP rank, so activation statistics need no TP reduction. Gradient sums of squares count TP-sharded
   weights (`tensor_model_parallel`) on every TP rank and replicated ones (norm gains) on TP rank 0 only, then
@@ -79,10 +95,14 @@ One JSON object per measured step; arrays have one entry per block, index 0 = bl
      "grad_norm": [...], "grad_norm_embedding": 0.41, "grad_norm_final_norm": 0.02, "grad_norm_head": 0.37,
      "grad_norm_global": 0.93}
 
+and with n > 1 residual streams after those, one list of n values per block (index [l - 1][k - 1] = block l,
+stream k): "variance_stream", "attn_ratio_stream", "mlp_ratio_stream", "grad_norm_stream".
+
 A resumed run drops entries after the checkpoint's step (as metrics.jsonl does). Non-finite values are
 written as NaN/Infinity (Python's json reads them).
 
-TensorBoard (run.dir/tb): scalars layers/<stat>/lNN (NN = 01..L) for the five statistics and grad_norm,
+TensorBoard (run.dir/tb): scalars layers/<stat>/lNN (NN = 01..L) for the per-block statistics and grad_norm,
+layers/<stat>/lNN/sK (K = 1..n) for the per-stream ones,
 layers/grad_norm_{embedding,final_norm,head,global}, and per measured step a histogram
 layers/variance_vs_depth whose bucket l (x-axis: layer index 1..L) has height = variance of layer l (the
 histogram tab then shows variance against depth over training). At the end of the run an image

@@ -7,9 +7,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from models.norms import residual_streams
 from pretrain import compat
 from pretrain.diagnostics.probes import N_EXTRA_GROUPS, ActivationProbe, grad_square_sums, local_blocks, parameter_groups
-from pretrain.diagnostics.stats import ACTIVATION_STATS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_ROWS
 from pretrain.diagnostics.writer import LayerStatsWriter, make_record
 from pretrain.train.distributed import parallel_state
 from pretrain.train.hooks import TrainContext, TrainHooks
@@ -37,9 +38,11 @@ class LayerStatsHooks(TrainHooks):
         self.interval, self.n_layers, self.norm_scheme = cfg.diagnostics.interval, cfg.model.n_layers, cfg.model.norm_scheme
         self.device, self.tp_rank, self.dp_rank = topo.device, topo.tp_rank, topo.dp_rank
         self.mp_group = parallel_state.get_model_parallel_group() if topo.tp * topo.pp > 1 else None
+        self.n_streams = residual_streams(cfg.model)  # the per-stream statistics only with n > 1 streams
         self.probe = None
         if topo.tp_rank == 0 and topo.dp_rank == 0:
-            self.probe = ActivationProbe(local_blocks(built.model), self.n_layers)
+            # grad_norm_stream: DeepSpeed divides each micro-batch's loss by the micro-batches per step (built.gas)
+            self.probe = ActivationProbe(local_blocks(built.model), self.n_layers, self.n_streams, built.gas)
         self.entries = parameter_groups(built.model, self.n_layers)
         self.n_groups = self.n_layers + N_EXTRA_GROUPS
         self.spikes = HostSpikes(cfg.train.spike_window, cfg.train.spike_threshold)  # per-layer gradient norms
@@ -77,14 +80,19 @@ class LayerStatsHooks(TrainHooks):
             grad_sq, counts = nan, torch.zeros_like(nan)
         else:
             grad_sq, counts = (t.to(self.device) for t in self.grads)
-        packed = torch.cat([act.flatten(), grad_sq, counts])
+        streams = []
+        if self.n_streams > 1:
+            streams = [self.probe.stream_result(self.device) if self.probe is not None else torch.zeros(
+                len(STREAM_ROWS), self.n_layers, self.n_streams, dtype=torch.float64, device=self.device)]
+        packed = torch.cat([act.flatten(), grad_sq, counts, *(s.flatten() for s in streams)])
         if self.mp_group is not None:
             dist.all_reduce(packed, group=self.mp_group)  # TP shards, PP stages (zeros where not held)
         if self.writer is not None:
-            n_act = n_stats * self.n_layers
+            n_act, end = n_stats * self.n_layers, n_stats * self.n_layers + 2 * self.n_groups
             record = make_record(
                 step, self.n_layers, self.norm_scheme, packed[:n_act].view(n_stats, self.n_layers),
-                packed[n_act:n_act + self.n_groups], packed[n_act + self.n_groups:],
+                packed[n_act:n_act + self.n_groups], packed[n_act + self.n_groups:end],
+                packed[end:].view(len(STREAM_ROWS), self.n_layers, self.n_streams) if streams else None,
             )
             self.writer.write(record)
             norms = {f"grad_norm/l{i:02d}": v for i, v in enumerate(record["grad_norm"], 1)}

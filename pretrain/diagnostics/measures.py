@@ -22,6 +22,12 @@ With residual streams (model.residual: the block reads and writes a state [B, T,
 are the collapsed state, the sum over the streams; a and m are the sublayers' outputs before the streams' write; the
 logit lens decodes the state through the model's readout (its collapse, then the final norm); a skipped block is the
 identity on the whole state.
+The per-stream entries (shape PER_STREAM, training only, in layer_stats.jsonl only when the model has n > 1 streams)
+are of the state's streams themselves: X_k, H_k, Y_k the k-th stream [B, T, D] of the block's input, mid-block and
+output states. No parameter gradient belongs to one stream (every parameter of a block acts on the streams' mix u, a
+weighted sum over all streams, and its output is written into every stream; the mixing weights are functions of the
+whole flattened state), so the per-stream gradient norm grad_norm_stream is that of the loss with respect to the
+stream itself, dl/dX_k, the activation gradient; grad_norm stays the block's parameter gradient norm.
 
 Drawn: `stats_panel` draws an entry's training values against depth in `pretrain plot` and the report's layer
 figure; `depth_panel` its analyze-depth values in the report's depth figure (pretrain/analysis/figures.py), both
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 PER_BLOCK = "L"  # one per block, index 0 = block 1
 FROM_EMBEDDING = "L + 1"  # index 0 = the embedding as the first block reads it, then one per block
 BLOCK_PAIRS = "L x L"  # row s = the skipped block, column l = the affected block
+PER_STREAM = "L x n"  # one list of n values per block (stream k at index k - 1), in the record only when n > 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,35 @@ LAYER_MEASURES: tuple[LayerMeasure, ...] = (
         "1, in [0, log n] (0: each stream kept apart; log n: evenly mixed; 0 for one stream)",
         "training only: the mixing weights are followed over the steps of a run",
         training=True),
+    LayerMeasure(
+        "variance_stream", "stream output variance", "Residual variance per stream",
+        "variance of each stream: mean over tokens of the per-token (biased) variance of Y_k over the hidden dim, "
+        "k = 1..n (as variance, whose y is the sum over k of Y_k)",
+        "training only: the streams' scales followed over the steps of a run (analyze-depth measures the collapsed "
+        "state only)",
+        training=True, shape=PER_STREAM),
+    LayerMeasure(
+        "attn_ratio_stream", "||H_k - X_k|| / ||X_k||", "Attention update per stream",
+        "||H_k - X_k||_F / ||X_k||_F over the micro-batch: how much the attention sublayer changes stream k (its write "
+        "of the branch into the stream and the streams' mix), relative to the stream (the sum over k of H_k - X_k is "
+        "h - x; with n copies of one stream, comb = I and every write weight 1, as hyper-connections at init, "
+        "it is n x attn_ratio)",
+        "training only, as attn_ratio",
+        training=True, shape=PER_STREAM),
+    LayerMeasure(
+        "mlp_ratio_stream", "||Y_k - H_k|| / ||H_k||", "MLP update per stream",
+        "||Y_k - H_k||_F / ||H_k||_F over the micro-batch: as attn_ratio_stream, for the MLP sublayer",
+        "training only, as mlp_ratio",
+        training=True, shape=PER_STREAM),
+    LayerMeasure(
+        "grad_norm_stream", "||dl/dX_k||", "Input-state gradient norm per stream",
+        "||dl/dX_k||_F over the measured micro-batch: the gradient of the loss with respect to stream k of block l's "
+        "input state (no parameter gradient belongs to one stream), l the micro-batch's loss as the step's "
+        "gradient weighs it times the micro-batches per data-parallel rank: the micro-batch's mean token loss (a "
+        "token-weighted step: its loss sum over the mean trained tokens per micro-batch of the global batch)",
+        "training only: needs the step's backward pass; unlike grad_norm (the whole global batch's parameter "
+        "gradient) it is of the one measured micro-batch",
+        training=True, shape=PER_STREAM),
     LayerMeasure(
         "grad_norm", "gradient norm", "Block gradient norm vs depth",
         "L2 norm of the gradient of block l's parameters: the accumulated, data-parallel-averaged gradient of the "

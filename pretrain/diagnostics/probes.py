@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from models.llama import Block
-from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
+from pretrain.diagnostics.stats import (ACTIVATION_STATS, GRADIENT_GROUPS, STREAM_GRADIENT_STAT, STREAM_ROWS,
+                                       STREAM_STATS, stream_grad_norm)
 from pretrain.diagnostics.taps import BlockActivations, BlockTaps
 
 # Gradient groups after the L blocks: GRADIENT_GROUPS in order, then everything else (counted in the global norm).
@@ -50,21 +51,32 @@ def parameter_groups(model: nn.Module, n_layers: int) -> list[tuple[nn.Parameter
 
 
 class ActivationProbe:
-    """Per-block activation statistics of the first forward of each block after `arm()`.
+    """Per-block activation statistics of the first forward of each block after `arm()`, and with n > 1 residual
+    streams the per-stream ones.
 
-        probe = ActivationProbe(local_blocks(model), n_layers)
+        probe = ActivationProbe(local_blocks(model), n_layers, n_streams)
         probe.arm(); model(tokens); stats = probe.result()   # [len(ACTIVATION_STATS), n_layers], zeros elsewhere
+        per_stream = probe.stream_result()                   # [len(STREAM_ROWS), n_layers, n_streams]
+
+    The per-stream gradient row (grad_norm_stream) is filled in the backward pass of the measured forward, times
+    `grad_scale` (the training loop's micro-batches per data-parallel rank, which DeepSpeed divides each micro-batch's
+    loss by); NaN where the block's input gradient was not computed (a forward without backward).
     """
 
-    def __init__(self, blocks: dict[int, nn.Module], n_layers: int):
-        self.blocks, self.n_layers = blocks, n_layers
+    def __init__(self, blocks: dict[int, nn.Module], n_layers: int, n_streams: int = 1, grad_scale: float = 1.0):
+        self.blocks, self.n_layers, self.n_streams, self.grad_scale = blocks, n_layers, n_streams, grad_scale
         self.measured: dict[int, torch.Tensor] = {}
+        self.measured_streams: dict[int, torch.Tensor] = {}
+        self.measured_grads: dict[int, torch.Tensor] = {}
         self.taps: list[BlockTaps] = []
 
     def arm(self) -> None:
         self.disarm()
         self.measured.clear()
-        self.taps = [BlockTaps(i, b, self._measure, once=True) for i, b in sorted(self.blocks.items())]
+        self.measured_streams.clear()
+        self.measured_grads.clear()
+        self.taps = [BlockTaps(i, b, self._measure, once=True, on_input_grad=self._measure_grad)
+                     for i, b in sorted(self.blocks.items())]
 
     def disarm(self) -> None:
         for taps in self.taps:
@@ -74,11 +86,26 @@ class ActivationProbe:
     def _measure(self, b: BlockActivations) -> None:
         # reduced on the device to one scalar per statistic: one host transfer per measured step, in result()
         self.measured[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in ACTIVATION_STATS])
+        if b.states is not None:
+            self.measured_streams[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in STREAM_STATS])
+
+    def _measure_grad(self, index: int, grad: torch.Tensor) -> None:
+        self.measured_grads[index] = stream_grad_norm(grad) * self.grad_scale
 
     def result(self, device=None, dtype=torch.float64) -> torch.Tensor:
         out = torch.zeros(len(ACTIVATION_STATS), self.n_layers, dtype=dtype, device=device)
         for index, stats in self.measured.items():
             out[:, index] = stats.to(device=out.device, dtype=dtype)
+        return out
+
+    def stream_result(self, device=None, dtype=torch.float64) -> torch.Tensor:
+        out = torch.zeros(len(STREAM_ROWS), self.n_layers, self.n_streams, dtype=dtype, device=device)
+        rows = [STREAM_ROWS.index(s.name) for s in STREAM_STATS]
+        grad_row = STREAM_ROWS.index(STREAM_GRADIENT_STAT)
+        for index, stats in self.measured_streams.items():
+            out[rows, index] = stats.to(device=out.device, dtype=dtype)
+            out[grad_row, index] = self.measured_grads.get(index, torch.full((self.n_streams,), float("nan"))).to(
+                device=out.device, dtype=dtype)
         return out
 
 

@@ -9,7 +9,8 @@ the slots are modules in every scheme (nn.Identity where a scheme has no norm), 
 With residual streams (model.residual, models/streams.py) x, h and y are states [B, T, n, D]; the activations hold
 the collapsed state, their sum over the streams (`models.streams.summed`: under mHC's doubly-stochastic mix it moves
 as one residual stream does), a, m the sublayers' outputs before the streams' write, and `mix` the sublayers'
-mixing matrices, recomputed from their input states by the residual slot's `weights`.
+mixing matrices, recomputed from their input states by the residual slot's `weights`, and `states` the states
+themselves for the per-stream statistics.
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ class BlockActivations:
     # The residual streams' mixing matrices of the two sublayers, [2, B, T, n, n] (comb: stream j to stream k at
     # [..., j, k]); None for one stream, whose mix is the 1 x 1 matrix [alpha].
     mix: torch.Tensor | None = None
+    # The states themselves, (x, h, y) [B, T, n, D] each, for the per-stream statistics; None for one stream.
+    states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _state(x) -> torch.Tensor:
+    """The residual ([B, T, D] or a state [B, T, n, D]) detached, in at least fp32."""
+    if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
+        x = x[0]
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _wide(x) -> torch.Tensor:
-    if isinstance(x, tuple):  # a pipeline block's (x, positions, doc_ids) of packed SFT rows (models/pipeline.py)
-        x = x[0]
-    return summed(x.detach().to(torch.promote_types(x.dtype, torch.float32)))
+    return summed(_state(x))
 
 
 def _eager(fn):
@@ -61,8 +69,12 @@ class BlockTaps:
     measured step). A compiled block (train.compile) would not run hooks added after compilation, so while the
     taps are on, the block runs eagerly; its compiled version is restored by `remove()`."""
 
-    def __init__(self, index: int, block: nn.Module, on_block: Callable[[BlockActivations], None], once: bool = False):
+    def __init__(self, index: int, block: nn.Module, on_block: Callable[[BlockActivations], None], once: bool = False,
+                 on_input_grad: Callable[[int, torch.Tensor], None] | None = None):
+        """`on_input_grad(index, grad)`: with residual streams, called in the backward pass of each measured forward
+        with the gradient of the block's input state [B, T, n, D] (detached, in at least fp32)."""
         self.index, self.block, self.on_block, self.once = index, block, on_block, once
+        self.on_input_grad = on_input_grad
         self.alpha = float(getattr(block, "residual_alpha", 1.0))
         self.parts: dict[str, torch.Tensor] = {}
         self.compiled = compat.suspend_compiled(block)
@@ -90,16 +102,27 @@ class BlockTaps:
     def _block(self, module, args, output):
         nan = torch.full((), float("nan"))  # a slot hook that did not run (a block without that branch)
         parts = {k: self.parts.get(k, nan) for k in ("a", "h", "m")}
-        mix = None
+        mix, states, x = None, None, _state(args[0])
+        if x.ndim == 4:  # residual streams: the states themselves, for the per-stream statistics
+            states = (x, _state(self.parts["h_state"]), _state(output))
+            graph_input = args[0][0] if isinstance(args[0], tuple) else args[0]
+            if self.on_input_grad is not None and graph_input.requires_grad:
+                graph_input.register_hook(self._input_grad)
         if hasattr(module.residual, "weights"):  # residual streams: the two sublayers' mixes, from their inputs
-            x = args[0][0] if isinstance(args[0], tuple) else args[0]
-            states = (x, self.parts["h_state"])
+            inputs = (args[0][0] if isinstance(args[0], tuple) else args[0], self.parts["h_state"])
             mix = torch.stack([module.residual.weights(state, s)["comb"].detach().to(parts["a"].dtype)
-                               for s, state in enumerate(states)])
+                               for s, state in enumerate(inputs)])
         self.parts = {}
         if self.once:
             self.remove()
-        self.on_block(BlockActivations(self.index, _wide(args[0]), _wide(output), alpha=self.alpha, mix=mix, **parts))
+        self.on_block(BlockActivations(self.index, summed(x), _wide(output), alpha=self.alpha, mix=mix,
+                                       states=states, **parts))
+
+    def _input_grad(self, grad: torch.Tensor) -> None:
+        """A tensor hook: runs once, in the backward pass through the block's input (also with activation
+        checkpointing: the hook is on the tensor kept for the recomputation, not on a recomputed one)."""
+        with torch.no_grad():
+            self.on_input_grad(self.index, _state(grad))
 
     def remove(self) -> None:
         for handle in self.handles:

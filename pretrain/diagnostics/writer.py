@@ -11,34 +11,45 @@ import sys
 import torch
 from tqdm import tqdm
 
-from pretrain.diagnostics.measures import LAYER_STATS
-from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS
+from pretrain.diagnostics.measures import LAYER_STATS, PER_STREAM
+from pretrain.diagnostics.stats import ACTIVATION_STATS, GRADIENT_GROUPS, STREAM_ROWS
 from pretrain.runs import LAYER_STATS_FILE, torn_line_message, truncate_jsonl
 
 
 def tracked(record: dict) -> dict:
     """A layer_stats.jsonl record as the trackers log it (under layers/): {"<stat>/lNN": value} per layer (1-based,
-    one panel group per statistic) and {"grad_norm_<part>": value}."""
-    flat = {f"{s.name}/l{l:02d}": v for s in LAYER_STATS for l, v in enumerate(record[s.name], start=1)}
+    one panel group per statistic), {"<stat>/lNN/sK": value} per layer and stream of a per-stream statistic (where the
+    record has it: n > 1 streams) and {"grad_norm_<part>": value}."""
+    flat = {f"{s.name}/l{l:02d}": v for s in LAYER_STATS if s.shape != PER_STREAM
+            for l, v in enumerate(record[s.name], start=1)}
+    flat.update({f"{s.name}/l{l:02d}/s{k}": v for s in LAYER_STATS if s.shape == PER_STREAM and s.name in record
+                 for l, row in enumerate(record[s.name], start=1) for k, v in enumerate(row, start=1)})
     flat.update({f"grad_norm_{name}": record[f"grad_norm_{name}"] for name in (*GRADIENT_GROUPS, "global")})
     return flat
 
 
 def make_record(step: int, n_layers: int, norm_scheme: str, act: torch.Tensor, grad_sq: torch.Tensor,
-                counts: torch.Tensor) -> dict:
+                counts: torch.Tensor, streams: torch.Tensor | None = None) -> dict:
     """The layer_stats.jsonl object from the reduced tensors (act [len(ACTIVATION_STATS), L], grad_sq/counts
-    [L + groups])."""
+    [L + groups], and with n > 1 residual streams `streams` [len(STREAM_ROWS), L, n]; None: no per-stream keys)."""
     device = grad_sq.device
-    values = torch.cat([act.flatten().double().to(device), grad_sq.double(), counts.double().to(device)]).tolist()
+    per_stream = [] if streams is None else [streams.flatten().double().to(device)]
+    values = torch.cat([act.flatten().double().to(device), grad_sq.double(), counts.double().to(device),
+                        *per_stream]).tolist()
     width = act.shape[1]  # one read of the device above, sliced here
     act_rows = [values[i * width:(i + 1) * width] for i in range(act.shape[0])]
-    sq, n = values[act.numel():act.numel() + grad_sq.numel()], values[act.numel() + grad_sq.numel():]
+    start, groups = act.numel(), grad_sq.numel()
+    sq, n = values[start:start + groups], values[start + groups:start + 2 * groups]
     record = {"step": step, "layers": n_layers, "norm_scheme": norm_scheme}
     record.update({s.name: row for s, row in zip(ACTIVATION_STATS, act_rows)})
     record["grad_norm"] = [math.sqrt(v) for v in sq[:n_layers]]
     for i, name in enumerate(GRADIENT_GROUPS):
         record[f"grad_norm_{name}"] = math.sqrt(sq[n_layers + i]) if n[n_layers + i] > 0 else None
     record["grad_norm_global"] = math.sqrt(sum(sq))
+    if streams is not None:  # after the per-block keys, in table order; stream k of layer l at [l - 1][k - 1]
+        rows = iter(values[start + 2 * groups:])
+        for name in STREAM_ROWS:
+            record[name] = [[next(rows) for _ in range(streams.shape[2])] for _ in range(streams.shape[1])]
     return record
 
 

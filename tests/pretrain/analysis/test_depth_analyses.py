@@ -122,10 +122,11 @@ def flat(values, m) -> list:
 
 
 @pytest.mark.parametrize("scheme,keep_first,keys", [("pre_ln", 0, {}), ("pre_ln", 1, {}), ("peri_ln", 0, {}),
-                                                   ("deepnorm", 3, {}), ("pre_ln", 1, {"residual": "mhc"})])
+                                                   ("deepnorm", 3, {}), ("pre_ln", 1, {"residual": "mhc"}),
+                                                   ("pre_ln", 0, {"residual": "hc"})])
 def test_depth_analysis_matches_hand_computation(scheme, keep_first, keys):
-    """With residual streams (the last case) the skip is the identity on the state and the measures are of the
-    streams' sum; the logit lens decodes the state through the model's readout."""
+    """With residual streams (the last two cases: mhc, hc) the skip is the identity on the state and the measures are
+    of the streams' sum; the logit lens decodes the state through the model's readout."""
     model, batches = two_layer_model(scheme, **keys)
     got = depth_analysis(model, batches, keep_first=keep_first)
     with torch.no_grad():

@@ -12,11 +12,12 @@ from helpers.train import metrics, run_train
 
 from models import Llama, ModelConfig
 from pretrain.diagnostics.probes import ActivationProbe, counted, grad_square_sums, local_blocks, parameter_groups
-from pretrain.diagnostics.stats import ACTIVATION_STATS
+from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_ROWS
 from pretrain.diagnostics.writer import LAYER_STATS_FILE as FILE
 from pretrain.diagnostics.writer import make_record
 
 STATS = tuple(s.name for s in ACTIVATION_STATS)
+STREAM = STREAM_ROWS  # the per-stream entries, grad_norm_stream among them
 
 pytestmark = pytest.mark.compat
 
@@ -121,6 +122,96 @@ def test_activation_stats_of_residual_streams_are_those_of_the_streams_sum(resid
             S = Y
     for i, name in enumerate(STATS):
         assert got[i].tolist() == pytest.approx(want[name], rel=1e-10), name
+
+
+def stream_probe_stats(model: Llama, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-stream statistics [len(STREAM_ROWS), L, n] of one forward (and with labels, its backward)."""
+    n = model.blocks[0].residual.hc[0].n
+    probe = ActivationProbe(local_blocks(model), len(model.blocks), n)
+    probe.arm()
+    if labels is None:
+        with torch.no_grad():
+            model(tokens)
+    else:
+        model(tokens, labels).backward()
+    return probe.stream_result()
+
+
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_per_stream_stats_match_hand_computation(residual):
+    """The per-stream entries (pretrain/diagnostics/measures.py) written out per stream k from the states X, H, Y
+    [B, T, n, D]: variance_stream = var(Y_k) over the hidden dim averaged over tokens, attn_ratio_stream =
+    ||H_k - X_k||_F / ||X_k||_F, mlp_ratio_stream = ||Y_k - H_k||_F / ||H_k||_F and grad_norm_stream =
+    ||dl/dX_k||_F, l the model's mean token loss, by autograd on the hand-built states. The mixing weights are
+    perturbed away from their init so that the streams differ (hyper-connections' init keeps them copies)."""
+    model = Llama(ModelConfig(**SMALL, residual=residual), seed=1).double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for p in blk.residual.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    tokens, labels = torch.randint(0, 64, (2, 3, 16), generator=torch.Generator().manual_seed(0))
+    got = stream_probe_stats(model, tokens, labels)
+    n = 4
+    assert got.shape == (len(STREAM), 2, n)
+    want = {name: [] for name in STREAM}
+    X = model.embed(tokens)
+    inputs = []
+    for blk in model.blocks:
+        X.retain_grad()
+        inputs.append(X)
+        u, mix = blk.residual.read(X, 0)
+        H = blk.residual(X, blk.attn(blk.attn_norm(u), model.rope_cos, model.rope_sin), 0, mix)
+        u, mix = blk.residual.read(H, 1)
+        Y = blk.residual(H, blk.mlp(blk.mlp_norm(u)), 1, mix)
+        streams = [(X[:, :, k].detach(), H[:, :, k].detach(), Y[:, :, k].detach()) for k in range(n)]
+        want["variance_stream"].append([y.var(-1, unbiased=False).mean().item() for _, _, y in streams])
+        want["attn_ratio_stream"].append([((h - x).norm() / x.norm()).item() for x, h, _ in streams])
+        want["mlp_ratio_stream"].append([((y - h).norm() / h.norm()).item() for _, h, y in streams])
+        X = Y
+    model.head_loss(model.readout(X), labels).backward()  # the model's own mean token loss
+    want["grad_norm_stream"] = [[X.grad[:, :, k].norm().item() for k in range(n)] for X in inputs]
+    for i, name in enumerate(STREAM):
+        for l in range(2):
+            assert got[i, l].tolist() == pytest.approx(want[name][l], rel=1e-10), (name, l)
+        assert len(set(got[i].flatten().tolist())) == 2 * n, name  # the streams (and layers) differ
+
+
+@pytest.mark.parametrize("residual", ["hc", "hc_static"])
+def test_per_stream_stats_of_copied_streams_are_the_collapsed_ones_scaled(residual):
+    """Hyper-connections at init (A = [e_(k mod n) | I], beta = 1) read one stream, write the whole branch into
+    every stream and keep the n streams copies of the embedding's: Y_k = y / n and H_k - X_k = a. So per stream
+    variance_stream = variance / n^2, attn_ratio_stream = ||a|| / ||x / n|| = n attn_ratio, mlp_ratio_stream =
+    n mlp_ratio: the per-stream values agree with the collapsed ones where the streams' sum is n times a stream."""
+    model = Llama(ModelConfig(**SMALL, residual=residual, residual_streams=3), seed=1).double()
+    tokens = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    collapsed, per_stream = probe_stats(model, tokens), stream_probe_stats(model, tokens)
+    n, scale = 3, {"variance_stream": (0, 1 / 9), "attn_ratio_stream": (2, 3.0), "mlp_ratio_stream": (3, 3.0)}
+    assert [STATS[i] for i, _ in scale.values()] == ["variance", "attn_ratio", "mlp_ratio"]
+    for name, (i, factor) in scale.items():
+        j = STREAM.index(name)
+        for l in range(2):
+            assert per_stream[j, l].tolist() == pytest.approx([factor * collapsed[i, l].item()] * n, rel=1e-10)
+
+
+def test_one_stream_records_have_no_per_stream_keys_and_n_streams_have_them(tmp_path):
+    """n = 1: the record (and so layer_stats.jsonl and the trackers) is the one it was before the per-stream entries;
+    n > 1: each per-stream entry is a list of L lists of n values, logged as layers/<stat>/lNN/sK."""
+    from pretrain.diagnostics.measures import LAYER_STATS, PER_STREAM
+    from pretrain.diagnostics.writer import tracked
+
+    L, n = 2, 3
+    sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
+    act = torch.zeros(len(STATS), L)
+    single = make_record(1, L, "pre_ln", act, sq, counts)
+    assert not set(STREAM) & set(single) and not any("/s" in k.split("/l")[-1] for k in tracked(single))
+    assert [k for k in single if isinstance(single[k], list)] == [s.name for s in LAYER_STATS if s.shape != PER_STREAM]
+    values = torch.arange(len(STREAM) * L * n, dtype=torch.float64).view(len(STREAM), L, n)
+    multi = make_record(1, L, "pre_ln", act, sq, counts, values)
+    assert {k: v for k, v in multi.items() if k not in STREAM} == single
+    for i, name in enumerate(STREAM):
+        assert multi[name] == values[i].tolist()
+        assert tracked(multi)[f"{name}/l02/s3"] == values[i, 1, 2].item()
 
 
 def test_hooks_measure_the_first_forward_only_and_leave_nothing_behind():
@@ -238,6 +329,8 @@ def assert_same_stats(got: list[dict], want: list[dict], rel=1e-4):
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
     for g, w in zip(got, want):
         for key, value in w.items():
+            if isinstance(value, list) and value and isinstance(value[0], list):  # per stream: L lists of n
+                value, g[key] = [v for row in value for v in row], [v for row in g[key] for v in row]
             if isinstance(value, (list, float)):
                 assert g[key] == pytest.approx(value, rel=rel), f"step {w['step']} {key}"
             else:
@@ -265,6 +358,7 @@ def test_logged_step_matches_hand_computation(reference, data_cache):
     (t1, l1), (t2, l2) = next(loader), next(loader)
     logged = layer_stats(reference)[0]
     assert logged["step"] == 1 and logged["layers"] == cfg.model.n_layers and logged["norm_scheme"] == "pre_ln"
+    assert not set(STREAM) & set(logged)  # one stream: no per-stream keys, the file as before them
     with torch.no_grad():
         want = hand_stats(model, t1)
     for name in STATS:
@@ -302,6 +396,39 @@ def test_parallel_layouts_log_the_single_process_stats(tmp_path, data_cache, ref
     assert_global_norm_is_the_engines(str(tmp_path))
 
 
+MHC = ["model.residual=mhc", "model.residual_streams=2", *STEPS]
+
+
+@pytest.fixture(scope="module")
+def mhc_reference(tmp_path_factory, data_cache):
+    run = str(tmp_path_factory.mktemp("mhc_single"))
+    run_train(run, *MHC, cache_dir=data_cache)
+    return run
+
+
+@pytest.mark.slow  # repeats layout cases of test_parallel_layouts_log_the_single_process_stats, with residual streams
+@pytest.mark.parametrize(
+    "layout, nproc",
+    [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2),
+     (["train.activation_checkpointing=full"], None)],
+    ids=["tp2", "pp2", "dp2-zero2", "full-recompute"],
+)
+@pytest.mark.processes
+def test_residual_streams_log_the_single_process_stats(tmp_path, data_cache, mhc_reference, layout, nproc):
+    """mHC's per-stream statistics (and the collapsed ones) under TP = 2, PP = 2 and DP = 2 equal one process's: the
+    state is replicated on the TP ranks and travels between the stages; grad_norm_stream is of the same micro-batch's
+    mean loss whatever the micro-batches per rank (two here, one at DP = 2) and with the block recomputed in backward
+    (its hook is on the kept input). One stream's record has no per-stream keys (the reference run's,
+    test_logged_step_matches_hand_computation)."""
+    run_train(str(tmp_path), *MHC, *layout, nproc=nproc, cache_dir=data_cache)
+    want, got = layer_stats(mhc_reference), layer_stats(str(tmp_path))
+    for name in STREAM:
+        assert [len(row) for row in want[0][name]] == [2] * want[0]["layers"], name
+        assert all(math.isfinite(v) and v > 0 for row in want[0][name] for v in row), name
+    assert_same_stats(got, want)
+    assert_global_norm_is_the_engines(str(tmp_path))
+
+
 @pytest.mark.processes
 def test_tied_embeddings_under_pipeline_counted_once(tmp_path, data_cache):
     tied = ["model.tie_embeddings=true", *STEPS]
@@ -326,8 +453,8 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     from pretrain.analysis.figures import label_runs, layer_stats_figure, plot_figure
     from pretrain.analysis.report_table import read_run
     from pretrain.config import load_config, save_config
-    from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS
-    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, ACTIVATION_STATS
+    from pretrain.diagnostics.measures import FIGURE_STATS, LAYER_STATS, PER_STREAM
+    from pretrain.diagnostics.stats import ACTIVATION_FUNCTIONS, STREAM_FUNCTIONS, STREAM_GRADIENT_STAT, STREAM_STATS
     from pretrain.diagnostics.writer import LayerStatsWriter
     from pretrain.train.trackers import TensorBoardTracker
 
@@ -339,16 +466,22 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
     writer = LayerStatsWriter(run_dir, 0, [tb], tb=tb.writer)
     act = torch.arange(1, len(ACTIVATION_STATS) * L + 1, dtype=torch.float64).view(len(ACTIVATION_STATS), L) / 10
     sq, counts = torch.ones(L + 4, dtype=torch.float64), torch.ones(L + 4, dtype=torch.float64)
-    writer.write(make_record(5, L, "pre_ln", act, sq, counts))
+    n = 2  # residual streams: the per-stream entries are in the record too
+    streams = torch.arange(len(STREAM) * L * n, dtype=torch.float64).view(len(STREAM), L, n)
+    writer.write(make_record(5, L, "pre_ln", act, sq, counts, streams))
     tb.close()
     with open(os.path.join(run_dir, FILE)) as f:
         record = json.loads(f.readline())
     events = EventAccumulator(os.path.join(run_dir, "tb")).Reload()
     for stat in LAYER_STATS:
         assert len(record[stat.name]) == L, stat.name
-        assert f"layers/{stat.name}/l01" in events.Tags()["scalars"], stat.name
+        tag = f"layers/{stat.name}/l01" + ("/s2" if stat.shape == PER_STREAM else "")
+        assert tag in events.Tags()["scalars"], stat.name
     assert {k for k, v in record.items() if isinstance(v, list)} == {s.name for s in LAYER_STATS}
-    assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}  # no function for an entry not measured
+    # no function for an entry not measured
+    assert set(ACTIVATION_FUNCTIONS) == {s.name for s in ACTIVATION_STATS}
+    per_stream = {s.name for s in LAYER_STATS if s.shape == PER_STREAM}
+    assert set(STREAM_FUNCTIONS) == {s.name for s in STREAM_STATS} == per_stream - {STREAM_GRADIENT_STAT}
     run = read_run(run_dir)
     label_runs([run])
     plot_axes = plot_figure([run]).axes
@@ -365,7 +498,7 @@ def test_every_registered_statistic_reaches_file_tensorboard_plot_and_report(tmp
 def test_measure_table_entries_say_who_has_them_and_how_they_differ():
     """Each entry of the per-layer table (pretrain/diagnostics/measures.py) is read by a consumer, is drawn only by a
     consumer that has it, states its difference, and names one measure."""
-    from pretrain.diagnostics.measures import BLOCK_PAIRS, FROM_EMBEDDING, LAYER_MEASURES, PER_BLOCK
+    from pretrain.diagnostics.measures import BLOCK_PAIRS, FROM_EMBEDDING, LAYER_MEASURES, PER_BLOCK, PER_STREAM
 
     names = [m.name for m in LAYER_MEASURES]
     assert len(set(names)) == len(names)
@@ -374,5 +507,7 @@ def test_measure_table_entries_say_who_has_them_and_how_they_differ():
         assert m.training or not m.stats_panel, m.name
         assert m.analyze_depth or not m.depth_panel, m.name
         assert m.label and m.title and m.definition and m.difference, m.name
-        assert m.shape in (PER_BLOCK, FROM_EMBEDDING, BLOCK_PAIRS), m.name
-        assert not m.training or m.shape == PER_BLOCK, m.name  # layer_stats.jsonl holds one value per block
+        assert m.shape in (PER_BLOCK, FROM_EMBEDDING, BLOCK_PAIRS, PER_STREAM), m.name
+        # layer_stats.jsonl holds one value per block, or per block a list of one value per stream
+        assert not m.training or m.shape in (PER_BLOCK, PER_STREAM), m.name
+        assert m.shape != PER_STREAM or not (m.analyze_depth or m.stats_panel), m.name  # drawn per block only
