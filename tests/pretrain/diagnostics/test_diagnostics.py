@@ -406,12 +406,14 @@ def mhc_reference(tmp_path_factory, data_cache):
     return run
 
 
-@pytest.mark.slow  # repeats layout cases of test_parallel_layouts_log_the_single_process_stats, with residual streams
+# PP = 2 in the default run (the state and the per-stream hooks across stages); the others repeat layout cases of
+# test_parallel_layouts_log_the_single_process_stats with residual streams, so they are slow.
 @pytest.mark.parametrize(
     "layout, nproc",
-    [(["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.zero_stage=2"], 2),
-     (["train.activation_checkpointing=full"], None)],
-    ids=["tp2", "pp2", "dp2-zero2", "full-recompute"],
+    [pytest.param(["parallel.tp=2"], 2, id="tp2", marks=pytest.mark.slow),
+     pytest.param(["parallel.pp=2"], 2, id="pp2"),
+     pytest.param(["parallel.zero_stage=2"], 2, id="dp2-zero2", marks=pytest.mark.slow),
+     pytest.param(["train.activation_checkpointing=full"], None, id="full-recompute", marks=pytest.mark.slow)],
 )
 @pytest.mark.processes
 def test_residual_streams_log_the_single_process_stats(tmp_path, data_cache, mhc_reference, layout, nproc):
