@@ -103,11 +103,17 @@ class WordCacheEncoder:
             new = set(chain.from_iterable(keys))
             new.discard(EOS_KEY)
         new = list(new)
-        n, typecode, cache = len(self.context), self.typecode, self.cache
-        for key, ids in zip(new, self.tok.encode_batch([CONTEXT + k for k in new], num_threads=self.threads)):
-            if ids[:n] != self.context:
-                raise RuntimeError(f"{self.tok.path}: the word {key!r} changed the ids of the word before it")
-            cache[key] = array(typecode, ids[n:]).tobytes()
+        rows = self.tok.encode_batch([CONTEXT + k for k in new], num_threads=self.threads)
+        # One array for all of them, then each word's bytes after its context's ids (no Python list per word).
+        lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        flat = np.fromiter(chain.from_iterable(rows), self.dtype, count=int(lengths.sum()))
+        starts = np.cumsum(lengths) - lengths
+        n = len(self.context)
+        if (lengths < n).any() or not (flat[starts[:, None] + np.arange(n)] == self.context).all():
+            raise RuntimeError(f"{self.tok.path}: a word changed the ids of the word before it")
+        data, size = flat.tobytes(), self.dtype.itemsize
+        begin, end = ((starts + n) * size).tolist(), ((starts + lengths) * size).tolist()
+        self.cache.update(zip(new, map(data.__getitem__, map(slice, begin, end))))
 
     def encode_flat(self, texts: list[str], eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(every text's ids one after another, the number of ids of each text)."""
