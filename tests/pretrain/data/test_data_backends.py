@@ -162,15 +162,16 @@ def test_prepare_writes_the_same_files_with_either_backend(toks, kind, tmp_path,
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("sample_by", ["paragraph", "line"])
-def test_prepare_spreads_batches_over_processes(toks, tmp_path, monkeypatch, sample_by):
+@pytest.mark.parametrize("sample_by, streaming", [("paragraph", False), ("line", True)])
+def test_prepare_spreads_batches_over_processes(toks, tmp_path, monkeypatch, sample_by, streaming):
     """Batches after the first go to forked processes (num_proc 2), each with its own cache: the same files."""
     monkeypatch.setattr(prepare_module, "ENCODE_BATCH", 64)
     src = tmp_path / "c.txt"
     src.write_text(CORPUS[:100_000] + "\n\n".join(fuzz_texts(300, seed=5)), encoding="utf-8")
-    fast = prepare_dataset(str(src), toks["bpe"], str(tmp_path / "fast"), num_proc=2, sample_by=sample_by)
+    options = dict(num_proc=2, sample_by=sample_by, streaming=streaming)
+    fast = prepare_dataset(str(src), toks["bpe"], str(tmp_path / "fast"), **options)
     monkeypatch.setattr(prepare_module, "encoder", _plain_sentencepiece)
-    plain = prepare_dataset(str(src), toks["bpe"], str(tmp_path / "plain"), num_proc=2, sample_by=sample_by)
+    plain = prepare_dataset(str(src), toks["bpe"], str(tmp_path / "plain"), **options)
     for name in ("train.bin", "val.bin"):
         assert filecmp.cmp(f"{fast}/{name}", f"{plain}/{name}", shallow=False), name
 
