@@ -16,8 +16,8 @@ src/bpe_model.cc, src/unigram_model.cc of google/sentencepiece):
                 train: sentencepiece trains on lines), so a run of newlines starts a word too (lines are shuffled
                 and joined freely in real text; this keeps the number of distinct words small).
 A model where this does not hold (a normalization rule, extra-whitespace removal, whitespace as suffix, user-defined
-symbols, a piece crossing the boundary) tokenizes with plain sentencepiece, said in one line; so does one that gives
-other ids on the probe texts or the first texts of the input (never seen so far).
+symbols, a piece crossing the boundary) tokenizes with plain sentencepiece, said in one line; so does one whose cache
+gives other ids than the plain encode on the probe texts or the first texts of the input (no model has so far).
 
 The words (the cache's keys) are cut from " " + text by one regex (WORDS): a run of spaces, or of newlines, and the
 characters up to the next space or newline. A word is encoded by sentencepiece as "a" + word, whose ids start with
@@ -80,7 +80,7 @@ class WordCacheEncoder:
     name = "sentencepiece"
 
     def __init__(self, tok: Tokenizer, proto, threads: int):
-        self.tok, self.proto, self.threads = tok, proto, threads
+        self.tok, self.threads = tok, threads
         self.dtype = token_dtype(tok.vocab_size)
         self.typecode = "H" if self.dtype == np.uint16 else "I"
         self.context = tok.encode(CONTEXT)
