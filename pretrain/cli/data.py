@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="Output folder; written atomically.")
     p.add_argument("--text-field", default="text", help="Field holding the text (default: text; .txt files give 'text').")
     p.add_argument("--num-proc", type=int, default=None, metavar="N",
-                   help="Tokenizer threads (default: one per core, at most 16).")
+                   help="Tokenizer processes or threads (default: one per core, at most 16).")
     p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                    help="Fraction of documents held out for validation (default: 0.05).")
     p.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="paragraph",
@@ -48,9 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-docs", type=int, default=None, metavar="N", help="Stop after the first N documents.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the train/val assignment (default: 0).")
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                   help="Tokenizing library: sentencepiece (default: the reference, and the faster here) or "
-                   "tokenizers (Hugging Face's, in Rust); both write the same token ids, and a tokenizer tokenizers "
-                   "cannot reproduce falls back to sentencepiece with a one-line note.")
+                   help="Tokenizing library: sentencepiece (default: the reference's ids, each distinct word "
+                   "encoded once and looked up after that; the fastest here) or tokenizers (Hugging Face's, in "
+                   "Rust); both write the same token ids, and a tokenizer either shortcut cannot reproduce falls "
+                   "back to sentencepiece's plain encode with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -85,9 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="Stop after the first N records.")
     p.add_argument("--num-proc", type=int, default=None, metavar="N", help="Tokenizer threads (default: one per core).")
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                   help="Tokenizing library: sentencepiece (default: the reference, and the faster here) or "
-                   "tokenizers (Hugging Face's, in Rust); both write the same token ids, and a tokenizer tokenizers "
-                   "cannot reproduce falls back to sentencepiece with a one-line note.")
+                   help="Tokenizing library: sentencepiece (default: the reference's ids, each distinct word "
+                   "encoded once and looked up after that; the fastest here) or tokenizers (Hugging Face's, in "
+                   "Rust); both write the same token ids, and a tokenizer either shortcut cannot reproduce falls "
+                   "back to sentencepiece's plain encode with a one-line note.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing prepared folder in --out.")
     p.set_defaults(func=cmd_data_prepare_sft)
 

@@ -1,5 +1,7 @@
 """The two tokenizing backends of `data prepare` and `data prepare-sft` (`--backend`), which give the same ids:
-    sentencepiece   (default) the reference: the `.model` itself, its batched encode on `threads` threads
+    sentencepiece   (default) the `.model` itself: its batched encode on `threads` threads (the reference), through
+                    a cache of its words' ids where the model allows (word_cache.py; the same ids for less than
+                    half the CPU time on repetitive text, docs/PERFORMANCE.md)
     tokenizers      Hugging Face `tokenizers`, in Rust and parallel, running the pipeline below, which is
                     the tokenizer.json `pretrain export-hf` writes (hf_tokenizer.py) plus a split into words
 The sentencepiece model translated into a `tokenizers` pipeline (`backend_tokenizer`) that does what sentencepiece does:
@@ -24,12 +26,16 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import chain
 
+import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, Unigram
 
+from pretrain.data import word_cache
+from pretrain.data.folders import token_dtype
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 
@@ -129,7 +135,25 @@ def word_split(tok: Tokenizer):
     return pre_tokenizers.Split(Regex(WORD), behavior="isolated")
 
 
-class SentencepieceEncoder:
+class ListEncoder:
+    """`encode_flat` for an encoder whose `encode` gives a list of ids per text."""
+
+    tok: Tokenizer
+
+    def encode_flat(self, texts: list[str], eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(every text's ids one after another, the number of ids of each text), as word_cache.py gives them."""
+        rows = self.encode(texts, eos)
+        lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        flat = np.fromiter(chain.from_iterable(rows), token_dtype(self.tok.vocab_size), count=int(lengths.sum()))
+        return flat, lengths
+
+    def encode_stream(self, batches, eos: bool = False):
+        """`encode_flat` of each batch of texts, in order."""
+        for texts in batches:
+            yield self.encode_flat(texts, eos)
+
+
+class SentencepieceEncoder(ListEncoder):
     """The reference: sentencepiece's batched encode on `threads` threads."""
 
     name = "sentencepiece"
@@ -141,7 +165,7 @@ class SentencepieceEncoder:
         return self.tok.encode_batch(texts, eos=eos, num_threads=self.threads) if texts else []
 
 
-class TokenizersEncoder:
+class TokenizersEncoder(ListEncoder):
     """`tokenizers` running the translated pipeline (rayon threads: one per core or RAYON_NUM_THREADS, none with
     TOKENIZERS_PARALLELISM=false). Its first call checks the first texts against sentencepiece and, if they differ,
     says so and hands every text to sentencepiece from then on (nothing has been written yet)."""
@@ -168,16 +192,62 @@ class TokenizersEncoder:
         return ids
 
 
-def encoder(tok: Tokenizer, backend: str = DEFAULT_BACKEND, threads: int = 1, say=print):
-    """The encoder for `--backend`: `encode(texts, eos) -> ids per text`, the same ids whichever backend.
+class CheckedWordCache:
+    """word_cache.py's encoder whose first call is checked against sentencepiece's plain encode on its first texts;
+    where they differ it says so and hands every text to sentencepiece from then on (nothing has been written yet)."""
+
+    name = "sentencepiece"
+
+    def __init__(self, cached: word_cache.WordCacheEncoder, reference: SentencepieceEncoder, say):
+        self.cached, self.reference, self.say = cached, reference, say
+        self.checked = False
+        self.fell_back = False
+
+    def encode_flat(self, texts: list[str], eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if self.fell_back:
+            return self.reference.encode_flat(texts, eos)
+        flat, lengths = self.cached.encode_flat(texts, eos)
+        if not self.checked:
+            self.checked = True
+            want_flat, want_lengths = self.reference.encode_flat(texts[:PROBE_FIRST], eos)
+            if not (np.array_equal(lengths[:PROBE_FIRST], want_lengths)
+                    and np.array_equal(flat[:want_flat.size], want_flat)):
+                self.say(_cache_line(self.reference.tok, "gives other ids than without it on the first texts of "
+                                                         "the input"))
+                self.fell_back = True
+                return self.reference.encode_flat(texts, eos)
+        return flat, lengths
+
+    def encode_stream(self, batches, eos: bool = False):
+        """`encode_flat` of each batch of texts, in order: the first here (checked), the others in word_cache's
+        processes, which start with the first batch's words in their caches."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        yield self.encode_flat(first, eos)
+        rest = self.reference if self.fell_back else self.cached
+        yield from rest.encode_stream(batches, eos)
+
+    def encode(self, texts: list[str], eos: bool = False) -> list[list[int]]:
+        if self.fell_back:
+            return self.reference.encode(texts, eos)
+        flat, lengths = self.encode_flat(texts, eos)
+        return [row.tolist() for row in np.split(flat, np.cumsum(lengths)[:-1])] if texts else []
+
+
+def encoder(tok: Tokenizer, backend: str = DEFAULT_BACKEND, threads: int = 1, say=print, cache: bool = True):
+    """The encoder for `--backend`: `encode(texts, eos) -> ids per text` and `encode_flat(texts, eos) -> (ids,
+    lengths)`, the same ids whichever backend.
 
     `threads` is sentencepiece's thread count, and the size of the `tokenizers` pool when RAYON_NUM_THREADS is unset
-    and the pool has not started. `say` prints the one line of a fallback to sentencepiece."""
+    and the pool has not started. `say` prints the one line of a fallback. `cache=False` gives sentencepiece's plain
+    encode without the word cache (the reference, for tests and benchmarks)."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
     reference = SentencepieceEncoder(tok, threads)
     if backend == "sentencepiece":
-        return reference
+        return _word_cache(tok, reference, threads, say) if cache else reference
     why = untranslatable(tok)
     if why:
         say(_fallback_line(tok, f"has {why}, which tokenizers cannot express"))
@@ -198,3 +268,21 @@ def encoder(tok: Tokenizer, backend: str = DEFAULT_BACKEND, threads: int = 1, sa
 
 def _fallback_line(tok: Tokenizer, why: str) -> str:
     return f"pretrain: --backend tokenizers: {tok.path} {why}; tokenizing with sentencepiece (the same ids, slower)"
+
+
+def _word_cache(tok: Tokenizer, reference: SentencepieceEncoder, threads: int, say):
+    """The word-cached encoder, or `reference` (said in one line) where the model or the probe texts rule it out."""
+    why = word_cache.unsafe(tok, _proto(tok))
+    if why:
+        say(_cache_line(tok, f"has {why}"))
+        return reference
+    cached = word_cache.WordCacheEncoder(tok, _proto(tok), threads)
+    if cached.encode(PROBES) != reference.encode(PROBES):
+        say(_cache_line(tok, "gives other ids than without it on the probe texts"))
+        return reference
+    return CheckedWordCache(cached, reference, say)
+
+
+def _cache_line(tok: Tokenizer, why: str) -> str:
+    return (f"pretrain: --backend sentencepiece: {tok.path} {why}; tokenizing without the word cache (the same ids, "
+            "slower)")

@@ -8,9 +8,11 @@ streaming or worker processes.
 
 from __future__ import annotations
 
-import itertools
 import os
+import re
 import shutil
+from collections import deque
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -195,16 +197,11 @@ def split_paragraphs(text: str) -> list[str]:
     blank lines ("\\n\\n") only. The lines of a paragraph keep their text, spaces included; the newlines
     around paragraphs go (EOS marks their end instead).
     """
-    paragraphs, lines = [], []
-    for line in text.split("\n"):
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            paragraphs.append("\n".join(lines))
-            lines = []
-    if lines:
-        paragraphs.append("\n".join(lines))
-    return paragraphs
+    return _PARAGRAPH(text)
+
+
+# A run of lines that each hold a non-whitespace character (the regex's \s is str.isspace, as str.strip's).
+_PARAGRAPH = re.compile(r"^[^\S\n]*\S[^\n]*(?:\n[^\S\n]*\S[^\n]*)*", re.MULTILINE).findall
 
 
 def _batches(ds, src: Source, text_field: str, streaming: bool, strip: bool, max_documents: int | None):
@@ -262,22 +259,32 @@ def _write_documents(batches, enc, writer: _SplitWriter, val_fraction: float, se
     the first document to train and, with `last_to_val` (all but streaming), the last to val if none went there."""
     index, seen_train = 0, False
     last = np.zeros(0, np.int64)  # the tokens of the last non-empty document
-    for texts, nbytes in batches:
-        docs = [_clean(t, strip) for t in texts]
-        kept = np.flatnonzero([d is not None for d in docs])
-        rows = enc.encode([d for d in docs if d is not None], eos=True)
-        lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
-        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count=int(lengths.sum()))
-        val = _doc_uniform(seed, index + kept) < val_fraction
-        if not seen_train and len(rows):
-            val[0], seen_train = False, True  # the first document always trains
-        on_val = np.repeat(val, lengths)
-        writer.write("train", flat[~on_val], int((~val).sum()))
-        writer.write("val", flat[on_val], int(val.sum()))
-        if len(rows):
-            last = flat[flat.size - lengths[-1]:]
-        index += len(texts)
-        meter.add(nbytes)
+    read = deque()  # (kept, documents, bytes) of each batch handed to the encoder, in order
+
+    def documents():
+        for texts, nbytes in batches:
+            if strip:  # split_paragraphs' paragraphs: none blank, none with a newline at either end
+                docs, kept = texts, np.arange(len(texts))
+            else:
+                docs = [_clean(t, strip) for t in texts]
+                kept = np.flatnonzero([d is not None for d in docs])
+                docs = [d for d in docs if d is not None]
+            read.append((kept, len(texts), nbytes))
+            yield docs
+
+    with closing(enc.encode_stream(documents(), eos=True)) as encoded:
+        for flat, lengths in encoded:
+            kept, n_texts, nbytes = read.popleft()
+            val = _doc_uniform(seed, index + kept) < val_fraction
+            if not seen_train and len(lengths):
+                val[0], seen_train = False, True  # the first document always trains
+            on_val = np.repeat(val, lengths)
+            writer.write("train", flat[~on_val], int((~val).sum()))
+            writer.write("val", flat[on_val], int(val.sum()))
+            if len(lengths):
+                last = flat[flat.size - lengths[-1]:]
+            index += n_texts
+            meter.add(nbytes)
     if last_to_val and val_fraction > 0 and writer.docs["val"] == 0 and writer.docs["train"] >= 2:
         writer.move_last_to_val(last)
 
