@@ -17,7 +17,7 @@ from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Un
 from models.streams import HCResidual, MHCHead, MHCResidual, StreamExpand, StreamSum
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
-           "TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "TAPER_NORM_CLASSES", "TAPER_GAIN",
+           "TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "TAPER_NORM_CLASSES", "TAPER_GAIN", "ScaleAnchor",
            "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "ScalelessRMSNorm",
            "LayerScalar", "NORM_CLASSES",
            "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
@@ -225,18 +225,25 @@ class TaperNorm(RemovableNorm):
     and gamma~ (`taper_weight`) is a parameter of its own, set to gamma at the calibration and trained from there.
     The site stores 1/c as `sigma`, so at g = 0 it is the fixed form x / sigma * gamma~ that the removal fold
     multiplies into the next weights. While tracking (before the calibration) it records the per-token numerator
-    and denominator of c*, position 0 left out as for sigma (`calibration`: their EMAs, float32 buffers)."""
+    and denominator of c* and s(h) (r(h), LayerNorm: the standard deviation), position 0 left out as for sigma
+    (`calibration`: their EMAs, float32). The EMA of s(h) is the target s_tgt of the paper's fixed-target scale
+    loss (`ScaleAnchor`), which a site applies to its input from the taper start on where `scale_loss` is set (the
+    final norm, with removal.scale_loss)."""
 
     _float32_buffers = ("sigma", "calibration", "gate")
 
     def _init_taper(self) -> None:
         self._init_removable()
         self.taper_weight = nn.Parameter(self.gain().detach().clone())  # replaced by gamma at the calibration
-        self.register_buffer("calibration", torch.zeros(2))  # EMAs of E[||h D_gamma||^2 / r(h)], E[||h D_gamma||^2]
+        # EMAs of E[||h D_gamma||^2 / r(h)], E[||h D_gamma||^2] (c*) and E[s(h)] (the scale loss's target s_tgt)
+        self.register_buffer("calibration", torch.zeros(3))
         self.register_buffer("gate", torch.ones(1))
         self.gate_value = 1.0  # mirrors `gate` without a device sync per forward
+        self.scale_loss = 0.0  # lambda / gas of the scale loss on this site's input (the hooks set it: final norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_loss and self.training and self.gate_value < 1.0:
+            x = ScaleAnchor.apply(x, self.calibration[2], self.scale_loss, self.centred, self.eps)
         if self.is_fixed:  # g = 0: the scaling branch alone
             return self.fixed_forward(x)
         normed = super().forward(x)  # the norm, recording c*'s statistics while tracking
@@ -256,7 +263,7 @@ class TaperNorm(RemovableNorm):
         return self.gate_value == 1.0  # c is calibrated once, at the taper start
 
     def stat_entries(self) -> int:
-        return 2  # numerator and denominator of c*
+        return 3  # numerator and denominator of c*, s(h)
 
     @torch.no_grad()
     def _record(self, x: torch.Tensor) -> None:
@@ -268,13 +275,14 @@ class TaperNorm(RemovableNorm):
         r = h.pow(2).mean(-1).add(self.eps).sqrt()
         weighted = (h * self.gain().detach().double()).pow(2).sum(-1)  # ||h D_gamma||^2
         n = float(r.numel())
-        total = torch.tensor([[0.0, 0.0], [n, n]], dtype=torch.float64, device=h.device)
-        total[0, 0], total[0, 1] = (weighted / r).sum(), weighted.sum()
+        total = torch.tensor([[0.0, 0.0, 0.0], [n, n, n]], dtype=torch.float64, device=h.device)
+        total[0, 0], total[0, 1], total[0, 2] = (weighted / r).sum(), weighted.sum(), r.sum()
         self._stat = total if self._stat is None else self._stat + total
 
     @torch.no_grad()
     def absorb(self, total: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
-        """EMAs of c*'s numerator and denominator (each a mean over the step's tokens), and sigma = 1 / c* of them."""
+        """EMAs of c*'s numerator and denominator and of s(h) (each a mean over the step's tokens), and sigma = 1 / c*
+        of them."""
         measured = (count > 0).all() & torch.isfinite(total).all()
         mean = (total / count.clamp(min=1)).to(self.calibration)
         old = self.calibration
@@ -307,6 +315,33 @@ class TaperNorm(RemovableNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, taper"
+
+
+class ScaleAnchor(torch.autograd.Function):
+    """The paper's fixed-target scale loss L_aux = lambda * E_{b,t} (s(h_{b,t}) - s_tgt)^2 (s = r for RMSNorm, the
+    standard deviation for LayerNorm) on h, the final norm's input, as a gradient: the identity forward, and
+    backward the gradient of `weight` * L_aux added to the one coming in. So the loss the run logs stays the
+    cross-entropy, and the term needs no path of its own to the loss on any layout; `weight` is lambda / gas, as
+    DeepSpeed divides each micro-batch's loss by the gradient-accumulation steps."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, centred, eps):
+        ctx.save_for_backward(x, target)
+        ctx.weight, ctx.centred, ctx.eps = weight, centred, eps
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, target = ctx.saved_tensors
+        with torch.enable_grad():
+            h = x.detach().requires_grad_(True)
+            h32 = _at_least_fp32(h)
+            if ctx.centred:
+                h32 = h32 - h32.mean(-1, keepdim=True)
+            s = h32.pow(2).mean(-1).add(ctx.eps).sqrt()
+            aux = ctx.weight * (s - target.to(s.dtype)).pow(2).mean()
+            (extra,) = torch.autograd.grad(aux, h)
+        return grad + extra.to(grad.dtype), None, None, None, None
 
 
 class TaperRMSNorm(TaperNorm, RMSNorm):

@@ -330,6 +330,12 @@ class RemovalConfig:
         "TaperNorm (model.taper_norms): steps of the gate's cosine from 1 to 0, which starts after step "
         "removal.start - 1 (c calibrated there); g = 0 from step removal.start - 1 + taper_steps on.",
     )
+    scale_loss: float = doc(
+        0.0,
+        "TaperNorm: lambda of the paper's fixed-target scale loss lambda * E (s(h) - s_tgt)^2 on the final norm's "
+        "input h from the taper start on (s = RMS, std for LayerNorm; s_tgt its EMA until then): the explicit "
+        "scale anchor for the tapered final norm (0 = off).",
+    )
 
     def __post_init__(self):
         if (not isinstance(self.order, list) or not all(isinstance(g, str) for g in self.order)
@@ -343,6 +349,7 @@ class RemovalConfig:
         _at_least(self, "removal.", "gap", 0, hint="0 switches every site at once")
         _number(self, "removal.", "ema", low=0.0, high=1.0)
         _at_least(self, "removal.", "taper_steps", 1, hint="the gate needs at least one step to reach 0")
+        _number(self, "removal.", "scale_loss", low=0.0)
         if self.ema == 1.0:
             raise ValueError("removal.ema: must be below 1 (1 would never move sigma from its first measurement)")
 
@@ -399,6 +406,9 @@ class ExperimentConfig:
             if unnamed:
                 raise ValueError(f"removal.order: {self.removal.order!r} leaves out {', '.join(unnamed)}, where this "
                                  f"model has norms; name it, e.g. removal.order=[{','.join(REMOVAL_GROUPS)}]")
+            if self.removal.scale_loss > 0 and not self.model.taper_norms:
+                raise ValueError(f"removal.scale_loss={self.removal.scale_loss}: the scale loss anchors a tapered final "
+                                 "norm; set model.taper_norms=true (remove-norms --method taper) or removal.scale_loss=0")
             if self.model.taper_norms:
                 if self.removal.taper_end() > self.train.steps:
                     raise ValueError(

@@ -5,8 +5,10 @@ Until step removal.start - 1 every site is its plain norm and measures c*'s stat
 removal.ema); before step removal.start each site is calibrated (c = c*, gamma~ = gamma) and the gate g, one for
 all sites, follows the cosine of `taper_gate` to 0 at step removal.start - 1 + removal.taper_steps, from which
 on every site is its fixed scaling branch c * x * gamma~: the fixed form of `RemovalHooks`, which the same fold
-turns into RUN_DIR/ln_free at the end of the run. The gate is a function of the step; c, gamma~ and the gate are
-model state (parameter and buffers), so a resume anywhere in the schedule is exact.
+turns into RUN_DIR/ln_free at the end of the run. With removal.scale_loss the final norm's input carries the
+paper's fixed-target scale loss from the taper start on (models/norm_layers.py `ScaleAnchor`). The gate is a
+function of the step; c, gamma~, the gate and the scale target are model state (parameter and buffers), so a
+resume anywhere in the schedule is exact.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ from pretrain.removal.hooks import RemovalHooks
 from pretrain.removal.schedule import taper_gate
 from pretrain.train.hooks import TrainContext
 
+FINAL = "final_norm"  # the site whose input the scale loss anchors (removal.scale_loss)
+
 
 class TaperHooks(RemovalHooks):
     """`RemovalHooks` with one global gate instead of one switch per site (the EMAs, the fold: the same)."""
+
+    def on_start(self, ctx: TrainContext) -> None:
+        super().on_start(ctx)
+        final = self.local.get(FINAL)
+        if final is not None:  # the scale loss's weight per micro-batch (DeepSpeed divides each one's loss by gas)
+            final.scale_loss = self.cfg.removal.scale_loss / ctx.built.gas
 
     def removed_by(self, step: int) -> int:
         return len(self.sites) if taper_gate(self.cfg.removal, step) == 0.0 else 0
@@ -39,7 +49,7 @@ class TaperHooks(RemovalHooks):
             module.tracking = module.measuring
         if step == self.cfg.removal.start:
             c = {name: 1.0 / values[0] for name, values in self._all_sigmas().items()}
-            for n, site in enumerate(self.sites, 1):
+            for site in self.sites:
                 ctx.out.write({"step": step, "tapered": site.name, "group": site.group, "c": c[site.name],
                                "sigma": 1.0 / c[site.name]}, "removal")
             ctx.out.say(f"step {step:>6} | removal: taper started, {len(self.sites)} sites calibrated (c from "

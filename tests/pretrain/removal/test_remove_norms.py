@@ -390,7 +390,8 @@ def test_remove_norms_with_per_head_qk_norms_on_tensor_parallel(tmp_path, data_c
 # The taper route (--method taper; the formula, schedule and fold by hand: test_taper.py)
 
 
-TAPER = ["--method", "taper", "--steps", "8", "removal.start=2", "removal.taper_steps=4", "eval.interval=4", *FAST]
+TAPER = ["--method", "taper", "--steps", "8", "removal.start=2", "removal.taper_steps=4", "removal.scale_loss=0.01",
+         "eval.interval=4", *FAST]
 
 
 def _taper_args(source: str, out: str) -> list[str]:
@@ -399,7 +400,8 @@ def _taper_args(source: str, out: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def taper(source, tmp_path_factory, data_cache):
-    """Every norm of the 2-layer source tapered: calibrated before step 2, gate 0 from step 5, folded at step 8."""
+    """Every norm of the 2-layer source tapered: calibrated before step 2, gate 0 from step 5, folded at step 8; the
+    final norm anchored by the scale loss from step 2 on."""
     run = str(tmp_path_factory.mktemp("taper") / "run")
     return run, _pretrain(*_taper_args(source, run), cache_dir=data_cache)
 

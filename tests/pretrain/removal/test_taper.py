@@ -81,7 +81,7 @@ def test_taper_calibration_is_the_least_squares_c_of_the_ema():
         h = x[:, 1:]
         weighted = (h * m.weight).pow(2).sum(-1)
         r = h.pow(2).mean(-1).add(1e-6).sqrt()
-        step = torch.stack([(weighted / r).mean(), weighted.mean()])
+        step = torch.stack([(weighted / r).mean(), weighted.mean(), r.mean()])  # c*'s two means, s(h) for s_tgt
         ema = step if ema is None else 0.9 * ema + 0.1 * step
         assert m.measuring
     c = (ema[0] / ema[1]).item()
@@ -99,6 +99,42 @@ def test_taper_calibration_is_the_least_squares_c_of_the_ema():
     assert torch.equal(m.taper_weight, m.gain())
     m.set_gate(0.9)
     assert not m.measuring
+
+
+@pytest.mark.parametrize("cls", [TaperRMSNorm, TaperLayerNorm], ids=["rmsnorm", "layernorm"])
+def test_scale_anchor_adds_the_scale_loss_gradient(cls):
+    """The fixed-target scale loss L_aux = lambda * E_{b,t} (s(h_{b,t}) - s_tgt)^2 (s = r, or the standard deviation
+    for LayerNorm) on the final norm's input, taken as a gradient from the taper start on: the forward is unchanged,
+    the gradient is that of loss + weight * L_aux (weight = lambda / gas), checked against autograd on the sum."""
+    gen = torch.Generator().manual_seed(2)
+    m = _site(cls, gen, scale=1.0)
+    with torch.no_grad():
+        m.sigma.fill_(0.9)
+        m.calibration.copy_(torch.tensor([1.0, 0.9, 2.5]))  # s_tgt = 2.5
+    m.set_gate(0.4)
+    m.train()
+    x = (2 * torch.randn(2, 5, 16, generator=gen, dtype=torch.float64) + 0.3).requires_grad_(True)
+    probe = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    plain = (m(x) * probe).sum()
+    (want_plain,) = torch.autograd.grad(plain, x, retain_graph=True)
+    m.scale_loss = 0.05
+    y = m(x)
+    (got,) = torch.autograd.grad((y * probe).sum(), x)
+    h = x - x.mean(-1, keepdim=True) if cls is TaperLayerNorm else x
+    aux = 0.05 * (h.pow(2).mean(-1).add(1e-6).sqrt() - 2.5).pow(2).mean()
+    (want,) = torch.autograd.grad(plain + aux, x)
+    assert (got - want).abs().max().item() <= 1e-12 and (got - want_plain).abs().max().item() > 1e-4
+    assert torch.equal(y.detach(), m(x.detach()))  # the forward is the site's own
+    m.set_gate(1.0)  # before the taper start: no scale loss
+    (before,) = torch.autograd.grad((m(x) * probe).sum(), x)
+    m.scale_loss = 0.0
+    (norm_only,) = torch.autograd.grad((m(x) * probe).sum(), x)
+    m.scale_loss = 0.05
+    assert torch.equal(before, norm_only)
+    m.eval()
+    m.set_gate(0.4)
+    (evaluated,) = torch.autograd.grad((m(x) * probe).sum(), x)
+    assert (evaluated - want_plain).abs().max().item() <= 1e-12  # evaluation: the plain gradient
 
 
 def test_gate_schedule():
@@ -167,6 +203,9 @@ def test_taper_fold_refuses_a_site_before_gate_zero():
     (["model.removable_norms=true", "model.taper_norms=true", "train.steps=100"],
      "the taper's gate reaches 0 at step 119"),
     (["removal.taper_steps=0"], "removal.taper_steps: must be >= 1"),
+    (["model.removable_norms=true", "removal.scale_loss=0.01"], "removal.scale_loss=0.01: the scale loss anchors a "
+                                                                "tapered final norm; set model.taper_norms=true"),
+    (["removal.scale_loss=-1"], "removal.scale_loss: must be a finite number >= 0"),
 ])
 def test_taper_config_errors_are_one_line(overrides, message):
     with pytest.raises(UserError) as e:
