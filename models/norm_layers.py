@@ -177,14 +177,14 @@ class RemovableNorm:
         if not self.fixed.is_meta:
             self.is_fixed = bool(self.fixed.item())
 
-    _float32_buffers = ("sigma",)  # statistics: float32 in a bf16 model too
+    _buffer_dtypes = {"sigma": torch.float32}  # statistics: float32 in a bf16 model too
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for name in self._float32_buffers:
+        for name, dtype in self._buffer_dtypes.items():
             buffer = getattr(self, name)
-            if buffer.dtype != torch.float32 and not buffer.is_meta:
-                setattr(self, name, buffer.float())
+            if buffer.dtype != dtype and not buffer.is_meta:
+                setattr(self, name, buffer.to(dtype))
         return self
 
     def extra_repr(self) -> str:
@@ -230,14 +230,16 @@ class TaperNorm(RemovableNorm):
     loss (`ScaleAnchor`), which a site applies to its input from the taper start on where `scale_loss` is set (the
     final norm, with removal.scale_loss)."""
 
-    _float32_buffers = ("sigma", "calibration", "gate")
+    # the gate in float64: the blend multiplies by it as a tensor (a new value each step is no new graph for
+    # train.compile), and a float64 model computes the paper's formula with the schedule's own g
+    _buffer_dtypes = {"sigma": torch.float32, "calibration": torch.float32, "gate": torch.float64}
 
     def _init_taper(self) -> None:
         self._init_removable()
         self.taper_weight = nn.Parameter(self.gain().detach().clone())  # replaced by gamma at the calibration
         # EMAs of E[||h D_gamma||^2 / r(h)], E[||h D_gamma||^2] (c*) and E[s(h)] (the scale loss's target s_tgt)
         self.register_buffer("calibration", torch.zeros(3))
-        self.register_buffer("gate", torch.ones(1))
+        self.register_buffer("gate", torch.ones(1, dtype=torch.float64))
         self.gate_value = 1.0  # mirrors `gate` without a device sync per forward
         self.scale_loss = 0.0  # lambda / gas of the scale loss on this site's input (the hooks set it: final norm)
 
@@ -247,12 +249,11 @@ class TaperNorm(RemovableNorm):
         if self.is_fixed:  # g = 0: the scaling branch alone
             return self.fixed_forward(x)
         normed = super().forward(x)  # the norm, recording c*'s statistics while tracking
-        g = self.gate_value
-        if g == 1.0:
+        if self.gate_value == 1.0:
             # gamma~ gets a zero gradient rather than none: every optimizer (torch's AdamW skips a parameter without
-            # one, DeepSpeed's ZeRO zero-fills it) then counts the same Adam steps for it, and a resume on another
-            # layout continues exactly
+            # one, DeepSpeed's ZeRO zero-fills it) then counts the same Adam steps for it
             return normed + self.taper_weight.sum() * 0.0 if self.training else normed
+        g = self.gate.to(normed.dtype)
         return normed * g + self.fixed_forward(x) * (1.0 - g)
 
     def fixed_gain(self) -> torch.Tensor:
