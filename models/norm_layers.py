@@ -175,7 +175,11 @@ class RemovableNorm:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not self.fixed.is_meta:
-            self.is_fixed = bool(self.fixed.item())
+            self.sync_from_buffers()
+
+    def sync_from_buffers(self) -> None:
+        """The host-side mirrors from the buffers, after they were written directly (a resume on another layout)."""
+        self.is_fixed = bool(self.fixed.item())
 
     _buffer_dtypes = {"sigma": torch.float32}  # statistics: float32 in a bf16 model too
 
@@ -309,10 +313,9 @@ class TaperNorm(RemovableNorm):
         self.gate.fill_(g)
         self.gate_value = float(g)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.gate.is_meta:
-            self.gate_value = float(self.gate.item())
+    def sync_from_buffers(self) -> None:
+        super().sync_from_buffers()
+        self.gate_value = float(self.gate.item())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, taper"

@@ -52,6 +52,7 @@ class RemovalHooks(TrainHooks):
         modules = removable_modules(ctx.built, ctx.cfg.model)
         self.local = {s.name: modules[s.name] for s in self.sites if s.name in modules}
         for module in self.local.values():
+            module.sync_from_buffers()  # a resume on another layout wrote the buffers directly (state/reshard.py)
             module.tracking = True
         if ctx.step == 0 and ctx.val_batches is not None:
             val = evaluate(ctx.built, ctx.val_batches, ctx.topo)
