@@ -163,6 +163,13 @@ class ModelConfig:
         "pre_ln/lns/reordered only: every norm (q/k norms included) also holds a fixed scale sigma it can switch "
         "to (norm removal by fine-tuning; set by `pretrain remove-norms`, see docs/removal.md).",
     )
+    taper_norms: bool = doc(
+        False,
+        "With model.removable_norms, pre_ln/lns without q/k norms: every norm is a TaperNorm (arXiv 2602.10408), "
+        "g * Norm(x) + (1 - g) * c * x * gain~, its gate g taken from 1 to 0 by removal.start and "
+        "removal.taper_steps, then folded into an ln_free model (`pretrain remove-norms --method taper`, or "
+        "`pretrain train` from scratch; docs/removal.md).",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, prefix="model.")
@@ -223,6 +230,15 @@ class ModelConfig:
                     f"model.removable_norms: norm removal works on {', '.join(removable[:-1])} and {removable[-1]} "
                     f"models, not {self.norm_scheme}; set model.removable_norms=false"
                 )
+        if self.taper_norms:
+            if not self.removable_norms:
+                raise ValueError("model.taper_norms: TaperNorm sites are norm-removal sites; set "
+                                 "model.removable_norms=true too")
+            taper = [name for name, scheme in NORM_SCHEMES.items() if scheme.taperable]
+            if not NORM_SCHEMES[self.norm_scheme].taperable or self.qk_norm != "none":
+                raise ValueError(f"model.taper_norms: the taper covers the input and final norms of "
+                                 f"{' and '.join(taper)} models without q/k norms, not {self.norm_scheme} with "
+                                 f"model.qk_norm={self.qk_norm}; use remove-norms' default method (--method fixed)")
 
     @property
     def head_dim(self) -> int:

@@ -17,6 +17,7 @@ from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Un
 from models.streams import HCResidual, MHCHead, MHCResidual, StreamExpand, StreamSum
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
+           "TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "TAPER_NORM_CLASSES", "TAPER_GAIN", "ScaleAnchor",
            "RemovableHeadNorm", "RemovableWidthNorm", "DyT", "Derf", "EmbeddingScale", "Scale", "ScalelessRMSNorm",
            "LayerScalar", "NORM_CLASSES",
            "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
@@ -102,8 +103,31 @@ class RemovableNorm:
         x32 = _at_least_fp32(x)
         if self.centred:
             x32 = x32 - x32.mean(-1, keepdim=True)
-        y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.gain()
+        y = (x32 / self.sigma.to(x32.dtype)).type_as(x) * self.fixed_gain()
         return y * self.output_scale if self.output_scale != 1.0 else y
+
+    def fixed_gain(self) -> torch.Tensor:
+        """The gain of the fixed form (the norm's own; a TaperNorm's scaling branch has its own)."""
+        return self.gain()
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the removal hooks still take this site's statistic (a switched site's sigma is frozen)."""
+        return not self.is_fixed
+
+    def stat_entries(self) -> int:
+        """Columns of what `take_statistic` returns: one per entry of sigma."""
+        return self.sigma.numel()
+
+    @torch.no_grad()
+    def absorb(self, total: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
+        """One step's (sum, count) of the statistic, summed over the ranks, into sigma's EMA (the first measurement
+        sets it; an entry without a finite measurement keeps its value)."""
+        measured = (count > 0) & torch.isfinite(total)
+        mean = (total / count.clamp(min=1)).to(self.sigma)
+        old = self.sigma
+        new = torch.where(old == 0, mean, momentum * old + (1 - momentum) * mean)
+        self.sigma.copy_(torch.where(measured.to(old.device), new, old))
 
     def statistic(self, x: torch.Tensor) -> torch.Tensor:
         """What the live norm divides each token by: sqrt(mean(x^2) + eps), or sqrt(var(x) + eps) (LayerNorm)."""
@@ -126,7 +150,7 @@ class RemovableNorm:
         if s.dim() >= 2 and s.shape[-2] > 1:
             s = s[..., 1:, :]  # [B, T, n]: position 0 left out
         s = s.reshape(-1, s.shape[-1])
-        total = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=s.device)
+        total = torch.zeros(2, self.stat_entries(), dtype=torch.float64, device=s.device)
         part = self.local_sigma(s.shape[-1])
         total[0, part] = s.sum(0)
         total[1, part] = float(s.shape[0])
@@ -137,7 +161,7 @@ class RemovableNorm:
         zeros when nothing was (and for the heads of other tensor-parallel ranks)."""
         stat = self._stat
         if stat is None:
-            stat = torch.zeros(2, self.sigma.numel(), dtype=torch.float64, device=self.sigma.device)
+            stat = torch.zeros(2, self.stat_entries(), dtype=torch.float64, device=self.sigma.device)
         self._stat = None
         return stat
 
@@ -151,12 +175,20 @@ class RemovableNorm:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not self.fixed.is_meta:
-            self.is_fixed = bool(self.fixed.item())
+            self.sync_from_buffers()
+
+    def sync_from_buffers(self) -> None:
+        """The host-side mirrors from the buffers, after they were written directly (a resume on another layout)."""
+        self.is_fixed = bool(self.fixed.item())
+
+    _buffer_dtypes = {"sigma": torch.float32}  # statistics: float32 in a bf16 model too
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.sigma.dtype != torch.float32 and not self.sigma.is_meta:
-            self.sigma = self.sigma.float()
+        for name, dtype in self._buffer_dtypes.items():
+            buffer = getattr(self, name)
+            if buffer.dtype != dtype and not buffer.is_meta:
+                setattr(self, name, buffer.to(dtype))
         return self
 
     def extra_repr(self) -> str:
@@ -175,6 +207,159 @@ class RemovableLayerNorm(RemovableNorm, LayerNorm):
     def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
         super().__init__(dim, eps, output_scale, gain_offset)
         self._init_removable()
+
+
+TAPER_GAIN = "taper_weight"  # the scaling branch's own gain, gamma~ (a parameter of every TaperNorm site)
+
+
+class TaperNorm(RemovableNorm):
+    """TaperNorm (Kanavalau, Amo Alonso and Lall, arXiv 2602.10408): a norm site tapered by a gate g into a
+    sample-independent linear map that folds into the next linear layer (`pretrain remove-norms --method taper`,
+    model.taper_norms; docs/removal.md). With the paper's notation, h a token's row vector, D = diag:
+
+        TaperNorm(h; g) = g * h / r(h) * D_gamma + (1 - g) * c * h * D_gamma~,   r(h) = sqrt(||h||^2 / d + eps)
+
+    (LayerNorm: h centred, r its standard deviation; the centring (I - 11^T / d) is itself a fixed linear map, so
+    the scaling branch stays sample-independent; lns blocks multiply both branches by 1/sqrt(l)). g is one global
+    gate (the hooks set it from the step, `set_gate`); c is one scalar per site, calibrated at the taper start as
+    the least-squares match of the two branches from EMAs of the statistics:
+
+        c* = argmin_c E || h / r(h) * D_gamma - c * h * D_gamma ||^2 = E[ ||h D_gamma||^2 / r(h) ] / E[ ||h D_gamma||^2 ]
+
+    and gamma~ (`taper_weight`) is a parameter of its own, set to gamma at the calibration and trained from there.
+    The site stores 1/c as `sigma`, so at g = 0 it is the fixed form x / sigma * gamma~ that the removal fold
+    multiplies into the next weights. While tracking (before the calibration) it records the per-token numerator
+    and denominator of c* and s(h) (r(h), LayerNorm: the standard deviation), position 0 left out as for sigma
+    (`calibration`: their EMAs, float32). The EMA of s(h) is the target s_tgt of the paper's fixed-target scale
+    loss (`ScaleAnchor`), which a site applies to its input from the taper start on where `scale_loss` is set (the
+    final norm, with removal.scale_loss)."""
+
+    # the gate in float64: the blend multiplies by it as a tensor (a new value each step is no new graph for
+    # train.compile), and a float64 model computes the paper's formula with the schedule's own g
+    _buffer_dtypes = {"sigma": torch.float32, "calibration": torch.float32, "gate": torch.float64}
+
+    def _init_taper(self) -> None:
+        self._init_removable()
+        self.taper_weight = nn.Parameter(self.gain().detach().clone())  # replaced by gamma at the calibration
+        # EMAs of E[||h D_gamma||^2 / r(h)], E[||h D_gamma||^2] (c*) and E[s(h)] (the scale loss's target s_tgt)
+        self.register_buffer("calibration", torch.zeros(3))
+        self.register_buffer("gate", torch.ones(1, dtype=torch.float64))
+        self.gate_value = 1.0  # mirrors `gate` without a device sync per forward
+        self.scale_loss = 0.0  # lambda / gas of the scale loss on this site's input (the hooks set it: final norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_loss and self.training and self.gate_value < 1.0:
+            x = ScaleAnchor.apply(x, self.calibration[2], self.scale_loss, self.centred, self.eps)
+        if self.is_fixed:  # g = 0: the scaling branch alone
+            return self.fixed_forward(x)
+        normed = super().forward(x)  # the norm, recording c*'s statistics while tracking
+        if self.gate_value == 1.0:
+            # gamma~ gets a zero gradient rather than none: every optimizer (torch's AdamW skips a parameter without
+            # one, DeepSpeed's ZeRO zero-fills it) then counts the same Adam steps for it
+            return normed + self.taper_weight.sum() * 0.0 if self.training else normed
+        g = self.gate.to(normed.dtype)
+        return normed * g + self.fixed_forward(x) * (1.0 - g)
+
+    def fixed_gain(self) -> torch.Tensor:
+        return self.taper_weight
+
+    @property
+    def measuring(self) -> bool:
+        return self.gate_value == 1.0  # c is calibrated once, at the taper start
+
+    def stat_entries(self) -> int:
+        return 3  # numerator and denominator of c*, s(h)
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor) -> None:
+        h = _at_least_fp32(x.detach()).double()
+        if self.centred:
+            h = h - h.mean(-1, keepdim=True)
+        if h.dim() >= 3 and h.shape[-2] > 1:
+            h = h[..., 1:, :]  # position 0 left out, as for sigma
+        r = h.pow(2).mean(-1).add(self.eps).sqrt()
+        weighted = (h * self.gain().detach().double()).pow(2).sum(-1)  # ||h D_gamma||^2
+        n = float(r.numel())
+        total = torch.tensor([[0.0, 0.0, 0.0], [n, n, n]], dtype=torch.float64, device=h.device)
+        total[0, 0], total[0, 1], total[0, 2] = (weighted / r).sum(), weighted.sum(), r.sum()
+        self._stat = total if self._stat is None else self._stat + total
+
+    @torch.no_grad()
+    def absorb(self, total: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
+        """EMAs of c*'s numerator and denominator and of s(h) (each a mean over the step's tokens), and sigma = 1 / c*
+        of them."""
+        measured = (count > 0).all() & torch.isfinite(total).all()
+        mean = (total / count.clamp(min=1)).to(self.calibration)
+        old = self.calibration
+        new = torch.where(old == 0, mean, momentum * old + (1 - momentum) * mean)
+        self.calibration.copy_(torch.where(measured.to(old.device), new, old))
+        num, den = self.calibration[0:1], self.calibration[1:2]
+        self.sigma.copy_(torch.where(num > 0, den / num.clamp(min=1e-30), self.sigma))
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """The taper start: gamma~ = gamma (c is the current 1 / sigma)."""
+        if not bool((self.sigma > 0).all()):
+            raise ValueError("a TaperNorm site cannot start its taper before c was measured")
+        self.taper_weight.copy_(self.gain())
+
+    @torch.no_grad()
+    def set_gate(self, g: float) -> None:
+        """The gate of this step (g = 0: the fixed scaling branch alone, the site `fixed`)."""
+        if g == 0.0:
+            self.set_fixed(True)
+        elif self.is_fixed:
+            self.set_fixed(False)
+        self.gate.fill_(g)
+        self.gate_value = float(g)
+
+    def sync_from_buffers(self) -> None:
+        super().sync_from_buffers()
+        self.gate_value = float(self.gate.item())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, taper"
+
+
+class ScaleAnchor(torch.autograd.Function):
+    """The paper's fixed-target scale loss L_aux = lambda * E_{b,t} (s(h_{b,t}) - s_tgt)^2 (s = r for RMSNorm, the
+    standard deviation for LayerNorm) on h, the final norm's input, as a gradient: the identity forward, and
+    backward the gradient of `weight` * L_aux added to the one coming in. So the loss the run logs stays the
+    cross-entropy, and the term needs no path of its own to the loss on any layout; `weight` is lambda / gas, as
+    DeepSpeed divides each micro-batch's loss by the gradient-accumulation steps."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, centred, eps):
+        ctx.save_for_backward(x, target)
+        ctx.weight, ctx.centred, ctx.eps = weight, centred, eps
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, target = ctx.saved_tensors
+        with torch.enable_grad():
+            h = x.detach().requires_grad_(True)
+            h32 = _at_least_fp32(h)
+            if ctx.centred:
+                h32 = h32 - h32.mean(-1, keepdim=True)
+            s = h32.pow(2).mean(-1).add(ctx.eps).sqrt()
+            aux = ctx.weight * (s - target.to(s.dtype)).pow(2).mean()
+            (extra,) = torch.autograd.grad(aux, h)
+        return grad + extra.to(grad.dtype), None, None, None, None
+
+
+class TaperRMSNorm(TaperNorm, RMSNorm):
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
+        self._init_taper()
+
+
+class TaperLayerNorm(TaperNorm, LayerNorm):
+    centred = True
+
+    def __init__(self, dim: int, eps: float = 1e-6, output_scale: float = 1.0, gain_offset: float = 0.0):
+        super().__init__(dim, eps, output_scale, gain_offset)
+        self._init_taper()
 
 
 class RemovableHeadNorm(RemovableNorm, HeadNorm):
@@ -344,3 +529,4 @@ class LayerScalar(nn.Module):
 # model.norm_type -> its class (models/norms.py NORM_TYPES names them for the config).
 NORM_CLASSES = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 REMOVABLE_NORM_CLASSES = {"rmsnorm": RemovableRMSNorm, "layernorm": RemovableLayerNorm}
+TAPER_NORM_CLASSES = {"rmsnorm": TaperRMSNorm, "layernorm": TaperLayerNorm}

@@ -174,6 +174,9 @@ class NormScheme:
     block: Callable[[ModelConfig, int], BlockParts]  # (config, l in 1..L) -> parts of block l
     final_norm: Callable[[ModelConfig], nn.Module]
     removable: bool = False  # `pretrain remove-norms` can fine-tune its norms away (its sites: REMOVAL_SITES)
+    # ... also by TaperNorm (model.taper_norms, `remove-norms --method taper`): its norms all read the residual
+    # stream and fold into the input columns of the next linear (the paper's pre-norm setting)
+    taperable: bool = False
     norm_free: bool = False  # no norm anywhere: the residual stream is the sum of embedding and branch outputs
     unit_embedding: bool = False  # an untied token embedding starts at variance 1 instead of model.init_std^2
     embedding: Callable[[ModelConfig], nn.Module] = lambda cfg: layers().Identity()  # on the token embedding's output
@@ -236,7 +239,9 @@ REMOVAL_GROUPS = tuple(dict.fromkeys(site.group for site in REMOVAL_SITES.values
 
 def norm(cfg: ModelConfig, scale: float = 1.0, gain: str | None = None, eps: float | None = None) -> NormFactory:
     """The run's norm over d_model; `gain` (a `NORM_GAINS` key) and `eps` where a scheme fixes them (muse_glimmer)."""
-    cls = (layers().REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers().NORM_CLASSES)[cfg.norm_type]
+    classes = (layers().TAPER_NORM_CLASSES if cfg.taper_norms else
+               layers().REMOVABLE_NORM_CLASSES if cfg.removable_norms else layers().NORM_CLASSES)
+    cls = classes[cfg.norm_type]
     offset = NORM_GAINS[cfg.norm_gain if gain is None else gain]
     eps = cfg.norm_eps if eps is None else eps
     return lambda: cls(cfg.d_model, eps, output_scale=scale, gain_offset=offset)
@@ -731,11 +736,11 @@ _NO_VALUE_NORM = "it normalizes v per head and feeds the FFN a post-norm sum, wh
 
 NORM_SCHEMES: dict[str, NormScheme] = {
     "pre_ln": NormScheme(
-        _pre_ln, _final_norm, removable=True, options=_PRE_NORM,
+        _pre_ln, _final_norm, removable=True, taperable=True, options=_PRE_NORM,
         hf_exports={"none": HFExport("llama"), "head": HFExport("qwen3")},
         no_hf_class={"full": _FULL_QK_ONLY_OLMO2}),
     "lns": NormScheme(
-        _lns, _final_norm, removable=True, options=_GPAS,
+        _lns, _final_norm, removable=True, taperable=True, options=_GPAS,
         hf_exports={"none": HFExport("llama", "1/√l folded into the norm gains"),
                     "head": HFExport("qwen3", "1/√l folded into the block norm gains")},
         no_hf_class={"full": _FULL_QK_ONLY_OLMO2}),

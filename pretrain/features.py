@@ -14,6 +14,7 @@ from pretrain.analysis.figures import variance_vs_depth_figure
 from pretrain.config import ExperimentConfig
 from pretrain.diagnostics.hooks import LayerStatsHooks
 from pretrain.removal.hooks import RemovalHooks
+from pretrain.removal.taper import TaperHooks
 from pretrain.train.gate_clip import ClipGateGradients
 from pretrain.train.hooks import TrainHooks
 from pretrain.train.signals import StopOnSignal
@@ -24,7 +25,7 @@ def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
     """The hooks of a run of `cfg`: the preemption signal `stop` (built by the command before any set-up, so that a
     signal during set-up is not lost), a scheme's unit-norm weights (ngpt; first, so that everything after a step
     sees them), GPAS's gate clip (train.gpas_gate_clip), per-layer diagnostics (diagnostics.interval > 0), the norm-removal schedule
-    (model.removable_norms) and downstream tasks (eval.downstream)."""
+    (model.removable_norms; its taper route with model.taper_norms) and downstream tasks (eval.downstream)."""
     hooks: list[TrainHooks] = [stop]
     unit_weights = NORM_SCHEMES[cfg.model.norm_scheme].unit_weights
     if unit_weights:
@@ -34,7 +35,7 @@ def hooks_for(cfg: ExperimentConfig, stop: StopOnSignal) -> list[TrainHooks]:
     if cfg.diagnostics.interval > 0:
         hooks.append(LayerStatsHooks(figure=variance_vs_depth_figure))
     if cfg.model.removable_norms:
-        hooks.append(RemovalHooks(cfg))
+        hooks.append(TaperHooks(cfg) if cfg.model.taper_norms else RemovalHooks(cfg))
     if cfg.eval.downstream:
         hooks.append(DownstreamHooks(cfg))
     return hooks

@@ -1,6 +1,7 @@
 """`pretrain remove-norms --checkpoint PATH --data DATA --out RUN_DIR`: fine-tune a trained pre_ln, lns or reordered
 model (q/k norms included) while its norms are switched, one site at a time, to fixed scales, then fold them into
-the weights (pretrain/removal/).
+the weights (pretrain/removal/); with --method taper, TaperNorm's gate takes every norm to its fixed scaling at once
+(pretrain/removal/taper.py).
 
 The removal run and, with --control, the same fine-tune with the norms kept run one after the other in one process
 group; rank 0 then writes RUN_DIR/removal.json. Running the same command again continues where it stopped.
@@ -26,6 +27,10 @@ def register(sub) -> None:
                         "be left out of a model without them); when each site switches is set by the overrides "
                         "removal.start (the step of the first switch, default 20) and removal.gap (steps between two "
                         "sites' switches, default 2)")
+    p.add_argument("--method", default="fixed", choices=("fixed", "taper"),
+                   help="fixed (default): switch the sites one by one to fixed scales; taper: TaperNorm (arXiv "
+                        "2602.10408), one gate takes every norm of a pre_ln or lns model without q/k norms to its "
+                        "calibrated fixed scaling over removal.taper_steps steps (default 100) after removal.start")
     p.add_argument("--control", action="store_true",
                    help="also run the same fine-tune with the norms kept (RUN_DIR/control): ce_control")
     p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks (via torchrun)")
@@ -42,7 +47,7 @@ def run(args) -> int:
 
     order = [g.strip() for g in args.schedule.split(",") if g.strip()]
     removal, control = removal_configs(args.checkpoint, args.data, args.out, args.steps, order, args.control,
-                                       args.overrides)
+                                       args.overrides, args.method)
     # one-line errors (source, resume, config) before any rank starts
     starts = [prepare_run(removal)] + ([prepare_run(control)] if control is not None else [])
     if args.nproc_per_node:  # torchrun's agent forwards signals to the ranks; each rank catches its own
@@ -56,7 +61,7 @@ def run(args) -> int:
 
 def _argv_without_nproc(args) -> list[str]:
     argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--steps", str(args.steps),
-            "--schedule", args.schedule]
+            "--schedule", args.schedule, "--method", args.method]
     return argv + (["--control"] if args.control else []) + list(args.overrides)
 
 

@@ -325,6 +325,17 @@ class RemovalConfig:
     start: int = doc(20, "Norm removal: the step at which the first site is switched to its fixed scale.")
     gap: int = doc(2, "Norm removal: steps between two sites' switches (0 = all at once).")
     ema: float = doc(0.9, "Norm removal: momentum of each live site's EMA of its statistic (RMS or std).")
+    taper_steps: int = doc(
+        100,
+        "TaperNorm (model.taper_norms): steps of the gate's cosine from 1 to 0, which starts after step "
+        "removal.start - 1 (c calibrated there); g = 0 from step removal.start - 1 + taper_steps on.",
+    )
+    scale_loss: float = doc(
+        0.0,
+        "TaperNorm: lambda of the paper's fixed-target scale loss lambda * E (s(h) - s_tgt)^2 on the final norm's "
+        "input h from the taper start on (s = RMS, std for LayerNorm; s_tgt its EMA until then): the explicit "
+        "scale anchor for the tapered final norm (0 = off).",
+    )
 
     def __post_init__(self):
         if (not isinstance(self.order, list) or not all(isinstance(g, str) for g in self.order)
@@ -337,12 +348,18 @@ class RemovalConfig:
         _at_least(self, "removal.", "start", 2, hint="sigma is measured on the steps before the first switch")
         _at_least(self, "removal.", "gap", 0, hint="0 switches every site at once")
         _number(self, "removal.", "ema", low=0.0, high=1.0)
+        _at_least(self, "removal.", "taper_steps", 1, hint="the gate needs at least one step to reach 0")
+        _number(self, "removal.", "scale_loss", low=0.0)
         if self.ema == 1.0:
             raise ValueError("removal.ema: must be below 1 (1 would never move sigma from its first measurement)")
 
     def switch_steps(self, n_sites: int) -> int:
         """The step of the last switch: start + gap * (sites - 1)."""
         return self.start + self.gap * (n_sites - 1)
+
+    def taper_end(self) -> int:
+        """TaperNorm: the first step with gate 0, start - 1 + taper_steps (pretrain/removal/schedule.py taper_gate)."""
+        return self.start - 1 + self.taper_steps
 
 
 @dataclass
@@ -389,8 +406,18 @@ class ExperimentConfig:
             if unnamed:
                 raise ValueError(f"removal.order: {self.removal.order!r} leaves out {', '.join(unnamed)}, where this "
                                  f"model has norms; name it, e.g. removal.order=[{','.join(REMOVAL_GROUPS)}]")
+            if self.removal.scale_loss > 0 and not self.model.taper_norms:
+                raise ValueError(f"removal.scale_loss={self.removal.scale_loss}: the scale loss anchors a tapered final "
+                                 "norm; set model.taper_norms=true (remove-norms --method taper) or removal.scale_loss=0")
+            if self.model.taper_norms:
+                if self.removal.taper_end() > self.train.steps:
+                    raise ValueError(
+                        f"removal: the taper's gate reaches 0 at step {self.removal.taper_end()} (removal.start - 1 + "
+                        f"removal.taper_steps) but train.steps={self.train.steps}; raise train.steps (remove-norms "
+                        "--steps) or lower removal.start/taper_steps"
+                    )
             last = self.removal.switch_steps(len(sites))
-            if last > self.train.steps:
+            if not self.model.taper_norms and last > self.train.steps:
                 raise ValueError(
                     f"removal: the schedule switches its last site at step {last} (removal.start + removal.gap * "
                     f"({len(sites)} sites - 1)) but train.steps={self.train.steps}; raise train.steps (remove-norms "

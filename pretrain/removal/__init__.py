@@ -32,6 +32,9 @@ carried over to RMSNorm (see docs/removal.md):
 recipe's schedule of learning rates), runs it, with `--control` runs the same fine-tune with the norms kept
 (RUN_DIR/control), and writes RUN_DIR/removal.json with the three cross-entropies on the same validation tokens.
 Running the same command again continues where it stopped.
+
+`--method taper` (model.taper_norms) is the second route, TaperNorm (arXiv 2602.10408, taper.py): one global gate
+blends every site from its norm into its calibrated fixed scaling, then the same fold and the same ln_free output.
 """
 
 LN_FREE_DIR = "ln_free"  # RUN_DIR/ln_free: the folded ln_free checkpoint

@@ -24,11 +24,16 @@ INHERITED = ("train.global_batch_size", "train.micro_batch_size", "train.precisi
              "deepspeed")
 
 
+METHODS = ("fixed", "taper")  # --method: the switch to fixed scales site by site, or TaperNorm's gated taper
+
+
 def removal_configs(checkpoint: str, data: str, out: str, steps: int, order: list[str], control: bool,
-                    overrides: list[str]) -> tuple[ExperimentConfig, ExperimentConfig | None]:
+                    overrides: list[str], method: str = "fixed") -> tuple[ExperimentConfig, ExperimentConfig | None]:
     """(the removal run's config, the control's or None); `overrides` are the command line's dotted overrides."""
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
+    if method not in METHODS:
+        raise UserError(f"--method {method}: must be one of {', '.join(METHODS)}")
     given_scheme = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.norm_scheme=")), None)
     origin = open_source(checkpoint, "--checkpoint", norm_scheme=given_scheme)  # None: by the HF model_type
     source = origin.model_config
@@ -49,10 +54,10 @@ def removal_configs(checkpoint: str, data: str, out: str, steps: int, order: lis
     values.update({"train.lr": lr, "train.warmup_steps": min(WARMUP_STEPS, steps), "train.steps": steps,
                    "train.init_from": checkpoint, "train.resume": "auto", "data.paths": [data]})
     removal = load_config(None, overrides, values={**values, "run.dir": out, "model.removable_norms": True,
-                                                   "removal.order": order})
+                                                   "model.taper_norms": method == "taper", "removal.order": order})
     if not control:
         return removal, None
     kept = load_config(None, overrides, values={**values, "run.dir": os.path.join(out, CONTROL_DIR)})
-    if kept.model.removable_norms:
-        raise UserError("model.removable_norms: the control keeps its norms; drop the override")
+    if kept.model.removable_norms or kept.model.taper_norms:
+        raise UserError("model.removable_norms/taper_norms: the control keeps its norms; drop the override")
     return removal, kept

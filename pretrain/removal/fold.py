@@ -8,7 +8,7 @@ import torch
 
 from models import Llama
 from models.config import ModelConfig
-from models.norm_layers import RemovableNorm
+from models.norm_layers import TAPER_GAIN, RemovableNorm
 from models.norms import REMOVAL_GROUPS
 from pretrain.config import RemovalConfig
 from pretrain.errors import UserError
@@ -34,7 +34,8 @@ def ln_free_model_config(model_cfg: ModelConfig) -> ModelConfig:
     """The model config of the folded result: ln_free, plain x + F(x) (no depth-muP multipliers: they are for
     training from scratch), untied (the head carries the final norm's scale), no gains (a zero-centred 1 + w is
     folded like any gain)."""
-    return dataclasses.replace(model_cfg, norm_scheme="ln_free", removable_norms=False, tie_embeddings=False,
+    return dataclasses.replace(model_cfg, norm_scheme="ln_free", removable_norms=False, taper_norms=False,
+                               tie_embeddings=False,
                                ln_free_base_depth=0, norm_gain="one", qk_norm="none")
 
 
@@ -58,6 +59,11 @@ def fold_norms(model_cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> tupl
             raise UserError(f"cannot fold {site.name}: it was never switched to its fixed scale (the removal run did "
                             "not reach the end of its schedule)")
         offset, output_scale, centred = scales[site.name]
+        taper = out.pop(f"{site.name}.{TAPER_GAIN}", None)
+        if taper is not None:  # a TaperNorm at g = 0: its scaling branch's own gain gamma~ (no offset), c = 1 / sigma
+            gamma, offset = taper.double(), 0.0
+            out.pop(f"{site.name}.gate")
+            out.pop(f"{site.name}.calibration")
         # [sigmas, normalized width]: one row per sigma (one per head for a per-head q/k norm), the gain along it
         scale = (gamma + offset).reshape(1, -1) * output_scale / sigma.reshape(-1, 1)
         prefix = "" if site.layer is None else site.name[:-len(site.kind.module)]

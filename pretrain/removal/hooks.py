@@ -52,6 +52,7 @@ class RemovalHooks(TrainHooks):
         modules = removable_modules(ctx.built, ctx.cfg.model)
         self.local = {s.name: modules[s.name] for s in self.sites if s.name in modules}
         for module in self.local.values():
+            module.sync_from_buffers()  # a resume on another layout wrote the buffers directly (state/reshard.py)
             module.tracking = True
         if ctx.step == 0 and ctx.val_batches is not None:
             val = evaluate(ctx.built, ctx.val_batches, ctx.topo)
@@ -89,7 +90,7 @@ class RemovalHooks(TrainHooks):
                 out.tb.add_text("removal/switched", f"{site.name} ({shown})", step)
 
     def after_step(self, ctx: TrainContext, step: int) -> dict:
-        live = [(name, m) for name, m in self.local.items() if not m.is_fixed]
+        live = [(name, m) for name, m in self.local.items() if m.measuring]
         if live:
             # [2, entries of every live sigma]: (sum, count). Every rank of a tensor- and data-parallel group holds the
             # same stage, so the same live sites. Summed over data parallelism: every rank's tokens. Over tensor
@@ -99,18 +100,13 @@ class RemovalHooks(TrainHooks):
             for group in (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group()):
                 if dist.get_world_size(group) > 1:
                     dist.all_reduce(stats, group=group)
-            momentum = self.cfg.removal.ema
             for (name, module), (total, count) in zip(live, self._split(stats, live)):
-                measured = (count > 0) & torch.isfinite(total)
-                mean = (total / count.clamp(min=1)).to(module.sigma)
-                old = module.sigma
-                new = torch.where(old == 0, mean, momentum * old + (1 - momentum) * mean)
-                module.sigma.copy_(torch.where(measured.to(old.device), new, old))
+                module.absorb(total, count, self.cfg.removal.ema)
         return {"sites_removed": self.removed_by(step)}
 
     @staticmethod
     def _split(stats: torch.Tensor, live) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        parts = stats.split([m.sigma.numel() for _, m in live], dim=1)
+        parts = stats.split([m.stat_entries() for _, m in live], dim=1)
         return [(p[0], p[1]) for p in parts]
 
     def _all_sigmas(self) -> dict[str, list[float]]:

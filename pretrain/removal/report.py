@@ -36,10 +36,15 @@ def write_report(removal: ExperimentConfig, control: ExperimentConfig | None) ->
         "data": removal.data.paths,
         "source": removal.train.init_from,
         "norm_scheme": removal.model.norm_scheme,
+        "method": "taper" if removal.model.taper_norms else "fixed",
         "ln_free_checkpoint": os.path.join(removal.run.dir, LN_FREE_DIR),
         "control_run": control.run.dir if control is not None else None,
         "schedule": [{"step": r["step"], "site": r["removed"], "sigma": r["sigma"]} for r in records if "removed" in r],
     }
+    if removal.model.taper_norms:  # one gate: every site calibrated at removal.start, fixed at the taper's end
+        report["schedule"] = [{"step": r["step"], "site": r["tapered"], "c": r["c"], "sigma": r["sigma"]}
+                              for r in records if "tapered" in r]
+        report["taper_end"] = removal.removal.taper_end()
     if report["ce_control"] is not None and report["ce_ln_free"] is not None:
         report["gap_vs_control"] = report["ce_ln_free"] - report["ce_control"]
     atomic_write(os.path.join(removal.run.dir, REPORT), json.dumps(report, indent=1))
@@ -52,5 +57,6 @@ def report_line(report: dict) -> str:
 
     gap = report.get("gap_vs_control")
     tail = f" ({gap:+.4f} vs control)" if gap is not None else ""
-    return (f"removal: ce_original {show(report['ce_original'])} | ce_control {show(report['ce_control'])} | "
+    method = " (taper)" if report.get("method") == "taper" else ""
+    return (f"removal{method}: ce_original {show(report['ce_original'])} | ce_control {show(report['ce_control'])} | "
             f"ce_ln_free {show(report['ce_ln_free'])}{tail}")

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from models import Llama
 from models.config import ModelConfig
 from models.hf import from_hf_config, load_hf_state
+from models.norm_layers import TAPER_GAIN
 from pretrain.config import ExperimentConfig
 from pretrain.data.resolve import resolve_data_path, resolve_tokenizer, training_tokenizer
 from pretrain.data.sft_prepare import folder_kind, read_sft_meta
@@ -257,6 +258,9 @@ def load_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     source = open_source(cfg.train.init_from, "train.init_from", norm_scheme=cfg.model.norm_scheme)
     weights = source.weights()
     expected = {k: v.shape for k, v in Llama.meta(cfg.model).named_parameters()}
+    for k in expected:  # a TaperNorm's own gain gamma~ is new: set to gamma when its taper starts, ones until then
+        if k.endswith(f".{TAPER_GAIN}") and k not in weights:
+            weights[k] = torch.ones(expected[k])
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected) - {"head.weight"})
     if missing or extra:

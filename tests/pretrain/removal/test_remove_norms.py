@@ -7,6 +7,8 @@ reordered's output norms folded into o/down). One real end-to-end run (tiny, 2 l
 control, checks the log, the metrics, removal.json and the ln_free checkpoint (loads, same logits, init_from,
 attribution); a second run stopped mid-schedule and resumed on another layout gives the uninterrupted run's losses
 and sigmas; a third, with per-head q/k norms, gives the same losses and per-head sigmas on TP = 2 as on one rank.
+The taper route (--method taper) runs end to end on the same source (gate, calibration, fold, export) and resumes
+in the middle of its taper bit for bit.
 """
 
 from __future__ import annotations
@@ -384,3 +386,77 @@ def test_remove_norms_with_per_head_qk_norms_on_tensor_parallel(tmp_path, data_c
     assert ce[0] == pytest.approx([r["val_loss"] for r in a if r.get("step") == 10 and "val_loss" in r][-1], abs=1e-5)
     ln_cfg, ln = _state(os.path.join(split, "ln_free"))
     assert ln_cfg.model.norm_scheme == "ln_free" and ln_cfg.model.qk_norm == "none" and not any("norm" in k for k in ln)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The taper route (--method taper; the formula, schedule and fold by hand: test_taper.py)
+
+
+TAPER = ["--method", "taper", "--steps", "8", "removal.start=2", "removal.taper_steps=4", "removal.scale_loss=0.01",
+         "eval.interval=4", *FAST]
+
+
+def _taper_args(source: str, out: str) -> list[str]:
+    return ["remove-norms", "--checkpoint", source, "--data", "bundled:tinyshakespeare", "--out", out, *TAPER]
+
+
+@pytest.fixture(scope="module")
+def taper(source, tmp_path_factory, data_cache):
+    """Every norm of the 2-layer source tapered: calibrated before step 2, gate 0 from step 5, folded at step 8; the
+    final norm anchored by the scale loss from step 2 on."""
+    run = str(tmp_path_factory.mktemp("taper") / "run")
+    return run, _pretrain(*_taper_args(source, run), cache_dir=data_cache)
+
+
+@pytest.mark.processes
+def test_remove_norms_taper_end_to_end(taper, tmp_path):
+    from pretrain.removal.schedule import taper_gate
+
+    run, proc = taper
+    last = proc.stdout.strip().splitlines()[-1]
+    report = json.load(open(os.path.join(run, "removal.json")))
+    assert last.startswith("removal (taper): ce_original ") and report["method"] == "taper"
+    assert report["taper_end"] == 5 and "removal: taper started, 5 sites calibrated" in proc.stdout
+    sites = ["blocks.0.mlp_norm", "blocks.1.mlp_norm", "blocks.0.attn_norm", "blocks.1.attn_norm", "final_norm"]
+    assert [(s["step"], s["site"]) for s in report["schedule"]] == [(2, s) for s in sites]
+    assert all(s["c"] > 0 and s["c"] == pytest.approx(1 / s["sigma"]) for s in report["schedule"])
+    train = {r["step"]: r for r in metrics(run) if "loss" in r}
+    removal = RemovalConfig(start=2, taper_steps=4)
+    assert {s: r["taper_gate"] for s, r in train.items()} == {s: taper_gate(removal, s) for s in range(1, 9)}
+    assert {s: r["sites_removed"] for s, r in train.items()} == {s: 0 if s < 5 else 5 for s in range(1, 9)}
+    assert abs(report["ce_ln_free"] - report["ce_fixed_sigma"]) < 1e-5  # the fold changes nothing
+    # the folded result: an ln_free checkpoint with the g = 0 model's logits, exported as a stock Llama
+    frozen_cfg, frozen = _state(os.path.join(run, "checkpoints"))
+    ln_cfg, ln = _state(os.path.join(run, "ln_free"))
+    assert ln_cfg.model.norm_scheme == "ln_free" and not ln_cfg.model.taper_norms and not any("norm" in k for k in ln)
+    a, b = Llama(frozen_cfg.model), Llama(ln_cfg.model)
+    a.load_state_dict(frozen)
+    b.load_state_dict(ln)
+    assert a.final_norm.is_fixed and a.final_norm.gate_value == 0.0
+    tokens = torch.randint(ln_cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (a.double()(tokens) - b.double()(tokens)).abs().max().item() < 1e-5
+    from pretrain.cli import main
+
+    assert main(["export-hf", "--checkpoint", f"{run}/ln_free", "--out", str(tmp_path / "hf")]) == 0
+    assert json.load(open(tmp_path / "hf" / "config.json"))["model_type"] == "llama"
+
+
+@pytest.mark.processes
+def test_remove_norms_taper_resumes_mid_taper_on_another_layout(taper, source, tmp_path, data_cache):
+    """Stopped after step 3 (gate 1/2: calibrated, both branches live) and resumed at ZeRO-1 (the full-state path,
+    which writes the buffers directly), the taper gives the uninterrupted run's losses, c's and folded result: gate,
+    c, its EMAs and gamma~ are model state, and the calibration is not repeated."""
+    whole, parts = taper[0], str(tmp_path / "parts")
+    stopped = _pretrain(*_taper_args(source, parts), "train.stop_at_step=3", cache_dir=data_cache)
+    assert "stopped before the end" in stopped.stdout
+    resumed = _pretrain(*_taper_args(source, parts), "parallel.zero_stage=1", cache_dir=data_cache)
+    assert "resume: parallel.zero_stage 0 -> 1" in resumed.stdout
+    a = {r["step"]: r["loss"] for r in metrics(whole) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in metrics(parts) if "loss" in r}
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    ra, rb = (json.load(open(os.path.join(r, "removal.json"))) for r in (whole, parts))
+    assert [s["c"] for s in rb["schedule"]] == [s["c"] for s in ra["schedule"]]
+    assert rb["ce_ln_free"] == pytest.approx(ra["ce_ln_free"], rel=1e-5)
