@@ -3,6 +3,7 @@ parametrization (docs/parametrization.md).
 
     python benchmarks/lr_transfer.py [--out runs/lr_transfer.json] [--png runs/lr_transfer.png] [--steps 80]
                                      [--widths 64,128,256] [--depths 2,4,8] [--lrs 8] [--entries pre_ln:standard ...]
+                                     [--table-only]
 
 The base model is configs/tiny.yaml at width 64 (2 heads of 32, MLP 3x) and depth 2, on bundled tiny-Shakespeare
 (seq 64, micro-batch 16); each point is `--steps` AdamW steps (linear warm-up over the first 10%, then constant) from
@@ -10,7 +11,9 @@ the same seed with the run's optimizer groups (pretrain/config/param_groups.py),
 fixed micro-batches of the val split. A width variant keeps the base depth, a depth variant the base width
 (pretrain/analysis/coord_check.py's variants); under mup and completep the base shape is the base model. Prints one
 Markdown table of the best lr per entry and size (and how many grid steps it moves), writes the losses as JSON and
-the loss-vs-lr curves as a PNG. In-process, one thread: a few minutes per entry on an idle core.
+the loss-vs-lr curves as a PNG. In-process, one thread: a few minutes per entry on an idle core. Points already in
+--out are kept (a stopped run continues; the base model, both the first width and the first depth, trains once);
+--table-only prints the table and draws the PNG from them without training, a size not measured shown as "-".
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def main() -> None:
     p.add_argument("--depths", default="2,4,8")
     p.add_argument("--lrs", type=int, default=8, help="log-spaced learning rates from 5e-4 to 6.4e-2 (2x apart at 8)")
     p.add_argument("--entries", nargs="+", default=ENTRIES, help="scheme:parametrization pairs")
+    p.add_argument("--table-only", action="store_true", help="no training: the table and PNG of the points in --out")
     args = p.parse_args()
     torch.set_num_threads(1)
     widths = [int(w) for w in args.widths.split(",")]
@@ -94,18 +98,22 @@ def main() -> None:
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     started = time.time()
-    for entry in args.entries:
+    for entry in [] if args.table_only else args.entries:
         scheme, parametrization = entry.split(":")
         cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
                           [*BASE, f"model.norm_scheme={scheme}", f"model.parametrization={parametrization}"])
         train, val = batches(cfg, "train", args.steps), batches(cfg, "val", 8)
+        done = {}  # the base model is both the first width and the first depth: trained once
         for axis, sizes, variant in (("width", widths, width_variant), ("depth", depths, depth_variant)):
             for size in sizes:
                 key = f"{entry}/{axis}/{size}"
-                if key in results and len(results[key]) == len(lrs):
-                    continue
                 model_cfg = variant(cfg.model, size)
-                results[key] = [train_point(cfg, model_cfg, lr, args.steps, train, val) for lr in lrs]
+                if key in results and len(results[key]) == len(lrs):
+                    done[repr(model_cfg)] = results[key]
+                    continue
+                results[key] = done.get(repr(model_cfg)) or [train_point(cfg, model_cfg, lr, args.steps, train, val)
+                                                             for lr in lrs]
+                done[repr(model_cfg)] = results[key]
                 with open(args.out, "w") as f:
                     json.dump({**results, "lrs": lrs}, f, indent=1)
                 print(f"{key}: best lr {lrs[min(range(len(lrs)), key=results[key].__getitem__)]:.3g} "
@@ -121,9 +129,11 @@ def table(results: dict, entries: list[str], widths: list[int], depths: list[int
     for entry in entries:
         cells, moves = [], []
         for axis, sizes in (("width", widths), ("depth", depths)):
-            best = [min(range(len(lrs)), key=results[f"{entry}/{axis}/{s}"].__getitem__) for s in sizes]
-            cells += [f"{lrs[i]:.3g}" for i in best]
-            moves.append(str(max(best) - min(best)))
+            best = [min(range(len(lrs)), key=results[f"{entry}/{axis}/{s}"].__getitem__)
+                    if f"{entry}/{axis}/{s}" in results else None for s in sizes]
+            cells += [f"{lrs[i]:.3g}" if i is not None else "-" for i in best]
+            found = [i for i in best if i is not None]
+            moves.append(str(max(found) - min(found)) if found else "-")
         rows.append(f"| {entry.replace(':', ', ')} | " + " | ".join(cells) + f" | {', '.join(moves)} |")
     return "\n".join(rows)
 
@@ -140,12 +150,15 @@ def figure(results: dict, entries, widths, depths, lrs, png: str) -> None:
         for row, (axis, sizes) in enumerate((("width", widths), ("depth", depths))):
             ax = axes[row][col]
             for s in sizes:
+                if f"{entry}/{axis}/{s}" not in results:  # not measured (--table-only of a stopped run)
+                    continue
                 losses = [v if math.isfinite(v) else float("nan") for v in results[f"{entry}/{axis}/{s}"]]
                 ax.plot(lrs, losses, marker="o", ms=3, label=f"{'d' if axis == 'width' else 'L'} {s}")
             ax.set_xscale("log")
             ax.set_xlabel("train.lr")
             ax.set_title(f"{entry.replace(':', ', ')}: {axis}", fontsize=9)
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
             if col == 0:
                 ax.set_ylabel("validation loss")
     fig.savefig(png, dpi=110)

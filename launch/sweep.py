@@ -3,6 +3,7 @@
     python -m launch.sweep configs/tiny.yaml --grid model.norm_scheme=pre_ln,lns,ln_free model.preset=130m,350m
     python -m launch.sweep configs/tiny.yaml train.steps=1000 --grid model.norm_scheme=pre_ln,lns --dry-run
     python -m launch.sweep configs/tiny.yaml --grid train.seed=0,1,2 --local
+    python -m launch.sweep configs/tiny.yaml --grid model.norm_scheme=pre_ln,lns train.lr=1e-3,3e-3,1e-2 --local
     python -m launch.sweep configs/paper/350m_pre_ln.yaml --grid model.norm_scheme=pre_ln,lns \\
         --sbatch="--nodes=4 --time=24:00:00"
 
@@ -10,7 +11,9 @@ Positional `key=value` overrides apply to every run; each `--grid KEY=V1,V2,...`
 split on commas outside brackets, so `train.betas=[0.9,0.95],[0.9,0.99]` is two values). Run folders are
 ROOT/NAME/<key=value,...> (the grid keys' last component unless that is ambiguous), e.g.
 runs/sweeps/tiny/norm_scheme=lns,preset=130m. Every combination's config is validated before anything
-is submitted; bad input exits 2 with one `error: ...` line.
+is submitted; bad input exits 2 with one `error: ...` line (also two combinations with the same config, e.g.
+train.lr=1e-3,0.001). A grid with train.lr (and train.seed) is what `pretrain report` turns into its best
+learning rate per scheme table.
 
 Modes: submit each run with `sbatch launch/train.sbatch CONFIG ... run.dir=...` (default; prints the job ids),
 `--dry-run` (print the commands), `--local` (run them one after another with `python -m pretrain train`).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import shlex
@@ -121,7 +125,8 @@ def label_value(value: str) -> str:
 def plan(args) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, list[str], dict[str, str]]]]:
     """(sweep folder, grid axes, [(run_dir, overrides, swept values)] for every combination), each combination
     validated with load_config."""
-    from pretrain.config import load_config  # it imports the model code (torch): `status` must start without it
+    # pretrain.config imports the model code (torch): `status` must start without it
+    from pretrain.config import load_config, to_dict
 
     for item in args.overrides:
         if "=" not in item:
@@ -134,7 +139,7 @@ def plan(args) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, list[s
     if not name or SAFE.search(name) or name in (".", ".."):
         raise UserError(f"--name {name!r}: use letters, digits and . _ + - =")
     short = short_keys([k for k, _ in axes])
-    runs, seen = [], {}
+    runs, seen, same = [], {}, {}
     for combo in itertools.product(*(values for _, values in axes)):
         pairs = [(key, value) for (key, _), value in zip(axes, combo)]
         label = ",".join(f"{short[k]}={label_value(v)}" for k, v in pairs) or "base"
@@ -144,9 +149,16 @@ def plan(args) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, list[s
         seen[run_dir] = pairs
         overrides = [*args.overrides, *(f"{k}={v}" for k, v in pairs), f"run.dir={run_dir}"]
         try:
-            load_config(args.config, overrides)
+            resolved = to_dict(load_config(args.config, overrides))
         except UserError as e:
             raise UserError(f"run {label}: {e}") from None
+        # values written differently but read alike (train.lr=1e-3 and 0.001) would train one run twice
+        resolved["run"] = {k: v for k, v in resolved["run"].items() if k != "dir"}
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key in same:
+            raise UserError(f"runs {same[key]} and {label} have the same config (their values are one value "
+                            "written differently); list each value once")
+        same[key] = label
         runs.append((run_dir, overrides, dict(pairs)))
     return os.path.join(args.root, name), axes, runs
 

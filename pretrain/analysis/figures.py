@@ -9,6 +9,8 @@ report's depth figure, with the entry's title, axis label and scale; depth.png t
                               (pretrain/features.py hands it to the diagnostics hooks)
     plot_figure               `pretrain plot`: one panel per FIGURE_STATS entry against depth at the chosen steps,
                               and the training (and validation) loss against step
+    lr_figure                 `pretrain report`, per column of a learning-rate sweep: validation loss against lr,
+                              one line per scheme, seeds as error bars, each scheme's best lr starred
     loss_figure               `pretrain report`, per column: training and validation loss against training tokens
     layer_stats_figure        `pretrain report`, per column: one panel per FIGURE_STATS entry at each run's last
                               measured step
@@ -30,7 +32,7 @@ import os
 
 import numpy as np
 
-from pretrain.analysis.report_table import Run
+from pretrain.analysis.report_table import Run, Table, lr_text
 from pretrain.diagnostics.measures import DEPTH_PANELS, FIGURE_STATS, LayerMeasure, measure
 from pretrain.errors import UserError
 from pretrain.files import atomic_writer
@@ -182,6 +184,37 @@ def layer_stats_figure(runs: list[Run], title: str):
                 curves.append((last[s.name], {"color": scheme_color(r.scheme),
                                               "label": f"{labels[r.path]} @ {last['step']}"}))
         _layer_panel(ax, s, curves, f"{s.title}: {title}" if k == 0 else s.title, legend_size=7)
+    return fig
+
+
+def lr_figure(table: Table, column: str):
+    """`pretrain report`, per column of a learning-rate sweep (Table.by_lr): each scheme's validation loss at the
+    column's tokens (Table 1's evaluations) against train.lr on a log axis, the mean over seeds with their standard
+    deviation as error bars, the lr Table 1 chose starred; a learning rate where a run diverged is left out. None
+    when train.lr is not swept or no learning rate of the column has a finite loss without a diverged run."""
+    curves = {scheme: [c for c in table.lr_cells.get((scheme, column), []) if c.loss is not None and not c.diverged]
+              for scheme in table.rows}
+    if not any(curves.values()):
+        return None
+    fig = _new_figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for scheme, shown in curves.items():
+        if not shown:
+            continue
+        color = scheme_color(scheme)
+        ax.errorbar([c.lr for c in shown], [c.loss for c in shown], yerr=[c.loss_std or 0.0 for c in shown],
+                    fmt="-o", ms=4, capsize=3, color=color, label=scheme)
+        best = table.cells.get((scheme, column))
+        if best is not None and best.lr is not None and best.loss is not None:
+            ax.plot([best.lr], [best.loss], "*", ms=13, color=color, markeredgecolor="k")
+    ax.set_xscale("log")
+    lrs = sorted({c.lr for (_, col), cells in table.lr_cells.items() if col == column for c in cells
+                  if isinstance(c.lr, (int, float))})
+    ax.set_xticks(lrs, [lr_text(v) for v in lrs], minor=False)
+    ax.minorticks_off()
+    ax.set(xlabel="train.lr", ylabel="validation loss", title=f"Loss against learning rate: {column}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -7,16 +7,21 @@ embedded as data URIs, styles inline, no scripts): one file to mail or attach.
 
     Table 1          validation perplexity at equal tokens, rows = norm scheme, columns = the swept keys (a sweep's
                      grid, else the keys the runs differ in; --columns to choose), best per column in bold,
-                     diverged runs flagged (pretrain/analysis/report_table.py has the exact rules)
+                     diverged runs flagged (pretrain/analysis/report_table.py has the exact rules). When the runs
+                     differ in train.lr (not a column): the best learning rate per scheme, each cell the scheme at
+                     its best lr of the column (the lr shown), seeds as mean ± std, a diverged run never the best
     Table 1b         the same evaluations' bits per byte (where the runs logged val_bpb), best per column in bold:
                      comparable across tokenizers of one text, where perplexity is not
     Table 2          downstream accuracy (where a run folder holds `pretrain eval-downstream --out` results,
                      RUN_DIR/downstream.json or RUN_DIR/*/downstream.json; else its last in-loop
                      eval.downstream record in metrics.jsonl): one row per run, a column per task
                      (OLMo's primary metric, in %) and their average, as the papers' downstream tables; best bold
-    Runs             one line per run: scheme, column, steps, tokens, last losses (val ppl and bpb), how it ended
-    per column       loss curves; the per-layer statistics of the measure table's stats_panel entries (variance and
-                     gradient norm) against depth at the last measured step (diagnostics.interval > 0);
+    Runs             one line per run: scheme, column (and lr, when swept), steps, tokens, last losses (val ppl
+                     and bpb), how it ended
+    per column       validation loss against learning rate, one line per scheme, seeds as error bars (when
+                     train.lr is swept); loss curves; the per-layer statistics of the measure table's stats_panel
+                     entries (variance and gradient norm) against depth at the last measured step
+                     (diagnostics.interval > 0);
                      `pretrain analyze-depth` results where a run folder holds one
                      (RUN_DIR/depth.json or RUN_DIR/*/depth.json): angular distance, block contribution, logit
                      lens, skip-one-block loss and the skip-effect heat maps
@@ -36,8 +41,8 @@ import time
 from dataclasses import dataclass
 
 from pretrain.analysis import figures
-from pretrain.analysis.report_table import (RISING_EVALS, Run, Table, column_label, human_tokens,
-                                            row_differences)
+from pretrain.analysis.report_table import (LR_KEY, RISING_EVALS, Run, Table, column_label, human_tokens,
+                                            lr_text, row_differences)
 from pretrain.data.downstream_tasks import TASKS
 from pretrain.files import atomic_folder
 
@@ -78,13 +83,17 @@ def _cell_text(cell, bpb: bool = False) -> tuple[str, str]:
     if cell is None:
         return "", ""
     if cell.ppl is None:
-        return ("diverged", "diverged") if cell.diverged else (cell.note or "-", "")
+        if cell.diverged:
+            return ("diverged" + (f" ({cell.note})" if cell.note else ""), "diverged")
+        return (cell.note or "-", "")
     if bpb:
         if cell.bpb is None:
             return "-", ""
         text = f"{cell.bpb:.4f}" + (f" ± {cell.bpb_std:.4f}" if cell.bpb_std is not None else "")
     else:
         text = f"{cell.ppl:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    if cell.lr is not None:
+        text += f" (lr {lr_text(cell.lr)})"
     if cell.earlier:
         text += f" (at {human_tokens(cell.tokens)})"
     if cell.diverged:
@@ -104,12 +113,19 @@ def table1_block(table: Table, bpb: bool = False) -> TableBlock:
         caption = ("Validation bits per byte (val_bpb: the loss in bits per UTF-8 byte of the validation text) of the "
                    "evaluations of Table 1. Lower is better; the best per column is bold. Unlike perplexity it does "
                    "not depend on the tokenizer: runs on one text tokenized differently rank by it.")
+        if table.by_lr:
+            caption += " Each scheme at the learning rate Table 1 chose."
         return TableBlock("table1_bpb", header, rows, caption)
     threshold = f", or perplexity above {table.diverged_ppl:g}" if table.diverged_ppl is not None else ""
     caption = ("Validation perplexity at equal training tokens (the column header's count; a value marked "
                "'at N' is the run's last evaluation before it). Lower is better; the best per column is bold; "
                f"'diverged': non-finite loss, exit 3, a validation loss that rose at each of the last "
                f"{RISING_EVALS - 1} evaluations{threshold}. Several runs in a cell: mean ± standard deviation.")
+    if table.by_lr:
+        lrs = sorted({c.lr for cells in table.lr_cells.values() for c in cells if isinstance(c.lr, (int, float))})
+        caption += (" Each scheme at its best learning rate of the column (the lr in the cell; tried: "
+                    f"{', '.join(lr_text(v) for v in lrs)}): the lowest mean perplexity over the lr's seeds (runs "
+                    "differing only in train.seed), among the learning rates none of whose runs diverged.")
     return TableBlock("table1", header, rows, caption)
 
 
@@ -165,14 +181,16 @@ def _run_state(r: Run) -> str:
     return "not started" if step is None else "in progress or stopped"
 
 
-def runs_block(runs: list[Run], keys: list[str]) -> TableBlock:
-    header = ["run", "scheme", "column", "step", "tokens", "train loss", "val ppl (step)", "val bpb", "state",
-              "spikes"]
+def runs_block(runs: list[Run], keys: list[str], lr: bool = False) -> TableBlock:
+    """One line per run; with `lr` (a learning-rate sweep's best-lr table) its train.lr next to its column."""
+    header = ["run", "scheme", "column", *(["lr"] if lr else []), "step", "tokens", "train loss", "val ppl (step)",
+              "val bpb", "state", "spikes"]
     rows = []
     for r in runs:
         last = r.train[-1] if r.train else {}
         val = r.val[-1] if r.val else None
         rows.append([(r.name, ""), (r.scheme, ""), (column_label(r, keys), ""),
+                     *([(lr_text(r.config.get(LR_KEY)), "")] if lr else []),
                      (f"{last.get('step', '-')}/{r.config.get('train.steps')}", ""),
                      (human_tokens(r.last_tokens), ""),
                      (f"{last['loss']:.4f}" if "loss" in last else "-", ""),
@@ -194,24 +212,26 @@ def report_blocks(runs: list[Run], table: Table, title: str, paths: list[str]) -
     blocks: list = [("h1", title),
                     ("p", f"{len(runs)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
                           f"{time.strftime('%Y-%m-%d %H:%M')} by `pretrain report`.")]
-    blocks += [("h2", "Table 1: validation perplexity"), ("table", table1_block(table))]
+    heading = "Table 1: validation perplexity" + (" at the best learning rate per scheme" if table.by_lr else "")
+    blocks += [("h2", heading), ("table", table1_block(table))]
     if table.has_bpb:
         blocks += [("h2", "Table 1b: validation bits per byte"), ("table", table1_block(table, bpb=True))]
     downstream = downstream_block(runs, table.keys)
     if downstream:
         blocks += [("h2", "Table 2: downstream accuracy"), ("table", downstream)]
     notes = [*table.warnings]
-    differences = row_differences(runs, table.keys)
+    differences = row_differences(runs, table.keys + table.grouped_keys)
     if differences:
         notes.append("Other settings that differ between rows: " + "; ".join(differences))
     if notes:
         blocks.append(("ul", notes))
-    blocks += [("h2", "Runs"), ("table", runs_block(runs, table.keys))]
+    blocks += [("h2", "Runs"), ("table", runs_block(runs, table.keys, lr=table.by_lr))]
     for col in table.columns:
         group = sorted((r for r in runs if column_label(r, table.keys) == col), key=lambda r: table.rows.index(r.scheme))
         slug = _slug(col)
         blocks.append(("h2", col if table.keys else "All runs"))
-        made = [("loss", "Loss curves", figures.loss_figure(group, col)),
+        made = [("lr", "Validation loss against learning rate", figures.lr_figure(table, col)),
+                ("loss", "Loss curves", figures.loss_figure(group, col)),
                 ("layers", "Per-layer statistics against depth (last measured step)",
                  figures.layer_stats_figure(group, col)),
                 ("depth", "Depth analyses (pretrain analyze-depth)", figures.depth_runs_figure(group, col)),

@@ -19,6 +19,13 @@ for non-finite steps (exit 3), or its validation loss rose at each of its last R
 finite run that is still falling, however high, is not diverged: a short run of a slow starter is not a failure);
 `diverged_ppl` adds the paper's fixed criterion (perplexity above 1000 at T or at the last evaluation) for runs long
 enough for it to mean divergence. Diverged runs do not count when T is chosen.
+
+Best learning rate per scheme: when the runs differ in train.lr and train.lr is not a column key (a sweep's grid
+with train.lr, or runs that differ in it; `--columns train.lr` keeps one column per lr), the lr and the seed are not
+columns: each (scheme, column, lr) group's runs (seeds, differing only in train.seed) give a cell as above (mean and
+standard deviation at the column's T), and the scheme's cell is the group with the lowest mean perplexity among
+groups none of whose runs diverged (a diverged run is never the best; a scheme diverged at every lr shows
+"diverged"). The table keeps every group (Table.lr_cells) for the report's loss-vs-lr figure.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ NOT_EXPERIMENT_KEYS = ("run.", "logging.", "checkpoint.", "diagnostics.", "train
                        "train.max_bad_steps", "train.compile", "data.cache_dir", "eval.interval",
                        "train.spike_window", "train.spike_threshold", "train.snapshot_interval", "train.max_rollbacks")
 SCHEME_KEY = "model.norm_scheme"
+LR_KEY, SEED_KEY = "train.lr", "train.seed"  # swept lr: each scheme's cell at its best lr, seeds grouped
 
 
 @dataclass
@@ -188,12 +196,20 @@ def column_keys(runs: list[Run], sweep_axes: list[str] | None = None) -> list[st
     scheme (a key fixed per scheme, e.g. a scheme-specific setting, describes the row, not a column), with
     model.preset standing for the shape keys it determines."""
     if sweep_axes is not None:
-        return [k for k in sweep_axes if k != SCHEME_KEY]
-    keys = [k for k in differing_keys(runs) if _varies_within(runs, k, SCHEME_KEY)]
-    if "model.preset" in keys:
-        keys = [k for k in keys if k == "model.preset" or not k.startswith("model.")
-                or _varies_within(runs, k, "model.preset")]
+        keys = [k for k in sweep_axes if k != SCHEME_KEY]
+    else:
+        keys = [k for k in differing_keys(runs) if _varies_within(runs, k, SCHEME_KEY)]
+        if "model.preset" in keys:
+            keys = [k for k in keys if k == "model.preset" or not k.startswith("model.")
+                    or _varies_within(runs, k, "model.preset")]
+    if LR_KEY in keys or LR_KEY in differing_keys(runs):  # a learning-rate sweep: best lr per scheme, seeds grouped
+        keys = [k for k in keys if k not in (LR_KEY, SEED_KEY)]
     return keys
+
+
+def lr_swept(runs: list[Run], keys: list[str]) -> bool:
+    """Table 1 is the best learning rate per scheme: the runs differ in train.lr and it is not a column key."""
+    return LR_KEY not in keys and len({json.dumps(r.config.get(LR_KEY)) for r in runs}) > 1
 
 
 def row_differences(runs: list[Run], columns: list[str]) -> list[str]:
@@ -251,6 +267,9 @@ class Cell:
     bpb: float | None = None  # mean bits per byte of the same evaluations (None unless each has one)
     bpb_std: float | None = None
     bpb_best: bool = False  # the lowest bpb of its column (Table 1b)
+    loss: float | None = None  # mean validation loss of the same evaluations (the loss-vs-lr figure)
+    loss_std: float | None = None
+    lr: float | None = None  # best-lr table: the learning rate of the cell's runs
 
 
 @dataclass
@@ -263,10 +282,21 @@ class Table:
     params: dict  # column -> parameter count(s) text
     warnings: list[str]
     diverged_ppl: float | None = None  # the optional fixed threshold the table was built with
+    lr_cells: dict = field(default_factory=dict)  # best-lr table: (scheme, column) -> [Cell per lr], by lr
 
     @property
     def has_bpb(self) -> bool:
         return any(c.bpb is not None for c in self.cells.values())
+
+    @property
+    def by_lr(self) -> bool:
+        """Each scheme's cell is its best learning rate's (lr_swept)."""
+        return bool(self.lr_cells)
+
+    @property
+    def grouped_keys(self) -> list[str]:
+        """Keys that differ between a cell's runs by design: not worth a note as settings that differ between rows."""
+        return [LR_KEY, SEED_KEY] if self.by_lr else []
 
 
 def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = None) -> Table:
@@ -282,7 +312,8 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
             columns.append(label)
     order = list(NORM_SCHEMES)
     rows = sorted({r.scheme for r in runs}, key=lambda s: order.index(s) if s in order else len(order))
-    cells, tokens, params, warnings = {}, {}, {}, []
+    by_lr = lr_swept(runs, keys)
+    cells, lr_cells, tokens, params, warnings = {}, {}, {}, {}, []
     for col in columns:
         in_col = [r for r in runs if column_label(r, keys) == col]
         sizes = sorted({r.params for r in in_col if r.params})
@@ -297,7 +328,10 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
                             "Table 1b, are where the sets hold one text tokenized differently)")
         for scheme in rows:
             members = [r for r in in_col if r.scheme == scheme]
-            if members:
+            if members and by_lr:
+                lr_cells[(scheme, col)] = _lr_cells(members, tokens[col], diverged_ppl)
+                cells[(scheme, col)] = _best_lr_cell(members, lr_cells[(scheme, col)])
+            elif members:
                 cells[(scheme, col)] = _cell(members, tokens[col], diverged_ppl)
         finite = [c for (s, c_), c in cells.items() if c_ == col and c.ppl is not None and not c.diverged]
         if finite:
@@ -305,7 +339,32 @@ def build_table(runs: list[Run], keys: list[str], diverged_ppl: float | None = N
         with_bpb = [c for (s, c_), c in cells.items() if c_ == col and c.bpb is not None and not c.diverged]
         if with_bpb:
             min(with_bpb, key=lambda c: c.bpb).bpb_best = True
-    return Table(keys, columns, rows, cells, tokens, params, warnings, diverged_ppl)
+    return Table(keys, columns, rows, cells, tokens, params, warnings, diverged_ppl, lr_cells)
+
+
+def _lr_cells(members: list[Run], target: int | None, diverged_ppl: float | None) -> list[Cell]:
+    """One cell per learning rate of a scheme's runs in a column (its seeds averaged), by increasing lr."""
+    by_lr: dict = {}
+    for r in members:
+        by_lr.setdefault(r.config.get(LR_KEY), []).append(r)
+    out = []
+    for lr in sorted(by_lr, key=lambda v: (not _finite(v), v if _finite(v) else 0)):
+        cell = _cell(by_lr[lr], target, diverged_ppl)
+        cell.lr = lr
+        out.append(cell)
+    return out
+
+
+def _best_lr_cell(members: list[Run], per_lr: list[Cell]) -> Cell:
+    """The cell of the lowest mean perplexity among the learning rates none of whose runs diverged."""
+    healthy = [c for c in per_lr if c.ppl is not None and not c.diverged]
+    if healthy:
+        return min(healthy, key=lambda c: c.ppl)
+    diverged = [c for c in per_lr if c.diverged]
+    if not diverged:
+        return Cell(members, note="no evaluation by then")
+    note = "at every lr" if len(diverged) == len(per_lr) else "a run diverged at each lr evaluated"
+    return Cell(members, diverged=True, note=note)
 
 
 def _diverged(run: Run, diverged_ppl: float | None) -> bool:
@@ -319,7 +378,7 @@ def _above(ppl: float | None, diverged_ppl: float | None) -> bool:
 
 def _cell(members: list[Run], target: int | None, diverged_ppl: float | None) -> Cell:
     cell = Cell(members)
-    values, at, bpbs = [], [], []
+    values, at, bpbs, losses = [], [], [], []
     for r in members:
         if _diverged(r, diverged_ppl):
             cell.diverged = True
@@ -334,9 +393,13 @@ def _cell(members: list[Run], target: int | None, diverged_ppl: float | None) ->
         values.append(entry["val_ppl"])
         at.append(entry["tokens"])
         bpbs.append(entry.get("val_bpb"))
+        losses.append(entry.get("val_loss"))
     if values:
         cell.ppl = statistics.fmean(values)
         cell.std = statistics.stdev(values) if len(values) > 1 else None
+        if all(_finite(v) for v in losses):
+            cell.loss = statistics.fmean(losses)
+            cell.loss_std = statistics.stdev(losses) if len(losses) > 1 else None
         if all(_finite(b) for b in bpbs):
             cell.bpb = statistics.fmean(bpbs)
             cell.bpb_std = statistics.stdev(bpbs) if len(bpbs) > 1 else None
@@ -358,3 +421,11 @@ def _human(n: float) -> str:
 
 def human_tokens(n: int | None) -> str:
     return "-" if n is None else _human(n)
+
+
+def lr_text(lr) -> str:
+    """A learning rate as sweeps write it: 0.003 -> 3e-3, 0.00025 -> 2.5e-4."""
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        return str(lr)
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from pretrain.analysis.report import REPORT_HTML, REPORT_MD, report_blocks, write_report
-from pretrain.analysis.report_table import build_table, column_keys, expand_inputs, read_run, sweep_axes
+from pretrain.analysis.report_table import (build_table, column_keys, expand_inputs, lr_text, read_run,
+                                            sweep_axes)
 from pretrain.errors import UserError
 
 
@@ -17,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created; an earlier report there is replaced)")
     p.add_argument("--columns", nargs="+", default=None, metavar="KEY",
                    help="config keys that make the table's columns, e.g. model.n_layers (default: the sweep's grid "
-                        "keys, else the keys that vary among runs of one scheme)")
+                        "keys, else the keys that vary among runs of one scheme; when the runs differ in train.lr "
+                        "and it is not a column, each cell is the scheme at its best lr, seeds averaged)")
     p.add_argument("--diverged-ppl", type=float, default=None, metavar="PPL",
                    help="also flag a run as diverged above this validation perplexity (the paper: 1000, for its "
                         "long runs); by default diverged means a non-finite loss or a validation loss that rose at "
@@ -44,7 +46,8 @@ def run(args) -> int:
     table = build_table(runs, keys, args.diverged_ppl)
     blocks, images = report_blocks(runs, table, args.title, args.paths)
     write_report(out, blocks, images)
-    best = [f"{col}: {s}" for (s, col), c in table.cells.items() if c.best]
+    best = [f"{col}: {s}" + (f" (lr {lr_text(c.lr)})" if c.lr is not None else "")
+            for (s, col), c in table.cells.items() if c.best]
     print(f"wrote {args.out}/{REPORT_MD} and {REPORT_HTML}: {len(runs)} run(s), {len(table.rows)} scheme(s) x "
           f"{len(table.columns)} column(s); best per column: {'; '.join(best) or 'none'}")
     return 0

@@ -1,4 +1,5 @@
-"""`pretrain report`: Table 1's rules on made-up runs, then a real small sweep reported and opened in a real
+"""`pretrain report`: Table 1's rules on made-up runs, then a real small sweep with a learning-rate axis (Table 1
+at each scheme's best lr; tests/pretrain/analysis/test_report_lr.py has its rules) reported and opened in a real
 headless browser (Debian's chromium; skipped where it is not installed)."""
 
 from __future__ import annotations
@@ -103,17 +104,21 @@ def test_columns_skip_settings_fixed_per_scheme():
 # ------------------------------------------------------------------------------------ a real small sweep
 
 
+LRS = ("2e-3", "6e-3")
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, data_cache):
-    """pre_ln and lns at 2 and 3 layers, 8 steps each (validation and diagnostics every 4), one depth analysis."""
+    """pre_ln and lns at 2 and 3 layers and two learning rates, 8 steps each (validation and diagnostics every 4),
+    one depth analysis."""
     root = tmp_path_factory.mktemp("report")
     cmd = [sys.executable, "-m", "launch.sweep", "configs/tiny.yaml", "train.steps=8", *TINY, "eval.interval=4",
            "diagnostics.interval=4", "logging.backends=[]", "--grid", "model.norm_scheme=pre_ln,lns",
-           "model.n_layers=2,3", "--name", "abl", "--root", str(root), "--local"]
+           "model.n_layers=2,3", f"train.lr={','.join(LRS)}", "--name", "abl", "--root", str(root), "--local"]
     out = subprocess.run(cmd, cwd=REPO, env=train_env(data_cache), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep_dir = root / "abl"
-    lns3 = sweep_dir / "norm_scheme=lns,n_layers=3"
+    lns3 = sweep_dir / f"norm_scheme=lns,n_layers=3,lr={LRS[1]}"
     with pytest.MonkeyPatch.context() as mp:  # in this process: no second interpreter start-up
         mp.setenv("PRETRAIN_CACHE", data_cache)
         assert main(["analyze-depth", "--checkpoint", str(lns3), "--data", "bundled:tinyshakespeare", "--out",
@@ -141,32 +146,48 @@ def markdown_table1(text: str, heading: str = "## Table 1:") -> list[list[str]]:
     return [rows[0]] + rows[2:]
 
 
+def test_sweep_status_lists_the_learning_rates(sweep, capsys):
+    from launch.sweep import main as sweep_main
+
+    sweep_dir, _ = sweep
+    capsys.readouterr()
+    assert sweep_main(["status", str(sweep_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert sorted((r["values"]["train.lr"], r["state"]) for r in rows) == sorted(
+        [(lr, "finished") for lr in LRS] * 4), rows
+
+
 def test_report_files_and_table(sweep):
     sweep_dir, report = sweep
     names = sorted(os.listdir(report))
     assert "REPORT.md" in names and "report.html" in names
     pngs = [n for n in names if n.endswith(".png")]
-    # per column: loss curves and layer statistics; the 3-layer column also the depth analyses of its lns run
-    assert sorted(pngs) == sorted(["loss_n_layers=2.png", "layers_n_layers=2.png", "loss_n_layers=3.png",
-                                   "layers_n_layers=3.png", "depth_n_layers=3.png", "skip_n_layers=3.png"])
+    # per column: loss against lr, loss curves and layer statistics; the 3-layer column also the depth analyses of
+    # its lns run
+    assert sorted(pngs) == sorted(["lr_n_layers=2.png", "loss_n_layers=2.png", "layers_n_layers=2.png",
+                                   "lr_n_layers=3.png", "loss_n_layers=3.png", "layers_n_layers=3.png",
+                                   "depth_n_layers=3.png", "skip_n_layers=3.png"])
     for name in pngs:
         assert (report / name).read_bytes()[:8] == PNG_MAGIC
     text = (report / "REPORT.md").read_text()
+    assert "## Table 1: validation perplexity at the best learning rate per scheme" in text
     table = markdown_table1(text)
     assert [row[0] for row in table] == ["norm scheme", "pre_ln", "lns"]
     assert table[0][1].startswith("n_layers=2 (") and table[0][2].startswith("n_layers=3 (")
-    for j, layers in enumerate((2, 3), start=1):
-        expected = {s: final_ppl(sweep_dir / f"norm_scheme={s},n_layers={layers}") for s in ("pre_ln", "lns")}
-        best = min(expected, key=expected.get)
-        for row in table[1:]:
-            want = f"{expected[row[0]]:.2f}"
-            assert row[j] == (f"**{want}**" if row[0] == best else want), (row, expected)
     bpb_table = markdown_table1(text, "## Table 1b:")  # the same evaluations in bits per byte
     assert bpb_table[0] == table[0] and [row[0] for row in bpb_table] == ["norm scheme", "pre_ln", "lns"]
     for j, layers in enumerate((2, 3), start=1):
-        expected = {s: final_bpb(sweep_dir / f"norm_scheme={s},n_layers={layers}") for s in ("pre_ln", "lns")}
+        # each scheme at its best lr of the column (every run of this sweep trains to its end: no divergence)
+        runs = {(s, lr): sweep_dir / f"norm_scheme={s},n_layers={layers},lr={lr}"
+                for s in ("pre_ln", "lns") for lr in LRS}
+        best_lr = {s: min(LRS, key=lambda lr: final_ppl(runs[s, lr])) for s in ("pre_ln", "lns")}
+        expected = {s: final_ppl(runs[s, best_lr[s]]) for s in best_lr}
+        best = min(expected, key=expected.get)
+        for row in table[1:]:
+            want = f"{expected[row[0]]:.2f} (lr {best_lr[row[0]]})"
+            assert row[j] == (f"**{want}**" if row[0] == best else want), (row, expected)
         for row in bpb_table[1:]:
-            assert row[j].strip("*") == f"{expected[row[0]]:.4f}", (row, expected)
+            assert row[j].strip("*") == f"{final_bpb(runs[row[0], best_lr[row[0]]]):.4f} (lr {best_lr[row[0]]})", row
     for name in pngs:
         assert f"]({name})" in text
     page = (report / "report.html").read_text()
@@ -176,9 +197,11 @@ def test_report_files_and_table(sweep):
 
 def test_report_replaces_an_earlier_report_and_refuses_other_folders(sweep, tmp_path, capsys):
     sweep_dir, report = sweep
-    run = sweep_dir / "norm_scheme=pre_ln,n_layers=2"
+    run = sweep_dir / f"norm_scheme=pre_ln,n_layers=2,lr={LRS[0]}"
     out = tmp_path / "r"
-    assert main(["report", str(run), str(sweep_dir / "norm_scheme=lns,n_layers=2"), "--out", str(out)]) == 0
+    lns = sweep_dir / f"norm_scheme=lns,n_layers=2,lr={LRS[0]}"
+    assert main(["report", str(run), str(lns), "--out", str(out)]) == 0
+    assert "## Table 1: validation perplexity\n" in (out / "REPORT.md").read_text()  # one lr: today's Table 1
     assert main(["report", str(run), "--out", str(out), "--title", "again"]) == 0  # replaced
     assert (out / "REPORT.md").read_text().startswith("# again\n")
     assert not [n for n in os.listdir(tmp_path) if n != "r"], "temporary folders left behind"
