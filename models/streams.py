@@ -39,7 +39,8 @@ its [B, T, D] stream and its exact arithmetic. The model expands the embedding's
                The sublayer's output joins b_n (b_n^(i+1) = b_n^i + F). The state holds [b_0, b_1, ..., b_N]
                ([B, T, N + 1, D], the blocks not reached yet zero): the embedding placed in slot 0; after the last
                block one more AttnRes, with its own pseudo-query and key norm, over [b_0, ..., b_N] gives the final
-               norm's input (the output read as the layer after the last, as every layer reads its input).
+               norm's input: the pseudocode stops at the layer's (blocks, partial_block), and we read the output
+               the way every layer reads its input (as the open reimplementations that aggregate at the end do).
     siamese    SiameseNorm (Li et al., ICML 2026, arXiv 2602.08064; Qwen-Applications/SiameseNorm, its DeiT block
                deit-model-siamesenorm.py, the OLMo patch's post_pre form): two streams, x Post-Norm-like and y
                Pre-Norm-like, both from the embedding (y = x.clone()), sharing each sublayer's update; per sublayer,
