@@ -292,8 +292,8 @@ class AttnResHead(AttnResDepth):
 
 
 class SiameseResidual(nn.Module):
-    """Block l's SiameseNorm: per sublayer the Post-Norm stream's norm and the Pre-Norm stream's read-out norm (the run's
-    norm, `norm` a factory of it); the state [x, y]."""
+    """Block l's SiameseNorm: per sublayer the Post-Norm stream's norm and the Pre-Norm stream's read-out norm (the
+    run's norm, `norm` a factory of it); the state [x, y]."""
 
     def __init__(self, norm: Callable[[], nn.Module], layer: int):
         super().__init__()

@@ -96,7 +96,8 @@ def hc_sublayer(cfg, hc, S, F):
 
 
 def depth_attention(cfg, depth, V):
-    """Block AttnRes over the sources V (a list of [B, T, D]): alpha_j = softmax_j(w . RMSNorm(V_j)), sum_j alpha_j V_j."""
+    """Block AttnRes over the sources V (a list of [B, T, D]): alpha_j = softmax_j(w . RMSNorm(V_j)), then
+    sum_j alpha_j V_j."""
     scores = torch.stack([rms_norm(v, depth.key_gain, cfg.norm_eps) @ depth.query for v in V], dim=-1)
     alpha = scores.exp() / scores.exp().sum(-1, keepdim=True)
     return sum(alpha[..., j, None] * v for j, v in enumerate(V))
