@@ -45,6 +45,11 @@ ENTRIES.update({
     "pre_ln+qk_norm_scale=none": ["model.qk_norm=head", "model.qk_norm_scale=none"],
     "pre_ln+v_norm": ["model.v_norm=true"],
     "pre_ln+layer_scalar": ["model.layer_scalar=true"],
+    # model.residual: the residual as a state of streams, each at its paper's defaults (models/streams.py)
+    "pre_ln+residual=mhc": ["model.residual=mhc"],
+    "pre_ln+residual=hc": ["model.residual=hc"],
+    "pre_ln+residual=attn_res": ["model.residual=attn_res"],
+    "pre_ln+residual=siamese": ["model.residual=siamese"],
 })
 assert set(OPTIONS) <= {e.split("+")[1].split("=")[0] for e in ENTRIES if "+" in e}, "a composable key has no entry"
 

@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.norms import (ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, RESIDUALS, RESIDUALS_NOT_BUILT,
-                          option_refusal)
+from models.norms import (ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_NORMS, RESIDUALS,
+                          option_refusal, residual_streams)
 from models.parametrization import PARAMETRIZATIONS, parametrization_refusal
 
 
@@ -88,11 +88,16 @@ class ModelConfig:
         "DeepSeek-V4's manifold-constrained hyper-connections (n streams mixed by a Sinkhorn-Knopp doubly-stochastic "
         "matrix, the embedding copied into them, a learned collapse before the final norm; transformers "
         "DeepseekV4HyperConnection); hc: hyper-connections (Zhu et al., ICLR 2025), dynamic; hc_static: their "
-        "static form (streams summed before the final norm). attn_res and siamese are refused: not built yet.",
-        choices=RESIDUALS, not_built=RESIDUALS_NOT_BUILT,
+        "static form (streams summed before the final norm); attn_res: Block Attention Residuals (Kimi, arXiv "
+        "2603.15031: each sublayer's input a softmax mix over depth of the embedding and the earlier blocks' sums, "
+        "from a learned pseudo-query); siamese: SiameseNorm (arXiv 2602.08064: a Post-Norm-like and a Pre-Norm-like "
+        "stream sharing every sublayer's update).",
+        choices=RESIDUALS,
     )
     residual_streams: int | None = doc(
-        None, "mhc, hc and hc_static only: the number of residual streams n (null: 4, DeepSeek-V4's hc_mult)."
+        None, "mhc, hc and hc_static: the number of residual streams n (null: 4, DeepSeek-V4's hc_mult); attn_res: "
+              "the number of blocks N the layers are grouped into, a divisor of model.n_layers (null: 8, the paper's, "
+              "or n_layers where fewer)."
     )
     residual_sinkhorn_iters: int | None = doc(
         None, "mhc only: Sinkhorn-Knopp iterations of the streams' mixing matrix (null: 20, DeepSeek-V4's)."
@@ -199,7 +204,8 @@ class ModelConfig:
         refusal = option_refusal(self) or parametrization_refusal(self, NORM_SCHEMES)
         if refusal:
             raise ValueError(refusal)
-        for name, takers in (("residual_streams", ("mhc", "hc", "hc_static")), ("residual_sinkhorn_iters", ("mhc",))):
+        for name, takers in (("residual_streams", ("mhc", "hc", "hc_static", "attn_res")),
+                             ("residual_sinkhorn_iters", ("mhc",))):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -208,6 +214,10 @@ class ModelConfig:
                                  f"it is for model.residual={' or '.join(takers)}")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}: must be a positive integer, got {value}")
+        if self.residual == "attn_res" and self.n_layers % residual_streams(self):
+            raise ValueError(f"model.residual_streams={residual_streams(self)}: attn_res groups the "
+                             f"model.n_layers={self.n_layers} layers into blocks of equal size; set it to a divisor "
+                             f"of {self.n_layers}")
         if self.qk_norm_scale is not None and self.qk_norm != "head":
             raise ValueError(f"model.qk_norm_scale={self.qk_norm_scale}: it sets what the per-head q/k norms carry, and "
                              f"model.qk_norm={self.qk_norm} has none; set model.qk_norm=head")

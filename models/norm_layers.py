@@ -14,7 +14,8 @@ from torch.nn import Identity
 
 from models.parallel import HeadNorm, SplitScale, TensorParallel, WidthNorm
 from models.parts import GPAS, AttentionGate, L2Norm, NGPTResidual, Residual, Ungated, UnitScaled
-from models.streams import HCResidual, MHCHead, MHCResidual, StreamExpand, StreamSum
+from models.streams import (AttnResExpand, AttnResHead, AttnResResidual, HCResidual, MHCHead, MHCResidual,
+                            SiameseHead, SiameseResidual, StreamExpand, StreamSum)
 
 __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNorm", "RemovableLayerNorm",
            "TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "TAPER_NORM_CLASSES", "TAPER_GAIN", "ScaleAnchor",
@@ -22,7 +23,7 @@ __all__ = ["Identity", "RMSNorm", "LayerNorm", "RemovableNorm", "RemovableRMSNor
            "LayerScalar", "NORM_CLASSES",
            "REMOVABLE_NORM_CLASSES", "HeadNorm", "WidthNorm", "SplitScale", "GPAS", "AttentionGate", "L2Norm",
            "NGPTResidual", "Residual", "Ungated", "UnitScaled", "HCResidual", "MHCHead", "MHCResidual", "StreamExpand",
-           "StreamSum"]
+           "StreamSum", "AttnResExpand", "AttnResHead", "AttnResResidual", "SiameseHead", "SiameseResidual"]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

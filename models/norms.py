@@ -576,43 +576,79 @@ def _with_gpas(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
     return replace(parts, residual=lambda alpha: layers().GPAS(alpha, shortcut=parts.post_norm))
 
 
-# model.residual -> the block's residual update on a state of model.residual_streams streams (models/streams.py), and
-# the model's expansion of the embedding into the streams and collapse before the final norm; "single" is the scheme's
-# own one-stream update.
+# model.residual -> the block's residual update on a state of streams (models/streams.py), the model's expansion of the
+# embedding into the state and its collapse before the final norm; "single" is the scheme's own one-stream update.
 RESIDUAL_STREAMS_DEFAULT = 4  # DeepseekV4Config.hc_mult
 SINKHORN_ITERS_DEFAULT = 20  # DeepseekV4Config.hc_sinkhorn_iters
-RESIDUALS = ("single", "mhc", "hc", "hc_static")
-# Named in issue 30 and not built: refused by name rather than as an unknown value.
-RESIDUALS_NOT_BUILT = {"attn_res": "Block Attention Residuals (Kimi, arXiv 2603.15031)",
-                       "siamese": "SiameseNorm's two coupled streams (arXiv 2602.08064)"}
+ATTN_RES_BLOCKS_DEFAULT = 8  # Block AttnRes: "with ~8 blocks it recovers most of Full AttnRes's gains"
+SIAMESE_STREAMS = 2
 
 
 def residual_streams(cfg: ModelConfig) -> int:
-    """The number of residual streams n: 1 for model.residual=single, else model.residual_streams (default 4)."""
+    """n, what model.residual_streams sets: 1 for single, SiameseNorm's 2, the number of blocks N of attn_res (null:
+    8, or L where the model has fewer layers), the streams of mhc/hc/hc_static (null: 4)."""
     if cfg.residual == "single":
         return 1
-    return RESIDUAL_STREAMS_DEFAULT if cfg.residual_streams is None else cfg.residual_streams
+    if cfg.residual == "siamese":
+        return SIAMESE_STREAMS
+    if cfg.residual_streams is not None:
+        return cfg.residual_streams
+    return min(ATTN_RES_BLOCKS_DEFAULT, cfg.n_layers) if cfg.residual == "attn_res" else RESIDUAL_STREAMS_DEFAULT
+
+
+@dataclass(frozen=True)
+class ResidualEntry:
+    """One model.residual value: (config, the block's parts) -> the block's residual factory, and (config) -> the
+    model's `streams_in` and `streams_out`."""
+
+    residual: Callable[[ModelConfig, BlockParts], Callable[[float], nn.Module]]
+    expand: Callable[[ModelConfig], nn.Module]
+    collapse: Callable[[ModelConfig], nn.Module]
+
+
+def _copies(cfg: ModelConfig) -> nn.Module:
+    return layers().StreamExpand(residual_streams(cfg))
+
+
+RESIDUAL_ENTRIES: dict[str, ResidualEntry] = {
+    "single": ResidualEntry(lambda cfg, parts: parts.residual, lambda cfg: layers().Identity(),
+                            lambda cfg: layers().Identity()),
+    "mhc": ResidualEntry(
+        lambda cfg, parts: lambda alpha: layers().MHCResidual(
+            cfg.d_model, residual_streams(cfg), cfg.residual_sinkhorn_iters or SINKHORN_ITERS_DEFAULT, cfg.norm_eps),
+        _copies, lambda cfg: layers().MHCHead(cfg.d_model, residual_streams(cfg), cfg.norm_eps)),
+    "hc": ResidualEntry(
+        lambda cfg, parts: lambda alpha: layers().HCResidual(cfg.d_model, residual_streams(cfg), parts.layer, True),
+        _copies, lambda cfg: layers().StreamSum()),
+    "hc_static": ResidualEntry(
+        lambda cfg, parts: lambda alpha: layers().HCResidual(cfg.d_model, residual_streams(cfg), parts.layer, False),
+        _copies, lambda cfg: layers().StreamSum()),
+    "attn_res": ResidualEntry(
+        lambda cfg, parts: lambda alpha: layers().AttnResResidual(
+            cfg.d_model, cfg.norm_eps, parts.layer, cfg.n_layers // residual_streams(cfg)),
+        lambda cfg: layers().AttnResExpand(residual_streams(cfg)),
+        lambda cfg: layers().AttnResHead(cfg.d_model, cfg.norm_eps)),
+    "siamese": ResidualEntry(
+        lambda cfg, parts: lambda alpha: layers().SiameseResidual(norm(cfg), parts.layer),
+        _copies, lambda cfg: layers().SiameseHead(norm(cfg))),
+}
+RESIDUALS = tuple(RESIDUAL_ENTRIES)
 
 
 def _with_streams(cfg: ModelConfig, parts: BlockParts) -> BlockParts:
-    n, d = residual_streams(cfg), cfg.d_model
-    if cfg.residual == "mhc":
-        iters = cfg.residual_sinkhorn_iters or SINKHORN_ITERS_DEFAULT
-        return replace(parts, residual=lambda alpha: layers().MHCResidual(d, n, iters, cfg.norm_eps))
-    return replace(parts, residual=lambda alpha: layers().HCResidual(d, n, parts.layer, cfg.residual == "hc"))
+    return replace(parts, residual=RESIDUAL_ENTRIES[cfg.residual].residual(cfg, parts))
 
 
 def stream_expand(cfg: ModelConfig) -> nn.Module:
     """The embedding's output into the residual state (the model's `streams_in`): nn.Identity for one stream."""
-    return layers().Identity() if cfg.residual == "single" else layers().StreamExpand(residual_streams(cfg))
+    return RESIDUAL_ENTRIES[cfg.residual].expand(cfg)
 
 
 def stream_collapse(cfg: ModelConfig) -> nn.Module:
     """The residual state into the final norm's input (the model's `streams_out`): mHC's learned head, the streams'
-    sum for hyper-connections, nn.Identity for one stream."""
-    if cfg.residual == "mhc":
-        return layers().MHCHead(cfg.d_model, residual_streams(cfg), cfg.norm_eps)
-    return layers().Identity() if cfg.residual == "single" else layers().StreamSum()
+    sum for hyper-connections, Block AttnRes's last depth attention, SiameseNorm's two norms' sum, nn.Identity for
+    one stream."""
+    return RESIDUAL_ENTRIES[cfg.residual].collapse(cfg)
 
 
 @dataclass(frozen=True)
@@ -632,7 +668,7 @@ OPTIONS: dict[str, Option] = {
     "norm_gain": Option("one", lambda cfg, parts: parts),
     "residual": Option(
         "single", _with_streams,
-        refused="mHC (DeepSeek-V4) and hyper-connections wrap Pre-Norm blocks",
+        refused="mHC (DeepSeek-V4), hyper-connections, Attention Residuals and SiameseNorm wrap Pre-Norm blocks",
         excludes={"gpas": "GPAS scales one residual stream; the streams' mix replaces that update"}),
     "qk_norm_scale": Option(None, _with_qk_norm_scale),
     "v_norm": Option(False, _with_v_norm),
@@ -707,7 +743,7 @@ def refusal_reason(scheme: str, key: str) -> str:
 
 _NORMED = frozenset({"qk_norm", "attn_gate", "norm_gain", "qk_norm_scale", "v_norm", "layer_scalar"})
 _GPAS = _NORMED | {"gpas"}
-_PRE_NORM = _GPAS | {"residual"}  # mHC and hyper-connections: Pre-Norm blocks (models/streams.py)
+_PRE_NORM = _GPAS | {"residual"}  # mHC, hyper-connections, AttnRes, SiameseNorm: Pre-Norm blocks (models/streams.py)
 # Why a scheme refuses a key (docs/schemes.md, "Composable keys").
 NOT_COMPOSABLE = {
     ("ln_free", "qk_norm"): "norm-free by definition",

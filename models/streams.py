@@ -28,11 +28,35 @@ its [B, T, D] stream and its exact arithmetic. The model expands the embedding's
                the sublayer's index; LN a LayerNorm over D with gain and bias. The embedding copied into the n
                streams; their sum read out (the paper's).
 
+    attn_res   Block Attention Residuals (Kimi Team, arXiv 2603.15031, its "Block AttnRes"; the official pseudocode of
+               MoonshotAI/Attention-Residuals, the op as Liger-Kernel ops/attn_res.py): the L layers grouped into N
+               blocks of S = L/N layers (model.residual_streams = N). b_0 = the embedding, b_n = the sum of the
+               sublayer outputs of block n (b_n^i its partial sum after i of them). Each sublayer's input is
+                   h = sum_j alpha_j V_j,  alpha = softmax_j(w . RMSNorm(V_j)),  over depth j,
+               V = [b_0, ..., b_(n-1)] for the first sublayer of block n (its attention), [b_0, ..., b_(n-1), b_n^i]
+               for the others; w [D] is the sublayer's pseudo-query (zero at init: a uniform mix), RMSNorm the key
+               norm with its own gain (ones), eps model.norm_eps; scores and weights in (at least) fp32 as Liger.
+               The sublayer's output joins b_n (b_n^(i+1) = b_n^i + F). The state holds [b_0, b_1, ..., b_N]
+               ([B, T, N + 1, D], the blocks not reached yet zero): the embedding placed in slot 0; after the last
+               block one more AttnRes, with its own pseudo-query and key norm, over [b_0, ..., b_N] gives the final
+               norm's input: the pseudocode stops at the layer's (blocks, partial_block), and we read the output
+               the way every layer reads its input (as the open reimplementations that aggregate at the end do).
+    siamese    SiameseNorm (Li et al., ICML 2026, arXiv 2602.08064; Qwen-Applications/SiameseNorm, its DeiT block
+               deit-model-siamesenorm.py, the OLMo patch's post_pre form): two streams, x Post-Norm-like and y
+               Pre-Norm-like, both from the embedding (y = x.clone()), sharing each sublayer's update; per sublayer,
+               with N_post, N_pre, N_in the run's norm (N_in the block's own attn_norm / mlp_norm), l = 1..L:
+                   x <- N_post(x);  z = F(N_in(x + N_pre(y)));  x <- x + z / sqrt(2 l);  y <- y + z
+               the state [x, y] ([B, T, 2, D]); before the final norm N_x(x) + N_y(y) (DeiT's pre_norm(x) +
+               post_norm(y)), then the final norm. Every norm gain from ones.
+
 Under tensor parallelism the state and every weight here are replicated and the mixing is computed whole on each
 rank (it reads the replicated state, which the row-parallel outputs already all-reduced): exact, no communication.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +217,110 @@ class HCResidual(nn.Module):
     def forward(self, state: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
         beta, streams = mix
         return beta.unsqueeze(-1) * branch.unsqueeze(-2) + streams
+
+
+class AttnResDepth(nn.Module):
+    """One depth attention of Block AttnRes: values [B, T, m, D] -> sum_j alpha_j V_j, alpha = softmax_j(w .
+    RMSNorm(V_j)) with the pseudo-query w (zeros) and the key norm's gain g (ones); fp32 scores (Liger's op)."""
+
+    def __init__(self, d_model: int, norm_eps: float):
+        super().__init__()
+        self.norm_eps = norm_eps
+        self.query = nn.Parameter(torch.zeros(d_model))
+        self.key_gain = nn.Parameter(torch.ones(d_model))
+
+    def weights(self, values: torch.Tensor) -> torch.Tensor:
+        """alpha [B, T, m], in (at least) fp32."""
+        wide = _wide(values)
+        keys = unweighted_rms(values.to(wide), self.norm_eps) * self.key_gain.to(wide)
+        return torch.softmax(keys @ self.query.to(wide), dim=-1)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return collapse(self.weights(values), values)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.query.zero_()
+        self.key_gain.fill_(1.0)
+
+
+class AttnResResidual(nn.Module):
+    """Block l's Block AttnRes: one `AttnResDepth` per sublayer; block l belongs to depth block n = (l - 1) // S + 1,
+    whose sum is slot n of the state [B, T, N + 1, D]."""
+
+    def __init__(self, d_model: int, norm_eps: float, layer: int, layers_per_block: int):
+        super().__init__()
+        self.slot = (layer - 1) // layers_per_block + 1
+        self.starts_block = (layer - 1) % layers_per_block == 0
+        self.depth = nn.ModuleList(AttnResDepth(d_model, norm_eps) for _ in range(2))
+
+    def sources(self, sublayer: int) -> int:
+        """How many slots the sublayer attends over: b_0..b_(n-1), and b_n^i once block n has begun."""
+        return self.slot if sublayer == 0 and self.starts_block else self.slot + 1
+
+    def depth_weights(self, state: torch.Tensor, sublayer: int) -> torch.Tensor:
+        """The sublayer's alpha over its sources [B, T, m] (the mixing weights of mhc/hc are `weights`)."""
+        return self.depth[sublayer].weights(state[..., :self.sources(sublayer), :])
+
+    def read(self, state: torch.Tensor, sublayer: int):
+        return self.depth[sublayer](state[..., :self.sources(sublayer), :]), None
+
+    def forward(self, state: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
+        after = state.shape[-2] - 1 - self.slot  # b_n += F: F placed in slot n (zeros elsewhere: exact)
+        return state + F.pad(branch.unsqueeze(-2), (0, 0, self.slot, after))
+
+    def extra_repr(self) -> str:
+        return f"slot={self.slot}, starts_block={self.starts_block}"
+
+
+class AttnResExpand(nn.Module):
+    """The embedding [B, T, D] as b_0 of the state [B, T, N + 1, D], the N block sums zero."""
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x.unsqueeze(-2), (0, 0, 0, self.blocks))
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.blocks}"
+
+
+class AttnResHead(AttnResDepth):
+    """The final norm's input: one more depth attention over [b_0, ..., b_N], with its own pseudo-query and key norm."""
+
+
+class SiameseResidual(nn.Module):
+    """Block l's SiameseNorm: per sublayer the Post-Norm stream's norm and the Pre-Norm stream's read-out norm (the
+    run's norm, `norm` a factory of it); the state [x, y]."""
+
+    def __init__(self, norm: Callable[[], nn.Module], layer: int):
+        super().__init__()
+        self.post_norm = nn.ModuleList(norm() for _ in range(2))  # DeiT Block.post_norm1/2: x <- N_post(x)
+        self.pre_norm = nn.ModuleList(norm() for _ in range(2))  # DeiT Block.pre_norm1/2: read y as N_pre(y)
+        self.c = math.sqrt(2 * layer)  # ((index + 1) * 2) ** 0.5, index = l - 1
+
+    def read(self, state: torch.Tensor, sublayer: int):
+        x = self.post_norm[sublayer](state[..., 0, :])
+        return x + self.pre_norm[sublayer](state[..., 1, :]), x  # the block's attn_norm / mlp_norm is N_in
+
+    def forward(self, state: torch.Tensor, branch: torch.Tensor, sublayer: int, mix=None) -> torch.Tensor:
+        return torch.stack([mix + branch / self.c, state[..., 1, :] + branch], dim=-2)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c:.4g}"
+
+
+class SiameseHead(nn.Module):
+    """SiameseNorm's two streams into the final norm's input: N_x(x) + N_y(y) (DeiT forward_features)."""
+
+    def __init__(self, norm: Callable[[], nn.Module]):
+        super().__init__()
+        self.x_norm, self.y_norm = norm(), norm()
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.x_norm(state[..., 0, :]) + self.y_norm(state[..., 1, :])
 
 
 class StreamExpand(nn.Module):

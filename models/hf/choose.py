@@ -47,9 +47,10 @@ KEY_REFUSALS: dict[str, tuple[str, str]] = {
     # transformers 5.25 models/deepseek_v4: DeepseekV4Config has no dense MLP (mlp_layer_types: hash_moe, moe),
     # always a sliding window (every layer type's attention has one), low-rank q (q_lora_rank), per-head sinks,
     # partial RoPE and a grouped low-rank output projection (o_groups, o_lora_rank).
-    "residual": ("mhc/hc/hc_static", "no stock class has residual streams around Llama's attention and MLP: "
-                                     "DeepSeek-V4, the one with mHC, always routes its MLP through experts and "
-                                     "windows, compresses and sinks its attention; hyper-connections have none"),
+    "residual": ("mhc/hc/hc_static/attn_res/siamese",
+                 "no stock class has residual streams around Llama's attention and MLP: DeepSeek-V4, the one with "
+                 "mHC, always routes its MLP through experts and windows, compresses and sinks its attention; "
+                 "hyper-connections, Attention Residuals and SiameseNorm have none"),
     "qk_norm_scale": ("learned/none", "Qwen3's q/k norms have gains at attention scale 1/√head_dim; Gemma 4's "
                                       "(attention scale 1) come with its whole block: model.norm_scheme=gemma4"),
     "v_norm": ("true", "only Gemma 4 normalizes v, with its whole block: model.norm_scheme=gemma4"),

@@ -216,7 +216,8 @@ def test_forward_backward_smoke(scheme):
 
 
 # Every scheme, and the residual streams (the stages pass the state [B, T, n, D] on, the readout stage collapses it).
-STAGE_CASES = [(scheme, {}) for scheme in SCHEMES] + [("pre_ln", {"residual": "mhc"}), ("pre_ln", {"residual": "hc"})]
+STAGE_CASES = [(scheme, {}) for scheme in SCHEMES] + [("pre_ln", {"residual": r})
+                                                     for r in ("mhc", "hc", "attn_res", "siamese")]
 
 
 @pytest.mark.parametrize("scheme,keys", STAGE_CASES,

@@ -26,8 +26,14 @@ SHAPE = dict(vocab_size=32, d_model=8, n_layers=3, n_heads=2, n_kv_heads=1, ffn_
 STREAM_PARAMS = ("residual.", "streams_out.")
 
 
+# Per residual, its shape: 3 streams; attn_res 2 blocks of 2 layers (a block boundary and a partial sum both met);
+# siamese has its 2 streams.
+STREAM_SHAPE = {"attn_res": dict(n_layers=4, residual_streams=2), "siamese": dict(residual_streams=None)}
+
+
 def stream_model(residual: str, seed: int = 0, **overrides) -> tuple[ModelConfig, Llama]:
-    cfg = ModelConfig(**SHAPE, residual=residual, residual_streams=3, **overrides)
+    cfg = ModelConfig(**{**SHAPE, "residual_streams": 3, **STREAM_SHAPE.get(residual, {}), "residual": residual,
+                         **overrides})
     model = Llama(cfg, seed=seed).double()
     gen = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -89,10 +95,55 @@ def hc_sublayer(cfg, hc, S, F):
                         for k in range(n)], dim=-2)
 
 
+def depth_attention(cfg, depth, V):
+    """Block AttnRes over the sources V (a list of [B, T, D]): alpha_j = softmax_j(w . RMSNorm(V_j)), then
+    sum_j alpha_j V_j."""
+    scores = torch.stack([rms_norm(v, depth.key_gain, cfg.norm_eps) @ depth.query for v in V], dim=-1)
+    alpha = scores.exp() / scores.exp().sum(-1, keepdim=True)
+    return sum(alpha[..., j, None] * v for j, v in enumerate(V))
+
+
+def attn_res_by_hand(cfg, model, x, attn, mlp):
+    """The official pseudocode (MoonshotAI/Attention-Residuals), block by block: blocks = [b_0], partial b_n^i."""
+    S = cfg.n_layers // cfg.residual_streams
+    blocks, partial = [x], None
+    for l, block in enumerate(model.blocks):
+        if l % S == 0 and partial is not None:  # a block boundary: the finished block joins the sources
+            blocks, partial = blocks + [partial], None
+        h = depth_attention(cfg, block.residual.depth[0], blocks + ([] if partial is None else [partial]))
+        out = attn(block, h)
+        partial = out if partial is None else partial + out
+        h = depth_attention(cfg, block.residual.depth[1], blocks + [partial])
+        partial = partial + mlp(block, h)
+    return depth_attention(cfg, model.streams_out, blocks + [partial])
+
+
+def siamese_by_hand(cfg, model, x, attn, mlp):
+    """Qwen-Applications/SiameseNorm deit-model-siamesenorm.py Block.forward and forward_features, our norms."""
+    N = lambda y, norm: rms_norm(y, norm.weight, cfg.norm_eps)  # noqa: E731
+    y = x.clone()
+    for l, block in enumerate(model.blocks):
+        r = block.residual
+        c = ((l + 1) * 2) ** 0.5
+        x = N(x, r.post_norm[0])
+        z = attn(block, x + N(y, r.pre_norm[0]))  # attn reads N_in = attn_norm
+        x, y = x + z / c, y + z
+        x = N(x, r.post_norm[1])
+        z = mlp(block, x + N(y, r.pre_norm[1]))
+        x, y = x + z / c, y + z
+    return N(x, model.streams_out.x_norm) + N(y, model.streams_out.y_norm)
+
+
 def model_by_hand(cfg, model, tok):
     n = cfg.residual_streams
     N = lambda y, norm: rms_norm(y, norm.weight, cfg.norm_eps)  # noqa: E731
     x = model.tok_emb.weight[tok]
+    if cfg.residual in ("attn_res", "siamese"):
+        attn = lambda b, u: attention_formula(cfg, b.attn, N(u, b.attn_norm), model.rope_cos,  # noqa: E731
+                                              model.rope_sin)
+        mlp = lambda b, u: b.mlp(N(u, b.mlp_norm))  # noqa: E731
+        by_hand = attn_res_by_hand if cfg.residual == "attn_res" else siamese_by_hand
+        return N(by_hand(cfg, model, x, attn, mlp), model.final_norm) @ model.head.weight.T
     S = torch.stack([x] * n, dim=-2)  # the embedding copied into the n streams
     sublayer = mhc_sublayer if cfg.residual == "mhc" else hc_sublayer
     for block in model.blocks:
@@ -111,7 +162,7 @@ def model_by_hand(cfg, model, tok):
     return N(y, model.final_norm) @ model.head.weight.T
 
 
-@pytest.mark.parametrize("residual", ["mhc", "hc", "hc_static"])
+@pytest.mark.parametrize("residual", ["mhc", "hc", "hc_static", "attn_res", "siamese"])
 def test_model_matches_the_formula_by_hand(residual):
     cfg, model = stream_model(residual)
     tok = tokens(cfg)
@@ -237,27 +288,35 @@ def test_one_stream_is_the_block_as_it_was_bitwise(scheme, extra):
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(norm_scheme="post_ln", residual="mhc"),
-     r"^model\.residual=mhc does not compose with model\.norm_scheme=post_ln \(mHC \(DeepSeek-V4\) and "
-     r"hyper-connections wrap Pre-Norm blocks\); it composes with pre_ln$"),
+     r"^model\.residual=mhc does not compose with model\.norm_scheme=post_ln \(mHC \(DeepSeek-V4\), "
+     r"hyper-connections, Attention Residuals and SiameseNorm wrap Pre-Norm blocks\); it composes with pre_ln$"),
     (dict(residual="mhc", gpas=True), r"^model\.residual=mhc does not compose with model\.gpas=True"),
     (dict(residual_streams=4), r"^model\.residual_streams: set for model\.residual=single"),
     (dict(residual="hc", residual_sinkhorn_iters=5), r"^model\.residual_sinkhorn_iters: .* model\.residual=mhc$"),
     (dict(residual="mhc", residual_streams=0), r"must be a positive integer, got 0"),
     (dict(residual="hc", removable_norms=True), r"norm removal does not cover residual streams"),
-    (dict(residual="attn_res"), r"^model\.residual=attn_res: Block Attention Residuals .* is not built yet; choose "
-                                r"one of single, mhc, hc, hc_static$"),
-    (dict(residual="siamese"), r"^model\.residual=siamese: SiameseNorm's two coupled streams .* is not built yet"),
-    (dict(residual="streams"), r"^model\.residual: 'streams' is not one of single, mhc, hc, hc_static$"),
+    (dict(norm_scheme="peri_ln", residual="attn_res"),
+     r"^model\.residual=attn_res does not compose with model\.norm_scheme=peri_ln \(mHC \(DeepSeek-V4\), "
+     r"hyper-connections, Attention Residuals and SiameseNorm wrap Pre-Norm blocks\); it composes with pre_ln$"),
+    (dict(norm_scheme="post_ln", residual="siamese"), r"^model\.residual=siamese does not compose with "
+                                                      r"model\.norm_scheme=post_ln"),
+    (dict(residual="siamese", residual_streams=2), r"^model\.residual_streams: set for model\.residual=siamese"),
+    (dict(residual="attn_res", residual_streams=2), r"^model\.residual_streams=2: attn_res groups the "
+                                                    r"model\.n_layers=3 layers into blocks of equal size; set it to a "
+                                                    r"divisor of 3$"),
+    (dict(residual="attn_res", n_layers=12), r"^model\.residual_streams=8: attn_res groups"),
+    (dict(residual="streams"), r"^model\.residual: 'streams' is not one of single, mhc, hc, hc_static, attn_res, "
+                               r"siamese$"),
 ])
 def test_config_refuses_what_streams_do_not_do(overrides, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**SHAPE, **overrides)
+        ModelConfig(**{**SHAPE, **overrides})
 
 
 def test_export_refuses_streams_with_the_reason():
     from models.hf.choose import NotExportable, export_target
 
-    for residual in ("mhc", "hc", "hc_static"):
+    for residual in ("mhc", "hc", "hc_static", "attn_res", "siamese"):
         with pytest.raises(NotExportable, match=rf"^model\.residual={residual} cannot be exported .*DeepSeek-V4"):
             export_target(ModelConfig(**SHAPE, residual=residual))
 
@@ -285,17 +344,25 @@ def test_pipeline_stages_pass_the_state_and_the_packing_inputs():
     assert torch.equal(loss, model(tok, tok, reduction="sum", positions=positions, doc_ids=doc_ids))
 
 
-@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def zero_at_init(residual: str, name: str) -> bool:
+    """The weights whose gradient is zero at their paper's init. Hyper-connections' dynamic scales s_a, s_b multiply
+    tanh(0) = 0, and their LayerNorm is read only through W_a = w_b = 0. Block AttnRes's key gains are read only
+    through the pseudo-queries w = 0, and the first sublayer's query softmaxes over one source (the embedding)."""
+    if residual == "hc":
+        return name.endswith(("alpha_scale", "beta_scale", "norm.weight", "norm.bias")) and ".hc." in name
+    if residual == "attn_res":
+        return name.endswith("key_gain") or name == "blocks.0.residual.depth.0.query"
+    return False
+
+
+@pytest.mark.parametrize("residual", ["mhc", "hc", "attn_res", "siamese"])
 def test_every_stream_weight_gets_a_gradient(residual):
-    """mHC's weights all get a gradient at init. Hyper-connections' dynamic scales s_a, s_b multiply tanh(0) = 0 at
-    the paper's init, and their LayerNorm is read only through W_a = w_b = 0, so those have a zero gradient until
-    W_a, w_b move; every other weight's is not zero."""
-    cfg = ModelConfig(**SHAPE, residual=residual)
+    """Every weight gets a gradient at init but those `zero_at_init` names, which get exactly zero until the weights
+    in front of them move."""
+    cfg = ModelConfig(**{**SHAPE, **STREAM_SHAPE.get(residual, {}), "residual_streams": None}, residual=residual)
     model = Llama(cfg, seed=0)
     tok = tokens(cfg)
     model(tok, tok).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        behind_zero = name.endswith(("alpha_scale", "beta_scale", "norm.weight", "norm.bias")) and ".hc." in name
-        zero = residual == "hc" and behind_zero
-        assert (p.grad.abs().max() == 0) == zero, name
+        assert (p.grad.abs().max() == 0) == zero_at_init(residual, name), name

@@ -202,7 +202,8 @@ def test_init_from_hf_llama_reproduces_its_logits_packed_and_greedy(tmp_path):
 
 KV_CASES = [dict(), dict(qk_norm="head"), dict(qk_norm="full"), dict(attn_gate="elementwise", gpas=True),
             dict(norm_scheme="hybridnorm_star"), dict(norm_scheme="ngpt"), dict(norm_scheme="gemma4"),
-            dict(norm_scheme="muse_glimmer"), dict(residual="mhc"), dict(residual="hc")]
+            dict(norm_scheme="muse_glimmer"), dict(residual="mhc"), dict(residual="hc"),
+            dict(residual="attn_res"), dict(residual="siamese")]
 
 
 @COMPAT

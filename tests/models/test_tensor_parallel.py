@@ -49,6 +49,8 @@ CASES["ngpt-mha"] = dict(norm_scheme="ngpt", n_kv_heads=4)
 # Residual streams: the state and its mixing weights are replicated, each rank mixes it whole.
 CASES["pre_ln-mhc"] = dict(residual="mhc")
 CASES["pre_ln-hc"] = dict(residual="hc", residual_streams=2)
+CASES["pre_ln-attn_res"] = dict(residual="attn_res", residual_streams=2)  # 2 blocks of 2 layers
+CASES["pre_ln-siamese"] = dict(residual="siamese")
 # Gemma 4's and Muse Glimmer's pieces (the schemes themselves are cases above): per-head norms of q, k and v without
 # gain and the layer scalar are replicated, each rank normalizing its own heads.
 CASES["pre_ln-qk_scaleless-v_norm-layer_scalar"] = dict(qk_norm="head", qk_norm_scale="none", v_norm=True,
@@ -72,13 +74,13 @@ def make_config(**overrides) -> ModelConfig:
 
 
 def perturbed_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The seed's full model with its norm gains, DyT/Derf scalars, GPAS gates and nGPT scales moved off their init,
-    so they matter."""
+    """The seed's full model with its norm gains, DyT/Derf scalars, GPAS gates, nGPT scales and Block AttnRes's
+    pseudo-queries and key gains moved off their init, so they matter."""
     sd = Llama(cfg, seed=SEED).state_dict()
     gen = torch.Generator().manual_seed(SEED)
     for name in sorted(sd):
         if name.endswith((".alpha", ".shift", "residual.gate", ".rates", "scale.weight", "emb_out.scale",
-                          "layer_scalar.scale")) or (
+                          "layer_scalar.scale", ".query", ".key_gain")) or (
                 "norm" in name and name.endswith(".weight")):
             sd[name] = sd[name] + 0.3 * torch.randn(sd[name].shape, generator=gen)
     return sd

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.processes  # starts subprocesses, ranks or training run
 STEPS, STOP = 20, 10
 TIED = ["model.tie_embeddings=true"]
 MHC = ["model.residual=mhc"]  # the stream state [B, T, 4, D] between pipeline stages, its mixing replicated under TP
+# Every stream design, each its own state between stages: mhc's 4 streams, attn_res's embedding and block sums
+# [B, T, N + 1, D], siamese's two streams.
+STREAMS = {"mhc": MHC, "attn_res": ["model.residual=attn_res"], "siamese": ["model.residual=siamese"]}
 
 
 BF16 = ["train.precision=bf16"]
@@ -26,7 +29,7 @@ BF16 = ["train.precision=bf16"]
 def uninterrupted(tmp_path_factory, data_cache):
     """Single-process reference losses, each run when a test first needs it (`-m compat` needs two of three): fp32
     untied and tied, and bf16 (bf16 needs ZeRO or a pipeline)."""
-    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"], "mhc": MHC}
+    extras = {"untied": [], "tied": TIED, "bf16": [*BF16, "parallel.zero_stage=1"], **STREAMS}
     refs = {}
 
     def reference(name: str) -> dict[int, float]:
@@ -53,7 +56,8 @@ PAIRS = [
     ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 1e-3),
     ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 1e-3),
     # residual streams: trained on PP = 2 (the state travels between stages), resumed on TP = 2
-    ("mhc-pp2-to-tp2", ["parallel.pp=2", *MHC], 2, ["parallel.tp=2", *MHC], 2, "mhc", 1e-4),
+    *[(f"{r}-pp2-to-tp2", ["parallel.pp=2", *keys], 2, ["parallel.tp=2", *keys], 2, r, 1e-4)
+      for r, keys in STREAMS.items()],
 ]
 
 
@@ -62,9 +66,10 @@ PAIRS = [
 COMPAT = {"tp2xpp2-to-tp1xpp1", "bf16-pp2-to-zero2-dp2"}
 # A data-parallel change is also in tp1-to-tp2xdp2-zero2 and bf16-pp2-to-zero2-dp2; ZeRO-1's files are read in
 # fp32-to-bf16-zero1, and a resume onto ZeRO-0's optimizer is tp2xpp2-to-tp1xpp1's.
-# mhc-pp2-to-tp2: three runs of its own (~3 min under load on 2 cores); in-process, tests/models/test_model.py chains the
-# stages with the stream state bit for bit and test_tensor_parallel.py runs mhc and hc at TP = 2.
-SLOW = {"dp1-to-dp2-zero1", "zero1-to-zero0", "mhc-pp2-to-tp2"}
+# {mhc,attn_res,siamese}-pp2-to-tp2: three runs each of their own (~3 min under load on 2 cores); in-process,
+# tests/models/test_model.py chains the stages with the stream state bit for bit and test_tensor_parallel.py runs
+# every stream design at TP = 2.
+SLOW = {"dp1-to-dp2-zero1", "zero1-to-zero0", *(f"{r}-pp2-to-tp2" for r in STREAMS)}
 MARKS = {**{name: [pytest.mark.compat] for name in COMPAT}, **{name: [pytest.mark.slow] for name in SLOW}}
 
 

@@ -42,7 +42,10 @@ FIDELITY_LR: dict[str, float] = {"ngpt": 1e-2}
 KEYS = {"qk_norm": dict(qk_norm="full"), "attn_gate": dict(attn_gate="elementwise"), "gpas": dict(gpas=True),
         "norm_gain": dict(norm_gain="zero_centered"), "qk_norm_scale": dict(qk_norm="head", qk_norm_scale="none"),
         "v_norm": dict(v_norm=True), "layer_scalar": dict(layer_scalar=True), "residual": dict(residual="mhc")}
-CASES = [dict(norm_scheme=s) for s in NORM_SCHEMES] + [dict(norm_scheme="pre_ln", **kv) for kv in KEYS.values()]
+# model.residual has more than one design: the others beyond KEYS' mhc (hc is in benchmarks/fidelity.py's table).
+RESIDUALS = [dict(residual="attn_res"), dict(residual="siamese")]
+CASES = [dict(norm_scheme=s) for s in NORM_SCHEMES] + [dict(norm_scheme="pre_ln", **kv)
+                                                       for kv in [*KEYS.values(), *RESIDUALS]]
 NEVER_LEARNS = dict(norm_scheme="pre_ln", lr=0.0)  # the check's own control
 assert set(KEYS) == set(OPTIONS), "every composable key needs a case"
 
@@ -69,7 +72,7 @@ def short_run(case: dict, path: str) -> float:
         starts = torch.randint(len(tokens) - SEQ - 1, (n,), generator=g).tolist()
         return torch.stack([tokens[s:s + SEQ + 1] for s in starts])
 
-    for _ in range(STEPS):
+    for _ in range(STEPS if lr else 0):  # at lr 0 (the control) AdamW without decay leaves the weights as they are
         batch = windows(train, BATCH, gen)
         loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
