@@ -604,6 +604,9 @@ class ResidualEntry:
     residual: Callable[[ModelConfig, BlockParts], Callable[[float], nn.Module]]
     expand: Callable[[ModelConfig], nn.Module]
     collapse: Callable[[ModelConfig], nn.Module]
+    # Whether the state's slots are streams running side by side, each a residual stream of its own (the per-stream
+    # diagnostics measure them); Block AttnRes's slots are the embedding and the finished blocks' sums, a history.
+    parallel_streams: bool = True
 
 
 def _copies(cfg: ModelConfig) -> nn.Module:
@@ -627,12 +630,18 @@ RESIDUAL_ENTRIES: dict[str, ResidualEntry] = {
         lambda cfg, parts: lambda alpha: layers().AttnResResidual(
             cfg.d_model, cfg.norm_eps, parts.layer, cfg.n_layers // residual_streams(cfg)),
         lambda cfg: layers().AttnResExpand(residual_streams(cfg)),
-        lambda cfg: layers().AttnResHead(cfg.d_model, cfg.norm_eps)),
+        lambda cfg: layers().AttnResHead(cfg.d_model, cfg.norm_eps), parallel_streams=False),
     "siamese": ResidualEntry(
         lambda cfg, parts: lambda alpha: layers().SiameseResidual(norm(cfg), parts.layer),
         _copies, lambda cfg: layers().SiameseHead(norm(cfg))),
 }
 RESIDUALS = tuple(RESIDUAL_ENTRIES)
+
+
+def measured_streams(cfg: ModelConfig) -> int:
+    """How many streams the per-stream diagnostics measure: the state's n where its slots are side-by-side streams,
+    else 1 (none: one stream, or attn_res, whose slots are earlier blocks' outputs)."""
+    return residual_streams(cfg) if RESIDUAL_ENTRIES[cfg.residual].parallel_streams else 1
 
 
 def _with_streams(cfg: ModelConfig, parts: BlockParts) -> BlockParts:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from models.norms import residual_streams
+from models.norms import measured_streams
 from pretrain import compat
 from pretrain.diagnostics.probes import N_EXTRA_GROUPS, ActivationProbe, grad_square_sums, local_blocks, parameter_groups
 from pretrain.diagnostics.stats import ACTIVATION_STATS, STREAM_ROWS
@@ -38,7 +38,7 @@ class LayerStatsHooks(TrainHooks):
         self.interval, self.n_layers, self.norm_scheme = cfg.diagnostics.interval, cfg.model.n_layers, cfg.model.norm_scheme
         self.device, self.tp_rank, self.dp_rank = topo.device, topo.tp_rank, topo.dp_rank
         self.mp_group = parallel_state.get_model_parallel_group() if topo.tp * topo.pp > 1 else None
-        self.n_streams = residual_streams(cfg.model)  # the per-stream statistics only with n > 1 streams
+        self.n_streams = measured_streams(cfg.model)  # the per-stream statistics only with n > 1 side-by-side streams
         self.probe = None
         if topo.tp_rank == 0 and topo.dp_rank == 0:
             # grad_norm_stream: DeepSpeed divides each micro-batch's loss by the micro-batches per step (built.gas)

@@ -22,7 +22,8 @@ With residual streams (model.residual: the block reads and writes a state [B, T,
 are the collapsed state, the sum over the streams; a and m are the sublayers' outputs before the streams' write; the
 logit lens decodes the state through the model's readout (its collapse, then the final norm); a skipped block is the
 identity on the whole state.
-The per-stream entries (shape PER_STREAM, training only, in layer_stats.jsonl only when the model has n > 1 streams)
+The per-stream entries (shape PER_STREAM, training only, in layer_stats.jsonl only when the model has n > 1 streams
+side by side: mhc, hc, hc_static, siamese; not attn_res, whose state holds the earlier blocks' outputs)
 are of the state's streams themselves: X_k, H_k, Y_k the k-th stream [B, T, D] of the block's input, mid-block and
 output states. No parameter gradient belongs to one stream (every parameter of a block acts on the streams' mix u, a
 weighted sum over all streams, and its output is written into every stream; the mixing weights are functions of the
@@ -100,7 +101,8 @@ LAYER_MEASURES: tuple[LayerMeasure, ...] = (
     LayerMeasure(
         "mix_ds_error", "max |row/column sum - 1|", "Streams' mix: distance from doubly stochastic",
         "max over tokens, both sublayers and all rows and columns of |sum - 1| of the residual streams' mixing "
-        "matrix C (model.residual: mHC's Sinkhorn-Knopp comb, hyper-connections' A_r; one stream: C = [alpha])",
+        "matrix C (model.residual: mHC's Sinkhorn-Knopp comb, hyper-connections' A_r; one stream, and attn_res and "
+        "siamese, whose updates are not a mixing matrix: C = [alpha])",
         "training only: the mixing weights are followed over the steps of a run",
         training=True),
     LayerMeasure(

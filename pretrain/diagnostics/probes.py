@@ -75,7 +75,8 @@ class ActivationProbe:
         self.measured.clear()
         self.measured_streams.clear()
         self.measured_grads.clear()
-        self.taps = [BlockTaps(i, b, self._measure, once=True, on_input_grad=self._measure_grad)
+        on_input_grad = self._measure_grad if self.n_streams > 1 else None
+        self.taps = [BlockTaps(i, b, self._measure, once=True, on_input_grad=on_input_grad)
                      for i, b in sorted(self.blocks.items())]
 
     def disarm(self) -> None:
@@ -86,7 +87,7 @@ class ActivationProbe:
     def _measure(self, b: BlockActivations) -> None:
         # reduced on the device to one scalar per statistic: one host transfer per measured step, in result()
         self.measured[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in ACTIVATION_STATS])
-        if b.states is not None:
+        if b.states is not None and self.n_streams > 1:  # (attn_res's state is a history, not streams: n_streams 1)
             self.measured_streams[b.index] = torch.stack([s.compute(b).to(b.y.dtype) for s in STREAM_STATS])
 
     def _measure_grad(self, index: int, grad: torch.Tensor) -> None:

@@ -194,6 +194,33 @@ def test_per_stream_stats_of_copied_streams_are_the_collapsed_ones_scaled(residu
             assert per_stream[j, l].tolist() == pytest.approx([factor * collapsed[i, l].item()] * n, rel=1e-10)
 
 
+@pytest.mark.parametrize("residual, n", [("siamese", 2), ("attn_res", 1)])
+def test_per_stream_stats_are_of_side_by_side_streams_only(residual, n):
+    """SiameseNorm's two streams are measured like mHC's, X_k, H_k, Y_k its Post-Norm-like and Pre-Norm-like streams;
+    Block AttnRes's state holds the embedding and the finished blocks' sums, a history and not streams, so it gets
+    no per-stream statistics (measured_streams 1), while its collapsed statistics are still taken."""
+    from models.norms import measured_streams
+
+    cfg = ModelConfig(**SMALL, residual=residual)
+    assert measured_streams(cfg) == n
+    model = Llama(cfg, seed=1).double()
+    tokens, labels = torch.randint(0, 64, (2, 3, 16), generator=torch.Generator().manual_seed(0))
+    probe = ActivationProbe(local_blocks(model), len(model.blocks), n)
+    probe.arm()
+    model(tokens, labels).backward()
+    assert probe.result().shape == (len(STATS), 2) and bool((probe.result()[0] > 0).all())
+    if n == 1:
+        assert probe.measured_streams == {} and probe.measured_grads == {}
+        return
+    got = probe.stream_result()
+    assert got.shape == (len(STREAM), 2, n) and bool(torch.isfinite(got).all()) and bool((got > 0).all())
+    with torch.no_grad():  # variance_stream by hand on block 1's output state
+        X = model.embed(tokens)
+        Y = model.blocks[0](X, model.rope_cos, model.rope_sin)
+    assert got[STREAM.index("variance_stream"), 0].tolist() == pytest.approx(
+        [Y[:, :, k].var(-1, unbiased=False).mean().item() for k in range(n)], rel=1e-10)
+
+
 def test_one_stream_records_have_no_per_stream_keys_and_n_streams_have_them(tmp_path):
     """n = 1: the record (and so layer_stats.jsonl and the trackers) is the one it was before the per-stream entries;
     n > 1: each per-stream entry is a list of L lists of n values, logged as layers/<stat>/lNN/sK."""
