@@ -284,24 +284,29 @@ def test_tp_logits_loss_and_grads_match_single_process(tp_results, case):
         assert_close(res["loss"], ref["loss"], f"rank {rank} loss")
         grads = res["grads"]
         assert grads.keys() == ref["grads"].keys()
+        largest = max(g.abs().max().item() for g in ref["grads"].values())
         for name, g in ref["grads"].items():
             # fp32 round-off grows with the gradient: TOL per unit of its largest entry (gemma4's embedding gradient
             # is sqrt(d) times larger, through its sqrt(d) multiplier)
             assert_close(grads[name], g, f"rank {rank} grad of {name}", atol=TOL * max(1.0, g.abs().max().item()))
             # Relative to float64: TP = 2 within 1e-4, or no further than 10x the TP = 1 fp32 error where the
-            # gradient is a near-cancelling sum.
+            # gradient is a near-cancelling sum, or within fp32's round-off of the model's gradients (1e-6 of the
+            # largest entry): a scalar gain summed over every activation, e.g. the last block's layer scalar, whose
+            # output the final RMSNorm divides back out, has a true gradient of ~1e-8 and fp32 sums of size ~1.
             g64 = ref["grads64"][name]
-            rel = (grads[name].double() - g64).norm() / g64.norm().clamp(min=1e-30)
+            err = (grads[name].double() - g64).norm()
+            rel = err / g64.norm().clamp(min=1e-30)
             rel_single = (g.double() - g64).norm() / g64.norm().clamp(min=1e-30)
-            assert rel < max(1e-4, 10 * rel_single), (
-                f"rank {rank} grad of {name}: relative error {rel:.3g} (TP = 1 fp32: {rel_single:.3g})")
+            assert rel < max(1e-4, 10 * rel_single) or err <= 1e-6 * largest, (
+                f"rank {rank} grad of {name}: relative error {rel:.3g} (TP = 1 fp32: {rel_single:.3g}), "
+                f"absolute {err:.3g}")
         # Replicated parameters (norm gains, DyT alphas) get the full gradient on every rank.
         for name, g in res["replicated_grads"].items():
             assert_close(g, ref["grads"][name], f"rank {rank} local grad of replicated {name}")
         if not NORM_SCHEMES[cfg.norm_scheme].norm_free:
             assert res["replicated_grads"], "expected replicated norm parameters"
     # The comparison is not vacuous: the gradients are far from zero.
-    assert max(g.abs().max().item() for g in ref["grads"].values()) > 1e-2
+    assert largest > 1e-2
     assert abs(ref["loss"].item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 2.0
 
 
