@@ -65,6 +65,6 @@ class TaperHooks(RemovalHooks):
 
 def _sync_master(param) -> None:
     """A parameter set in place outside the optimizer: its fp32 master copy too (ZeRO, bf16; no-op otherwise)."""
-    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils import safe_set_full_fp32_param  # deepspeed loads only where a taper runs (a startup cost)
 
     safe_set_full_fp32_param(param, param.data.float())
