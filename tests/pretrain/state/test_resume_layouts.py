@@ -43,9 +43,9 @@ def uninterrupted(tmp_path_factory, data_cache):
 
 
 # (id, layout A overrides, nproc A, layout B overrides, nproc B, reference, tolerance). In fp32 every layout gives
-# the single-process losses within 1e-4, so a resume must too. In bf16 two layouts differ by ~2e-4 without any
-# resume (rounding of differently ordered reductions), hence 1e-3 there; a resume that lost the fp32 master weights
-# or the Adam moments is off by 1e-2 or more.
+# the single-process losses within 1e-4, so a resume must too. In bf16 two layouts differ by 2e-4 to 1e-3 without
+# any resume (rounding of differently ordered reductions; 1.03e-3 on one CPU's kernels), hence 3e-3 there; a resume
+# that lost the fp32 master weights or the Adam moments is off by 1e-2 or more.
 PAIRS = [
     ("dp1-to-dp2-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1"], 2, "untied", 1e-4),
     ("tp2xpp2-to-tp1xpp1", ["parallel.tp=2", "parallel.pp=2"], 4, [], None, "untied", 1e-4),
@@ -53,8 +53,8 @@ PAIRS = [
      1e-4),
     ("pp2-to-pp1-tied", ["parallel.pp=2", *TIED], 2, TIED, None, "tied", 1e-4),
     ("zero1-to-zero0", ["parallel.zero_stage=1"], None, [], None, "untied", 1e-4),
-    ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 1e-3),
-    ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 1e-3),
+    ("fp32-to-bf16-zero1", ["parallel.zero_stage=1"], None, ["parallel.zero_stage=1", *BF16], None, "untied", 3e-3),
+    ("bf16-pp2-to-zero2-dp2", ["parallel.pp=2", *BF16], 2, ["parallel.zero_stage=2", *BF16], 2, "bf16", 3e-3),
     # residual streams: trained on PP = 2 (the state travels between stages), resumed on TP = 2
     *[(f"{r}-pp2-to-tp2", ["parallel.pp=2", *keys], 2, ["parallel.tp=2", *keys], 2, r, 1e-4)
       for r, keys in STREAMS.items()],
