@@ -147,10 +147,10 @@ class ListEncoder:
         flat = np.fromiter(chain.from_iterable(rows), token_dtype(self.tok.vocab_size), count=int(lengths.sum()))
         return flat, lengths
 
-    def encode_stream(self, batches, eos: bool = False):
-        """`encode_flat` of each batch of texts, in order."""
+    def encode_stream(self, batches, eos: bool = False, split=None):
+        """`encode_flat` of each batch of texts, in order, each text first cut by `split` (word_cache.cut)."""
         for texts in batches:
-            yield self.encode_flat(texts, eos)
+            yield self.encode_flat(word_cache.cut(texts, split), eos)
 
 
 class SentencepieceEncoder(ListEncoder):
@@ -218,16 +218,16 @@ class CheckedWordCache:
                 return self.reference.encode_flat(texts, eos)
         return flat, lengths
 
-    def encode_stream(self, batches, eos: bool = False):
-        """`encode_flat` of each batch of texts, in order: the first here (checked), the others in word_cache's
-        processes, which start with the first batch's words in their caches."""
+    def encode_stream(self, batches, eos: bool = False, split=None):
+        """`encode_flat` of each batch of texts (each first cut by `split`), in order: the first here (checked), the
+        others in word_cache's processes, which start with the first batch's words in their caches."""
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
             return
-        yield self.encode_flat(first, eos)
+        yield self.encode_flat(word_cache.cut(first, split), eos)
         rest = self.reference if self.fell_back else self.cached
-        yield from rest.encode_stream(batches, eos)
+        yield from rest.encode_stream(batches, eos, split)
 
     def encode(self, texts: list[str], eos: bool = False) -> list[list[int]]:
         if self.fell_back:

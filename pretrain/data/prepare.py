@@ -19,7 +19,8 @@ import numpy as np
 
 from pretrain.data.backends import DEFAULT_BACKEND, encoder
 from pretrain.data.folders import MODEL_FILE, SPLITS, is_prepared, staging_dir, token_dtype, write_meta
-from pretrain.data.sources import SampleBy, Source, check_field, check_text, check_utf8, load_source, resolve_source
+from pretrain.data.sources import (SampleBy, Source, check_field, check_text, check_utf8, load_source,
+                                   reads_text_directly, resolve_source, text_pieces)
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import UserError
 from pretrain.notice import Progress
@@ -76,19 +77,23 @@ def prepare_dataset(
 
     enc = encoder(tok, backend, threads=num_proc or min(os.cpu_count() or 1, 16))
     with staging_dir(out, overwrite, is_prepared, what="a prepared dataset", kind="data") as tmp:
-        # Local files get a throwaway datasets cache inside the staging folder; hub downloads keep the user's
-        # cache so that they are not fetched again.
-        cache = tmp / ".hf_cache"
-        cache.mkdir()
-        ds = load_source(src, sample_by=sample_by, streaming=streaming, cache_dir=str(cache) if src.local else None)
         strip = src.builder == "text" and sample_by == "paragraph"
+        # Local files get a throwaway datasets cache inside the staging folder; hub downloads keep the user's
+        # cache so that they are not fetched again. Plain text read by paragraph needs no datasets at all.
+        cache = tmp / ".hf_cache"
+        if strip and reads_text_directly(src):
+            rows = (([text], nbytes) for text, nbytes in text_pieces(src))
+        else:
+            cache.mkdir()
+            ds = load_source(src, sample_by=sample_by, streaming=streaming, cache_dir=str(cache) if src.local else None)
+            rows = _stream_rows(ds, src, text_field) if streaming else _arrow_rows(ds, src, text_field)
         total = sum(f.stat().st_size for f in src.files) if src.local else None
         meter = Progress("tokenizing", total, enabled=progress)
         with _SplitWriter(tmp, dtype) as writer:
-            batches = _batches(ds, src, text_field, streaming, strip, max_documents)
-            _write_documents(batches, enc, writer, val_fraction, seed, strip, meter, last_to_val=not streaming)
+            batches = _batches(rows, strip, max_documents)
+            _write_documents(batches, enc, writer, val_fraction, seed, strip, meter, not streaming, max_documents)
         meter.close()
-        del ds
+        rows = ds = None  # the datasets cache's files are closed before it goes
         shutil.rmtree(cache, ignore_errors=True)
         if writer.docs["train"] == 0:
             raise UserError(f"{src.label}: empty dataset (no non-empty text in field {text_field!r})")
@@ -204,15 +209,12 @@ def split_paragraphs(text: str) -> list[str]:
 _PARAGRAPH = re.compile(r"^[^\S\n]*\S[^\n]*(?:\n[^\S\n]*\S[^\n]*)*", re.MULTILINE).findall
 
 
-def _batches(ds, src: Source, text_field: str, streaming: bool, strip: bool, max_documents: int | None):
-    """(documents, UTF-8 bytes read for them) in order, in batches; a document is a text or None (no text). Text
-    files read by paragraph are cut at whitespace-only lines too (`split_paragraphs`); `max_documents` counts the
-    documents after that cut."""
-    rows = _stream_rows(ds, src, text_field) if streaming else _arrow_rows(ds, src, text_field)
-    left = max_documents
+def _batches(rows, strip: bool, max_documents: int | None):
+    """(texts, UTF-8 bytes read for them) in order, in batches, from `rows`; a text is a str or None (no text), and a
+    document, cut to `max_documents` here, unless `strip` (text files read by paragraph): then the encoder cuts each
+    text into paragraphs (`split_paragraphs`) and `_write_documents` counts those."""
+    left = None if strip else max_documents
     for texts, nbytes in rows:
-        if strip:
-            texts = [p for text in texts if text is not None for p in split_paragraphs(text)]
         if left is not None:
             texts = texts[:left]
             left -= len(texts)
@@ -253,28 +255,37 @@ def _stream_rows(ds, src: Source, text_field: str):
 
 
 def _write_documents(batches, enc, writer: _SplitWriter, val_fraction: float, seed: int, strip: bool,
-                     meter: Progress, last_to_val: bool) -> None:
+                     meter: Progress, last_to_val: bool, max_documents: int | None = None) -> None:
     """Tokenize each batch of documents (blank ones are skipped but keep their index) and append each document's
     tokens and EOS to its split, as whole arrays. The split of document i is `assign_val`'s: hashed from (seed, i),
-    the first document to train and, with `last_to_val` (all but streaming), the last to val if none went there."""
+    the first document to train and, with `last_to_val` (all but streaming), the last to val if none went there.
+    With `strip` the encoder cuts the texts into paragraphs (in its worker processes: the cut is a regex pass over
+    the whole text), which are the documents, the first `max_documents` of them kept."""
     index, seen_train = 0, False
+    left = max_documents if strip else None  # `_batches` cut the others
     last = np.zeros(0, np.int64)  # the tokens of the last non-empty document
     read = deque()  # (kept, documents, bytes) of each batch handed to the encoder, in order
 
     def documents():
         for texts, nbytes in batches:
-            if strip:  # split_paragraphs' paragraphs: none blank, none with a newline at either end
-                docs, kept = texts, np.arange(len(texts))
-            else:
-                docs = [_clean(t, strip) for t in texts]
-                kept = np.flatnonzero([d is not None for d in docs])
-                docs = [d for d in docs if d is not None]
+            if strip:  # split_paragraphs' paragraphs, none blank, counted when they come back
+                read.append((None, None, nbytes))
+                yield [t for t in texts if t is not None]
+                continue
+            docs = [_clean(t, strip) for t in texts]
+            kept = np.flatnonzero([d is not None for d in docs])
             read.append((kept, len(texts), nbytes))
-            yield docs
+            yield [d for d in docs if d is not None]
 
-    with closing(enc.encode_stream(documents(), eos=True)) as encoded:
+    with closing(enc.encode_stream(documents(), eos=True, split=split_paragraphs if strip else None)) as encoded:
         for flat, lengths in encoded:
             kept, n_texts, nbytes = read.popleft()
+            if kept is None:
+                if left is not None:
+                    lengths = lengths[:left]
+                    flat = flat[:int(lengths.sum())]
+                    left -= len(lengths)
+                kept, n_texts = np.arange(len(lengths)), len(lengths)
             val = _doc_uniform(seed, index + kept) < val_fraction
             if not seen_train and len(lengths):
                 val[0], seen_train = False, True  # the first document always trains
@@ -285,6 +296,8 @@ def _write_documents(batches, enc, writer: _SplitWriter, val_fraction: float, se
                 last = flat[flat.size - lengths[-1]:]
             index += n_texts
             meter.add(nbytes)
+            if left == 0:
+                break
     if last_to_val and val_fraction > 0 and writer.docs["val"] == 0 and writer.docs["train"] >= 2:
         writer.move_last_to_val(last)
 

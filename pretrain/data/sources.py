@@ -13,6 +13,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -212,6 +213,62 @@ def iter_source_texts(src: Source, text_field: str = "text") -> Iterator[str]:
         text = ex[text_field]
         if text is not None:
             yield check_text(src, text_field, text)
+
+
+# Characters of text read at a time by `text_pieces` (~1 MB: 4 MB gave the first batch, encoded alone, too much).
+TEXT_PIECE = 1 << 20
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # a line of whitespace only (str.isspace, as str.strip's), with its newlines
+
+
+def reads_text_directly(src: Source) -> bool:
+    """Whether `text_pieces` reads `src`: local text files, none compressed (those go through `datasets`)."""
+    return src.builder == "text" and all(f.suffix.lower() not in COMPRESSIONS for f in src.files)
+
+
+def text_pieces(src: Source, chars: int | None = None) -> Iterator[tuple[str, int]]:
+    """The text of the files of `src` (`reads_text_directly`), as datasets' text builder reads it (UTF-8, "\\r\\n" and
+    "\\r" made "\\n"), in pieces of `chars` (default TEXT_PIECE) characters or more but the last, each cut just before a
+    line of whitespace only, so that no paragraph spans two pieces; files one after another with a blank line between
+    them (a paragraph ends with its file); with the file bytes read for each piece.
+
+    `data prepare` splits these into paragraphs itself: the text builder's arrow cache and per-row split cost 1.5 s
+    of one core per 100 MB, more than tokenizing it (docs/PERFORMANCE.md)."""
+    chars = chars or TEXT_PIECE
+    parts, size, nbytes = [], 0, 0
+    for f in src.files:
+        if parts:
+            parts.append("\n\n")
+        for text, n in _file_sections(f, chars):
+            parts.append(text)
+            size, nbytes = size + len(text), nbytes + n
+            if size >= chars:
+                yield "".join(parts), nbytes
+                parts, size, nbytes = [], 0, 0
+    if parts:
+        yield "".join(parts), nbytes
+
+
+def _file_sections(path: Path, chars: int) -> Iterator[tuple[str, int]]:
+    """The text of one file in sections that end where it does or just before a line of whitespace only."""
+    with open(path, encoding="utf-8") as fh:
+        carry, position = [], 0
+        while True:
+            text = fh.read(chars)
+            if len(text) < chars:  # the end of the file
+                break
+            cut = text.rfind("\n\n") + 1
+            if not cut:  # no empty line: the last line of whitespace only (WikiText's " " lines), if any
+                last = None
+                for last in _BLANK_LINE.finditer(text):
+                    pass
+                cut = last.start() + 1 if last else 0
+            if not cut:  # one paragraph goes on: read on before cutting
+                carry.append(text)
+                continue
+            now = fh.buffer.tell()
+            yield "".join(carry) + text[:cut], now - position
+            carry, position = [text[cut:]], now
+        yield "".join(carry) + text, fh.buffer.tell() - position
 
 
 def check_field(src: Source, text_field: str, columns: list[str]) -> None:

@@ -13,22 +13,26 @@ src/bpe_model.cc, src/unigram_model.cc of google/sentencepiece):
                 unigram lattice never join two words: the ids of a text are the ids of its words, one after another.
                 "▁" must be a piece or byte-encodable, so that no unknown piece is fused across a boundary.
     newlines    the same holds before a "\\n" when no normal piece holds one and byte fallback is on (every model we
-                train: sentencepiece trains on lines), so a run of newlines starts a word too (lines are shuffled
-                and joined freely in real text; this keeps the number of distinct words small).
+                train: sentencepiece trains on lines): each newline is then a byte piece of its own, so each starts a
+                word too (lines are shuffled and joined freely in real text; this keeps the number of distinct words
+                small).
 A model where this does not hold (a normalization rule, extra-whitespace removal, whitespace as suffix, user-defined
 symbols, a piece crossing the boundary) tokenizes with plain sentencepiece, said in one line; so does one whose cache
 gives other ids than the plain encode on the probe texts or the first texts of the input (no model has so far).
 
-The words (the cache's keys) are cut from " " + text by one regex (WORDS): a run of spaces, or of newlines, and the
-characters up to the next space or newline. A word is encoded by sentencepiece as "a" + word, whose ids start with
-those of "a" alone (checked): the word " " at a text's end would be nothing alone, without a dummy prefix of its own.
+The cache's keys are cut from the text by `str.split(" ")`, in C, with every newline first made " \\n" where newlines
+start words (a regex's words and holding them were over half the time; see `keys`): each piece stands for " " + piece,
+or for itself where it starts with a newline that the split put there. A text where this cut would split a run of
+spaces (two spaces in a row after the newlines' spaces) is cut by the regex WORDS instead, whose words start with
+their space or newline and stand for themselves (`text_of`): a key means the same whichever cut made it.
+A key is encoded by sentencepiece as "a" + its text, whose ids start with those of "a" alone (checked): the text
+" " at a text's end would be nothing alone, without a dummy prefix of its own.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import re
-from array import array
 from collections import deque
 from itertools import chain, filterfalse
 
@@ -41,11 +45,10 @@ SPACE = "\u2581"  # sentencepiece's whitespace symbol
 # A piece that matches this never crosses the start of a word (a "▁" after another character).
 PIECE = SPACE + "*[^" + SPACE + "]+|" + SPACE + "+"
 WORDS = " +[^ ]*"  # the words of " " + text with "▁" made " "
-WORDS_AND_LINES = " +[^ \n]*|\n+[^ \n]*"  # ... where a run of newlines starts a word too
-EOS_KEY = ""  # no word is empty, so "" stands for EOS in a document's list of words
-# Words kept before the cache starts afresh: about 200 bytes each, so at most about 200 MB.
+WORDS_AND_LINES = " +[^ \n]*|\n+[^ \n]*"  # ... where newlines start words too
+# Keys kept before the cache starts afresh: about 200 bytes each, so at most about 200 MB.
 MAX_WORDS = 1 << 20
-CONTEXT = "a"  # what every cached word is encoded after (see the module docstring)
+CONTEXT = "a"  # what every key's text is encoded after (see the module docstring)
 NORMAL, USER_DEFINED = 1, 4  # sentencepiece ModelProto.SentencePiece.Type
 
 
@@ -72,39 +75,56 @@ def unsafe(tok: Tokenizer, proto) -> str | None:
     return None
 
 
+def newlines_start_words(proto) -> bool:
+    """Whether each newline starts a word: byte fallback on and no normal piece holding one (module docstring)."""
+    return bool(proto.trainer_spec.byte_fallback) and not any(p.type == NORMAL and "\n" in p.piece
+                                                             for p in proto.pieces)
+
+
 class WordCacheEncoder:
     """sentencepiece's ids through a cache of its words' ids (see the module docstring); `threads` encode the
     words not seen yet. `encode_flat` gives one array of every text's ids and the texts' lengths, without a Python
-    int per token; `encode_stream` spreads batches of texts over `threads` processes."""
+    int per token; `encode_stream` spreads batches of texts over `threads` processes. `lines` (default: what the
+    model allows, `newlines_start_words`) says whether newlines start words."""
 
     name = "sentencepiece"
 
-    def __init__(self, tok: Tokenizer, proto, threads: int):
+    def __init__(self, tok: Tokenizer, proto, threads: int, lines: bool | None = None):
         self.tok, self.threads = tok, threads
         self.dtype = token_dtype(tok.vocab_size)
-        self.typecode = "H" if self.dtype == np.uint16 else "I"
         self.context = tok.encode(CONTEXT)
-        lines = proto.trainer_spec.byte_fallback and not any(p.type == NORMAL and "\n" in p.piece for p in proto.pieces)
-        self.words = re.compile(WORDS_AND_LINES if lines else WORDS).findall
-        self.eos = array(self.typecode, [tok.eos_id]).tobytes()
-        self.cache: dict[str, bytes] = {EOS_KEY: self.eos}
+        self.lines = newlines_start_words(proto) if lines is None else lines
+        self.words = re.compile(WORDS_AND_LINES if self.lines else WORDS).findall
+        self.eos = np.array([tok.eos_id], self.dtype).tobytes()
+        self.cache: dict[str, bytes] = {}
 
     def keys(self, text: str) -> list[str]:
-        """The cache keys of `text`'s words, in order."""
-        if not text:
-            return []
-        return self.words(" " + text.replace(SPACE, " ") if SPACE in text else " " + text)
+        """The cache keys of `text`, in order: one C split, or the regex where the split would cut a run of spaces.
+        A key that starts with a space (or a newline, where newlines start words) stands for itself, any other for
+        " " + key (`text_of`): the split's pieces lost the space before them, the regex's words kept theirs."""
+        if SPACE in text:
+            text = text.replace(SPACE, " ")
+        cut = text.replace("\n", " \n") if self.lines else text
+        if "  " in cut:
+            return self.words(" " + text)
+        keys = cut.split(" ") if text else []
+        if text[:1] == " ":  # one leading space (WikiText's lines): it and the dummy prefix's make one run
+            keys[0:2] = ["  " + keys[1]]
+        return keys
+
+    def text_of(self, key: str) -> str:
+        """The text a key stands for (see `keys`)."""
+        return key if key[:1] == " " or (self.lines and key[:1] == "\n") else " " + key
 
     def _learn(self, keys: list[list[str]]) -> None:
-        """Encode and cache the words of `keys` not in the cache yet."""
+        """Encode and cache the keys of `keys` not in the cache yet."""
         new = set(filterfalse(self.cache.__contains__, chain.from_iterable(keys)))
-        if len(self.cache) + len(new) > MAX_WORDS:  # start afresh: the words of these texts are encoded again
-            self.cache = {EOS_KEY: self.eos}
+        if len(self.cache) + len(new) > MAX_WORDS:  # start afresh: the keys of these texts are encoded again
+            self.cache = {}
             new = set(chain.from_iterable(keys))
-            new.discard(EOS_KEY)
         new = list(new)
-        rows = self.tok.encode_batch([CONTEXT + k for k in new], num_threads=self.threads)
-        # One array for all of them, then each word's bytes after its context's ids (no Python list per word).
+        rows = self.tok.encode_batch([CONTEXT + self.text_of(k) for k in new], num_threads=self.threads)
+        # One array for all of them, then each key's bytes after its context's ids (no Python list per key).
         lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
         flat = np.fromiter(chain.from_iterable(rows), self.dtype, count=int(lengths.sum()))
         starts = np.cumsum(lengths) - lengths
@@ -117,23 +137,23 @@ class WordCacheEncoder:
 
     def encode_flat(self, texts: list[str], eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(every text's ids one after another, the number of ids of each text)."""
-        keys = [self.keys(t) for t in texts]
-        if eos:
-            for k in keys:
-                k.append(EOS_KEY)
-        join, rows, unseen = b"".join, [], []
+        join, keys, rows, unseen = b"".join, self.keys, [], []
+        end = self.eos if eos else b""
         get = self.cache.__getitem__
-        for i, k in enumerate(keys):  # a lookup per word, in C; the texts with a new word wait for _learn
+        # A lookup per key, in C, each text's keys dropped at once (holding a batch's keys was a third slower) but
+        # those of a text with a new key, which waits for _learn.
+        for i, text in enumerate(texts):
+            k = keys(text)
             try:
-                rows.append(join(map(get, k)))
+                rows.append(join(map(get, k)) + end)
             except KeyError:
-                rows.append(b"")
-                unseen.append(i)
+                rows.append(end)
+                unseen.append((i, k))
         if unseen:
-            self._learn([keys[i] for i in unseen])
+            self._learn([k for _, k in unseen])
             get = self.cache.__getitem__
-            for i in unseen:
-                rows[i] = join(map(get, keys[i]))
+            for i, k in unseen:
+                rows[i] = join(map(get, k)) + end
         lengths = np.fromiter(map(len, rows), np.int64, count=len(rows)) // self.dtype.itemsize
         return np.frombuffer(join(rows), self.dtype), lengths
 
@@ -141,27 +161,34 @@ class WordCacheEncoder:
         flat, lengths = self.encode_flat(texts, eos)
         return [row.tolist() for row in np.split(flat, np.cumsum(lengths)[:-1])] if texts else []
 
-    def encode_stream(self, batches, eos: bool = False):
-        """`encode_flat` of each batch of texts, in order. With more than one thread each batch goes whole to one of
-        `threads` forked processes (each with its own cache, starting from this one's), at most `threads` + 1 batches
-        in flight, so that reading the next batch overlaps encoding these (the cache's lookups hold the GIL)."""
+    def encode_stream(self, batches, eos: bool = False, split=None):
+        """`encode_flat` of each batch of texts, in order; with `split` (a module-level function: text -> documents)
+        each text is first cut into documents, in the process that encodes them (`cut`). With more than one thread
+        each batch goes whole to one of `threads` forked processes (each with its own cache, starting from this
+        one's), at most `threads` + 1 batches in flight, so that reading the next batch overlaps encoding these (the
+        cache's lookups hold the GIL)."""
         batches = iter(batches)
         first = next(batches, None)
         if first is None:  # no process started for nothing (a prepare of one batch never starts one)
             return
         if self.threads <= 1:
             for texts in chain([first], batches):
-                yield self.encode_flat(texts, eos)
+                yield self.encode_flat(cut(texts, split), eos)
             return
         # fork: the workers start with the tokenizer and the cache, no import, and nothing to pickle
         with multiprocessing.get_context("fork").Pool(self.threads, _start_worker, (self,)) as pool:
             pending = deque()
             for texts in chain([first], batches):
-                pending.append(pool.apply_async(_encode_in_worker, (texts, eos)))
+                pending.append(pool.apply_async(_encode_in_worker, (texts, eos, split)))
                 if len(pending) > self.threads:
                     yield pending.popleft().get()
             while pending:
                 yield pending.popleft().get()
+
+
+def cut(texts: list[str], split) -> list[str]:
+    """The documents of `texts`: each text cut by `split`, or the texts themselves when `split` is None."""
+    return texts if split is None else [doc for text in texts for doc in split(text)]
 
 
 _worker: WordCacheEncoder | None = None  # the encoder of a process of `encode_stream`
@@ -173,5 +200,5 @@ def _start_worker(encoder: WordCacheEncoder) -> None:
     _worker.threads = 1  # one process per core already
 
 
-def _encode_in_worker(texts: list[str], eos: bool) -> tuple[np.ndarray, np.ndarray]:
-    return _worker.encode_flat(texts, eos)
+def _encode_in_worker(texts: list[str], eos: bool, split) -> tuple[np.ndarray, np.ndarray]:
+    return _worker.encode_flat(cut(texts, split), eos)

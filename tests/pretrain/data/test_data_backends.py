@@ -88,9 +88,31 @@ def test_word_cache_gives_sentencepiece_ids(toks, kind, capsys):
     assert not cached.fell_back and capsys.readouterr().out == ""
     assert cached.encode([]) == [] and cached.encode([""], eos=True) == [[tok.eos_id]]
     # Newlines as ordinary characters (a model with "\n" in a piece): the same ids.
-    spaces_only = word_cache.WordCacheEncoder(tok, backends._proto(tok), 1)
-    spaces_only.words = re.compile(word_cache.WORDS).findall
+    spaces_only = word_cache.WordCacheEncoder(tok, backends._proto(tok), 1, lines=False)
     assert spaces_only.encode(texts, eos=True) == plain.encode(texts, eos=True)
+
+
+@pytest.mark.parametrize("lines", [True, False])
+def test_word_cache_keys_cut_the_text_at_word_starts(toks, lines, monkeypatch):
+    """The keys' texts put together are the text sentencepiece sees (" " + text, "▁" as " "), each starting a word;
+    the bundled corpus's paragraphs are cut by str.split, the regex (runs of spaces) kept for few texts."""
+    cached = word_cache.WordCacheEncoder(toks["bpe"], backends._proto(toks["bpe"]), 1, lines=lines)
+    starts = re.compile(r"(?<=[^ ]) |\n" if lines else r"(?<=[^ ]) ")  # sentencepiece: "▁" after another character
+    for text in all_texts():
+        keys = cached.keys(text)
+        parts = list(map(cached.text_of, keys))
+        assert "".join(parts) == (" " + text.replace("\u2581", " ") if text else "")
+        assert all(part and (part[0] in " \n" if lines else part[0] == " ") for part in parts)
+        # each key after the first starts a word: a space after something else, or (lines) a newline
+        joined = "".join(parts)
+        cuts = np.cumsum([len(part) for part in parts])[:-1]
+        assert all(starts.match(joined, i) for i in cuts)
+    regex = []
+    monkeypatch.setattr(cached, "words", lambda text: regex.append(text) or re.findall(word_cache.WORDS, text))
+    paragraphs = split_paragraphs(CORPUS)
+    for text in paragraphs:
+        cached.keys(text)
+    assert len(regex) < len(paragraphs) / 100
 
 
 def test_word_cache_starts_afresh_when_full(toks, monkeypatch):
@@ -101,7 +123,7 @@ def test_word_cache_starts_afresh_when_full(toks, monkeypatch):
     for texts in (shakespeare, fuzz, shakespeare):
         assert cached.encode(texts, eos=True) == tok.encode_batch(texts, eos=True)
         # the cache held more than 64 words, so it started afresh with the words of these texts alone
-        assert set(cached.cache) == {w for t in texts for w in cached.keys(t)} | {word_cache.EOS_KEY}
+        assert set(cached.cache) == {w for t in texts for w in cached.keys(t)}
 
 
 def test_word_cache_rules_out_models_it_cannot_split(toks, capsys):

@@ -16,6 +16,7 @@ from helpers.data import (
 )
 
 from pretrain.data import prepare as prep
+from pretrain.data import sources
 from pretrain.data.folders import OutputExists, read_meta, staging_dir
 from pretrain.data.loader import TokenDataset
 from pretrain.data.prepare import prepare_dataset
@@ -194,6 +195,55 @@ def test_max_docs(tmp_path, tok):
         out = prepare_dataset(str(src), tiny_tokenizer_dir(), str(tmp_path / f"o{streaming}"), val_fraction=0,
                               max_documents=7, streaming=streaming)
         assert tokens(out, "train").tolist() == expected_stream(tok, DOCS[:7])
+
+
+# Plain text as the text builder reads it: a BOM, CRLF and lone CR lines, runs of blank lines, WikiText's
+# whitespace-only separators, other whitespace lines, a file with no blank line at all, one without a final newline.
+RAW_TEXTS = {
+    "a.txt": "\ufeffFirst para\r\nline two\r\n\r\n\r\n\r\nsecond\rthird\r\rfourth\n \n\t\nfifth  with  spaces \n\n\n"
+             "\x0c\nsixth\u2028still sixth\n\n" + "".join(f"{d}\n\n" for d in DOCS[:30]),
+    "b.txt": " \n = Heading = \n \n Body line one\n line two \n \n" * 7,
+    "c.txt": "no blank line at all\njust lines\n" * 20,
+    "d.txt": "last paragraph without a newline",
+}
+
+
+# Pieces of 5 and 64 characters make many batches, which two processes share (`processes`); the default, one.
+@pytest.mark.parametrize("piece", [pytest.param(5, marks=pytest.mark.processes),
+                                   pytest.param(64, marks=pytest.mark.processes), None])
+def test_plain_text_read_without_datasets_gives_the_same_folder(tmp_path, monkeypatch, piece):
+    """Text by paragraph is read directly (sources.text_pieces, cut into pieces of any size at blank lines) and cut
+    into paragraphs in the encoder's processes: the same folder as through datasets' text builder, with one and two
+    processes and --max-docs across pieces."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name, text in RAW_TEXTS.items():
+        (folder / name).write_bytes(text.encode("utf-8"))  # bytes: "\r" kept as written
+    monkeypatch.setattr(sources, "TEXT_PIECE", piece or sources.TEXT_PIECE)
+    src = sources.resolve_source(str(folder))
+    pieces = list(sources.text_pieces(src))
+    files = [t.replace("\r\n", "\n").replace("\r", "\n") for t in RAW_TEXTS.values()]
+    paragraphs = [q for f in files for q in prep.split_paragraphs(f)]  # none spans two files
+    assert [q for p, _ in pieces for q in prep.split_paragraphs(p)] == paragraphs
+    assert sum(n for _, n in pieces) == sum(len(t.encode("utf-8")) for t in RAW_TEXTS.values())
+    assert all(len(p) >= sources.TEXT_PIECE for p, _ in pieces[:-1])
+    assert len(pieces) > len(RAW_TEXTS) if piece else len(pieces) == 1
+    kw = dict(val_fraction=0.2, seed=3)
+    with monkeypatch.context() as m:
+        m.setattr(prep, "reads_text_directly", lambda src: False)
+        reference = prepare_dataset(str(folder), tiny_tokenizer_dir(), str(tmp_path / "datasets"), **kw)
+        cut = prepare_dataset(str(folder), tiny_tokenizer_dir(), str(tmp_path / "datasets7"), max_documents=37, **kw)
+    outs = [prepare_dataset(str(folder), tiny_tokenizer_dir(), str(tmp_path / f"p{n}"), num_proc=n, **kw)
+            for n in (1, 2)]
+    cuts = [prepare_dataset(str(folder), tiny_tokenizer_dir(), str(tmp_path / f"c{n}"), num_proc=n, max_documents=37,
+                            **kw) for n in (1, 2)]
+    assert read_meta(reference)["num_documents"] == len(paragraphs) > 50
+    assert read_meta(cut)["num_documents"] == 37
+    for want_folder, folders in ((reference, outs), (cut, cuts)):
+        for out in folders:
+            assert read_meta(out)["splits"] == read_meta(want_folder)["splits"]
+            for split in ("train", "val"):
+                assert tokens(out, split).tobytes() == tokens(want_folder, split).tobytes()
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):
