@@ -1,7 +1,8 @@
 """Data pipeline: sentencepiece tokenizers, prepared token folders, a deterministic resumable loader, SFT data.
 
 Modules, lowest first, each importing only those above it:
-    sources.py        where documents come from: local files, bundled:NAME texts, hub datasets (read via datasets)
+    sources.py        where documents come from: local files, bundled:NAME texts, hub datasets (read via datasets;
+                      plain text in pieces, directly)
     folders.py        the folders the package writes: prepared-folder format (read_meta, write_meta), telling folder
                       kinds apart (a tokenizer given as data ...), atomic publishing through a staging folder
     tokenizer.py      train_tokenizer, Tokenizer

@@ -139,14 +139,14 @@ class WordCacheEncoder:
         """(every text's ids one after another, the number of ids of each text)."""
         join, keys, rows, unseen = b"".join, self.keys, [], []
         end = self.eos if eos else b""
-        get = self.cache.__getitem__
+        get = self.cache.get  # a quarter faster than __getitem__; a new key gives None, which join refuses
         # A lookup per key, in C, each text's keys dropped at once (holding a batch's keys was a third slower) but
         # those of a text with a new key, which waits for _learn.
         for i, text in enumerate(texts):
             k = keys(text)
             try:
                 rows.append(join(map(get, k)) + end)
-            except KeyError:
+            except TypeError:
                 rows.append(end)
                 unseen.append((i, k))
         if unseen:
