@@ -22,7 +22,8 @@ gives other ids than the plain encode on the probe texts or the first texts of t
 
 The cache's keys are cut from the text by `str.split(" ")`, in C, with every newline first made " \\n" where newlines
 start words (a regex's words and holding them were over half the time; see `keys`): each piece stands for " " + piece,
-or for itself where it starts with a newline that the split put there. A text where this cut would split a run of
+or for itself where it starts with a newline that the split put there (a text's one leading space joins the first
+piece, which then starts with spaces and stands for itself). A text where this cut would split a run of
 spaces (two spaces in a row after the newlines' spaces) is cut by the regex WORDS instead, whose words start with
 their space or newline and stand for themselves (`text_of`): a key means the same whichever cut made it.
 A key is encoded by sentencepiece as "a" + its text, whose ids start with those of "a" alone (checked): the text
