@@ -17,13 +17,10 @@ from models.norms import (ATTN_GATES, NORM_GAINS, NORM_SCHEMES, NORM_TYPES, QK_N
 from models.parametrization import PARAMETRIZATIONS, parametrization_refusal
 
 
-def doc(default, help: str, choices: dict | None = None, not_built: dict[str, str] | None = None, **kwargs):
-    """A dataclass field with its one-line documentation (and, where the valid values live in a table, them; and the
-    values named but not built, each with what it would be: refused with that, `not_built_message`)."""
+def doc(default, help: str, choices: dict | None = None, **kwargs):
+    """A dataclass field with its one-line documentation (and, where the valid values live in a table, them)."""
     # A table's valid values are its keys when a value is checked (an entry added after this import counts too).
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
-    if not_built:
-        metadata["not_built"] = not_built
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -290,16 +287,8 @@ def check_choices(obj, prefix: str = "") -> None:
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices") or literal_choices(hints[f.name])
         value = getattr(obj, f.name)
-        if "not_built" in f.metadata and value in f.metadata["not_built"]:
-            raise ValueError(not_built_message(f, value, prefix))
         if choices and value not in choices:
             raise ValueError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def not_built_message(f: dataclasses.Field, value, prefix: str = "") -> str:
-    """A value a field's documentation names but the project has not built (its `not_built` metadata)."""
-    return (f"{prefix}{f.name}={value}: {f.metadata['not_built'][value]} is not built yet; choose one of "
-            f"{', '.join(map(str, f.metadata['choices']))}")
 
 
 def literal_choices(tp) -> tuple | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from models.config import PRESETS, ModelConfig, check_choices, literal_choices, not_built_message
+from models.config import PRESETS, ModelConfig, check_choices, literal_choices
 from models.norms import NORM_SCHEMES
 from pretrain.config.sections import SECTIONS, ExperimentConfig, LoggingConfig, sections
 from pretrain.errors import UserError
@@ -244,8 +244,6 @@ def _build(cls, values: dict, prefix: str):
             raise UserError(_unknown_key_message(key, prefix, fields))
     for key, value in values.items():
         choices = fields[key].metadata.get("choices")  # a key whose valid values are a table's (models/norms.py)
-        if "not_built" in fields[key].metadata and value in fields[key].metadata["not_built"]:
-            raise UserError(not_built_message(fields[key], value, prefix))
         if choices and value not in choices:
             raise UserError(f"{prefix}{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     kwargs = {key: _check_type(value, hints[key], prefix + key) for key, value in values.items()}
